@@ -1,0 +1,1 @@
+"""kdist.gc: lock-free repository maintenance (imported as ``kdist.gc``; the folder is ``gc/``)."""

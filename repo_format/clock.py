@@ -1,0 +1,46 @@
+"""The one clock of kdist.
+
+Only this module reads the system's wall clock. Everything else asks ``now()``, so tests and the
+deterministic simulator can replace time with ``set_clock``. Safety-critical ages are measured on
+the *storage's* clock (blob timestamps), never on this one; this clock is for naming, reporting and
+the intervals at which a client does things (checkpoints, heartbeats).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+_lock = threading.Lock()
+_clock: Callable[[], float] = time.time
+
+
+def now() -> float:
+    """Seconds since the Unix epoch on the current clock."""
+    return _clock()
+
+
+def monotonic() -> float:
+    """A monotonic reading for measuring durations (not replaceable: durations are local)."""
+    return time.monotonic()
+
+
+def set_clock(clock: Callable[[], float] | None) -> None:
+    """Replace the clock (``None`` restores the system clock). For tests and the simulator."""
+    global _clock
+    with _lock:
+        _clock = clock if clock is not None else time.time
+
+
+class ManualClock:
+    """A clock that only moves when told to; use with ``set_clock``."""
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self.t = float(start)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds

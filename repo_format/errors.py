@@ -1,0 +1,70 @@
+"""Typed errors of the repository library.
+
+Every error a person can meet has its own class and a message that says what happened and what
+to do. The CLI maps the classes to exit codes in one place (``kdist.cli.exit_codes``); nothing
+here knows about exit codes. Messages never contain passwords or key material.
+"""
+
+
+class KdistError(Exception):
+    """Base class of every error kdist raises on purpose."""
+
+
+class StorageError(KdistError):
+    """The blob storage failed in a way that retrying will not fix."""
+
+
+class RetryableStorageError(StorageError):
+    """A transient storage failure (throttling, 5xx, dropped connection): retrying may help."""
+
+
+class BlobNotFound(StorageError):
+    """A blob that should exist is not in the storage."""
+
+    def __init__(self, name: str, detail: str = ""):
+        self.name = name
+        super().__init__(f"blob {name!r} not found" + (f": {detail}" if detail else ""))
+
+
+class BlobExists(StorageError):
+    """A create-only put found a blob of that name already present."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"blob {name!r} already exists")
+
+
+class InvalidBlobName(StorageError, ValueError):
+    """A blob name is not of the allowed form (it could escape the storage root)."""
+
+
+class StorageUnreachable(StorageError):
+    """The storage cannot be reached at all (no such bucket, bad endpoint, bad credentials)."""
+
+
+class ReadOnlyStorage(StorageError):
+    """A write was attempted through a read-only storage."""
+
+
+class RepositoryNotFound(KdistError):
+    """There is no kdist repository at the given location."""
+
+
+class RepositoryExists(KdistError):
+    """A repository already exists where a new one was to be created."""
+
+
+class WrongPassword(KdistError):
+    """The password does not open the repository's format blob."""
+
+
+class UnsupportedVersion(KdistError):
+    """The repository (or a blob in it) was written by a format version this kdist cannot read."""
+
+
+class CorruptionError(KdistError):
+    """Stored data failed authentication or a structural check; the data is not returned."""
+
+
+class ContentNotFound(KdistError):
+    """A content id is not in the index (a repository inconsistency or a wrong id)."""

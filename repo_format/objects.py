@@ -1,0 +1,184 @@
+"""Objects: byte streams of any size, split by a content-defined chunker into contents.
+
+An object id is the hex content id of its only chunk, or ``I`` + the hex id of an *indirect*
+content: a metadata content listing the object's chunks ``[(id, length), ...]`` (msgpack). The
+chunker is FastCDC 2020 (pyfastcdc, compiled, releases the GIL) with a gear table seeded from the
+repository's secret, so chunk boundaries do not reveal plaintext to someone without the key.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import threading
+from typing import BinaryIO
+
+import msgpack
+import pyfastcdc
+
+from repo_format import constants as C
+from repo_format.content import ContentStore
+from repo_format.errors import CorruptionError
+
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+class Splitter:
+    """Content-defined chunking with one FastCDC object per thread (they are not thread-safe)."""
+
+    def __init__(self, avg: int, minimum: int, maximum: int, seed: int):
+        self._args = (avg, minimum, maximum, seed)
+        self._local = threading.local()
+
+    def _cdc(self) -> pyfastcdc.FastCDC:
+        cdc = getattr(self._local, "cdc", None)
+        if cdc is None:
+            avg, mn, mx, seed = self._args
+            cdc = self._local.cdc = pyfastcdc.FastCDC(avg, min_size=mn, max_size=mx, seed=seed)
+        return cdc
+
+    def split(self, stream: BinaryIO):
+        """Yield memoryviews of consecutive chunks; each is valid until the next is yielded."""
+        for chunk in self._cdc().cut_stream(stream):
+            yield chunk.data
+
+
+def parse_object_id(oid: str) -> tuple[bool, bytes]:
+    """Return ``(indirect, content id)``; ``CorruptionError`` for a malformed id."""
+    indirect = oid.startswith(C.INDIRECT_OBJECT_PREFIX)
+    hexpart = oid[1:] if indirect else oid
+    try:
+        cid = bytes.fromhex(hexpart)
+    except ValueError:
+        raise CorruptionError(f"malformed object id {oid!r}") from None
+    if len(cid) != C.CONTENT_ID_SIZE:
+        raise CorruptionError(f"malformed object id {oid!r}")
+    return indirect, cid
+
+
+class ObjectStore:
+    def __init__(self, contents: ContentStore, splitter: Splitter):
+        self.contents = contents
+        self.splitter = splitter
+
+    def write_stream(self, stream: BinaryIO, metadata: bool = False, on_chunk=None) -> tuple[str, int]:
+        """Store a stream; return ``(object id, length)``. ``on_chunk(n)`` is told each chunk's size."""
+        chunks: list[tuple[bytes, int]] = []
+        for data in self.splitter.split(stream):
+            chunks.append((self.contents.write(data, metadata=metadata), len(data)))
+            if on_chunk is not None:
+                on_chunk(len(data))
+        return self._finish(chunks, metadata), sum(n for _, n in chunks)
+
+    def write_bytes(self, data: bytes, metadata: bool = False) -> str:
+        return self.write_stream(io.BytesIO(data), metadata)[0]
+
+    def _finish(self, chunks: list[tuple[bytes, int]], metadata: bool) -> str:
+        if not chunks:
+            return self.contents.write(b"", metadata=metadata).hex()
+        if len(chunks) == 1:
+            return chunks[0][0].hex()
+        listing = msgpack.packb({"v": C.OBJECT_LIST_VERSION, "chunks": [[c, n] for c, n in chunks]})
+        return C.INDIRECT_OBJECT_PREFIX + self.contents.write(listing, metadata=True).hex()
+
+    def chunks(self, oid: str) -> list[tuple[bytes, int]]:
+        """The object's chunk list ``[(content id, length)]``."""
+        indirect, cid = parse_object_id(oid)
+        if not indirect:
+            entry = self.contents.lookup(cid)
+            length = entry.original_length if entry is not None else -1
+            return [(cid, length)]
+        try:
+            listing = msgpack.unpackb(self.contents.read(cid), raw=False)
+            if listing["v"] != C.OBJECT_LIST_VERSION:
+                raise CorruptionError(f"object {oid} has unknown list version {listing['v']}")
+            chunks = [(bytes(c), int(n)) for c, n in listing["chunks"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptionError(f"object {oid} has a malformed chunk list") from exc
+        if any(len(c) != C.CONTENT_ID_SIZE or n < 0 for c, n in chunks):
+            raise CorruptionError(f"object {oid} has a malformed chunk list")
+        return chunks
+
+    def open(self, oid: str) -> "ObjectReader":
+        return ObjectReader(self, oid)
+
+    def read_all(self, oid: str) -> bytes:
+        with self.open(oid) as r:
+            return r.read()
+
+
+class ObjectReader(io.RawIOBase):
+    """A seekable reader over an object; every chunk is authenticated as it is read."""
+
+    def __init__(self, store: ObjectStore, oid: str):
+        super().__init__()
+        self._store = store
+        self._chunks = store.chunks(oid)
+        self._starts = []
+        pos = 0
+        for _, n in self._chunks:
+            self._starts.append(pos)
+            pos += max(n, 0)
+        self.length = pos if all(n >= 0 for _, n in self._chunks) else None
+        self._pos = 0
+        self._cached: tuple[int, bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._size() + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def _size(self) -> int:
+        if self.length is None:  # a single chunk not in the index: reading it raises the error
+            self._chunk(0)
+            self.length = len(self._cached[1])
+        return self.length
+
+    def _chunk(self, i: int) -> bytes:
+        if self._cached is None or self._cached[0] != i:
+            cid, n = self._chunks[i]
+            data = self._store.contents.read(cid)
+            if n >= 0 and len(data) != n:
+                raise CorruptionError(f"chunk {cid.hex()} has length {len(data)}, expected {n}")
+            self._cached = (i, data)
+        return self._cached[1]
+
+    def readinto(self, b) -> int:
+        size = self._size()
+        if self._pos >= size:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        data = self._chunk(i)
+        start = self._pos - self._starts[i]
+        n = min(len(b), len(data) - start)
+        b[:n] = data[start:start + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            out = bytearray()
+            while True:
+                piece = super().read(_READ_BLOCK)
+                if not piece:
+                    return bytes(out)
+                out += piece
+        return super().read(size)

@@ -1,0 +1,59 @@
+"""A repository: a storage, its opened format blob, and the content and object stores on it.
+
+The one entry point for everything above ``repo_format``: ``Repository.create`` and
+``Repository.open``. ``close()`` flushes what was written.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from repo_format import constants as C
+from repo_format import format_blob
+from repo_format.content import ContentStore
+from repo_format.crypto import KdfParams
+from repo_format.format_blob import FormatBlob, RepositoryParameters
+from repo_format.objects import ObjectStore, Splitter
+from repo_format.storage.base import BlobStorage
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(C.SESSION_ID_BYTES)
+
+
+class Repository:
+    def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str | None = None):
+        self.storage = storage
+        self.format = fmt
+        self.session = session or new_session_id()
+        self.contents = ContentStore(storage, fmt, self.session)
+        p = fmt.parameters
+        self.objects = ObjectStore(
+            self.contents, Splitter(p.chunk_avg, p.chunk_min, p.chunk_max, fmt.keys.chunker_seed())
+        )
+
+    @classmethod
+    def create(cls, storage: BlobStorage, password: str, parameters: RepositoryParameters | None = None,
+               kdf: KdfParams | None = None) -> "Repository":
+        return cls(storage, format_blob.create(storage, password, parameters, kdf))
+
+    @classmethod
+    def open(cls, storage: BlobStorage, password: str) -> "Repository":
+        return cls(storage, format_blob.read(storage, password))
+
+    @property
+    def parameters(self) -> RepositoryParameters:
+        return self.format.parameters
+
+    def flush(self) -> str | None:
+        return self.contents.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()

@@ -1,0 +1,123 @@
+"""The blob storage interface: the contract every backend and wrapper keeps.
+
+A blob storage is dumb. It stores opaque, immutable byte strings under validated names; it knows
+nothing of packs, indexes, encryption or dedup. The contract:
+
+* ``put(name, data)`` is atomic: a reader sees either no blob or the whole blob, never a part.
+  Putting an existing name replaces it atomically (only the format blob is ever rewritten).
+* ``put_if_absent(name, data)`` creates the blob only if the name is free and says whether it
+  did; backends that cannot do this atomically set ``atomic_create_only = False`` (it is then a
+  check followed by a put), and the protocol never relies on it for safety.
+* ``get(name, offset, length)`` returns the bytes of the range; a range past the end returns the
+  bytes that exist (possibly none), so callers check lengths. A missing blob raises
+  ``BlobNotFound``.
+* ``stat(name)`` and ``list(prefix)`` report name, length and the **storage's** timestamp of the
+  blob's write (seconds since the Unix epoch on the storage's clock, not the client's).
+  ``list`` yields only blobs whose writes have completed, in no particular order.
+* ``delete(name)`` removes a blob; deleting a missing blob is not an error.
+* Read-after-write: once ``put`` returns, ``get``/``stat`` see the blob. ``list`` may lag on
+  eventually-consistent stores; the maintenance protocol accounts for that with its margins.
+* Errors are typed (``repo_format.errors``): ``BlobNotFound``, ``RetryableStorageError`` for
+  transient failures, ``StorageUnreachable`` for a missing bucket or bad credentials,
+  ``StorageError`` otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+from repo_format.errors import InvalidBlobName
+
+MAX_NAME_LENGTH = 200
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid blob name; raise ``InvalidBlobName`` otherwise.
+
+    Names are 1-200 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, so they
+    can never name a path outside a storage root (no ``/``, no ``..`` component, no leading dot).
+    """
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise InvalidBlobName(f"invalid blob name {name!r}")
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """Validate a listing prefix: empty, or a valid leading part of a name."""
+    if prefix:
+        validate_name(prefix)
+    return prefix
+
+
+@dataclass(frozen=True)
+class BlobMeta:
+    """What a listing or stat says about one blob."""
+
+    name: str
+    length: int
+    timestamp: float  # seconds since the Unix epoch, on the storage's clock
+
+
+class BlobStorage(ABC):
+    """Abstract blob storage; see the module docstring for the contract."""
+
+    #: True when ``put_if_absent`` is atomic against concurrent writers.
+    atomic_create_only: bool = False
+
+    @abstractmethod
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` under ``name`` atomically."""
+
+    def put_if_absent(self, name: str, data: bytes | bytearray | memoryview) -> bool:
+        """Store ``data`` only if ``name`` is free; return whether it was stored."""
+        if self.exists(name):
+            return False
+        self.put(name, data)
+        return True
+
+    @abstractmethod
+    def get(self, name: str, offset: int = 0, length: int = -1) -> bytes:
+        """Return ``length`` bytes from ``offset`` (``-1``: to the end)."""
+
+    @abstractmethod
+    def stat(self, name: str) -> BlobMeta:
+        """Return the blob's metadata or raise ``BlobNotFound``."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[BlobMeta]:
+        """Yield every blob whose name starts with ``prefix``."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete the blob if it exists."""
+
+    def exists(self, name: str) -> bool:
+        from repo_format.errors import BlobNotFound
+
+        try:
+            self.stat(name)
+            return True
+        except BlobNotFound:
+            return False
+
+    def close(self) -> None:
+        """Release connections or handles; the storage is not used afterwards."""
+
+    def describe(self) -> str:
+        """A human description of where the blobs are (no secrets)."""
+        return type(self).__name__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < -1:
+        raise ValueError(f"invalid range offset={offset} length={length}")
