@@ -13,6 +13,7 @@ from repo_format import format_blob
 from repo_format.content import ContentStore
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
+from repo_format.manifest import ManifestStore
 from repo_format.objects import ObjectStore, Splitter
 from repo_format.storage.base import BlobStorage
 
@@ -27,6 +28,7 @@ class Repository:
         self.format = fmt
         self.session = session or new_session_id()
         self.contents = ContentStore(storage, fmt, self.session)
+        self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session)
         p = fmt.parameters
         self.objects = ObjectStore(
             self.contents, Splitter(p.chunk_avg, p.chunk_min, p.chunk_max, fmt.keys.chunker_seed())

@@ -1,0 +1,87 @@
+"""How a command finds its repository and password, and the decorator that opens it.
+
+The repository comes from ``--repo`` or ``KDIST_REPO`` (a path or ``s3://bucket/prefix``), the
+password from ``KDIST_PASSWORD``, ``--password-file`` or a prompt, never from a command-line
+argument. ``with_repository`` opens the repository before the command runs and closes it after,
+borg-style; read-only commands get a read-only storage so they cannot change anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from repo_format.errors import KdistError
+from repo_format.repository import Repository
+from repo_format.storage import open_storage
+from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage
+
+from kdist.cli.exit_codes import exit_code_for
+
+
+def repo_options(fn):
+    fn = click.option("--password-file", type=click.Path(dir_okay=False), envvar="KDIST_PASSWORD_FILE",
+                      help="Read the password from this file (first line).")(fn)
+    fn = click.option("--endpoint-url", envvar="KDIST_ENDPOINT_URL", default=None,
+                      help="S3-compatible endpoint (for s3:// repositories).")(fn)
+    fn = click.option("--repo", "repo_location", envvar="KDIST_REPO", required=True,
+                      help="Repository: a directory path or s3://bucket/prefix (env KDIST_REPO).")(fn)
+    return fn
+
+
+def read_password(password_file: str | None, confirm: bool = False, prompt: str = "Repository password") -> str:
+    env = os.environ.get("KDIST_PASSWORD")
+    if env is not None:
+        return env
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise click.UsageError(f"cannot read password file {password_file}: {exc.strerror}")
+    if not sys.stdin.isatty():
+        raise click.UsageError("no password: set KDIST_PASSWORD, use --password-file, or run in a terminal")
+    return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+
+
+def make_storage(location: str, endpoint_url: str | None, create: bool = False, read_only: bool = False):
+    storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url, create=create)))
+    return ReadOnlyStorage(storage) if read_only else storage
+
+
+def fail(exc: BaseException) -> None:
+    click.echo(f"kdist: error: {exc}", err=True)
+    sys.exit(exit_code_for(exc))
+
+
+def with_repository(read_only: bool = False):
+    """Open the repository named by the options and pass it as ``repo``; map errors to exit codes."""
+
+    def decorate(fn):
+        @repo_options
+        @functools.wraps(fn)
+        def wrapper(repo_location, endpoint_url, password_file, **kwargs):
+            try:
+                storage = make_storage(repo_location, endpoint_url, read_only=read_only)
+                repo = Repository.open(storage, read_password(password_file))
+                try:
+                    result = fn(repo=repo, **kwargs)
+                except BaseException:
+                    if not read_only:  # keep what was uploaded: the next run reuses it
+                        try:
+                            repo.close()
+                        except KdistError:
+                            pass
+                    raise
+                if not read_only:
+                    repo.close()
+                return result
+            except KdistError as exc:
+                fail(exc)
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,58 @@
+"""Exit codes of every kdist command, mapped from error classes in one place.
+
+| code | meaning |
+|------|---------|
+| 0  | success |
+| 1  | failure not covered below (a bug or an unexpected error) |
+| 2  | usage error (bad arguments or options) |
+| 3  | partial success: finished, but some files were skipped or could not be restored |
+| 10 | repository not found |
+| 11 | repository already exists |
+| 12 | wrong password |
+| 13 | corruption found (authentication failure, damaged or missing data) |
+| 14 | storage unreachable or failing (bucket, credentials, endpoint, I/O) |
+| 15 | unsupported format version |
+| 16 | snapshot or path not found, or an ambiguous snapshot id |
+| 17 | the backup source or restore target cannot be used (missing source, full disk) |
+"""
+
+from repo_format import errors as E
+
+SUCCESS = 0
+FAILURE = 1
+USAGE = 2
+PARTIAL = 3
+REPO_NOT_FOUND = 10
+REPO_EXISTS = 11
+WRONG_PASSWORD = 12
+CORRUPTION = 13
+STORAGE = 14
+UNSUPPORTED_VERSION = 15
+NOT_FOUND = 16
+SOURCE_OR_TARGET = 17
+
+
+def exit_code_for(exc: BaseException) -> int:
+    # imported here: the CLI layer knows the library, never the other way round
+    from kdist.restore import RestoreError, TargetFull
+    from kdist.snapshot import SnapshotNotFound
+    from kdist.uploader import SourceError
+
+    table = [
+        (E.RepositoryNotFound, REPO_NOT_FOUND),
+        (E.RepositoryExists, REPO_EXISTS),
+        (E.WrongPassword, WRONG_PASSWORD),
+        (E.UnsupportedVersion, UNSUPPORTED_VERSION),
+        (E.CorruptionError, CORRUPTION),
+        (E.ContentNotFound, CORRUPTION),
+        (E.BlobNotFound, CORRUPTION),
+        (E.StorageError, STORAGE),
+        (SnapshotNotFound, NOT_FOUND),
+        (TargetFull, SOURCE_OR_TARGET),
+        (SourceError, SOURCE_OR_TARGET),
+        (RestoreError, NOT_FOUND),
+    ]
+    for cls, code in table:
+        if isinstance(exc, cls):
+            return code
+    return FAILURE

@@ -1,0 +1,103 @@
+"""``kdist repo create|connect|status|change-password``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from repo_format import constants as C
+from repo_format import format_blob
+from repo_format.crypto import KdfParams
+from repo_format.errors import KdistError
+
+from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
+from kdist.cli.progress import human_bytes
+
+
+@click.group("repo")
+def repo_group():
+    """Create and inspect repositories."""
+
+
+@repo_group.command("create")
+@repo_options
+def create(repo_location, endpoint_url, password_file):
+    """Create a new repository (a directory, created if missing, or an S3 bucket prefix)."""
+    try:
+        storage = make_storage(repo_location, endpoint_url, create=True)
+        password = read_password(password_file, confirm=True, prompt="New repository password")
+        if not password:
+            raise click.UsageError("the password must not be empty")
+        fmt = format_blob.create(storage, password, kdf=KdfParams.strong())
+    except KdistError as exc:
+        fail(exc)
+    click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")
+    click.echo("keep the password safe: without it the backups cannot be read by anyone")
+
+
+@repo_group.command("connect")
+@with_repository(read_only=True)
+def connect(repo):
+    """Check that the repository opens with this password."""
+    click.echo(f"connected to repository {repo.format.unique_id.hex()[:16]} at {repo.storage.describe()}")
+
+
+@repo_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def status(repo, as_json):
+    """Show the repository's parameters and size."""
+    p = repo.parameters
+    sizes: dict[str, list[int]] = {}
+    for m in repo.storage.list():
+        kind = m.name[:2] if m.name.startswith("x") else m.name[:1]
+        s = sizes.setdefault(kind, [0, 0])
+        s[0] += 1
+        s[1] += m.length
+    info = {
+        "unique_id": repo.format.unique_id.hex(),
+        "location": repo.storage.describe(),
+        "format_version": C.FORMAT_VERSION,
+        "encryption": p.aead,
+        "hash": p.hash,
+        "compression": f"zstd-{p.zstd_level}" if p.zstd_level else "none",
+        "pack_size": p.pack_size,
+        "chunk_avg": p.chunk_avg,
+        "kdf": {"algorithm": repo.format.kdf.algorithm, "n": repo.format.kdf.n, "r": repo.format.kdf.r, "p": repo.format.kdf.p},
+        "blobs": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(sizes.items())},
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"repository  {info['unique_id']}\nlocation    {info['location']}")
+    click.echo(f"format      version {info['format_version']}, {p.aead}, {p.hash}, {info['compression']}")
+    click.echo(f"packs       target {human_bytes(p.pack_size)}, chunks average {human_bytes(p.chunk_avg)}")
+    names = {"p": "data packs", "q": "metadata packs", "xn": "index blobs", "m": "manifest blobs", "k": "format blob"}
+    for k, v in info["blobs"].items():
+        click.echo(f"{names.get(k, k):<16}{v['count']:>8}  {human_bytes(v['bytes'])}")
+
+
+@repo_group.command("change-password")
+@repo_options
+@click.option("--new-password-file", type=click.Path(dir_okay=False), envvar="KDIST_NEW_PASSWORD_FILE",
+              help="Read the new password from this file (or set KDIST_NEW_PASSWORD).")
+def change_password(repo_location, endpoint_url, password_file, new_password_file):
+    """Re-wrap the repository key under a new password (rewrites only the format blob)."""
+    import os
+
+    try:
+        storage = make_storage(repo_location, endpoint_url)
+        old = read_password(password_file)
+        new = os.environ.get("KDIST_NEW_PASSWORD")
+        if new is None and new_password_file:
+            with open(new_password_file, encoding="utf-8") as f:
+                new = f.readline().rstrip("\r\n")
+        if new is None:
+            new = click.prompt("New repository password", hide_input=True, confirmation_prompt=True)
+        if not new:
+            raise click.UsageError("the password must not be empty")
+        format_blob.change_password(storage, old, new)
+    except KdistError as exc:
+        fail(exc)
+    click.echo("password changed")

@@ -1,0 +1,256 @@
+"""``kdist snapshot create|list|restore|ls|cat|diff|verify|forget``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+
+import click
+
+from repo_format.errors import KdistError
+
+from kdist.cli import exit_codes
+from kdist.cli.context import fail, with_repository
+from kdist.cli.progress import ProgressLine, human_bytes
+from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
+from kdist.snapshot import TYPE_DIR, Snapshot, list_snapshots, read_directory, resolve_snapshot
+from kdist.uploader import BackupOptions, Uploader
+from kdist import browse
+
+
+@click.group("snapshot")
+def snapshot_group():
+    """Create, list, restore and verify snapshots."""
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _snapshot_json(s: Snapshot) -> dict:
+    return {
+        "id": s.id, "source": {"host": s.source.host, "user": s.source.user, "path": s.source.path},
+        "start": s.start, "end": s.end, "root": s.root, "totals": s.totals, "tags": s.tags,
+        "description": s.description, "checkpoint": s.checkpoint, "errors": s.errors,
+    }
+
+
+@snapshot_group.command("create")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--exclude", "excludes", multiple=True, help="Glob of names or relative paths to leave out (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
+@click.option("--description", default="", help="Free text stored with the snapshot.")
+@click.option("--one-file-system", is_flag=True, help="Do not cross into other filesystems.")
+@click.option("--checkpoint-interval", type=float, default=1800.0, show_default=True,
+              help="Seconds between checkpoint manifests during a long backup (0: none).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Reader threads (default: cores, at least 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@with_repository()
+def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, as_json):
+    """Back up each PATH (a directory) as one snapshot."""
+    results, partial = [], False
+    for path in paths:
+        opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
+                             one_file_system=one_file_system, checkpoint_interval=checkpoint_interval)
+        if workers:
+            opts.workers = workers
+        progress = ProgressLine()
+        up = Uploader(repo, opts, progress=lambda st, _l: progress.update(st.files_read, st.bytes_read, "reading: "))
+        try:
+            snap = up.backup(path)
+        finally:
+            progress.close()
+        results.append(snap)
+        partial = partial or snap.totals["errors"] > 0
+        if not as_json:
+            t = snap.totals
+            click.echo(f"snapshot {snap.short_id} of {snap.source.path}: {t['files']} files, {t['dirs']} dirs, "
+                       f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
+                       f"reused {t['files_reused']}, new data {human_bytes(t['new_bytes'])}, "
+                       f"{snap.end - snap.start:.1f} s")
+            for err in snap.errors:
+                click.echo(f"  warning: {err['path']}: {err['error']}", err=True)
+            if t["errors"]:
+                click.echo(f"  {t['errors']} file(s) or directories could not be backed up completely", err=True)
+    if as_json:
+        click.echo(json.dumps([_snapshot_json(s) for s in results], indent=2))
+    if partial:
+        sys.exit(exit_codes.PARTIAL)
+
+
+@snapshot_group.command("list")
+@click.option("--path", "source_path", default=None, help="Only snapshots of this source path.")
+@click.option("--host", default=None, help="Only snapshots from this host.")
+@click.option("--tag", default=None, help="Only snapshots with this tag.")
+@click.option("--all", "include_checkpoints", is_flag=True, help="Include checkpoints of unfinished backups.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def list_(repo, source_path, host, tag, include_checkpoints, as_json):
+    """List snapshots, oldest first."""
+    labels = {k: v for k, v in (("path", source_path), ("host", host)) if v}
+    snaps = list_snapshots(repo.manifests, include_checkpoints=include_checkpoints, **labels)
+    if tag:
+        snaps = [s for s in snaps if tag in s.tags]
+    if as_json:
+        click.echo(json.dumps([_snapshot_json(s) for s in snaps], indent=2))
+        return
+    if not snaps:
+        click.echo("no snapshots")
+        return
+    click.echo(f"{'ID':<10}{'time':<21}{'host':<16}{'files':>8}{'size':>12}  path")
+    for s in snaps:
+        mark = " (checkpoint)" if s.checkpoint else ""
+        tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
+        click.echo(f"{s.short_id:<10}{_when(s.end):<21}{s.source.host[:15]:<16}{s.totals.get('files', 0):>8}"
+                   f"{human_bytes(s.totals.get('bytes', 0)):>12}  {s.source.path}{mark}{tags}")
+    click.echo(f"{len(snaps)} snapshot(s)")
+
+
+@snapshot_group.command("restore")
+@click.argument("snapshot_ref")
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--path", "subpath", default=None, help="Restore only this path inside the snapshot.")
+@click.option("--overwrite", type=click.Choice(OVERWRITE_POLICIES), default="never", show_default=True,
+              help="What to do with files that already exist in the target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@with_repository(read_only=True)
+def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
+    """Restore SNAPSHOT (id prefix or 'latest') into TARGET."""
+    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    progress = ProgressLine(total_bytes=snap.totals.get("bytes"))
+    try:
+        stats = Restorer(repo, overwrite=overwrite,
+                         progress=lambda st: progress.update(st.files, st.bytes, "restoring: ")).restore(snap, target, subpath)
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps({"snapshot": snap.id, "target": target, **stats.as_dict()}, indent=2))
+    else:
+        click.echo(f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
+                   f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"
+                   + (f"; {stats.skipped_existing} existing files left alone" if stats.skipped_existing else ""))
+        for err in stats.error_list:
+            click.echo(f"  error: {err['path']}: {err['error']}", err=True)
+    if stats.errors:
+        click.echo(f"{stats.errors} item(s) could not be restored", err=True)
+        sys.exit(exit_codes.PARTIAL)
+
+
+@snapshot_group.command("ls")
+@click.argument("snapshot_ref")
+@click.argument("path", required=False)
+@click.option("-r", "--recursive", is_flag=True, help="List the whole subtree.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def ls(repo, snapshot_ref, path, recursive, as_json):
+    """List the entries of a directory in a snapshot."""
+    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    start = find_subtree(repo, snap, path)
+    rows = browse.walk(repo, start, (path or "").strip("/"), recursive)
+    if as_json:
+        click.echo(json.dumps([{"path": p, "type": e.type, "mode": oct(e.mode), "size": e.size,
+                                "mtime_ns": e.mtime_ns, "target": e.target or None} for p, e in rows], indent=2))
+        return
+    for p, e in rows:
+        extra = f" -> {e.target}" if e.target else ("/" if e.type == TYPE_DIR else "")
+        click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {_when(e.mtime_ns / 1e9)}  {p}{extra}")
+
+
+@snapshot_group.command("cat")
+@click.argument("snapshot_ref")
+@click.argument("path")
+@with_repository(read_only=True)
+def cat(repo, snapshot_ref, path):
+    """Write one file of a snapshot to standard output."""
+    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    entry = find_subtree(repo, snap, path)
+    if entry.type != "f":
+        raise click.UsageError(f"{path} is not a file in the snapshot")
+    out = sys.stdout.buffer
+    with repo.objects.open(entry.oid) as reader:
+        while chunk := reader.read(1 << 20):
+            out.write(chunk)
+    out.flush()
+
+
+@snapshot_group.command("diff")
+@click.argument("first")
+@click.argument("second")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def diff(repo, first, second, as_json):
+    """Show what was added (+), removed (-) and modified (M) between two snapshots."""
+    a, b = resolve_snapshot(repo.manifests, first), resolve_snapshot(repo.manifests, second)
+    changes = browse.diff(repo, a.root, b.root)
+    if as_json:
+        click.echo(json.dumps([{"change": c, "path": p} for c, p in changes], indent=2))
+        return
+    for c, p in changes:
+        click.echo(f"{c} {p}")
+    click.echo(f"{len(changes)} change(s) between {a.short_id} and {b.short_id}")
+
+
+@snapshot_group.command("verify")
+@click.argument("snapshot_ref")
+@click.option("--percent", type=click.FloatRange(0, 100), default=100.0, show_default=True,
+              help="Share of file contents to re-read (directory objects are always read).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def verify(repo, snapshot_ref, percent, as_json):
+    """Re-read and authenticate every content of a snapshot (or a random share)."""
+    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    report = browse.verify(repo, snap.root, percent)
+    if as_json:
+        click.echo(json.dumps({"snapshot": snap.id, **report.as_dict()}, indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"  damaged: {p['path']}: {p['error']}", err=True)
+        click.echo(f"verified snapshot {snap.short_id}: {report.files} files, {report.contents_read} contents "
+                   f"({human_bytes(report.bytes_read)}) read, {len(report.problems)} problem(s)")
+    if report.problems:
+        sys.exit(exit_codes.CORRUPTION)
+
+
+@snapshot_group.command("forget")
+@click.option("--keep-last", type=click.IntRange(0), default=0)
+@click.option("--keep-hourly", type=click.IntRange(0), default=0)
+@click.option("--keep-daily", type=click.IntRange(0), default=0)
+@click.option("--keep-weekly", type=click.IntRange(0), default=0)
+@click.option("--keep-monthly", type=click.IntRange(0), default=0)
+@click.option("--keep-yearly", type=click.IntRange(0), default=0)
+@click.option("--keep-tag", "keep_tags", multiple=True, help="Always keep snapshots with this tag.")
+@click.option("--id", "ids", multiple=True, help="Forget exactly this snapshot (id prefix); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be forgotten.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository()
+def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags, ids,
+           dry_run, as_json):
+    """Forget snapshots by retention policy (per source) or by id. Data is freed later by `kdist gc run`."""
+    from kdist.retention import RetentionPolicy, apply_policy, group_by_source
+
+    policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tags))
+    if ids:
+        to_forget = [resolve_snapshot(repo.manifests, i) for i in ids]
+        kept = []
+    else:
+        if policy.is_empty():
+            raise click.UsageError("give a --keep-* policy or --id; refusing to forget every snapshot")
+        to_forget, kept = [], []
+        for _source, snaps in group_by_source(list_snapshots(repo.manifests)).items():
+            decision = apply_policy(snaps, policy)
+            to_forget += decision.forget
+            kept += decision.keep
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "forget": [s.id for s in to_forget], "keep": [s.id for s in kept]}, indent=2))
+    else:
+        for s in kept:
+            click.echo(f"keep    {s.short_id}  {_when(s.end)}  {s.source}")
+        for s in to_forget:
+            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {s.source}")
+    if not dry_run:
+        repo.manifests.delete([s.id for s in to_forget])
+        if not as_json:
+            click.echo(f"forgot {len(to_forget)} snapshot(s)")
+    elif not as_json:
+        click.echo(f"dry run: would forget {len(to_forget)} snapshot(s)")

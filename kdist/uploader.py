@@ -1,0 +1,349 @@
+"""The uploader: back up a directory tree into a repository as one snapshot.
+
+Walks the tree in the calling thread and hands changed files to a bounded pool of threads that
+read, chunk, hash, compress, encrypt and pack them (the native stages release the GIL, so two
+threads keep two cores busy). Unchanged files (same size, mtime, ctime and inode as in the
+previous snapshot of the same source) are reused without being read. Directory objects are
+written bottom-up once their children are done; packs and index are flushed before the manifest
+(ordering rule 1). Every ``checkpoint_interval`` seconds a checkpoint manifest makes the finished
+part reachable. Unreadable files are recorded and skipped; a file that changes while read is
+reported. The uploader never deletes anything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat as statmod
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+from repo_format import clock
+from repo_format.errors import KdistError
+from repo_format.repository import Repository
+
+from kdist.snapshot import (
+    TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, list_snapshots,
+    read_directory,
+)
+
+IGNORE_FILE = ".kdistignore"
+MAX_REPORTED_ERRORS = 500
+
+
+class SourceError(KdistError):
+    """The backup source cannot be used at all (missing, not a directory)."""
+
+
+@dataclass
+class BackupOptions:
+    excludes: list[str] = field(default_factory=list)
+    one_file_system: bool = False
+    checkpoint_interval: float = 1800.0  # seconds; 0 disables checkpoints
+    workers: int = max(2, os.cpu_count() or 2)
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+    reuse_previous: bool = True
+
+
+@dataclass
+class BackupStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    files_reused: int = 0
+    new_bytes: int = 0
+    errors: int = 0
+    skipped: int = 0
+    checkpoints: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _DirNode:
+    entry: Entry
+    children: list = field(default_factory=list)  # Entry | _DirNode | Future[Entry | None]
+
+
+def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
+    return Entry(
+        name=name, type=etype, mode=statmod.S_IMODE(st.st_mode), size=st.st_size if etype == TYPE_FILE else 0,
+        mtime_ns=st.st_mtime_ns, uid=st.st_uid, gid=st.st_gid, user=_user(st.st_uid), group=_group(st.st_gid),
+        inode=st.st_ino, ctime_ns=st.st_ctime_ns, nlink=st.st_nlink,
+    )
+
+
+_names: dict[tuple[str, int], str] = {}
+
+
+def _user(uid: int) -> str:
+    key = ("u", uid)
+    if key not in _names:
+        try:
+            import pwd
+            _names[key] = pwd.getpwuid(uid).pw_name
+        except (KeyError, ImportError):
+            _names[key] = ""
+    return _names[key]
+
+
+def _group(gid: int) -> str:
+    key = ("g", gid)
+    if key not in _names:
+        try:
+            import grp
+            _names[key] = grp.getgrgid(gid).gr_name
+        except (KeyError, ImportError):
+            _names[key] = ""
+    return _names[key]
+
+
+class Uploader:
+    def __init__(self, repo: Repository, options: BackupOptions | None = None,
+                 progress: Callable[[BackupStats, str], None] | None = None):
+        self.repo = repo
+        self.options = options or BackupOptions()
+        self.stats = BackupStats()
+        self.error_list: list[dict] = []
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        self._slots = threading.BoundedSemaphore(self.options.workers * 4)
+        self._checkpoint_ids: list[str] = []
+
+    # ---- public --------------------------------------------------------------------------
+    def backup(self, path: str, source: Source | None = None) -> Snapshot:
+        root_path = os.path.abspath(path)
+        try:
+            st = os.stat(root_path)
+        except OSError as exc:
+            raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
+        if not statmod.S_ISDIR(st.st_mode):
+            raise SourceError(f"cannot back up {root_path}: not a directory")
+        self._source = source or Source.local(root_path)
+        self._root_dev = st.st_dev
+        self._start = clock.now()
+        self._last_checkpoint = clock.monotonic()
+        self._new_bytes_base = self.repo.contents.stats.bytes_original
+        previous = self._previous_root()
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool:
+            self._pool = pool
+            self._root = _DirNode(_entry_from_stat("", st, TYPE_DIR))
+            self._walk(root_path, self._root, previous, [])
+            pending = [f for f in self._futures if not f.done()]
+            while pending:
+                _, pending = wait(pending, timeout=self._checkpoint_wait(), return_when=FIRST_COMPLETED)
+                self._maybe_checkpoint()
+        root_entry = self._write_tree(self._root, final=True)
+        snap = self._publish(root_entry, checkpoint=False)
+        if self._checkpoint_ids:
+            self.repo.manifests.delete(self._checkpoint_ids)  # the final snapshot supersedes them
+        return snap
+
+    # ---- walking -------------------------------------------------------------------------
+    def _previous_root(self) -> str | None:
+        if not self.options.reuse_previous:
+            return None
+        src = self._source
+        snaps = list_snapshots(self.repo.manifests, host=src.host, user=src.user, path=src.path)
+        return snaps[-1].root if snaps else None
+
+    def _error(self, path: str, message: str) -> None:
+        with self._lock:
+            self.stats.errors += 1
+            if len(self.error_list) < MAX_REPORTED_ERRORS:
+                self.error_list.append({"path": path, "error": message})
+
+    def _excluded(self, rel: str, name: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("/" + rel, p)
+                   for p in patterns)
+
+    def _walk(self, path: str, node: _DirNode, prev_oid: str | None, patterns: list[str]) -> None:
+        with self._lock:
+            self.stats.dirs += 1
+        try:
+            with os.scandir(path) as it:
+                dirents = sorted(it, key=lambda d: d.name)
+        except OSError as exc:
+            self._error(path, f"cannot read directory: {exc.strerror}")
+            return
+        patterns = patterns + self.options.excludes + self._ignore_patterns(path)
+        prev = self._previous_entries(prev_oid)
+        for d in dirents:
+            child_path = os.path.join(path, d.name)
+            rel = os.path.relpath(child_path, self._source.path)
+            if d.name == IGNORE_FILE or self._excluded(rel, d.name, patterns):
+                continue
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError as exc:
+                self._error(child_path, f"cannot stat: {exc.strerror}")
+                continue
+            old = prev.get(d.name)
+            if statmod.S_ISDIR(st.st_mode):
+                if self.options.one_file_system and st.st_dev != self._root_dev:
+                    continue
+                old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
+                child = _DirNode(_entry_from_stat(d.name, st, TYPE_DIR))
+                node.children.append(child)
+                self._walk(child_path, child, old_oid, patterns)
+            elif statmod.S_ISREG(st.st_mode):
+                node.children.append(self._file(child_path, _entry_from_stat(d.name, st, TYPE_FILE), old))
+            elif statmod.S_ISLNK(st.st_mode):
+                node.children.append(self._symlink(child_path, _entry_from_stat(d.name, st, TYPE_SYMLINK)))
+            else:
+                with self._lock:
+                    self.stats.skipped += 1
+                self._error(child_path, "skipped: special file (device, fifo or socket) is not backed up")
+            self._maybe_checkpoint()
+
+    def _ignore_patterns(self, path: str) -> list[str]:
+        try:
+            with open(os.path.join(path, IGNORE_FILE), encoding="utf-8") as f:
+                return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            self._error(os.path.join(path, IGNORE_FILE), f"cannot read ignore file: {exc}")
+            return []
+
+    def _previous_entries(self, prev_oid: str | None) -> dict[str, Entry]:
+        if not prev_oid:
+            return {}
+        try:
+            return {e.name: e for e in read_directory(self.repo.objects, prev_oid)}
+        except KdistError:  # a damaged previous snapshot only costs re-reading
+            return {}
+
+    def _symlink(self, path: str, entry: Entry) -> Entry | None:
+        try:
+            entry.target = os.readlink(path)
+        except OSError as exc:
+            self._error(path, f"cannot read symlink: {exc.strerror}")
+            return None
+        with self._lock:
+            self.stats.symlinks += 1
+        return entry
+
+    def _unchanged(self, entry: Entry, old: Entry | None) -> bool:
+        return (old is not None and old.type == TYPE_FILE and old.oid != ""
+                and (old.size, old.mtime_ns, old.ctime_ns, old.inode) == (entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode)
+                and self._object_present(old.oid))
+
+    def _object_present(self, oid: str) -> bool:
+        from repo_format.objects import parse_object_id
+        try:
+            return self.repo.contents.contains(parse_object_id(oid)[1])
+        except KdistError:
+            return False
+
+    def _file(self, path: str, entry: Entry, old: Entry | None):
+        with self._lock:
+            self.stats.files += 1
+            self.stats.bytes += entry.size
+        if self._unchanged(entry, old):
+            entry.oid = old.oid
+            with self._lock:
+                self.stats.files_reused += 1
+            return entry
+        self._slots.acquire()
+        fut = self._pool.submit(self._read_file, path, entry)
+        fut.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(fut)
+        return fut
+
+    def _read_file(self, path: str, entry: Entry) -> Entry | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0))
+        except PermissionError:  # O_NOATIME needs ownership; retry without it
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                self._error(path, f"cannot read file: {exc.strerror}")
+                return None
+        except OSError as exc:
+            self._error(path, f"cannot read file: {exc.strerror}")
+            return None
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                before = os.fstat(f.fileno())
+                oid, length = self.repo.objects.write_stream(f, on_chunk=self._count_read)
+                after = os.fstat(f.fileno())
+        except OSError as exc:
+            self._error(path, f"error while reading file: {exc.strerror}")
+            return None
+        with self._lock:
+            self.stats.files_read += 1
+        entry.oid, entry.size = oid, length
+        if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size) or length != before.st_size:
+            self._error(path, "file changed while it was being read; the stored copy may be inconsistent")
+        entry.mtime_ns, entry.ctime_ns = before.st_mtime_ns, before.st_ctime_ns
+        return entry
+
+    def _count_read(self, n: int) -> None:
+        with self._lock:
+            self.stats.bytes_read += n
+        if self._progress is not None:
+            self._progress(self.stats, "")
+
+    # ---- writing the tree ----------------------------------------------------------------
+    def _write_tree(self, node: _DirNode, final: bool) -> Entry:
+        entries = []
+        summary = {"files": 0, "dirs": 0, "bytes": 0}
+        for child in node.children:
+            if isinstance(child, Future):
+                if not final and not child.done():
+                    continue
+                child = child.result()
+            elif isinstance(child, _DirNode):
+                child = self._write_tree(child, final)
+            if child is None:
+                continue
+            entries.append(child)
+            if child.type == TYPE_DIR:
+                summary["dirs"] += 1 + child.summary.get("dirs", 0)
+                summary["files"] += child.summary.get("files", 0)
+                summary["bytes"] += child.summary.get("bytes", 0)
+            elif child.type == TYPE_FILE:
+                summary["files"] += 1
+                summary["bytes"] += child.size
+        entry = node.entry
+        entry.oid = self.repo.objects.write_bytes(encode_directory(entries), metadata=True)
+        entry.summary = summary
+        return entry
+
+    def _checkpoint_wait(self) -> float | None:
+        iv = self.options.checkpoint_interval
+        return max(0.05, iv - (clock.monotonic() - self._last_checkpoint)) if iv > 0 else None
+
+    def _maybe_checkpoint(self) -> None:
+        iv = self.options.checkpoint_interval
+        if iv <= 0 or clock.monotonic() - self._last_checkpoint < iv:
+            return
+        self._last_checkpoint = clock.monotonic()
+        snap = self._publish(self._write_tree(self._root, final=False), checkpoint=True)
+        self._checkpoint_ids.append(snap.id)
+        with self._lock:
+            self.stats.checkpoints += 1
+
+    def _publish(self, root_entry: Entry, checkpoint: bool) -> Snapshot:
+        self.repo.flush()  # packs, then the index blob, then the manifest
+        with self._lock:
+            self.stats.new_bytes = self.repo.contents.stats.bytes_original - self._new_bytes_base
+            totals = self.stats.as_dict()
+            errors = list(self.error_list)
+        snap = Snapshot(
+            source=self._source, root=root_entry.oid, start=self._start, end=clock.now(), totals=totals,
+            tags=list(self.options.tags), description=self.options.description, checkpoint=checkpoint,
+            errors=errors,
+        )
+        rec = self.repo.manifests.put(snap.labels(), snap.payload())
+        snap.id, snap.ts = rec.id, rec.ts
+        return snap

@@ -1,0 +1,130 @@
+"""Manifests: small immutable, timestamped records (snapshots, checkpoints, policies).
+
+Each manifest blob ``m<random>-<session>`` holds one or more sealed records
+``{id, labels, ts, deleted, payload}``. Records are never edited: a newer record with the same id
+replaces an older one (newest ``ts`` wins; on a tie a tombstone wins, then the larger blob name),
+and deleting writes a tombstone. ``compact`` writes every current record into one blob and then
+removes the blobs it merged, so listing stays one LIST plus a few GETs; a record written
+concurrently lives in a blob the compaction did not read, so it is never lost.
+"""
+
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import msgpack
+
+from repo_format import clock
+from repo_format import constants as C
+from repo_format.crypto import Aead
+from repo_format.errors import BlobNotFound, CorruptionError
+from repo_format.storage.base import BlobStorage
+
+MAX_MANIFEST_BLOB = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    id: str
+    labels: dict
+    ts: int  # microseconds since the Unix epoch (writer's clock; see gc/README.md)
+    payload: bytes = b""
+    deleted: bool = False
+    blob: str = field(default="", compare=False)
+
+    def to_wire(self) -> dict:
+        return {"id": self.id, "labels": self.labels, "ts": self.ts, "payload": self.payload, "deleted": self.deleted}
+
+
+def newer(a: ManifestRecord, b: ManifestRecord) -> bool:
+    if a.ts != b.ts:
+        return a.ts > b.ts
+    if a.deleted != b.deleted:
+        return a.deleted
+    return a.blob > b.blob
+
+
+def new_manifest_id() -> str:
+    return secrets.token_hex(16)
+
+
+class ManifestStore:
+    def __init__(self, storage: BlobStorage, aead: Aead, session: str):
+        self.storage = storage
+        self._aead = aead
+        self.session = session
+
+    def _blob_name(self) -> str:
+        return f"{C.MANIFEST_PREFIX}{secrets.token_hex(12)}-{self.session}"
+
+    def write_records(self, records: list[ManifestRecord]) -> str:
+        name = self._blob_name()
+        plain = msgpack.packb({"v": 1, "records": [r.to_wire() for r in records]})
+        self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
+        return name
+
+    def put(self, labels: dict, payload: bytes, manifest_id: str | None = None) -> ManifestRecord:
+        rec = ManifestRecord(manifest_id or new_manifest_id(), dict(labels), int(clock.now() * 1e6), payload)
+        self.write_records([rec])
+        return rec
+
+    def delete(self, manifest_ids: list[str]) -> None:
+        """Write one tombstone blob for the given ids."""
+        if not manifest_ids:
+            return
+        ts = int(clock.now() * 1e6)
+        self.write_records([ManifestRecord(i, {}, ts, deleted=True) for i in manifest_ids])
+
+    def read_blob(self, name: str) -> list[ManifestRecord]:
+        sealed = self.storage.get(name)
+        if len(sealed) > MAX_MANIFEST_BLOB:
+            raise CorruptionError(f"manifest blob {name} is implausibly large")
+        plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")
+        try:
+            doc = msgpack.unpackb(plain, raw=False)
+            if doc["v"] != 1:
+                raise CorruptionError(f"manifest blob {name} has unknown version {doc['v']}")
+            out = []
+            for r in doc["records"]:
+                rec = ManifestRecord(str(r["id"]), dict(r["labels"]), int(r["ts"]), bytes(r["payload"]),
+                                     bool(r["deleted"]), name)
+                out.append(rec)
+            return out
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptionError(f"manifest blob {name} is malformed") from exc
+
+    def _current(self) -> tuple[dict[str, ManifestRecord], list[str]]:
+        names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
+
+        def load(name):
+            try:
+                return self.read_blob(name)
+            except BlobNotFound:  # compacted away after our listing; its records are in the new blob
+                return []
+
+        best: dict[str, ManifestRecord] = {}
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for records in pool.map(load, names):
+                for r in records:
+                    cur = best.get(r.id)
+                    if cur is None or newer(r, cur):
+                        best[r.id] = r
+        return best, names
+
+    def find(self, **labels) -> list[ManifestRecord]:
+        """Live records whose labels include ``labels``, oldest first."""
+        best, _ = self._current()
+        out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
+        return sorted(out, key=lambda r: (r.ts, r.id))
+
+    def compact(self, min_blobs: int = 2) -> int:
+        """Merge all manifest blobs into one; returns how many blobs were merged away."""
+        best, names = self._current()
+        if len(names) < min_blobs:
+            return 0
+        self.write_records(list(best.values()))
+        for n in names:
+            self.storage.delete(n)
+        return len(names)
