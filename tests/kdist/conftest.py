@@ -1,0 +1,31 @@
+"""Fixtures for the snapshot layer: small repositories and source trees with every kind of entry."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
+
+from repo_format.crypto import KdfParams  # noqa: E402
+from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.repository import Repository  # noqa: E402
+from repo_format.storage.memory import MemoryStorage  # noqa: E402
+
+# Small packs and chunks so that small trees still span many packs and chunks.
+SMALL = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024,
+                             chunk_avg=16 * 1024, chunk_min=4 * 1024, chunk_max=64 * 1024)
+from kdist_trees import PASSWORD  # noqa: E402
+
+
+@pytest.fixture
+def storage():
+    return MemoryStorage()
+
+
+@pytest.fixture
+def repo(storage):
+    return Repository.create(storage, PASSWORD, SMALL, KdfParams.weak_for_tests())
+
+
