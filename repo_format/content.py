@@ -172,7 +172,12 @@ class ContentStore:
             return None
         plaintext = encode_index(entries)
         name = index_blob_name(self._name_hash, plaintext, self.epoch, self.session)
-        self.storage.put(name, seal_index(self._index_aead, name, plaintext))
+        try:
+            self.storage.put(name, seal_index(self._index_aead, name, plaintext))
+        except BaseException:
+            with self._lock:  # keep them for the next flush: they are still pending (deduplicated)
+                self._uploaded[:0] = entries
+            raise
         with self._lock:
             self.committed.add_entries(entries)
             for e in entries:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from repo_format import constants as C
-from repo_format.errors import CorruptionError, UnsupportedVersion
+from repo_format.errors import CorruptionError, KdistError, UnsupportedVersion
 
 WEAK_KDF_ENV = "KDIST_ALLOW_WEAK_KDF_FOR_TESTS"
 
@@ -49,7 +49,7 @@ class KdfParams:
     def weak_for_tests(cls) -> "KdfParams":
         """Fast parameters for tests; refused unless KDIST_ALLOW_WEAK_KDF_FOR_TESTS=1."""
         if os.environ.get(WEAK_KDF_ENV) != "1":
-            raise RuntimeError(f"weak KDF parameters are for tests only (set {WEAK_KDF_ENV}=1 in tests)")
+            raise KdistError(f"weak KDF parameters are for tests only (set {WEAK_KDF_ENV}=1 in tests)")
         return cls(2**4, 8, 1, secrets.token_bytes(16))
 
     def validate(self) -> None:
@@ -57,11 +57,11 @@ class KdfParams:
         if self.algorithm != C.KDF_SCRYPT:
             raise UnsupportedVersion(f"unknown key derivation function {self.algorithm!r}")
         ok = (
-            isinstance(self.n, int) and 2 <= self.n <= 2**22 and self.n & (self.n - 1) == 0
-            and isinstance(self.r, int) and 1 <= self.r <= 32
-            and isinstance(self.p, int) and 1 <= self.p <= 16
+            isinstance(self.n, int) and 2 <= self.n <= 2**20 and self.n & (self.n - 1) == 0
+            and isinstance(self.r, int) and 1 <= self.r <= 16
+            and isinstance(self.p, int) and 1 <= self.p <= 4
             and isinstance(self.salt, bytes) and 8 <= len(self.salt) <= 64
-            and 128 * self.n * self.r <= 2**31
+            and 128 * self.n * self.r <= 2**30
         )
         if not ok:
             raise CorruptionError("the format blob holds out-of-range key derivation parameters")

@@ -41,7 +41,8 @@ def wins(a: IndexEntry, b: IndexEntry) -> bool:
         return a.timestamp_us > b.timestamp_us
     if a.deleted != b.deleted:
         return not a.deleted
-    return (a.pack, a.offset) < (b.pack, b.offset)
+    return ((a.pack, a.offset, a.packed_length, a.original_length, a.compression)
+            < (b.pack, b.offset, b.packed_length, b.original_length, b.compression))
 
 
 def pick(entries: Iterable[IndexEntry]) -> IndexEntry | None:

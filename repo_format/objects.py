@@ -174,11 +174,17 @@ class ObjectReader(io.RawIOBase):
         return n
 
     def read(self, size: int = -1) -> bytes:
+        """Read ``size`` bytes (fewer only at the end of the object), or to the end for ``-1``.
+
+        ``readinto`` stops at a chunk boundary; ``read`` goes on, so callers get what they asked
+        for, as from a regular file.
+        """
         if size is None or size < 0:
-            out = bytearray()
-            while True:
-                piece = super().read(_READ_BLOCK)
-                if not piece:
-                    return bytes(out)
-                out += piece
-        return super().read(size)
+            size = None
+        out = bytearray()
+        while size is None or len(out) < size:
+            piece = super().read(_READ_BLOCK if size is None else size - len(out))
+            if not piece:
+                break
+            out += piece
+        return bytes(out)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from repo_format import constants as C
 from repo_format import format_blob
-from repo_format.crypto import KdfParams
+from repo_format.crypto import WEAK_KDF_ENV, KdfParams
 from repo_format.errors import KdistError
 
 from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
@@ -29,7 +30,11 @@ def create(repo_location, endpoint_url, password_file):
         password = read_password(password_file, confirm=True, prompt="New repository password")
         if not password:
             raise click.UsageError("the password must not be empty")
-        fmt = format_blob.create(storage, password, kdf=KdfParams.strong())
+        kdf = KdfParams.strong()
+        if os.environ.get(WEAK_KDF_ENV) == "1":  # the test suite's setting, never a user's
+            click.echo("WARNING: test-only weak key derivation (KDIST_ALLOW_WEAK_KDF_FOR_TESTS=1)", err=True)
+            kdf = KdfParams.weak_for_tests()
+        fmt = format_blob.create(storage, password, kdf=kdf)
     except KdistError as exc:
         fail(exc)
     click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")
@@ -84,8 +89,6 @@ def status(repo, as_json):
               help="Read the new password from this file (or set KDIST_NEW_PASSWORD).")
 def change_password(repo_location, endpoint_url, password_file, new_password_file):
     """Re-wrap the repository key under a new password (rewrites only the format blob)."""
-    import os
-
     try:
         storage = make_storage(repo_location, endpoint_url)
         old = read_password(password_file)
