@@ -72,3 +72,10 @@ MAX_PACK_NAME_LENGTH = 200
 # --- objects -------------------------------------------------------------------------------
 INDIRECT_OBJECT_PREFIX = "I"
 OBJECT_LIST_VERSION = 1
+
+# --- epochs, sessions, maintenance (gc/README.md) -----------------------------------------
+EPOCH_MARKER_PREFIX = "xe"
+COMPACTED_PREFIX = "xs"  # xs<epoch>_<set id>_<member>of<count>
+RANGE_PREFIX = "xr"  # xr<last epoch>_<set id>_<member>of<count>: every epoch 0..last
+PROBE_PREFIX = "xt"  # short-lived blobs that read the storage's clock
+INDEX_BLOB_MAX_ENTRIES = 200_000  # compaction splits its output into blobs of at most this many

@@ -13,7 +13,6 @@ filled them, outside the lock.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from repo_format import clock
@@ -21,8 +20,11 @@ from repo_format import constants as C
 from repo_format.compression import compress, decompress
 from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError, StorageError
 from repo_format.format_blob import FormatBlob
-from repo_format.index import IndexEntry, MergedIndex, index_blob_name, open_index, seal_index, encode_index
+from repo_format.epoch import EpochManager
+from repo_format.index import IndexEntry, MergedIndex
 from repo_format.pack import PackWriter, content_aad, new_pack_name
+from repo_format.safety import safety_of
+from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
 
 
@@ -38,39 +40,36 @@ class WriteStats:
     index_blobs_written: int = 0
 
 
-def load_committed_index(storage: BlobStorage, fmt: FormatBlob, workers: int = 8) -> MergedIndex:
-    """Read every index blob (``xn*``) into a merged view."""
-    aead = fmt.keys.index_aead()
-    names = [m.name for m in storage.list(C.INDEX_PREFIX)]
+def make_epoch_manager(storage: BlobStorage, fmt: FormatBlob, session: str) -> EpochManager:
+    keys = fmt.keys
+    return EpochManager(storage, keys.index_aead(), keys.name_hasher(), keys.manifest_aead(),
+                        safety_of(fmt.parameters), session)
 
-    def load(name):
-        try:
-            return open_index(aead, name, storage.get(name))
-        except BlobNotFound:
-            return None  # removed by a concurrent compaction after the listing; its set replaces it
 
-    merged = MergedIndex()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for blob in pool.map(load, names):
-            if blob is not None:
-                merged.add_blob(blob)
-    return merged
+def load_committed_index(storage: BlobStorage, fmt: FormatBlob) -> MergedIndex:
+    """The repository's current index, assembled from its epochs (see ``repo_format.epoch``)."""
+    return make_epoch_manager(storage, fmt, "0" * 2 * C.SESSION_ID_BYTES).load_index()
 
 
 class ContentStore:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str,
-                 committed: MergedIndex | None = None, epoch: int = 0):
+                 committed: MergedIndex | None = None):
         self.storage = storage
         self.session = session
-        self.epoch = epoch
+        self.safety = safety_of(fmt.parameters)
+        self.epochs = make_epoch_manager(storage, fmt, session)
+        self.marker = SessionMarker(storage, fmt.keys.manifest_aead(), session,
+                                    self.safety.session_heartbeat, self.safety.session_expiry)
+        self._marker_started = False
         p = fmt.parameters
         self._zstd_level = p.zstd_level
         self._pack_size = {False: p.pack_size, True: p.metadata_pack_size}
         self._hash = fmt.keys.content_hasher()
         self._content_aead = fmt.keys.content_aead()
         self._index_aead = fmt.keys.index_aead()
-        self._name_hash = fmt.keys.name_hasher()
-        self.committed = committed if committed is not None else load_committed_index(storage, fmt)
+        self.committed = committed if committed is not None else self.epochs.load_index()
+        self._committed_at = clock.monotonic()
+        self._refresh_lock = threading.Lock()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._writers: dict[bool, PackWriter] = {}
@@ -78,6 +77,7 @@ class ContentStore:
         self._uploading = 0
         self._pending: dict[bytes, IndexEntry] = {}  # written since the last flush
         self._uploaded: list[IndexEntry] = []  # in stored packs, not yet in an index blob
+        self._committed_overlay: list[IndexEntry] = []  # published by this store since the last load
         self._lost_packs = 0  # packs whose upload failed: ids returned for them are not stored
         self.stats = WriteStats()
 
@@ -90,8 +90,25 @@ class ContentStore:
         with self._lock:
             if content_id in self._pending:
                 return True
-        e = self.committed.lookup(content_id)
+        e = self._committed_view().lookup(content_id)
         return e is not None and not e.deleted
+
+    def _committed_view(self) -> MergedIndex:
+        """The committed index, reloaded once it is ``index_refresh`` old so that deletions made
+        by maintenance are seen before this writer deduplicates against them (gc/README.md)."""
+        if clock.monotonic() - self._committed_at >= self.safety.index_refresh and self._refresh_lock.acquire(blocking=False):
+            try:
+                with self._lock:
+                    published_before = len(self._committed_overlay)
+                fresh = self.epochs.load_index()
+                with self._lock:  # entries published before the listing are in it; keep the rest
+                    del self._committed_overlay[:published_before]
+                    fresh.add_entries(self._committed_overlay)
+                    self.committed = fresh
+                    self._committed_at = clock.monotonic()
+            finally:
+                self._refresh_lock.release()
+        return self.committed
 
     def write(self, data, metadata: bool = False) -> bytes:
         cid = self._hash(data)
@@ -110,7 +127,7 @@ class ContentStore:
             if writer is None:
                 writer = self._writers[metadata] = PackWriter(new_pack_name(metadata, self.session))
                 self._unflushed[writer.name] = writer
-            self._pending[cid] = writer.add(cid, compression, sealed, len(data), int(clock.now() * 1e6))
+            self._pending[cid] = writer.add(cid, compression, sealed, len(data), self._timestamp_for(cid))
             self.stats.contents_written += 1
             self.stats.bytes_original += len(data)
             self.stats.bytes_packed += len(sealed)
@@ -121,6 +138,13 @@ class ContentStore:
             self._upload(full)
         return cid
 
+    def _timestamp_for(self, cid: bytes) -> int:
+        """Now, but newer than a deletion marker of the same content: a rewrite must win over it
+        whatever this client's clock says (the conflict rule orders by timestamp)."""
+        ts = int(clock.now() * 1e6)
+        old = self.committed.lookup(cid)
+        return max(ts, old.timestamp_us + 1) if old is not None else ts
+
     def _upload(self, writer: PackWriter) -> None:
         """Store one pack; called with ``_uploading`` already counted for it.
 
@@ -129,6 +153,7 @@ class ContentStore:
         """
         ok = False
         try:
+            self._ensure_session()
             self.storage.put(writer.name, writer.finish(self._index_aead))
             ok = True
         finally:
@@ -170,27 +195,43 @@ class ContentStore:
             entries, self._uploaded = self._uploaded, []
         if not entries:
             return None
-        plaintext = encode_index(entries)
-        name = index_blob_name(self._name_hash, plaintext, self.epoch, self.session)
         try:
-            self.storage.put(name, seal_index(self._index_aead, name, plaintext))
+            self.marker.check_alive()  # a lapsed session may have lost its packs to maintenance
+            name = self.epochs.write_index(entries)
+            self.marker.check_alive()
         except BaseException:
             with self._lock:  # keep them for the next flush: they are still pending (deduplicated)
                 self._uploaded[:0] = entries
             raise
         with self._lock:
             self.committed.add_entries(entries)
+            self._committed_overlay.extend(entries)
             for e in entries:
                 if self._pending.get(e.content_id) is e:
                     del self._pending[e.content_id]
             self.stats.index_blobs_written += 1
         return name
 
+    def _ensure_session(self) -> None:
+        with self._lock:
+            if self._marker_started:
+                return
+            self._marker_started = True
+        self.marker.start()
+
+    def close(self) -> None:
+        """Flush, then retire this writer's session marker."""
+        self.flush()
+        with self._lock:
+            started, self._marker_started = self._marker_started, False
+        if started:
+            self.marker.stop()
+
     # ---- reading -------------------------------------------------------------------------
     def lookup(self, content_id: bytes) -> IndexEntry | None:
         with self._lock:
             e = self._pending.get(content_id)
-        return e if e is not None else self.committed.lookup(content_id)
+        return e if e is not None else self._committed_view().lookup(content_id)
 
     def read(self, content_id: bytes) -> bytes:
         entry = self.lookup(content_id)

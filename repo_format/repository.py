@@ -51,7 +51,8 @@ class Repository:
         return self.contents.flush()
 
     def close(self) -> None:
-        self.flush()
+        """Flush what was written and retire this client's session marker."""
+        self.contents.close()
 
     def __enter__(self):
         return self

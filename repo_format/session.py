@@ -1,0 +1,101 @@
+"""Sessions and the storage clock.
+
+A writing client publishes ``s<session>`` and rewrites it every ``session_heartbeat`` seconds
+while it runs, and deletes it when it finishes. Maintenance never deletes a pack whose name
+carries a live session (a marker younger than ``session_expiry`` on the storage's clock). A
+writer that could not refresh its marker for longer than the expiry (it was paused or cut off)
+refuses to publish index blobs: maintenance may have collected its unindexed packs meanwhile.
+
+``storage_now`` reads the storage's clock by writing a probe blob and reading its timestamp:
+the only clock that safety margins are measured on.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+
+import msgpack
+
+from repo_format import clock
+from repo_format import constants as C
+from repo_format.crypto import Aead
+from repo_format.errors import KdistError
+from repo_format.storage.base import BlobMeta, BlobStorage
+
+
+class SessionExpired(KdistError):
+    """This client's session marker lapsed (a long pause); it must not publish what it wrote."""
+
+
+def storage_now(storage: BlobStorage, session: str) -> float:
+    """The storage's current time, read from the timestamp of a probe blob."""
+    name = f"{C.PROBE_PREFIX}{secrets.token_hex(8)}-{session}"
+    storage.put(name, b"")
+    try:
+        return storage.stat(name).timestamp
+    finally:
+        storage.delete(name)
+
+
+def session_of(blob_name: str) -> str | None:
+    """The session id a pack or index blob name ends with (``...-<session>``)."""
+    head, sep, tail = blob_name.rpartition("-")
+    return tail if sep and len(tail) == 2 * C.SESSION_ID_BYTES else None
+
+
+def live_sessions(markers: list[BlobMeta], now: float, expiry: float) -> set[str]:
+    return {m.name[len(C.SESSION_PREFIX):] for m in markers if now - m.timestamp < expiry}
+
+
+class SessionMarker:
+    def __init__(self, storage: BlobStorage, aead: Aead, session: str, heartbeat: float, expiry: float,
+                 auto: bool = True):
+        self.storage = storage
+        self.session = session
+        self.name = C.SESSION_PREFIX + session
+        self._aead = aead
+        self._heartbeat = heartbeat
+        self._expiry = expiry
+        self._last_ok = None  # monotonic time of the last successful write
+        self._stop = threading.Event()
+        self._thread = None
+        self._auto = auto and heartbeat > 0
+
+    def start(self) -> None:
+        self.refresh()
+        if self._auto:
+            self._thread = threading.Thread(target=self._run, name=f"kdist-session-{self.session}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._heartbeat):
+            try:
+                self.refresh()
+            except KdistError:
+                pass  # the next beat retries; check_alive() refuses to publish once it lapses
+
+    def refresh(self) -> None:
+        started = clock.monotonic()
+        body = msgpack.packb({"session": self.session, "at": clock.now()})
+        self.storage.put(self.name, self._aead.seal(body, self.name.encode()))
+        self._last_ok = started
+
+    def check_alive(self) -> None:
+        """Raise ``SessionExpired`` if the marker may have lapsed; refresh it if it is due."""
+        if self._expiry <= 0:
+            return
+        if self._last_ok is None or clock.monotonic() - self._last_ok >= self._expiry * 0.8:
+            raise SessionExpired(
+                f"session {self.session} was not refreshed for longer than its expiry "
+                f"({self._expiry:.0f} s): this client was paused or cut off, and maintenance may "
+                "have collected what it wrote; run the backup again"
+            )
+        if clock.monotonic() - self._last_ok >= self._heartbeat:
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.storage.delete(self.name)
