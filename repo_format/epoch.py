@@ -37,6 +37,10 @@ _MARKER = re.compile(r"xe(\d+)$")
 ASSEMBLY_ATTEMPTS = 5
 
 
+def _set_preference(s: "IndexSet") -> tuple:
+    return (s.newest, -int(s.set_id, 16))
+
+
 class StaleView(KdistError):
     """The index changed under a reader faster than it could assemble it."""
 
@@ -75,12 +79,13 @@ class EpochView:
         return max(self.markers, default=0)
 
     def complete_set(self, kind: str, epoch: int) -> IndexSet | None:
+        """The set readers use for this epoch: the most recently completed, then the smallest id."""
         done = [s for s in self.sets.get((kind, epoch), []) if s.complete]
-        return min(done, key=lambda s: s.set_id) if done else None
+        return max(done, key=_set_preference) if done else None
 
     def best_range(self) -> IndexSet | None:
         ranges = [s for (kind, e), sets in self.sets.items() if kind == "xr" for s in sets if s.complete]
-        return max(ranges, key=lambda s: (s.epoch, -int(s.set_id, 16))) if ranges else None
+        return max(ranges, key=lambda s: (s.epoch,) + _set_preference(s)) if ranges else None
 
     def assembly(self) -> list[str]:
         """The index blob names a reader reads, by the rules in the module docstring."""
@@ -180,11 +185,17 @@ class EpochManager:
 
     # ---- maintenance ---------------------------------------------------------------------
     def should_advance(self, view: EpochView, now: float) -> bool:
+        """Advance at most once per ``min_epoch_duration`` (storage clock), when the current
+        epoch is big, or when the current or previous epoch holds index blobs that can only be
+        compacted, and their deletions dropped, once two markers follow them."""
         cur = view.current
-        blobs = view.raw.get(cur, [])
         marker_age = now - view.markers[cur].timestamp if cur in view.markers else float("inf")
-        big = len(blobs) >= self.safety.epoch_advance_blobs or sum(b.length for b in blobs) >= self.safety.epoch_advance_bytes
-        return big and marker_age >= self.safety.min_epoch_duration
+        if marker_age < self.safety.min_epoch_duration:
+            return False
+        blobs = view.raw.get(cur, [])
+        big = (len(blobs) >= self.safety.epoch_advance_blobs
+               or sum(b.length for b in blobs) >= self.safety.epoch_advance_bytes)
+        return big or bool(blobs) or bool(view.raw.get(cur - 1))
 
     def settled(self, view: EpochView, now: float) -> list[int]:
         """Epochs no writer can still add to."""

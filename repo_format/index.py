@@ -182,6 +182,12 @@ class MergedIndex:
         candidates.append(self._overlay.get(content_id))
         return pick(c for c in candidates if c is not None)
 
+    def physical_entries(self) -> Iterator[IndexEntry]:
+        """Every entry of every blob, losers included (maintenance: what points into which pack)."""
+        yield from self._overlay.values()
+        for b in self._blobs:
+            yield from b
+
     def __iter__(self) -> Iterator[IndexEntry]:
         """Every winning entry (deleted ones included), in no particular order."""
         best: dict[bytes, IndexEntry] = dict(self._overlay)

@@ -19,7 +19,7 @@ import msgpack
 from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
-from repo_format.errors import BlobNotFound, CorruptionError
+from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage
 
 MAX_MANIFEST_BLOB = 256 * 1024 * 1024
@@ -96,22 +96,24 @@ class ManifestStore:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
 
     def _current(self) -> tuple[dict[str, ManifestRecord], list[str]]:
-        names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
-
-        def load(name):
+        """Every id's winning record. If a listed blob vanishes before it is read (a concurrent
+        compaction merged it), list again: the merged blob is then in the listing. Never return
+        a view that silently lacks records: maintenance decides what is live from it."""
+        for _ in range(5):
+            names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
             try:
-                return self.read_blob(name)
-            except BlobNotFound:  # compacted away after our listing; its records are in the new blob
-                return []
-
-        best: dict[str, ManifestRecord] = {}
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for records in pool.map(load, names):
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    blobs = list(pool.map(self.read_blob, names))
+            except BlobNotFound:
+                continue
+            best: dict[str, ManifestRecord] = {}
+            for records in blobs:
                 for r in records:
                     cur = best.get(r.id)
                     if cur is None or newer(r, cur):
                         best[r.id] = r
-        return best, names
+            return best, names
+        raise KdistError("the manifests kept changing while they were being read; try again")
 
     def find(self, **labels) -> list[ManifestRecord]:
         """Live records whose labels include ``labels``, oldest first."""

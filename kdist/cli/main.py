@@ -10,6 +10,7 @@ from repo_format.errors import KdistError
 
 from kdist import __version__
 from kdist.cli.context import fail
+from kdist.cli.maintenance import gc_group, index_group, maintenance_group
 from kdist.cli.repo import repo_group
 from kdist.cli.snapshot import snapshot_group
 
@@ -22,6 +23,9 @@ def cli():
 
 cli.add_command(repo_group)
 cli.add_command(snapshot_group)
+cli.add_command(gc_group)
+cli.add_command(maintenance_group)
+cli.add_command(index_group)
 
 
 def main() -> None:

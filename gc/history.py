@@ -1,0 +1,55 @@
+"""Maintenance history: one record per run, in the repository's encrypted manifests.
+
+The deletion watermark is derived from it: ``W`` is the start (storage clock) of the latest
+completed content-GC cycle that another completed cycle started at least ``drop_margin`` after.
+Deleted index entries with a timestamp below ``W`` can be dropped for good (gc/README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+
+from repo_format.errors import CorruptionError
+from repo_format.manifest import ManifestStore
+
+LABEL = "maintenance-run"
+
+
+@dataclass
+class RunRecord:
+    start: float  # storage clock
+    end: float = 0.0
+    mode: str = "full"
+    content_gc_completed: bool = False
+    steps: dict = field(default_factory=dict)
+    requests: dict = field(default_factory=dict)
+    error: str = ""
+
+    def payload(self) -> bytes:
+        return msgpack.packb(asdict(self))
+
+
+def read_history(manifests: ManifestStore) -> list[RunRecord]:
+    out = []
+    for rec in manifests.find(type=LABEL):
+        try:
+            out.append(RunRecord(**msgpack.unpackb(rec.payload, raw=False)))
+        except (ValueError, TypeError) as exc:
+            raise CorruptionError(f"maintenance record {rec.id} is malformed") from exc
+    return sorted(out, key=lambda r: r.start)
+
+
+def write_record(manifests: ManifestStore, record: RunRecord) -> None:
+    manifests.put({"type": LABEL}, record.payload())
+
+
+def deletion_watermark(history: list[RunRecord], drop_margin: float) -> float:
+    """Seconds (storage clock); 0 when no two completed cycles are far enough apart."""
+    starts = sorted(r.start for r in history if r.content_gc_completed)
+    best = 0.0
+    for i, t in enumerate(starts):
+        if any(later >= t + drop_margin for later in starts[i + 1:]):
+            best = max(best, t)
+    return best

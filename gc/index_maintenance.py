@@ -1,0 +1,125 @@
+"""Index maintenance: advance epochs, compact settled epochs, merge ranges, clean up.
+
+Compaction writes new sets and deletes nothing. Cleanup deletes a superseded blob only once its
+replacement set is complete and has been listed for ``cleanup_margin`` (storage clock), so a
+reader that listed before the replacement existed has long finished, or re-lists when a blob
+it wanted is gone. Range merges are the only step that drops deleted entries, and only those
+whose timestamp is below the deletion watermark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from repo_format import constants as C
+from repo_format.epoch import EpochManager, EpochView
+from repo_format.errors import BlobNotFound
+from repo_format.storage.base import BlobMeta
+
+from kdist.gc.clock_guard import StorageClock
+
+RANGE_EVERY = 4  # merge everything into a range set once this many settled epochs are not in one
+
+
+@dataclass
+class IndexPlan:
+    now: float
+    advance_to: int | None = None
+    compact: list[int] = field(default_factory=list)
+    range_to: int | None = None
+    delete: list[BlobMeta] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = []
+        if self.advance_to is not None:
+            parts.append(f"advance to epoch {self.advance_to}")
+        if self.compact:
+            parts.append(f"compact epochs {self.compact}")
+        if self.range_to is not None:
+            parts.append(f"merge epochs 0..{self.range_to} into a range set")
+        parts.append(f"delete {len(self.delete)} superseded index blobs")
+        return "index: " + ", ".join(parts)
+
+
+def plan_index(epochs: EpochManager, view: EpochView, now: float) -> IndexPlan:
+    s = epochs.safety
+    plan = IndexPlan(now=now)
+    if epochs.should_advance(view, now):
+        plan.advance_to = view.current + 1
+    settled = epochs.settled(view, now)
+    plan.compact = [e for e in settled if view.raw.get(e) and view.complete_set("xs", e) is None
+                    and not _in_range(view, e)]
+    rng = view.best_range()
+    outside = settled[-1] - (rng.epoch if rng else -1) if settled else 0
+    # Merge when enough epochs are outside the range, or (at most once per drop margin) to drop
+    # deleted entries that the watermark has passed since the last merge.
+    if settled and (outside >= RANGE_EVERY or rng is None or now - rng.newest >= s.drop_margin):
+        plan.range_to = settled[-1]
+    plan.delete = superseded(view, now, s.cleanup_margin)
+    return plan
+
+
+def _in_range(view: EpochView, epoch: int) -> bool:
+    rng = view.best_range()
+    return rng is not None and epoch <= rng.epoch
+
+
+def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
+    """Index blobs whose content is in a complete set that has been listed for ``margin``."""
+    out: list[BlobMeta] = []
+
+    def old_enough(s) -> bool:
+        return s is not None and now - s.newest >= margin
+
+    rng = view.best_range()
+    for (kind, e), sets in view.sets.items():
+        chosen = view.complete_set(kind, e)
+        for st in sets:
+            covered_by_range = old_enough(rng) and (e < rng.epoch or (kind == "xs" and e <= rng.epoch))
+            duplicate = chosen is not None and st is not chosen and old_enough(chosen)
+            abandoned = not st.complete and now - st.newest >= margin
+            if covered_by_range or duplicate or abandoned:
+                out += st.members.values()
+    for e, blobs in view.raw.items():
+        xs = view.complete_set("xs", e)
+        if old_enough(xs) or (old_enough(rng) and e <= rng.epoch):
+            out += blobs
+    return out
+
+
+def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock) -> dict:
+    done = {"advanced": False, "compacted": [], "range": None, "deleted": 0}
+    if plan.advance_to is not None:
+        done["advanced"] = epochs.write_marker(plan.advance_to)
+    try:
+        view = epochs.refresh()
+        for e in plan.compact:
+            names = [m.name for m in view.raw.get(e, [])]
+            epochs.write_set("xs", e, epochs.read_entries(names))
+            done["compacted"].append(e)
+        if plan.range_to is not None:
+            view = epochs.refresh()
+            entries = epochs.read_entries(_names_up_to(view, plan.range_to))
+            kept = [x for x in entries if not (x.deleted and x.timestamp_us < watermark_us)]
+            epochs.write_set("xr", plan.range_to, kept)
+            done["range"] = {"to": plan.range_to, "entries": len(kept), "dropped": len(entries) - len(kept)}
+    except BlobNotFound:
+        # a concurrent maintenance run cleaned up a source after our listing: it has done (or
+        # will do) this compaction; a half-written set of ours is incomplete and never used
+        done["skipped"] = "sources changed under a concurrent maintenance run"
+    if plan.delete:
+        clock.check(plan.now, "deleting superseded index blobs")
+        for m in plan.delete:
+            epochs.storage.delete(m.name)
+        done["deleted"] = len(plan.delete)
+    return done
+
+
+def _names_up_to(view: EpochView, last: int) -> list[str]:
+    rng = view.best_range()
+    names = rng.names() if rng else []
+    first = rng.epoch + 1 if rng else 0
+    for e in range(first, last + 1):
+        s = view.complete_set("xs", e)
+        names += s.names() if s else [m.name for m in view.raw.get(e, [])]
+    return names

@@ -1,0 +1,137 @@
+"""One maintenance run: plan each step on the storage's clock, print or execute it, record it.
+
+Steps, in order (a full run does all; ``quick`` skips the two that walk snapshots and packs):
+1. content GC (full): mark unreachable contents deleted, undelete reachable ones;
+2. index: advance the epoch, compact settled epochs, merge ranges (dropping deleted entries
+   below the watermark), delete superseded index blobs;
+3. blob GC (full): delete packs no index entry points into;
+4. manifests: compact many small manifest blobs into one;
+5. housekeeping: delete stale probe blobs and dead session markers.
+No step takes a lock. Two runs at once may repeat work; the rules keep either from losing data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from repo_format import constants as C
+from repo_format.errors import KdistError
+from repo_format.repository import Repository
+from repo_format.safety import SAFETY_FULL, SafetyParameters, safety_of
+from repo_format.session import live_sessions
+from repo_format.storage.base import BlobStorage
+
+from kdist.gc import history
+from kdist.gc.blob_gc import Rules as BlobRules
+from kdist.gc.blob_gc import execute_blob_gc, plan_blob_gc
+from kdist.gc.clock_guard import StorageClock
+from kdist.gc.content_gc import execute_content_gc, plan_content_gc
+from kdist.gc.index_maintenance import execute_index, plan_index
+
+
+class UnsafeMaintenance(KdistError):
+    """The requested safety preset is not allowed on this repository now."""
+
+
+@dataclass
+class Rules:
+    """Every safety rule, on by default. The simulator's mutation tests switch one off at a time
+    to show the simulator catches its absence; nothing else does."""
+
+    content_age: bool = True
+    two_cycle_drop: bool = True
+    pack_age: bool = True
+    live_session: bool = True
+    pause_revalidation: bool = True
+
+
+@dataclass
+class MaintenanceOptions:
+    full: bool = True
+    dry_run: bool = False
+    safety: SafetyParameters | None = None  # None: the repository's own
+    rules: Rules = field(default_factory=Rules)
+
+
+@dataclass
+class MaintenanceReport:
+    start: float
+    plans: list[str] = field(default_factory=list)
+    steps: dict = field(default_factory=dict)
+    freed_bytes: int = 0
+    dry_run: bool = False
+
+
+def _refuse_unsafe(storage: BlobStorage, now: float, own_session: str) -> None:
+    """The ``none`` preset is for tests: refuse it where another client may be writing."""
+    others = live_sessions(list(storage.list(C.SESSION_PREFIX)), now, SAFETY_FULL.session_expiry) - {own_session}
+    recent = [m for m in storage.list() if now - m.timestamp < SAFETY_FULL.listing_settle
+              and not m.name.startswith(C.PROBE_PREFIX) and not m.name.endswith(own_session)]
+    if others or recent:
+        raise UnsafeMaintenance(
+            "refusing --safety none: another client has written to this repository recently "
+            f"({len(others)} live sessions, {len(recent)} recent blobs); it is for tests only"
+        )
+
+
+def run_maintenance(repo: Repository, options: MaintenanceOptions | None = None) -> MaintenanceReport:
+    options = options or MaintenanceOptions()
+    storage = repo.storage
+    safety = options.safety or safety_of(repo.parameters)
+    rules = options.rules
+    clock = StorageClock(storage, repo.session, safety.max_pause, enabled=rules.pause_revalidation)
+    now = clock.start
+    if safety.is_unsafe():
+        _refuse_unsafe(storage, now, repo.session)
+    report = MaintenanceReport(start=now, dry_run=options.dry_run)
+    record = history.RunRecord(start=now, mode="full" if options.full else "quick")
+    epochs = repo.contents.epochs
+    epochs.safety = safety
+    past = history.read_history(repo.manifests)
+    drop_margin = safety.drop_margin if rules.two_cycle_drop else 0.0
+    watermark = history.deletion_watermark(past, drop_margin) if rules.two_cycle_drop else now
+
+    if options.full:  # 1. content GC
+        index = epochs.load_index()
+        plan = plan_content_gc(repo, index, now, safety.min_content_age if rules.content_age else 0.0)
+        report.plans.append(plan.describe())
+        if not options.dry_run:
+            execute_content_gc(repo, plan)
+            record.content_gc_completed = True
+        report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
+
+    view = epochs.refresh()  # 2. index
+    iplan = plan_index(epochs, view, now)
+    report.plans.append(iplan.describe())
+    if not options.dry_run:
+        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock)
+
+    if options.full:  # 3. blob GC: list packs, then read the index that may point into them
+        packs = [m for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(p)]
+        index = epochs.load_index()
+        from kdist.gc.blob_gc import plan_from
+        bplan = plan_from(packs, index, storage, clock.now() if not options.dry_run else now,
+                          safety.pack_age, safety.session_expiry,
+                          BlobRules(pack_age=rules.pack_age, live_session=rules.live_session))
+        report.plans.append(bplan.describe())
+        if not options.dry_run:
+            report.freed_bytes += execute_blob_gc(storage, bplan, clock)
+        report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete)}
+
+    if not options.dry_run:  # 4. manifests, 5. housekeeping
+        report.steps["manifests_merged"] = repo.manifests.compact(min_blobs=16)
+        report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
+        record.end = clock.now()
+        record.steps = report.steps
+        history.write_record(repo.manifests, record)
+    return report
+
+
+def _housekeeping(storage: BlobStorage, clock: StorageClock, safety: SafetyParameters) -> int:
+    now = clock.now()
+    stale = [m for m in storage.list(C.PROBE_PREFIX) if now - m.timestamp > max(safety.max_pause, 60.0)]
+    stale += [m for m in storage.list(C.SESSION_PREFIX) if now - m.timestamp >= 2 * safety.session_expiry
+              and safety.session_expiry > 0]
+    for m in stale:
+        storage.delete(m.name)
+    return len(stale)

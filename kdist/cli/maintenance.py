@@ -1,0 +1,115 @@
+"""``kdist gc run``, ``kdist maintenance run|status``, ``kdist index compact|rebuild``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import click
+
+from repo_format.index_rebuild import entries_from_packs
+from repo_format.safety import PRESETS
+
+from kdist.cli.context import with_repository
+from kdist.cli.progress import human_bytes
+from kdist.gc import history
+from kdist.gc.run import MaintenanceOptions, run_maintenance
+
+
+def _print_report(report, as_json: bool, requests: dict) -> None:
+    if as_json:
+        click.echo(json.dumps({"dry_run": report.dry_run, "plans": report.plans, "steps": report.steps,
+                               "freed_bytes": report.freed_bytes, "requests": requests}, indent=2, default=str))
+        return
+    for line in report.plans:
+        click.echo(("would: " if report.dry_run else "") + line)
+    if not report.dry_run:
+        click.echo(f"freed {human_bytes(report.freed_bytes)}")
+    click.echo("storage requests: " + ", ".join(f"{k} {v['calls']}" for k, v in sorted(requests.items())))
+
+
+def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool) -> None:
+    opts = MaintenanceOptions(full=full, dry_run=dry_run, safety=PRESETS[safety] if safety else None)
+    before = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
+    report = run_maintenance(repo, opts)
+    after = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
+    requests = {k: {"calls": v["calls"] - before.get(k, {}).get("calls", 0),
+                    "bytes": v["bytes"] - before.get(k, {}).get("bytes", 0)} for k, v in after.items()}
+    _print_report(report, as_json, requests)
+
+
+@click.group("gc")
+def gc_group():
+    """Garbage-collect the repository (safe while backups run)."""
+
+
+@gc_group.command("run")
+@click.option("--dry-run", is_flag=True, help="Print the plan, change nothing.")
+@click.option("--safety", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Safety preset (default: the repository's own margins); 'none' is for tests only.")
+@click.option("--json", "as_json", is_flag=True)
+@with_repository()
+def gc_run(repo, dry_run, safety, as_json):
+    """Mark unreachable contents, drop old deleted ones, delete unreferenced packs."""
+    _run(repo, True, dry_run, safety, as_json)
+
+
+@click.group("maintenance")
+def maintenance_group():
+    """Repository maintenance (for cron): GC, index compaction, manifest compaction."""
+
+
+@maintenance_group.command("run")
+@click.option("--quick", "mode", flag_value="quick", help="Index and manifest compaction only.")
+@click.option("--full", "mode", flag_value="full", default=True, help="Everything, GC included (default).")
+@click.option("--dry-run", is_flag=True)
+@click.option("--safety", type=click.Choice(sorted(PRESETS)), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@with_repository()
+def maintenance_run(repo, mode, dry_run, safety, as_json):
+    """Run maintenance; safe to run while backups run, and twice at once."""
+    _run(repo, mode != "quick", dry_run, safety, as_json)
+
+
+@maintenance_group.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@with_repository(read_only=True)
+def maintenance_status(repo, as_json):
+    """Show the history of maintenance runs."""
+    runs = history.read_history(repo.manifests)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in runs], indent=2, default=str))
+        return
+    if not runs:
+        click.echo("no maintenance has run on this repository")
+    for r in runs[-20:]:
+        when = datetime.datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{when}  {r.mode:<5} {r.end - r.start:6.1f} s  {json.dumps(r.steps, default=str)}")
+
+
+@click.group("index")
+def index_group():
+    """Index maintenance."""
+
+
+@index_group.command("compact")
+@with_repository()
+def index_compact(repo):
+    """Advance and compact epochs now (the index part of `maintenance run --quick`)."""
+    _run(repo, False, False, None, False)
+
+
+@index_group.command("rebuild")
+@click.option("--dry-run", is_flag=True)
+@with_repository()
+def index_rebuild(repo, dry_run):
+    """Recreate index entries from the packs' own indexes (adds entries; deletes nothing)."""
+    result = entries_from_packs(repo.storage, repo.format)
+    for name, problem in sorted(result.damaged_packs.items()):
+        click.echo(f"  damaged pack {name}: {problem}", err=True)
+    current = repo.contents.epochs.load_index()
+    missing = [e for e in result.entries if current.lookup(e.content_id) is None]
+    click.echo(f"read {result.packs_read} packs: {len(result.entries)} entries, {len(missing)} not in the index")
+    if missing and not dry_run:
+        name = repo.contents.epochs.write_index(missing)
+        click.echo(f"wrote {len(missing)} entries to {name}")
