@@ -23,7 +23,7 @@ from repo_format.storage.base import BlobStorage
 
 from kdist.gc import history
 from kdist.gc.blob_gc import Rules as BlobRules
-from kdist.gc.blob_gc import execute_blob_gc, plan_blob_gc
+from kdist.gc.blob_gc import execute_blob_gc, plan_from
 from kdist.gc.clock_guard import StorageClock
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
@@ -75,11 +75,24 @@ def _refuse_unsafe(storage: BlobStorage, now: float, own_session: str) -> None:
 
 
 def run_maintenance(repo: Repository, options: MaintenanceOptions | None = None) -> MaintenanceReport:
+    """Run every step to completion."""
+    steps = maintenance_steps(repo, options)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = None,
+                      clock: StorageClock | None = None):
+    """The run as a generator that yields between steps (the simulator interleaves them with
+    other clients and pauses them); returns the report."""
     options = options or MaintenanceOptions()
     storage = repo.storage
     safety = options.safety or safety_of(repo.parameters)
     rules = options.rules
-    clock = StorageClock(storage, repo.session, safety.max_pause, enabled=rules.pause_revalidation)
+    clock = clock or StorageClock(storage, repo.session, safety.max_pause, enabled=rules.pause_revalidation)
     now = clock.start
     if safety.is_unsafe():
         _refuse_unsafe(storage, now, repo.session)
@@ -88,35 +101,38 @@ def run_maintenance(repo: Repository, options: MaintenanceOptions | None = None)
     epochs = repo.contents.epochs
     epochs.safety = safety
     past = history.read_history(repo.manifests)
-    drop_margin = safety.drop_margin if rules.two_cycle_drop else 0.0
-    watermark = history.deletion_watermark(past, drop_margin) if rules.two_cycle_drop else now
+    watermark = history.deletion_watermark(past, safety.drop_margin) if rules.two_cycle_drop else now
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
         plan = plan_content_gc(repo, index, now, safety.min_content_age if rules.content_age else 0.0)
         report.plans.append(plan.describe())
+        report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
+        yield "content-gc planned"
         if not options.dry_run:
             execute_content_gc(repo, plan)
             record.content_gc_completed = True
-        report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
+            yield "content-gc executed"
 
     view = epochs.refresh()  # 2. index
     iplan = plan_index(epochs, view, now)
     report.plans.append(iplan.describe())
+    yield "index planned"
     if not options.dry_run:
         report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock)
+        yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
         packs = [m for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(p)]
         index = epochs.load_index()
-        from kdist.gc.blob_gc import plan_from
-        bplan = plan_from(packs, index, storage, clock.now() if not options.dry_run else now,
-                          safety.pack_age, safety.session_expiry,
+        bplan = plan_from(packs, index, storage, clock.now(), safety.pack_age, safety.session_expiry,
                           BlobRules(pack_age=rules.pack_age, live_session=rules.live_session))
         report.plans.append(bplan.describe())
+        report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete)}
+        yield "blob-gc planned"
         if not options.dry_run:
             report.freed_bytes += execute_blob_gc(storage, bplan, clock)
-        report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete)}
+            yield "blob-gc executed"
 
     if not options.dry_run:  # 4. manifests, 5. housekeeping
         report.steps["manifests_merged"] = repo.manifests.compact(min_blobs=16)

@@ -240,9 +240,13 @@ class Uploader:
     def _object_present(self, oid: str) -> bool:
         from repo_format.objects import parse_object_id
         try:
-            return self.repo.contents.contains(parse_object_id(oid)[1])
+            cid = parse_object_id(oid)[1]
         except KdistError:
             return False
+        if not self.repo.contents.contains(cid):
+            return False
+        self.repo.contents.note_reference(cid)  # revalidated before publishing
+        return True
 
     def _file(self, path: str, entry: Entry, old: Entry | None):
         with self._lock:
@@ -335,6 +339,7 @@ class Uploader:
 
     def _publish(self, root_entry: Entry, checkpoint: bool) -> Snapshot:
         self.repo.flush()  # packs, then the index blob, then the manifest
+        self.repo.contents.revalidate()  # nothing we refer to was collected while we ran
         with self._lock:
             self.stats.new_bytes = self.repo.contents.stats.bytes_original - self._new_bytes_base
             totals = self.stats.as_dict()

@@ -21,9 +21,19 @@ def now() -> float:
     return _clock()
 
 
+_monotonic: Callable[[], float] = time.monotonic
+
+
 def monotonic() -> float:
-    """A monotonic reading for measuring durations (not replaceable: durations are local)."""
-    return time.monotonic()
+    """A monotonic reading for measuring durations (replaceable by the simulator's virtual time)."""
+    return _monotonic()
+
+
+def set_monotonic(source: Callable[[], float] | None) -> None:
+    """Replace the monotonic source (``None`` restores it). For the simulator only."""
+    global _monotonic
+    with _lock:
+        _monotonic = source if source is not None else time.monotonic
 
 
 def set_clock(clock: Callable[[], float] | None) -> None:

@@ -13,12 +13,12 @@ filled them, outside the lock.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from repo_format import clock
 from repo_format import constants as C
 from repo_format.compression import compress, decompress
-from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError, StorageError
+from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError, KdistError, StorageError
 from repo_format.format_blob import FormatBlob
 from repo_format.epoch import EpochManager
 from repo_format.index import IndexEntry, MergedIndex
@@ -26,6 +26,10 @@ from repo_format.pack import PackWriter, content_aad, new_pack_name
 from repo_format.safety import safety_of
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
+
+
+class ContentLost(KdistError):
+    """Maintenance removed a content that an unpublished backup refers to; it must not publish."""
 
 
 @dataclass
@@ -53,13 +57,14 @@ def load_committed_index(storage: BlobStorage, fmt: FormatBlob) -> MergedIndex:
 
 class ContentStore:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str,
-                 committed: MergedIndex | None = None):
+                 committed: MergedIndex | None = None, heartbeat_thread: bool = True):
         self.storage = storage
         self.session = session
         self.safety = safety_of(fmt.parameters)
         self.epochs = make_epoch_manager(storage, fmt, session)
         self.marker = SessionMarker(storage, fmt.keys.manifest_aead(), session,
-                                    self.safety.session_heartbeat, self.safety.session_expiry)
+                                    self.safety.session_heartbeat, self.safety.session_expiry,
+                                    auto=heartbeat_thread)
         self._marker_started = False
         p = fmt.parameters
         self._zstd_level = p.zstd_level
@@ -77,6 +82,7 @@ class ContentStore:
         self._uploading = 0
         self._pending: dict[bytes, IndexEntry] = {}  # written since the last flush
         self._uploaded: list[IndexEntry] = []  # in stored packs, not yet in an index blob
+        self._referenced: set[bytes] = set()  # ids this store wrote or deduplicated against
         self._committed_overlay: list[IndexEntry] = []  # published by this store since the last load
         self._lost_packs = 0  # packs whose upload failed: ids returned for them are not stored
         self.stats = WriteStats()
@@ -115,11 +121,13 @@ class ContentStore:
         if self.contains(cid):
             with self._lock:
                 self.stats.contents_deduplicated += 1
+                self._referenced.add(cid)
             return cid
         compression, payload = compress(data, self._zstd_level)
         sealed = self._content_aead.seal(payload, content_aad(cid, compression))
         full = None
         with self._lock:
+            self._referenced.add(cid)
             if cid in self._pending:
                 self.stats.contents_deduplicated += 1
                 return cid
@@ -211,6 +219,44 @@ class ContentStore:
                     del self._pending[e.content_id]
             self.stats.index_blobs_written += 1
         return name
+
+    def note_reference(self, content_id: bytes) -> None:
+        """Record that what is about to be published refers to this content (reused files)."""
+        with self._lock:
+            self._referenced.add(content_id)
+
+    def revalidate(self) -> int:
+        """Before publishing: make sure every content this store wrote or deduplicated against
+        is still in the index and live. Deleted ones (maintenance marked them while this backup
+        ran) are undeleted; a missing one raises ``ContentLost`` so nothing refers to it.
+        Returns the number undeleted."""
+        if self._marker_started:  # our own packs are only safe while our session is live
+            self.marker.check_alive()
+        fresh = self.epochs.load_index()
+        with self._lock:
+            refs = list(self._referenced)
+            pending = set(self._pending)
+            fresh.add_entries(self._committed_overlay)
+        undelete, lost = [], []
+        for cid in refs:
+            if cid in pending:
+                continue
+            e = fresh.lookup(cid)
+            if e is None:
+                lost.append(cid)
+            elif e.deleted:
+                undelete.append(replace(e, deleted=False, timestamp_us=e.timestamp_us + 1))
+        if lost:
+            raise ContentLost(f"{len(lost)} content(s) this backup refers to were removed by maintenance "
+                              f"while it ran (first: {lost[0].hex()}); nothing was published, run it again")
+        if undelete:
+            self.epochs.write_index(undelete)
+        with self._lock:
+            fresh.add_entries(undelete)
+            self._committed_overlay.extend(undelete)
+            self.committed = fresh
+            self._committed_at = clock.monotonic()
+        return len(undelete)
 
     def _ensure_session(self) -> None:
         with self._lock:

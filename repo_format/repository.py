@@ -23,11 +23,12 @@ def new_session_id() -> str:
 
 
 class Repository:
-    def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str | None = None):
+    def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str | None = None,
+                 heartbeat_thread: bool = True):
         self.storage = storage
         self.format = fmt
         self.session = session or new_session_id()
-        self.contents = ContentStore(storage, fmt, self.session)
+        self.contents = ContentStore(storage, fmt, self.session, heartbeat_thread=heartbeat_thread)
         self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session)
         p = fmt.parameters
         self.objects = ObjectStore(
@@ -40,8 +41,8 @@ class Repository:
         return cls(storage, format_blob.create(storage, password, parameters, kdf))
 
     @classmethod
-    def open(cls, storage: BlobStorage, password: str) -> "Repository":
-        return cls(storage, format_blob.read(storage, password))
+    def open(cls, storage: BlobStorage, password: str, **kwargs) -> "Repository":
+        return cls(storage, format_blob.read(storage, password), **kwargs)
 
     @property
     def parameters(self) -> RepositoryParameters:

@@ -1,0 +1,256 @@
+"""Blob storage in an S3 bucket (AWS or any S3-compatible endpoint), on boto3.
+
+Blob ``name`` is stored at key ``prefix + name``. Credentials come from boto3's standard chain
+(environment, ``~/.aws``, instance or container role); this module never handles or prints them.
+
+Errors: botocore's own retries are kept low (``max_attempts``) because retrying lives in
+``RetryingStorage``; this module only says what is retryable. Throttling, 5xx and dropped
+connections raise ``RetryableStorageError``. Failing to connect raises ``StorageUnreachable``
+while no request has yet succeeded (a wrong endpoint should fail fast, not be retried), and
+``RetryableStorageError`` once one has. A missing bucket and refused credentials raise
+``StorageUnreachable``. ``stat`` of a blob in a missing bucket says ``BlobNotFound``: a HEAD
+response has no body, so S3 cannot tell the two apart there.
+
+``put_if_absent`` checks with HEAD, then writes with ``If-None-Match: *``. On AWS that write is
+atomic; other servers (moto included) may ignore the header, so ``atomic_create_only`` is False
+and the HEAD at least keeps it from overwriting a blob that already existed.
+
+boto3 is imported when an ``S3Storage`` is made, not when this module is, since it costs ~0.3 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from repo_format.errors import BlobNotFound, RetryableStorageError, StorageError, StorageUnreachable
+from repo_format.storage.base import BlobMeta, BlobStorage, check_range, validate_name, validate_prefix
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB  # S3's smallest part, except the last
+MAX_PARTS = 10_000
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled"}
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
+              "InternalError", "RequestTimeout", "ConditionalRequestConflict", "OperationAborted"}
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/some/prefix`` into ``("bucket", "some/prefix")``."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise StorageError(f"invalid S3 location {url!r}: expected s3://bucket or s3://bucket/prefix")
+    return parts.netloc, parts.path.strip("/")
+
+
+class _Refused(Exception):
+    """An S3 error code the caller asked to handle itself (e.g. PreconditionFailed)."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+
+class S3Storage(BlobStorage):
+    atomic_create_only = False
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region_name: str | None = None, multipart_threshold: int = 64 * MiB,
+                 multipart_chunksize: int = 16 * MiB, max_attempts: int = 2,
+                 connect_timeout: float = 5.0, read_timeout: float = 60.0):
+        if not bucket or "/" in bucket:
+            raise StorageError(f"invalid S3 bucket name {bucket!r}")
+        if multipart_chunksize < MIN_PART_SIZE:
+            raise ValueError(f"multipart_chunksize must be at least {MIN_PART_SIZE} bytes (S3's minimum part size)")
+        if multipart_threshold < 1:
+            raise ValueError("multipart_threshold must be positive")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
+        self._reached = False  # has any request succeeded? (see the module docstring)
+        self._client = _make_client(endpoint_url, region_name, max_attempts, connect_timeout, read_timeout)
+        self.endpoint = self._client.meta.endpoint_url
+
+    def _key(self, name: str) -> str:
+        return self.prefix + validate_name(name)
+
+    # ---- writes
+
+    def put(self, name, data) -> None:
+        key = self._key(name)
+        self._upload(name, key, memoryview(data).cast("B"), {})
+
+    def put_if_absent(self, name, data) -> bool:
+        key = self._key(name)
+        if self.exists(name):
+            return False
+        try:
+            self._upload(name, key, memoryview(data).cast("B"), {"IfNoneMatch": "*"},
+                         accept=("PreconditionFailed", "NotImplemented"))
+        except _Refused as refused:
+            if refused.code == "PreconditionFailed":
+                return False
+            self._upload(name, key, memoryview(data).cast("B"), {})  # server lacks conditional writes
+        return True
+
+    def _upload(self, name: str, key: str, view: memoryview, conditions: dict, accept=()) -> None:
+        if len(view) <= self.multipart_threshold:
+            with self._errors("put", name, accept):
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(view), **conditions)
+            return
+        with self._errors("put", name, accept):
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        try:
+            with self._errors("put", name, accept):
+                parts = self._upload_parts(key, upload_id, view)
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                    **conditions)
+        except BaseException:
+            # an unfinished upload is invisible but billed until aborted
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def _upload_parts(self, key: str, upload_id: str, view: memoryview) -> list[dict]:
+        part_size = max(self.multipart_chunksize, math.ceil(len(view) / MAX_PARTS))
+        parts = []
+        for number, start in enumerate(range(0, len(view), part_size), start=1):
+            response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                PartNumber=number, Body=bytes(view[start:start + part_size]))
+            parts.append({"ETag": response["ETag"], "PartNumber": number})
+        return parts
+
+    def delete(self, name) -> None:
+        key = self._key(name)
+        with self._errors("delete", name):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    # ---- reads
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        key = self._key(name)
+        check_range(offset, length)
+        if length == 0:
+            self.stat(name)  # still raise BlobNotFound for a missing blob
+            return b""
+        extra = {}
+        if offset or length > 0:
+            extra["Range"] = f"bytes={offset}-{offset + length - 1 if length > 0 else ''}"
+        try:
+            with self._errors("get", name, accept=("InvalidRange",)):
+                return self._client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"].read()
+        except _Refused:  # the range starts at or past the end
+            return b""
+
+    def stat(self, name) -> BlobMeta:
+        key = self._key(name)
+        with self._errors("stat", name):
+            response = self._client.head_object(Bucket=self.bucket, Key=key)
+        return BlobMeta(name, response["ContentLength"], response["LastModified"].timestamp())
+
+    def list(self, prefix="") -> Iterator[BlobMeta]:
+        validate_prefix(prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        # Delimiter keeps the listing out of "sub-directories" (e.g. another repository's prefix)
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/")
+        with self._errors("list"):
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    name = obj["Key"][len(self.prefix):]
+                    if _is_blob_name(name):  # skip objects not written by a blob storage
+                        yield BlobMeta(name, obj["Size"], obj["LastModified"].timestamp())
+
+    # ---- misc
+
+    def close(self) -> None:
+        self._client.close()
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix} ({self.endpoint})"
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, name: str | None = None, accept: tuple[str, ...] = ()):
+        """Translate botocore errors raised inside the block into kdist's typed errors."""
+        try:
+            yield
+        except _Refused:
+            raise
+        except Exception as exc:
+            if accept and _error_code(exc) in accept:
+                raise _Refused(_error_code(exc)) from exc
+            error = self._translate(exc, op, name)
+            if error is None:
+                raise
+            raise error from exc
+        self._reached = True
+
+    def _translate(self, exc: Exception, op: str, name: str | None) -> StorageError | None:
+        from botocore import exceptions as bex
+
+        what = f"{op} {name!r} in {self.describe()}" if name else f"{op} {self.describe()}"
+        if isinstance(exc, bex.ClientError):
+            code = _error_code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = exc.response.get("Error", {}).get("Message", "")
+            if code in _NOT_FOUND and name is not None:
+                return BlobNotFound(name)
+            if code == "NoSuchBucket":
+                return StorageUnreachable(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+            if code in _CREDENTIALS or status == 403:
+                # the server's message may quote the access key id: leave it out
+                return StorageUnreachable(
+                    f"access denied ({code}) to {self.describe()}: check the AWS credentials "
+                    "(environment, ~/.aws, instance role) and the bucket policy")
+            if code in _TRANSIENT or status in _TRANSIENT_STATUS:
+                return RetryableStorageError(f"S3 {what} failed temporarily ({code}): {message}")
+            return StorageError(f"S3 {what} failed ({code}): {message}")
+        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError, bex.CredentialRetrievalError)):
+            return StorageUnreachable(f"no usable AWS credentials for {self.describe()}: {exc}")
+        if isinstance(exc, bex.ConnectionError):  # never reached the server: refused, DNS, TLS, timeout
+            if not self._reached:
+                return StorageUnreachable(f"cannot connect to S3 endpoint {self.endpoint}: {exc}")
+            return RetryableStorageError(f"S3 {what}: connection to {self.endpoint} failed: {exc}")
+        if isinstance(exc, (bex.HTTPClientError, bex.IncompleteReadError)):  # dropped mid-request
+            return RetryableStorageError(f"S3 {what}: connection to {self.endpoint} broke: {exc}")
+        if isinstance(exc, bex.BotoCoreError):
+            return StorageError(f"S3 {what} failed: {exc}")
+        return None
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _is_blob_name(name: str) -> bool:
+    try:
+        validate_name(name)
+        return True
+    except StorageError:
+        return False
+
+
+def _make_client(endpoint_url, region_name, max_attempts, connect_timeout, read_timeout):
+    import boto3
+    from botocore.config import Config
+
+    options = {}
+    if endpoint_url:
+        # S3-compatible servers: path-style URLs work everywhere, and many servers reject the
+        # CRC checksums botocore now adds by default. Blob contents are authenticated by kdist.
+        options = {"s3": {"addressing_style": "path"},
+                   "request_checksum_calculation": "when_required",
+                   "response_checksum_validation": "when_required"}
+    config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
+                    connect_timeout=connect_timeout, read_timeout=read_timeout, **options)
+    try:
+        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name,
+                                              config=config)
+    except ValueError as exc:  # e.g. a malformed endpoint URL
+        raise StorageUnreachable(f"cannot use S3 endpoint {endpoint_url!r}: {exc}") from exc
