@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from repo_format.errors import KdistError
+from repo_format.errors import KdistError, RepositoryNotFound
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage
@@ -48,6 +48,8 @@ def read_password(password_file: str | None, confirm: bool = False, prompt: str 
 
 
 def make_storage(location: str, endpoint_url: str | None, create: bool = False, read_only: bool = False):
+    if not create and "://" not in location and not os.path.isdir(os.path.expanduser(location)):
+        raise RepositoryNotFound(f"no kdist repository at {location} (no such directory)")
     storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url, create=create)))
     return ReadOnlyStorage(storage) if read_only else storage
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -83,31 +84,31 @@ class S3Storage(BlobStorage):
 
     def put(self, name, data) -> None:
         key = self._key(name)
-        self._upload(name, key, memoryview(data).cast("B"), {})
+        self._upload(name, key, _as_bytes(data), {})
 
     def put_if_absent(self, name, data) -> bool:
         key = self._key(name)
         if self.exists(name):
             return False
+        data = _as_bytes(data)
         try:
-            self._upload(name, key, memoryview(data).cast("B"), {"IfNoneMatch": "*"},
-                         accept=("PreconditionFailed", "NotImplemented"))
+            self._upload(name, key, data, {"IfNoneMatch": "*"}, accept=("PreconditionFailed", "NotImplemented"))
         except _Refused as refused:
             if refused.code == "PreconditionFailed":
                 return False
-            self._upload(name, key, memoryview(data).cast("B"), {})  # server lacks conditional writes
+            self._upload(name, key, data, {})  # the server has no conditional writes
         return True
 
-    def _upload(self, name: str, key: str, view: memoryview, conditions: dict, accept=()) -> None:
-        if len(view) <= self.multipart_threshold:
+    def _upload(self, name: str, key: str, data: bytes, conditions: dict, accept=()) -> None:
+        if len(data) <= self.multipart_threshold:
             with self._errors("put", name, accept):
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(view), **conditions)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
             return
         with self._errors("put", name, accept):
             upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         try:
             with self._errors("put", name, accept):
-                parts = self._upload_parts(key, upload_id, view)
+                parts = self._upload_parts(key, upload_id, memoryview(data))
                 self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
                     **conditions)
@@ -223,6 +224,10 @@ class S3Storage(BlobStorage):
         return None
 
 
+def _as_bytes(data) -> bytes:
+    return data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+
+
 def _error_code(exc: Exception) -> str:
     response = getattr(exc, "response", None)
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
@@ -236,7 +241,14 @@ def _is_blob_name(name: str) -> bool:
         return False
 
 
+_session_lock = threading.Lock()
+# One boto3 session per process: a new one reloads the service model (~0.1 s). It resolves the
+# credentials once; role and SSO credentials refresh themselves.
+_session = None
+
+
 def _make_client(endpoint_url, region_name, max_attempts, connect_timeout, read_timeout):
+    global _session
     import boto3
     from botocore.config import Config
 
@@ -250,7 +262,8 @@ def _make_client(endpoint_url, region_name, max_attempts, connect_timeout, read_
     config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
                     connect_timeout=connect_timeout, read_timeout=read_timeout, **options)
     try:
-        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name,
-                                              config=config)
+        with _session_lock:  # sessions are not thread-safe; the clients they make are
+            _session = _session or boto3.session.Session()
+            return _session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
     except ValueError as exc:  # e.g. a malformed endpoint URL
         raise StorageUnreachable(f"cannot use S3 endpoint {endpoint_url!r}: {exc}") from exc

@@ -1,0 +1,280 @@
+"""Behaviour layered on any blob storage: retries, read-only access, request counting, faults.
+
+Each wrapper is itself a ``BlobStorage`` around an ``inner`` one, so they stack
+(``CountingStorage(RetryingStorage(S3Storage(...)))``) and each passes the conformance suite.
+None of them knows which backend it wraps.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Callable, Iterator
+
+from repo_format import errors
+from repo_format.errors import RetryableStorageError
+from repo_format.storage.base import BlobMeta, BlobStorage
+
+KINDS = ("PUT", "GET", "LIST", "DELETE", "STAT")
+
+
+class StorageWrapper(BlobStorage):
+    """Forwards every call to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: BlobStorage):
+        self.inner = inner
+        self.atomic_create_only = inner.atomic_create_only
+
+    def put(self, name, data) -> None:
+        self.inner.put(name, data)
+
+    def put_if_absent(self, name, data) -> bool:
+        return self.inner.put_if_absent(name, data)
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        return self.inner.get(name, offset, length)
+
+    def stat(self, name) -> BlobMeta:
+        return self.inner.stat(name)
+
+    def list(self, prefix="") -> Iterator[BlobMeta]:
+        return self.inner.list(prefix)
+
+    def delete(self, name) -> None:
+        self.inner.delete(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+class RetryingStorage(StorageWrapper):
+    """Retries ``RetryableStorageError`` with exponential backoff and full jitter.
+
+    After ``attempts`` failures the last error is raised. Other errors (``BlobNotFound``,
+    ``StorageUnreachable``, ...) are never retried. A listing that fails part-way is restarted
+    and skips the names it has already yielded. When a ``put_if_absent`` attempt fails and a
+    later one finds the name taken by a blob holding exactly the same bytes, that blob is taken
+    to be our own write whose reply was lost, and the call returns True.
+    """
+
+    def __init__(self, inner: BlobStorage, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 5.0,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        super().__init__(inner)
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def _backoff(self, failures: int) -> None:
+        self._sleep(self._rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (failures - 1))))
+
+    def _retry(self, call: Callable[[], object]):
+        for failures in range(1, self.attempts + 1):
+            try:
+                return call()
+            except RetryableStorageError:
+                if failures == self.attempts:
+                    raise
+                self._backoff(failures)
+
+    def put(self, name, data) -> None:
+        self._retry(lambda: self.inner.put(name, data))
+
+    def put_if_absent(self, name, data) -> bool:
+        first = True
+
+        def attempt() -> bool:
+            nonlocal first
+            retried, first = not first, False
+            if self.inner.put_if_absent(name, data):
+                return True
+            # after a failed attempt the blob may be our own write whose reply was lost
+            return retried and self.inner.get(name) == bytes(data)
+
+        return self._retry(attempt)
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        return self._retry(lambda: self.inner.get(name, offset, length))
+
+    def stat(self, name) -> BlobMeta:
+        return self._retry(lambda: self.inner.stat(name))
+
+    def delete(self, name) -> None:
+        self._retry(lambda: self.inner.delete(name))
+
+    def list(self, prefix="") -> Iterator[BlobMeta]:
+        seen: set[str] = set()
+        for failures in range(1, self.attempts + 1):
+            try:
+                for meta in self.inner.list(prefix):
+                    if meta.name not in seen:
+                        seen.add(meta.name)
+                        yield meta
+                return
+            except RetryableStorageError:
+                if failures == self.attempts:
+                    raise
+                self._backoff(failures)
+
+
+class ReadOnlyStorage(StorageWrapper):
+    """Refuses every put and delete with ``errors.ReadOnlyStorage``; reads pass through."""
+
+    def _refuse(self, what: str, name: str):
+        raise errors.ReadOnlyStorage(f"cannot {what} blob {name!r}: {self.describe()} is opened read-only")
+
+    def put(self, name, data) -> None:
+        self._refuse("write", name)
+
+    def put_if_absent(self, name, data) -> bool:
+        self._refuse("write", name)
+
+    def delete(self, name) -> None:
+        self._refuse("delete", name)
+
+
+class CountingStorage(StorageWrapper):
+    """Counts calls and bytes per kind of request (PUT, GET, LIST, DELETE, STAT); thread-safe.
+
+    Every call counts, failed ones too. Bytes are those handed to a put or returned by a get
+    that completed; a listing counts one call and no bytes.
+    """
+
+    def __init__(self, inner: BlobStorage):
+        super().__init__(inner)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts = {kind: {"calls": 0, "bytes": 0} for kind in KINDS}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {kind: dict(c) for kind, c in self._counts.items()}
+
+    def _add(self, kind: str, calls: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self._counts[kind]["calls"] += calls
+            self._counts[kind]["bytes"] += nbytes
+
+    def put(self, name, data) -> None:
+        self._add("PUT", calls=1)
+        self.inner.put(name, data)
+        self._add("PUT", nbytes=memoryview(data).nbytes)
+
+    def put_if_absent(self, name, data) -> bool:
+        self._add("PUT", calls=1)
+        created = self.inner.put_if_absent(name, data)
+        self._add("PUT", nbytes=memoryview(data).nbytes)
+        return created
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        self._add("GET", calls=1)
+        data = self.inner.get(name, offset, length)
+        self._add("GET", nbytes=len(data))
+        return data
+
+    def stat(self, name) -> BlobMeta:
+        self._add("STAT", calls=1)
+        return self.inner.stat(name)
+
+    def list(self, prefix="") -> Iterator[BlobMeta]:
+        self._add("LIST", calls=1)
+        return self.inner.list(prefix)
+
+    def delete(self, name) -> None:
+        self._add("DELETE", calls=1)
+        self.inner.delete(name)
+
+
+def _injected(kind: str, number: int) -> Exception:
+    return RetryableStorageError(f"injected failure of {kind} call {number}")
+
+
+class FaultInjectingStorage(StorageWrapper):
+    """Makes chosen calls fail, for tests.
+
+    A call fails if its 1-based number within its kind is in ``fail_on_call[kind]`` (kinds as in
+    ``KINDS``), or with probability ``fail_probability``. A failing call raises
+    ``error_factory(kind, number)`` without reaching ``inner``, except a failing PUT when
+    ``truncate_writes`` is set: it first stores the first ``truncate_writes`` bytes (``True``: half)
+    as a visible, damaged blob, the way a non-atomic store can leave one, then raises.
+    """
+
+    def __init__(self, inner: BlobStorage, fail_on_call: dict[str, set[int]] | None = None,
+                 fail_probability: float = 0.0, rng: random.Random | None = None,
+                 truncate_writes: bool | int = False,
+                 error_factory: Callable[[str, int], Exception] = _injected):
+        super().__init__(inner)
+        self.fail_on_call = {kind: set(numbers) for kind, numbers in (fail_on_call or {}).items()}
+        unknown = set(self.fail_on_call) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown call kinds {sorted(unknown)}; use {KINDS}")
+        if truncate_writes is not False and not (self.fail_on_call.get("PUT") or fail_probability):
+            raise ValueError("truncate_writes applies to failing PUTs: set fail_on_call['PUT'] or fail_probability")
+        self.fail_probability = fail_probability
+        self.truncate_writes = truncate_writes
+        self._rng = rng or random.Random(0)
+        self._error_factory = error_factory
+        self._lock = threading.Lock()
+        self.calls = {kind: 0 for kind in KINDS}
+        self.injected: list[tuple[str, int]] = []  # (kind, number) of each failure injected
+
+    def _should_fail(self, kind: str) -> int:
+        """Count the call; return its number if it is to fail, else 0."""
+        with self._lock:
+            self.calls[kind] += 1
+            number = self.calls[kind]
+            fail = number in self.fail_on_call.get(kind, ()) or (
+                self.fail_probability > 0 and self._rng.random() < self.fail_probability)
+            if fail:
+                self.injected.append((kind, number))
+        return number if fail else 0
+
+    def _check(self, kind: str) -> None:
+        number = self._should_fail(kind)
+        if number:
+            raise self._error_factory(kind, number)
+
+    def _truncated(self, data) -> bytes:
+        data = bytes(data)
+        keep = len(data) // 2 if self.truncate_writes is True else min(int(self.truncate_writes), len(data))
+        return data[:keep]
+
+    def _put(self, store: Callable[[bytes], object], data):
+        number = self._should_fail("PUT")
+        if not number:
+            return store(data)
+        if self.truncate_writes is not False:
+            store(self._truncated(data))
+        raise self._error_factory("PUT", number)
+
+    def put(self, name, data) -> None:
+        self._put(lambda blob: self.inner.put(name, blob), data)
+
+    def put_if_absent(self, name, data) -> bool:
+        return self._put(lambda blob: self.inner.put_if_absent(name, blob), data)
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        self._check("GET")
+        return self.inner.get(name, offset, length)
+
+    def stat(self, name) -> BlobMeta:
+        self._check("STAT")
+        return self.inner.stat(name)
+
+    def list(self, prefix="") -> Iterator[BlobMeta]:
+        self._check("LIST")
+        return self.inner.list(prefix)
+
+    def delete(self, name) -> None:
+        self._check("DELETE")
+        self.inner.delete(name)
