@@ -110,6 +110,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
         yield "content-gc planned"
         if not options.dry_run:
+            clock.check(now, "marking contents deleted")  # a paused run's view of snapshots is stale
             execute_content_gc(repo, plan)
             record.content_gc_completed = True
             yield "content-gc executed"

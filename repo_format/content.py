@@ -112,6 +112,7 @@ class ContentStore:
                     fresh.add_entries(self._committed_overlay)
                     self.committed = fresh
                     self._committed_at = clock.monotonic()
+                self._undelete_referenced(fresh)
             finally:
                 self._refresh_lock.release()
         return self.committed
@@ -234,28 +235,31 @@ class ContentStore:
             self.marker.check_alive()
         fresh = self.epochs.load_index()
         with self._lock:
-            refs = list(self._referenced)
-            pending = set(self._pending)
             fresh.add_entries(self._committed_overlay)
+            self.committed = fresh
+            self._committed_at = clock.monotonic()
+        return self._undelete_referenced(fresh, raise_lost=True)
+
+    def _undelete_referenced(self, index: MergedIndex, raise_lost: bool = False) -> int:
+        """Undelete what this store refers to and maintenance marked deleted meanwhile (every
+        index refresh does this, so a live backup's references outlast the drop margin)."""
+        with self._lock:
+            refs = [c for c in self._referenced if c not in self._pending]
         undelete, lost = [], []
         for cid in refs:
-            if cid in pending:
-                continue
-            e = fresh.lookup(cid)
+            e = index.lookup(cid)
             if e is None:
                 lost.append(cid)
             elif e.deleted:
                 undelete.append(replace(e, deleted=False, timestamp_us=e.timestamp_us + 1))
-        if lost:
+        if lost and raise_lost:
             raise ContentLost(f"{len(lost)} content(s) this backup refers to were removed by maintenance "
                               f"while it ran (first: {lost[0].hex()}); nothing was published, run it again")
         if undelete:
             self.epochs.write_index(undelete)
-        with self._lock:
-            fresh.add_entries(undelete)
-            self._committed_overlay.extend(undelete)
-            self.committed = fresh
-            self._committed_at = clock.monotonic()
+            with self._lock:
+                index.add_entries(undelete)
+                self._committed_overlay.extend(undelete)
         return len(undelete)
 
     def _ensure_session(self) -> None:

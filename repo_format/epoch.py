@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
+from repo_format.io_pool import parallel_map
 from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index, open_index, seal_index, wins
 from repo_format.safety import SafetyParameters
 from repo_format.storage.base import BlobMeta, BlobStorage
@@ -147,21 +147,21 @@ class EpochManager:
         return self.view
 
     # ---- reading -------------------------------------------------------------------------
-    def load_index(self, workers: int = 8) -> MergedIndex:
+    def load_index(self) -> MergedIndex:
         """Assemble the current index; re-list and start again if a blob vanished meanwhile."""
         for _ in range(ASSEMBLY_ATTEMPTS):
             view = self.refresh()
             try:
-                return MergedIndex(self._read_blobs(view.assembly(), workers))
+                return MergedIndex(self._read_blobs(view.assembly()))
             except BlobNotFound:
                 continue  # superseded and cleaned up after our listing: the new listing has its set
         raise StaleView("the index kept changing while it was being read; try again")
 
-    def _read_blobs(self, names: list[str], workers: int) -> list[IndexBlob]:
-        if not names:
-            return []
-        with ThreadPoolExecutor(max_workers=min(workers, len(names))) as pool:
-            return list(pool.map(lambda n: open_index(self._aead, n, self.storage.get(n)), names))
+    def _read_blobs(self, names: list[str]) -> list[IndexBlob]:
+        def read(name):
+            return open_index(self._aead, name, self.storage.get(name))
+
+        return parallel_map(read, names)
 
     # ---- writing -------------------------------------------------------------------------
     def write_index(self, entries: list[IndexEntry]) -> str:
@@ -221,7 +221,7 @@ class EpochManager:
 
     def read_entries(self, names: list[str]) -> list[IndexEntry]:
         merged: dict[bytes, IndexEntry] = {}
-        for blob in self._read_blobs(names, 8):
+        for blob in self._read_blobs(names):
             for e in blob:
                 cur = merged.get(e.content_id)
                 if cur is None or wins(e, cur):

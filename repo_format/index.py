@@ -162,22 +162,38 @@ def open_index(aead: Aead, name: str, sealed: bytes) -> IndexBlob:
 
 
 class MergedIndex:
-    """A read view over many index blobs plus in-memory entries, applying the conflict rule."""
+    """A read view over many index blobs plus in-memory entries, applying the conflict rule.
+
+    Up to ``DICT_LIMIT`` entries, lookups go through a dict of winners built on first use (one
+    hash probe instead of a binary search per blob); larger indexes stay as sorted raw bytes.
+    """
+
+    DICT_LIMIT = 200_000
 
     def __init__(self, blobs: Iterable[IndexBlob] = ()):
         self._blobs: list[IndexBlob] = list(blobs)
         self._overlay: dict[bytes, IndexEntry] = {}
+        self._winners: dict[bytes, IndexEntry] | None = None
 
     def add_blob(self, blob: IndexBlob) -> None:
         self._blobs.append(blob)
+        self._winners = None
 
     def add_entries(self, entries: Iterable[IndexEntry]) -> None:
         for e in entries:
             cur = self._overlay.get(e.content_id)
             if cur is None or wins(e, cur):
                 self._overlay[e.content_id] = e
+            if self._winners is not None:
+                w = self._winners.get(e.content_id)
+                if w is None or wins(e, w):
+                    self._winners[e.content_id] = e
 
     def lookup(self, content_id: bytes) -> IndexEntry | None:
+        if self._winners is None and sum(b.count for b in self._blobs) <= self.DICT_LIMIT:
+            self._winners = self._winning_entries()
+        if self._winners is not None:
+            return self._winners.get(content_id)
         candidates = [b.lookup(content_id) for b in self._blobs]
         candidates.append(self._overlay.get(content_id))
         return pick(c for c in candidates if c is not None)
@@ -188,12 +204,15 @@ class MergedIndex:
         for b in self._blobs:
             yield from b
 
-    def __iter__(self) -> Iterator[IndexEntry]:
-        """Every winning entry (deleted ones included), in no particular order."""
+    def _winning_entries(self) -> dict[bytes, IndexEntry]:
         best: dict[bytes, IndexEntry] = dict(self._overlay)
         for b in self._blobs:
             for e in b:
                 cur = best.get(e.content_id)
                 if cur is None or wins(e, cur):
                     best[e.content_id] = e
-        return iter(best.values())
+        return best
+
+    def __iter__(self) -> Iterator[IndexEntry]:
+        """Every winning entry (deleted ones included), in no particular order."""
+        return iter(list((self._winners if self._winners is not None else self._winning_entries()).values()))

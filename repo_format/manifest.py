@@ -11,7 +11,6 @@ concurrently lives in a blob the compaction did not read, so it is never lost.
 from __future__ import annotations
 
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgpack
@@ -19,6 +18,7 @@ import msgpack
 from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
+from repo_format.io_pool import parallel_map
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage
 
@@ -102,8 +102,7 @@ class ManifestStore:
         for _ in range(5):
             names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
             try:
-                with ThreadPoolExecutor(max_workers=8) as pool:
-                    blobs = list(pool.map(self.read_blob, names))
+                blobs = parallel_map(self.read_blob, names)
             except BlobNotFound:
                 continue
             best: dict[str, ManifestRecord] = {}

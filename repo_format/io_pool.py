@@ -1,0 +1,28 @@
+"""One shared thread pool for parallel blob reads (index and manifest blobs).
+
+Creating a pool per read costs more than small reads take. Tasks given to it must be leaves:
+a task never waits on another task of this pool, so it cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+_pool: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]``, in parallel for more than a handful of items; order kept."""
+    items = list(items)
+    if len(items) <= 8:
+        return [fn(x) for x in items]
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kdist-io")
+    return list(_pool.map(fn, items))
