@@ -65,6 +65,8 @@ class ContentStore:
         self.marker = SessionMarker(storage, fmt.keys.manifest_aead(), session,
                                     self.safety.session_heartbeat, self.safety.session_expiry,
                                     auto=heartbeat_thread)
+        # a writer stalled on a slow read still refreshes its view, undeleting what it refers to
+        self.marker.on_beat = self._committed_view
         self._marker_started = False
         p = fmt.parameters
         self._zstd_level = p.zstd_level
@@ -83,7 +85,9 @@ class ContentStore:
         self._pending: dict[bytes, IndexEntry] = {}  # written since the last flush
         self._uploaded: list[IndexEntry] = []  # in stored packs, not yet in an index blob
         self._referenced: set[bytes] = set()  # ids this store wrote or deduplicated against
-        self._committed_overlay: list[IndexEntry] = []  # published by this store since the last load
+        # what this store published, with when: kept on top of reloaded indexes until a listing
+        # is sure to show it (listing_settle), so a lagging listing never hides our own entries
+        self._committed_overlay: list[tuple[float, IndexEntry]] = []
         self._lost_packs = 0  # packs whose upload failed: ids returned for them are not stored
         self.stats = WriteStats()
 
@@ -104,12 +108,8 @@ class ContentStore:
         by maintenance are seen before this writer deduplicates against them (gc/README.md)."""
         if clock.monotonic() - self._committed_at >= self.safety.index_refresh and self._refresh_lock.acquire(blocking=False):
             try:
+                fresh = self._load_with_overlay()
                 with self._lock:
-                    published_before = len(self._committed_overlay)
-                fresh = self.epochs.load_index()
-                with self._lock:  # entries published before the listing are in it; keep the rest
-                    del self._committed_overlay[:published_before]
-                    fresh.add_entries(self._committed_overlay)
                     self.committed = fresh
                     self._committed_at = clock.monotonic()
                 self._undelete_referenced(fresh)
@@ -214,7 +214,8 @@ class ContentStore:
             raise
         with self._lock:
             self.committed.add_entries(entries)
-            self._committed_overlay.extend(entries)
+            now = clock.monotonic()
+            self._committed_overlay.extend((now, e) for e in entries)
             for e in entries:
                 if self._pending.get(e.content_id) is e:
                     del self._pending[e.content_id]
@@ -233,12 +234,21 @@ class ContentStore:
         Returns the number undeleted."""
         if self._marker_started:  # our own packs are only safe while our session is live
             self.marker.check_alive()
-        fresh = self.epochs.load_index()
+        fresh = self._load_with_overlay()
         with self._lock:
-            fresh.add_entries(self._committed_overlay)
             self.committed = fresh
             self._committed_at = clock.monotonic()
         return self._undelete_referenced(fresh, raise_lost=True)
+
+    def _load_with_overlay(self) -> MergedIndex:
+        """A freshly assembled index, plus what we published too recently to be surely listed."""
+        started = clock.monotonic()
+        fresh = self.epochs.load_index()
+        with self._lock:
+            settled = started - self.safety.listing_settle
+            self._committed_overlay = [(t, e) for t, e in self._committed_overlay if t >= settled]
+            fresh.add_entries(e for _, e in self._committed_overlay)
+        return fresh
 
     def _undelete_referenced(self, index: MergedIndex, raise_lost: bool = False) -> int:
         """Undelete what this store refers to and maintenance marked deleted meanwhile (every
@@ -259,7 +269,8 @@ class ContentStore:
             self.epochs.write_index(undelete)
             with self._lock:
                 index.add_entries(undelete)
-                self._committed_overlay.extend(undelete)
+                now = clock.monotonic()
+                self._committed_overlay.extend((now, e) for e in undelete)
         return len(undelete)
 
     def _ensure_session(self) -> None:

@@ -48,6 +48,8 @@ class SafetyParameters:
             problems.append("drop_margin must exceed checkpoint_interval + index_refresh")
         if self.session_expiry <= 2 * self.session_heartbeat:
             problems.append("session_expiry must exceed twice session_heartbeat")
+        if self.max_pause >= self.drop_margin:
+            problems.append("max_pause must be less than drop_margin")
         if self.pack_age <= self.session_expiry or self.pack_age <= self.listing_settle:
             problems.append("pack_age must exceed session_expiry and listing_settle")
         if problems:
@@ -75,8 +77,11 @@ class SafetyParameters:
     def scaled(self, factor: float) -> "SafetyParameters":
         """Every duration multiplied by ``factor`` (thresholds unchanged): short margins that keep
         the same proportions, for tests and soak runs that must see margins pass."""
-        return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)
-                                if isinstance(getattr(self, f.name), float)})
+        scaled = replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)
+                                  if isinstance(getattr(self, f.name), float)})
+        # a maintenance run needs real seconds between planning and deleting, however short the
+        # margins: keep max_pause at a quarter of the drop margin at least (see validate)
+        return replace(scaled, max_pause=max(scaled.max_pause, min(self.max_pause, scaled.drop_margin / 4)))
 
 
 SAFETY_FULL = SafetyParameters()

@@ -61,6 +61,7 @@ class SessionMarker:
         self._stop = threading.Event()
         self._thread = None
         self._auto = auto and heartbeat > 0
+        self.on_beat = None  # also run on every beat (the content store refreshes its index view)
 
     def start(self) -> None:
         self.refresh()
@@ -72,6 +73,8 @@ class SessionMarker:
         while not self._stop.wait(self._heartbeat):
             try:
                 self.refresh()
+                if self.on_beat is not None:
+                    self.on_beat()
             except KdistError:
                 pass  # the next beat retries; check_alive() refuses to publish once it lapses
 

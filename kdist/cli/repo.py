@@ -11,6 +11,8 @@ from repo_format import constants as C
 from repo_format import format_blob
 from repo_format.crypto import WEAK_KDF_ENV, KdfParams
 from repo_format.errors import KdistError
+from repo_format.format_blob import RepositoryParameters
+from repo_format.safety import SAFETY_FULL, safety_of
 
 from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
 from kdist.cli.progress import human_bytes
@@ -23,7 +25,11 @@ def repo_group():
 
 @repo_group.command("create")
 @repo_options
-def create(repo_location, endpoint_url, password_file):
+@click.option("--encryption", type=click.Choice(C.AEAD_ALGORITHMS), default=C.AEAD_AES_256_GCM, show_default=True)
+@click.option("--gc-margin-scale", type=click.FloatRange(min=1e-6, max=100), default=1.0, show_default=True,
+              help="Multiply every maintenance safety margin (24 h content and pack age, 4 h drop margin, ...). "
+                   "Below 1 reclaims space sooner and assumes backups and pauses are that much shorter.")
+def create(repo_location, endpoint_url, password_file, encryption, gc_margin_scale):
     """Create a new repository (a directory, created if missing, or an S3 bucket prefix)."""
     try:
         storage = make_storage(repo_location, endpoint_url, create=True)
@@ -34,7 +40,10 @@ def create(repo_location, endpoint_url, password_file):
         if os.environ.get(WEAK_KDF_ENV) == "1":  # the test suite's setting, never a user's
             click.echo("WARNING: test-only weak key derivation (KDIST_ALLOW_WEAK_KDF_FOR_TESTS=1)", err=True)
             kdf = KdfParams.weak_for_tests()
-        fmt = format_blob.create(storage, password, kdf=kdf)
+        safety = SAFETY_FULL.scaled(gc_margin_scale) if gc_margin_scale != 1.0 else SAFETY_FULL
+        safety.validate()
+        params = RepositoryParameters(aead=encryption, extra={"safety": safety.to_dict()})
+        fmt = format_blob.create(storage, password, parameters=params, kdf=kdf)
     except KdistError as exc:
         fail(exc)
     click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")
@@ -69,6 +78,7 @@ def status(repo, as_json):
         "compression": f"zstd-{p.zstd_level}" if p.zstd_level else "none",
         "pack_size": p.pack_size,
         "chunk_avg": p.chunk_avg,
+        "safety": safety_of(p).to_dict(),
         "kdf": {"algorithm": repo.format.kdf.algorithm, "n": repo.format.kdf.n, "r": repo.format.kdf.r, "p": repo.format.kdf.p},
         "blobs": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(sizes.items())},
     }

@@ -111,6 +111,7 @@ class Actor:
     done: bool = False
     repo: object = None
     paused_for: float = 0.0
+    stalled: bool = False  # not progressing but alive: its heartbeat thread still runs
 
 
 @dataclass
@@ -287,6 +288,9 @@ class World:
             if self.rng.random() < 0.08:  # a pause: a laptop sleeps, a VM stops, SIGSTOP
                 a.paused_for = self.rng.choice([0.3, 1, 1.5, 3, 6, 12, 30]) * H
                 a.wake_at = self.t + a.paused_for
+            elif a.kind == "writer" and self.rng.random() < 0.04:  # a stall: alive, reading a huge file
+                a.wake_at = self.t + self.rng.choice([3, 10, 30]) * H
+                a.stalled = True
             self.check()
 
     def _advance(self, dt: float, actors: list[Actor]) -> None:
@@ -294,7 +298,7 @@ class World:
         end = self.t + max(dt, 0.0)
         while True:
             for w in actors:
-                if w.kind == "writer" and not w.done and w.wake_at <= self.t and w.repo is not None:
+                if w.kind == "writer" and not w.done and (w.wake_at <= self.t or w.stalled) and w.repo is not None:
                     try:
                         _heartbeat(w.repo, w.repo.contents.marker)
                     except Crash as exc:
@@ -307,6 +311,7 @@ class World:
     def _step(self, a: Actor, step: int) -> None:
         a.max_gap = max(a.max_gap, a.paused_for)
         a.paused_for = 0.0
+        a.stalled = False
         self._current_skew = a.skew
         try:
             what = next(a.gen)
@@ -332,9 +337,10 @@ class World:
 
 
 def _heartbeat(repo: Repository, marker) -> None:
-    """The heartbeat thread's work, done by the actor itself so the schedule stays deterministic."""
+    """The heartbeat thread's work, done in the schedule so it stays deterministic."""
     if repo.contents._marker_started and clock.monotonic() - (marker._last_ok or 0) >= SAFETY.session_heartbeat:
         marker.refresh()
+        marker.on_beat()
 
 
 def _stale_write_index(epochs):
