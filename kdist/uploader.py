@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from repo_format import clock
+from repo_format.content import ContentLost
 from repo_format.errors import KdistError
 from repo_format.repository import Repository
 
@@ -351,4 +352,9 @@ class Uploader:
         )
         rec = self.repo.manifests.put(snap.labels(), snap.payload())
         snap.id, snap.ts = rec.id, rec.ts
+        try:
+            self.repo.contents.confirm_published()
+        except ContentLost:
+            self.repo.manifests.delete([rec.id])  # paused mid-publish and lost contents: withdraw
+            raise
         return snap

@@ -88,6 +88,7 @@ class ContentStore:
         # what this store published, with when: kept on top of reloaded indexes until a listing
         # is sure to show it (listing_settle), so a lagging listing never hides our own entries
         self._committed_overlay: list[tuple[float, IndexEntry]] = []
+        self.revalidated_at = float("-inf")
         self._lost_packs = 0  # packs whose upload failed: ids returned for them are not stored
         self.stats = WriteStats()
 
@@ -238,7 +239,16 @@ class ContentStore:
         with self._lock:
             self.committed = fresh
             self._committed_at = clock.monotonic()
-        return self._undelete_referenced(fresh, raise_lost=True)
+        undeleted = self._undelete_referenced(fresh, raise_lost=True)
+        self.revalidated_at = clock.monotonic()
+        return undeleted
+
+    def confirm_published(self) -> None:
+        """After the manifest is written: if this client was paused between ``revalidate`` and
+        the write (longer than ``index_refresh``), maintenance may have acted meanwhile, so
+        revalidate again; ``ContentLost`` tells the caller to withdraw what it published."""
+        if clock.monotonic() - self.revalidated_at > self.safety.index_refresh:
+            self.revalidate()
 
     def _load_with_overlay(self) -> MergedIndex:
         """A freshly assembled index, plus what we published too recently to be surely listed."""

@@ -48,6 +48,12 @@ SAFETY = SAFETY_FULL.scaled(1 / 3600)  # e.g. pack_age 24 H, drop_margin 4 H, se
 PASSWORD = "sim"
 PARAMS = RepositoryParameters(pack_size=64 * 1024, metadata_pack_size=64 * 1024, chunk_avg=1024,
                               chunk_min=256, chunk_max=4096, extra={"safety": SAFETY.to_dict()})
+# Schedule shapes. "mixed" is the default; "churn" has frequent maintenance, aggressive forgets
+# and a small pool of shared files, so old contents are often forgotten and then reused.
+PROFILES = {
+    "mixed": {"pool": 10, "writers": 10, "maintainers": 14, "forgets": 5, "keep": 2, "span": 200.0},
+    "churn": {"pool": 4, "writers": 12, "maintainers": 40, "forgets": 12, "keep": 1, "span": 150.0},
+}
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
              "pause_revalidation", "storage_clock")
 
@@ -119,6 +125,7 @@ class World:
     seed: int
     mutation: str | None = None
     listing_lag: float = 0.0
+    profile: str = "mixed"
     t: float = 1_800_000_000.0
     log: list = field(default_factory=list)
     published: dict = field(default_factory=dict)  # snapshot id -> {name: sha256}
@@ -135,7 +142,7 @@ class World:
         Repository.create(self.storage, PASSWORD, PARAMS, KdfParams.weak_for_tests()).close()
 
     def _file_pool(self) -> list[bytes]:
-        base = [self.rng.randbytes(self.rng.randint(200, 6000)) for _ in range(10)]
+        base = [self.rng.randbytes(self.rng.randint(200, 6000)) for _ in range(PROFILES[self.profile]["pool"])]
         pool = list(base)
         for _ in range(6):  # files sharing chunks with others
             a, b = self.rng.sample(base, 2)
@@ -179,6 +186,11 @@ class World:
         yield "revalidated"
         snap = Snapshot(source=Source(actor.name, "sim", "/data"), root=root, start=0, end=self.t)
         rec = repo.manifests.put(snap.labels(), snap.payload())
+        try:
+            repo.contents.confirm_published()  # paused between revalidating and publishing?
+        except ContentLost:
+            repo.manifests.delete([rec.id])
+            raise
         self.published[rec.id] = expected
         yield f"published {rec.id[:8]}"
         repo.close()
@@ -199,8 +211,9 @@ class World:
         st = ActorStorage(self, None)
         repo = self.open(st)
         live = [i for i in self.published if i not in self.forgotten]
-        if len(live) > 2:
-            victims = self.rng.sample(live, self.rng.randint(1, len(live) - 2))
+        keep = PROFILES[self.profile]["keep"]
+        if len(live) > keep:
+            victims = self.rng.sample(live, self.rng.randint(1, len(live) - keep))
             repo.manifests.delete(victims)
             self.forgotten.update(victims)
             yield f"forgot {len(victims)}"
@@ -254,11 +267,12 @@ class World:
         return bytes(out)
 
     # ---- the schedule --------------------------------------------------------------------------
-    def run(self, steps: int = 400, writers: int = 10, maintainers: int = 14, forgets: int = 5,
-            span: float = 200 * H) -> None:
-        """Actors start at random times over ``span``; each runs its steps quickly (minutes
-        apart) unless paused; time jumps ahead when nobody is ready."""
-        kinds = ["writer"] * writers + ["maintenance"] * maintainers + ["forget"] * forgets
+    def run(self, steps: int = 400) -> None:
+        """Actors start at random times over the profile's span; each runs its steps quickly
+        (minutes apart) unless paused; time jumps ahead when nobody is ready."""
+        prof = PROFILES[self.profile]
+        span = prof["span"] * H
+        kinds = ["writer"] * prof["writers"] + ["maintenance"] * prof["maintainers"] + ["forget"] * prof["forgets"]
         starts = sorted((self.rng.uniform(0, span), k) for k in kinds)
         t0 = self.t
         actors: list[Actor] = []
@@ -369,8 +383,9 @@ class _ClientClock(StorageClock):
         return self._client_now()
 
 
-def run_schedule(seed: int, mutation: str | None = None, listing_lag: float = 0.0, steps: int = 400) -> World:
-    world = World(seed, mutation, listing_lag)
+def run_schedule(seed: int, mutation: str | None = None, listing_lag: float = 0.0, steps: int = 400,
+                 profile: str = "mixed") -> World:
+    world = World(seed, mutation, listing_lag, profile)
     try:
         world.run(steps=steps)
     finally:
@@ -386,9 +401,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--mutation", choices=MUTATIONS)
     ap.add_argument("--listing-lag", type=float, default=0.0)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="mixed")
     args = ap.parse_args(argv)
     for seed in range(args.seed, args.seed + args.schedules):
-        world = World(seed, args.mutation, args.listing_lag)
+        world = World(seed, args.mutation, args.listing_lag, args.profile)
         try:
             world.run(steps=args.steps)
         except Violation as exc:
