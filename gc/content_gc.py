@@ -96,10 +96,21 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
     return plan
 
 
-def execute_content_gc(repo: Repository, plan: ContentGCPlan) -> str | None:
-    now_us = int(plan.now * 1e6)
-    entries = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, now_us)) for e in plan.mark]
-    entries += [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in plan.undelete]
-    if not entries:
+def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_late: bool = True) -> str | None:
+    """Write the marks and undeletes. Marks carry the storage time read just before writing
+    them, so only cycles that start after the marks exist (and walk every snapshot published
+    meanwhile, undeleting what those reach) can let a merge drop them. If the write itself
+    lands more than ``max_pause`` after that time (a pause between reading the clock and the
+    put), the marks are withdrawn at once: a cycle in between could not have seen them."""
+    marked_at = clock.now()
+    stamp = int(marked_at * 1e6)
+    marks = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in plan.mark]
+    undeletes = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in plan.undelete]
+    if not marks and not undeletes:
         return None
-    return repo.contents.epochs.write_index(entries)
+    name = repo.contents.epochs.write_index(marks + undeletes)
+    if marks and compensate_late:
+        written = repo.storage.stat(name).timestamp
+        if written - marked_at > clock.max_pause:
+            repo.contents.epochs.write_index([replace(m, deleted=False, timestamp_us=m.timestamp_us + 1) for m in marks])
+    return name

@@ -45,11 +45,14 @@ def write_record(manifests: ManifestStore, record: RunRecord) -> None:
     manifests.put({"type": LABEL}, record.payload())
 
 
-def deletion_watermark(history: list[RunRecord], drop_margin: float) -> float:
-    """Seconds (storage clock); 0 when no two completed cycles are far enough apart."""
-    starts = sorted(r.start for r in history if r.content_gc_completed)
-    best = 0.0
-    for i, t in enumerate(starts):
-        if any(later >= t + drop_margin for later in starts[i + 1:]):
-            best = max(best, t)
-    return best
+def deletion_watermark(history: list[RunRecord], drop_margin: float, now: float, settle: float) -> float:
+    """Seconds (storage clock); 0 when no two completed cycles are far enough apart.
+
+    Only cycles that ended at least ``settle`` ago count: what the confirming cycle undeleted
+    must be in every listing before a merge may drop anything on its strength."""
+    starts = sorted(r.start for r in history if r.content_gc_completed and now - r.end >= settle)
+    if len(starts) < 2:
+        return 0.0
+    latest = starts[-1]
+    candidates = [t for t in starts if t + drop_margin <= latest]
+    return max(candidates, default=0.0)

@@ -94,6 +94,8 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
     try:
         view = epochs.refresh()
         for e in plan.compact:
+            if view.complete_set("xs", e) is not None or _in_range(view, e) or not view.raw.get(e):
+                continue  # done by a concurrent run since we planned (its sources may be gone)
             names = [m.name for m in view.raw.get(e, [])]
             epochs.write_set("xs", e, epochs.read_entries(names))
             done["compacted"].append(e)

@@ -101,7 +101,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     epochs = repo.contents.epochs
     epochs.safety = safety
     past = history.read_history(repo.manifests)
-    watermark = history.deletion_watermark(past, safety.drop_margin) if rules.two_cycle_drop else now
+    watermark = (history.deletion_watermark(past, safety.drop_margin, now, safety.listing_settle)
+                 if rules.two_cycle_drop else now)
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
@@ -110,8 +111,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
         yield "content-gc planned"
         if not options.dry_run:
-            clock.check(now, "marking contents deleted")  # a paused run's view of snapshots is stale
-            execute_content_gc(repo, plan)
+            execute_content_gc(repo, plan, clock, compensate_late=rules.pause_revalidation)
             record.content_gc_completed = True
             yield "content-gc executed"
 
@@ -136,7 +136,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
             yield "blob-gc executed"
 
     if not options.dry_run:  # 4. manifests, 5. housekeeping
-        report.steps["manifests_merged"] = repo.manifests.compact(min_blobs=16)
+        report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle)
         report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
         record.end = clock.now()
         record.steps = report.steps

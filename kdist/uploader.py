@@ -128,6 +128,11 @@ class Uploader:
             raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
         if not statmod.S_ISDIR(st.st_mode):
             raise SourceError(f"cannot back up {root_path}: not a directory")
+        # Maintenance assumes a checkpoint at least every safety.checkpoint_interval (gc/README.md):
+        # reused files are protected by being in a published tree, so never checkpoint less often.
+        limit = self.repo.contents.safety.checkpoint_interval
+        if limit > 0 and not 0 < self.options.checkpoint_interval <= limit:
+            self.options.checkpoint_interval = limit
         self._source = source or Source.local(root_path)
         self._root_dev = st.st_dev
         self._start = clock.now()

@@ -21,7 +21,14 @@ def now() -> float:
     return _clock()
 
 
-_monotonic: Callable[[], float] = time.monotonic
+def _boottime() -> float:
+    """Monotonic time that keeps counting while the machine is suspended (Linux CLOCK_BOOTTIME);
+    a laptop asleep for a day must see a day pass, or its leases would look fresh."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+_SYSTEM_MONOTONIC: Callable[[], float] = _boottime if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+_monotonic: Callable[[], float] = _SYSTEM_MONOTONIC
 
 
 def monotonic() -> float:
@@ -33,7 +40,7 @@ def set_monotonic(source: Callable[[], float] | None) -> None:
     """Replace the monotonic source (``None`` restores it). For the simulator only."""
     global _monotonic
     with _lock:
-        _monotonic = source if source is not None else time.monotonic
+        _monotonic = source if source is not None else _SYSTEM_MONOTONIC
 
 
 def set_clock(clock: Callable[[], float] | None) -> None:

@@ -47,6 +47,7 @@ METADATA_PACK_PREFIX = "q"
 INDEX_PREFIX = "xn"
 SESSION_PREFIX = "s"
 MANIFEST_PREFIX = "m"
+MANIFEST_COMPACTED_PREFIX = "m_"  # a manifest blob written by compaction
 SESSION_ID_BYTES = 8
 PACK_RANDOM_BYTES = 16
 

@@ -109,10 +109,7 @@ class ContentStore:
         by maintenance are seen before this writer deduplicates against them (gc/README.md)."""
         if clock.monotonic() - self._committed_at >= self.safety.index_refresh and self._refresh_lock.acquire(blocking=False):
             try:
-                fresh = self._load_with_overlay()
-                with self._lock:
-                    self.committed = fresh
-                    self._committed_at = clock.monotonic()
+                fresh = self._reload()
                 self._undelete_referenced(fresh)
             finally:
                 self._refresh_lock.release()
@@ -235,10 +232,7 @@ class ContentStore:
         Returns the number undeleted."""
         if self._marker_started:  # our own packs are only safe while our session is live
             self.marker.check_alive()
-        fresh = self._load_with_overlay()
-        with self._lock:
-            self.committed = fresh
-            self._committed_at = clock.monotonic()
+        fresh = self._reload()
         undeleted = self._undelete_referenced(fresh, raise_lost=True)
         self.revalidated_at = clock.monotonic()
         return undeleted
@@ -250,14 +244,17 @@ class ContentStore:
         if clock.monotonic() - self.revalidated_at > self.safety.index_refresh:
             self.revalidate()
 
-    def _load_with_overlay(self) -> MergedIndex:
-        """A freshly assembled index, plus what we published too recently to be surely listed."""
+    def _reload(self) -> MergedIndex:
+        """Swap in a freshly assembled index, plus what we published too recently to be surely
+        listed; in one critical section with flush(), so no published entry falls between."""
         started = clock.monotonic()
         fresh = self.epochs.load_index()
         with self._lock:
             settled = started - self.safety.listing_settle
             self._committed_overlay = [(t, e) for t, e in self._committed_overlay if t >= settled]
             fresh.add_entries(e for _, e in self._committed_overlay)
+            self.committed = fresh
+            self._committed_at = clock.monotonic()
         return fresh
 
     def _undelete_referenced(self, index: MergedIndex, raise_lost: bool = False) -> int:

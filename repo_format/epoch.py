@@ -79,9 +79,16 @@ class EpochView:
         return max(self.markers, default=0)
 
     def complete_set(self, kind: str, epoch: int) -> IndexSet | None:
-        """The set readers use for this epoch: the most recently completed, then the smallest id."""
+        """The set readers use for an epoch. For ``xs`` the *first* completed one: it was built
+        while every raw blob of the epoch existed (a later duplicate may have been built after
+        cleanup removed some). For ``xr`` the most recent one: a later merge of the same epochs
+        differs only by dropping what the watermark allows."""
         done = [s for s in self.sets.get((kind, epoch), []) if s.complete]
-        return max(done, key=_set_preference) if done else None
+        if not done:
+            return None
+        if kind == "xs":
+            return min(done, key=lambda s: (s.newest, s.set_id))
+        return max(done, key=_set_preference)
 
     def best_range(self) -> IndexSet | None:
         ranges = [s for (kind, e), sets in self.sets.items() if kind == "xr" for s in sets if s.complete]
@@ -172,9 +179,12 @@ class EpochManager:
             name = self._raw_name(plaintext, epoch)
             self.storage.put(name, seal_index(self._aead, name, plaintext))
             current = self.refresh().current
-            if current < epoch + 2:
+            if current <= epoch:
                 return name
-            epoch = current  # we may have been paused past two advances: a compaction may miss it
+            # The epoch advanced while we wrote (or we were paused): a compaction of ours may
+            # already have listed its blobs, so write the same entries into the current epoch.
+            # (One advance is enough to check: min_epoch_duration exceeds any listing lag.)
+            epoch = current
 
     def _raw_name(self, plaintext: bytes, epoch: int) -> str:
         return f"{C.INDEX_PREFIX}{epoch}_{self._name_hash(plaintext)[:16].hex()}-{self.session}"

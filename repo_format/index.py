@@ -12,6 +12,7 @@ every reader picks the same entry.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -174,12 +175,13 @@ class MergedIndex:
         self._blobs: list[IndexBlob] = list(blobs)
         self._overlay: dict[bytes, IndexEntry] = {}
         self._winners: dict[bytes, IndexEntry] | None = None
-
-    def add_blob(self, blob: IndexBlob) -> None:
-        self._blobs.append(blob)
-        self._winners = None
+        self._lock = threading.Lock()  # lookups come from many threads while entries are added
 
     def add_entries(self, entries: Iterable[IndexEntry]) -> None:
+        with self._lock:
+            self._add_entries(entries)
+
+    def _add_entries(self, entries: Iterable[IndexEntry]) -> None:
         for e in entries:
             cur = self._overlay.get(e.content_id)
             if cur is None or wins(e, cur):
@@ -190,17 +192,23 @@ class MergedIndex:
                     self._winners[e.content_id] = e
 
     def lookup(self, content_id: bytes) -> IndexEntry | None:
-        if self._winners is None and sum(b.count for b in self._blobs) <= self.DICT_LIMIT:
-            self._winners = self._winning_entries()
-        if self._winners is not None:
-            return self._winners.get(content_id)
+        winners = self._winners
+        if winners is None and sum(b.count for b in self._blobs) <= self.DICT_LIMIT:
+            with self._lock:
+                if self._winners is None:
+                    self._winners = self._winning_entries()
+                winners = self._winners
+        if winners is not None:
+            return winners.get(content_id)
         candidates = [b.lookup(content_id) for b in self._blobs]
         candidates.append(self._overlay.get(content_id))
         return pick(c for c in candidates if c is not None)
 
     def physical_entries(self) -> Iterator[IndexEntry]:
         """Every entry of every blob, losers included (maintenance: what points into which pack)."""
-        yield from self._overlay.values()
+        with self._lock:
+            overlay = list(self._overlay.values())
+        yield from overlay
         for b in self._blobs:
             yield from b
 
@@ -215,4 +223,6 @@ class MergedIndex:
 
     def __iter__(self) -> Iterator[IndexEntry]:
         """Every winning entry (deleted ones included), in no particular order."""
-        return iter(list((self._winners if self._winners is not None else self._winning_entries()).values()))
+        with self._lock:
+            winners = self._winners if self._winners is not None else self._winning_entries()
+            return iter(list(winners.values()))

@@ -3,9 +3,9 @@
 Each manifest blob ``m<random>-<session>`` holds one or more sealed records
 ``{id, labels, ts, deleted, payload}``. Records are never edited: a newer record with the same id
 replaces an older one (newest ``ts`` wins; on a tie a tombstone wins, then the larger blob name),
-and deleting writes a tombstone. ``compact`` writes every current record into one blob and then
-removes the blobs it merged, so listing stays one LIST plus a few GETs; a record written
-concurrently lives in a blob the compaction did not read, so it is never lost.
+and deleting writes a tombstone. ``compact`` writes every current record into one blob and, in a
+later run, removes the blobs that blob surely covers, so listing stays one LIST plus a few GETs
+and no reader (maintenance's walk included) ever lists neither the old blobs nor the new one.
 """
 
 from __future__ import annotations
@@ -120,12 +120,26 @@ class ManifestStore:
         out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
         return sorted(out, key=lambda r: (r.ts, r.id))
 
-    def compact(self, min_blobs: int = 2) -> int:
-        """Merge all manifest blobs into one; returns how many blobs were merged away."""
-        best, names = self._current()
-        if len(names) < min_blobs:
-            return 0
-        self.write_records(list(best.values()))
-        for n in names:
-            self.storage.delete(n)
-        return len(names)
+    def compact(self, now: float, settle: float, min_blobs: int = 16) -> int:
+        """Merge manifest blobs, in two phases so that no listing ever misses a record.
+
+        A blob is deleted only when a compacted blob written more than ``settle`` after it
+        (so that compaction's listing surely included it) has itself been listed for ``settle``.
+        A new compacted blob is written when at least ``min_blobs`` blobs would remain.
+        ``now`` is the storage's time. Returns the number of blobs deleted."""
+        metas = list(self.storage.list(C.MANIFEST_PREFIX))
+        merged = [m for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
+
+        def covered(b) -> bool:
+            return any(m.name != b.name and m.timestamp - settle > b.timestamp and now - m.timestamp >= settle
+                       for m in merged)
+
+        deletable = [b for b in metas if covered(b)]
+        if len(metas) - len(deletable) >= min_blobs:
+            best, _ = self._current()
+            name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{self.session}"
+            plain = msgpack.packb({"v": 1, "records": [r.to_wire() for r in best.values()]})
+            self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
+        for b in deletable:
+            self.storage.delete(b.name)
+        return len(deletable)

@@ -58,6 +58,7 @@ class SessionMarker:
         self._heartbeat = heartbeat
         self._expiry = expiry
         self._last_ok = None  # monotonic time of the last successful write
+        self._lapsed = False  # once true, this session never publishes again
         self._stop = threading.Event()
         self._thread = None
         self._auto = auto and heartbeat > 0
@@ -80,6 +81,8 @@ class SessionMarker:
 
     def refresh(self) -> None:
         started = clock.monotonic()
+        if self._last_ok is not None and self._expiry > 0 and started - self._last_ok >= self._expiry * 0.8:
+            self._lapsed = True  # paused or cut off past the expiry: refreshing now cannot undo that
         body = msgpack.packb({"session": self.session, "at": clock.now()})
         self.storage.put(self.name, self._aead.seal(body, self.name.encode()))
         self._last_ok = started
@@ -88,7 +91,8 @@ class SessionMarker:
         """Raise ``SessionExpired`` if the marker may have lapsed; refresh it if it is due."""
         if self._expiry <= 0:
             return
-        if self._last_ok is None or clock.monotonic() - self._last_ok >= self._expiry * 0.8:
+        if self._lapsed or self._last_ok is None or clock.monotonic() - self._last_ok >= self._expiry * 0.8:
+            self._lapsed = True
             raise SessionExpired(
                 f"session {self.session} was not refreshed for longer than its expiry "
                 f"({self._expiry:.0f} s): this client was paused or cut off, and maintenance may "

@@ -222,3 +222,27 @@ def test_deleted_entry_is_not_deduplicated_against(repo):
     assert repo.contents.write(data) == cid
     assert repo.contents.stats.contents_written == 2
     assert repo.contents.read(cid) == data
+
+
+def test_manifest_compaction_keeps_every_newer_record_and_deletes_in_a_later_run():
+    from repo_format.clock import ManualClock
+    from repo_format.crypto import KdfParams
+    from repo_format.manifest import ManifestStore
+    from repo_format.storage.memory import MemoryStorage
+
+    t = ManualClock()
+    storage = MemoryStorage(clock=t)
+    repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
+    ms = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
+    ids = [ms.put({"type": "snapshot", "n": str(i)}, b"payload%d" % i).id for i in range(20)]
+    ms.delete(ids[:3])
+    before = {r.id: r.payload for r in ms.find(type="snapshot")}
+    assert len(before) == 17 and len(list(storage.list("m"))) == 21
+    t.advance(10)
+    assert ms.compact(t(), settle=5.0, min_blobs=16) == 0  # phase one: merged blob, nothing deleted
+    late = ms.put({"type": "snapshot", "n": "late"}, b"late").id  # written concurrently
+    t.advance(10)
+    assert ms.compact(t(), settle=5.0, min_blobs=16) == 21  # phase two: covered blobs go
+    after = {r.id: r.payload for r in ms.find(type="snapshot")}
+    assert after == {**before, late: b"late"}
+    assert not set(ids[:3]) & set(after)  # tombstones survived the merge

@@ -133,6 +133,7 @@ class World:
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
+        _seed_randomness(random.Random(self.seed ^ 0x5EED))
         self.storage = MemoryStorage(clock=lambda: self.t)
         self.pool = self._file_pool()
         self._current_skew = 0.0
@@ -350,6 +351,36 @@ class World:
             a.last_step = self.t
 
 
+class _SeededSecrets:
+    """Stands in for ``secrets`` in the library while a schedule runs: names, ids and keys
+    derive from the seed, so a seed replays the same blobs in the same order."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def token_bytes(self, n: int = 32) -> bytes:
+        return self.rng.randbytes(n)
+
+    def token_hex(self, n: int = 32) -> str:
+        return self.rng.randbytes(n).hex()
+
+
+_SECRETS_USERS = ("repo_format.repository", "repo_format.crypto", "repo_format.pack", "repo_format.epoch",
+                  "repo_format.format_blob", "repo_format.session", "repo_format.manifest")
+
+
+def _seed_randomness(rng: random.Random) -> None:
+    fake = _SeededSecrets(rng)
+    for name in _SECRETS_USERS:
+        setattr(sys.modules[name], "secrets", fake)
+
+
+def _restore_randomness() -> None:
+    import secrets
+    for name in _SECRETS_USERS:
+        setattr(sys.modules[name], "secrets", secrets)
+
+
 def _heartbeat(repo: Repository, marker) -> None:
     """The heartbeat thread's work, done in the schedule so it stays deterministic."""
     if repo.contents._marker_started and clock.monotonic() - (marker._last_ok or 0) >= SAFETY.session_heartbeat:
@@ -391,6 +422,7 @@ def run_schedule(seed: int, mutation: str | None = None, listing_lag: float = 0.
     finally:
         clock.set_clock(None)
         clock.set_monotonic(None)
+        _restore_randomness()
     return world
 
 
@@ -414,6 +446,7 @@ def main(argv=None) -> int:
         finally:
             clock.set_clock(None)
             clock.set_monotonic(None)
+            _restore_randomness()
     print(f"{args.schedules} schedules, no violation")
     return 0
 
