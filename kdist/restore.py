@@ -37,6 +37,10 @@ class TargetFull(RestoreError):
     """The target disk is full."""
 
 
+class TargetUnusable(RestoreError):
+    """The restore target cannot be created or opened."""
+
+
 @dataclass
 class RestoreStats:
     files: int = 0
@@ -80,8 +84,11 @@ class Restorer:
 
     def restore(self, snap: Snapshot, target: str, subpath: str | None = None) -> RestoreStats:
         entry = find_subtree(self.repo, snap, subpath)
-        os.makedirs(target, exist_ok=True)
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.makedirs(target, exist_ok=True)
+            root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise TargetUnusable(f"cannot use {target} as the restore target: {exc.strerror}") from None
         try:
             with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
                 self._pool = pool
@@ -105,7 +112,8 @@ class Restorer:
 
     def _restore_dir_contents(self, dir_fd: int, entry: Entry, path: str, depth: int) -> None:
         if depth > MAX_DEPTH:
-            raise RestoreError(f"directory nesting deeper than {MAX_DEPTH} at {path}")
+            self._error(path, f"directory nesting deeper than {MAX_DEPTH}: not restored below here")
+            return
         try:
             children = read_directory(self.repo.objects, entry.oid)
         except KdistError as exc:
@@ -162,7 +170,10 @@ class Restorer:
             self._restore_dir_contents(fd, e, path, depth)
             with self._lock:
                 self.stats.dirs += 1
-            self._apply_metadata(fd, e)
+            try:
+                self._apply_metadata(fd, e)
+            except OSError as exc:
+                self._error(path, f"cannot set directory metadata: {exc.strerror}")
         finally:
             os.close(fd)
 

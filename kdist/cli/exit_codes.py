@@ -34,7 +34,7 @@ SOURCE_OR_TARGET = 17
 
 def exit_code_for(exc: BaseException) -> int:
     # imported here: the CLI layer knows the library, never the other way round
-    from kdist.restore import RestoreError, TargetFull
+    from kdist.restore import RestoreError, TargetFull, TargetUnusable
     from kdist.snapshot import SnapshotNotFound
     from kdist.uploader import SourceError
 
@@ -49,6 +49,7 @@ def exit_code_for(exc: BaseException) -> int:
         (E.StorageError, STORAGE),
         (SnapshotNotFound, NOT_FOUND),
         (TargetFull, SOURCE_OR_TARGET),
+        (TargetUnusable, SOURCE_OR_TARGET),
         (SourceError, SOURCE_OR_TARGET),
         (RestoreError, NOT_FOUND),
     ]

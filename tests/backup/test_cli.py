@@ -214,3 +214,11 @@ def test_real_subprocess(env, tree, tmp_path):
     assert tree_state(str(tmp_path / "dst")) == tree_state(str(tree))
     environ["KDIST_PASSWORD"] = "wrong"
     assert "wrong password" in sh("snapshot", "list", "--repo", repo, code=exit_codes.WRONG_PASSWORD).stderr
+
+
+def test_unusable_restore_target(fs_repo, tree, tmp_path):
+    run("snapshot", "create", *fs_repo, tree)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = run("snapshot", "restore", *fs_repo, "latest", blocker / "sub", code=exit_codes.SOURCE_OR_TARGET)
+    assert "cannot use" in r.stderr
