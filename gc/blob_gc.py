@@ -43,15 +43,10 @@ class Rules:
     live_session: bool = True
 
 
-def plan_blob_gc(storage: BlobStorage, index: MergedIndex, now: float, pack_age: float,
-                 session_expiry: float, rules: Rules = Rules()) -> BlobGCPlan:
-    """``index`` must be loaded after the packs are listed, so that a pack listed here and
-    indexed before the index was read is seen as referenced."""
-    packs = [m for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(p)]
-    return plan_from(packs, index, storage, now, pack_age, session_expiry, rules)
-
-
-def plan_from(packs, index, storage, now, pack_age, session_expiry, rules: Rules = Rules()) -> BlobGCPlan:
+def plan_from(packs: list[BlobMeta], index: MergedIndex, storage: BlobStorage, now: float, pack_age: float,
+              session_expiry: float, rules: Rules = Rules()) -> BlobGCPlan:
+    """Plan deletions among ``packs``. The index must be loaded after the packs were listed, so
+    that a pack listed here and indexed before the index was read is seen as referenced."""
     referenced = {e.pack for e in index.physical_entries()}
     live = live_sessions(list(storage.list(C.SESSION_PREFIX)), now, session_expiry)
     plan = BlobGCPlan(now=now)

@@ -13,6 +13,7 @@ reported. The uploader never deletes anything.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import stat as statmod
 import threading
@@ -81,29 +82,22 @@ def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
     )
 
 
-_names: dict[tuple[str, int], str] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _user(uid: int) -> str:
-    key = ("u", uid)
-    if key not in _names:
-        try:
-            import pwd
-            _names[key] = pwd.getpwuid(uid).pw_name
-        except (KeyError, ImportError):
-            _names[key] = ""
-    return _names[key]
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return ""
 
 
+@functools.lru_cache(maxsize=4096)
 def _group(gid: int) -> str:
-    key = ("g", gid)
-    if key not in _names:
-        try:
-            import grp
-            _names[key] = grp.getgrgid(gid).gr_name
-        except (KeyError, ImportError):
-            _names[key] = ""
-    return _names[key]
+    try:
+        import grp
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, ImportError):
+        return ""
 
 
 class Uploader:
@@ -142,7 +136,7 @@ class Uploader:
         with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool:
             self._pool = pool
             self._root = _DirNode(_entry_from_stat("", st, TYPE_DIR))
-            self._walk(root_path, self._root, previous, [])
+            self._walk(root_path, self._root, previous, list(self.options.excludes))
             pending = [f for f in self._futures if not f.done()]
             while pending:
                 _, pending = wait(pending, timeout=self._checkpoint_wait(), return_when=FIRST_COMPLETED)
@@ -180,7 +174,7 @@ class Uploader:
         except OSError as exc:
             self._error(path, f"cannot read directory: {exc.strerror}")
             return
-        patterns = patterns + self.options.excludes + self._ignore_patterns(path)
+        patterns = patterns + self._ignore_patterns(path)
         prev = self._previous_entries(prev_oid)
         for d in dirents:
             child_path = os.path.join(path, d.name)

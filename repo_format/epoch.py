@@ -27,7 +27,9 @@ from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.io_pool import parallel_map
-from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index, open_index, seal_index, wins
+from repo_format.index import (
+    IndexBlob, IndexEntry, MergedIndex, encode_index, index_blob_name, open_index, seal_index, wins,
+)
 from repo_format.safety import SafetyParameters
 from repo_format.storage.base import BlobMeta, BlobStorage
 
@@ -187,7 +189,7 @@ class EpochManager:
             epoch = current
 
     def _raw_name(self, plaintext: bytes, epoch: int) -> str:
-        return f"{C.INDEX_PREFIX}{epoch}_{self._name_hash(plaintext)[:16].hex()}-{self.session}"
+        return index_blob_name(self._name_hash, plaintext, epoch, self.session)
 
     def write_marker(self, epoch: int) -> bool:
         name = f"{C.EPOCH_MARKER_PREFIX}{epoch}"
