@@ -116,6 +116,10 @@ class ContentStore:
         return self.committed
 
     def write(self, data, metadata: bool = False) -> bytes:
+        if not self._marker_started:
+            # A writer's session (and the heartbeat that keeps its index view fresh, undeleting
+            # what it refers to) starts with its first write, deduplicated ones included.
+            self._ensure_session()
         cid = self._hash(data)
         if self.contains(cid):
             with self._lock:
