@@ -97,15 +97,21 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
 
 
 def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_late: bool = True) -> str | None:
-    """Write the marks and undeletes. Marks carry the storage time read just before writing
+    """Write the marks and undeletes that still apply. Marks carry the storage time read just before writing
     them, so only cycles that start after the marks exist (and walk every snapshot published
     meanwhile, undeleting what those reach) can let a merge drop them. If the write itself
     lands more than ``max_pause`` after that time (a pause between reading the clock and the
     put), the marks are withdrawn at once: a cycle in between could not have seen them."""
+    # Re-validate the plan against a fresh index: act only on entries that are still the
+    # winners. A plan made from an older view (a long walk, a pause) would otherwise mark a
+    # location that a writer has since replaced, with a timestamp newer than the replacement.
+    fresh = repo.contents.epochs.load_index()
+    current = [e for e in plan.mark if fresh.lookup(e.content_id) == e]
+    revive = [e for e in plan.undelete if fresh.lookup(e.content_id) == e]
     marked_at = clock.now()
     stamp = int(marked_at * 1e6)
-    marks = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in plan.mark]
-    undeletes = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in plan.undelete]
+    marks = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in current]
+    undeletes = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in revive]
     if not marks and not undeletes:
         return None
     name = repo.contents.epochs.write_index(marks + undeletes)
