@@ -38,7 +38,7 @@ def _run_range(args):
 def _run_parallel(total: int, lag: float, profile: str, first_seed: int = 0) -> list:
     per = -(-total // WORKERS)
     chunks = [(first_seed + i * per, min(per, total - i * per), lag, profile) for i in range(WORKERS)]
-    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+    with multiprocessing.get_context("spawn").Pool(WORKERS) as pool:  # fork would copy held locks
         return [r for r in pool.map(_run_range, chunks) if r is not None]
 
 
