@@ -101,7 +101,7 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
             done["compacted"].append(e)
         if plan.range_to is not None:
             view = epochs.refresh()
-            entries = epochs.read_entries(_names_up_to(view, plan.range_to))
+            entries = epochs.read_entries(view.assembly(up_to=plan.range_to))
             kept = [x for x in entries if not (x.deleted and x.timestamp_us < watermark_us)]
             epochs.write_set("xr", plan.range_to, kept)
             done["range"] = {"to": plan.range_to, "entries": len(kept), "dropped": len(entries) - len(kept)}
@@ -115,13 +115,3 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
             epochs.storage.delete(m.name)
         done["deleted"] = len(plan.delete)
     return done
-
-
-def _names_up_to(view: EpochView, last: int) -> list[str]:
-    rng = view.best_range()
-    names = rng.names() if rng else []
-    first = rng.epoch + 1 if rng else 0
-    for e in range(first, last + 1):
-        s = view.complete_set("xs", e)
-        names += s.names() if s else [m.name for m in view.raw.get(e, [])]
-    return names

@@ -96,13 +96,14 @@ class EpochView:
         ranges = [s for (kind, e), sets in self.sets.items() if kind == "xr" for s in sets if s.complete]
         return max(ranges, key=lambda s: (s.epoch,) + _set_preference(s)) if ranges else None
 
-    def assembly(self) -> list[str]:
-        """The index blob names a reader reads, by the rules in the module docstring."""
+    def assembly(self, up_to: int | None = None) -> list[str]:
+        """The index blob names a reader reads (every epoch, or epochs up to ``up_to`` for a range
+        merge): the best complete range, then per later epoch a complete ``xs`` set or raw blobs."""
         rng = self.best_range()
         first = rng.epoch + 1 if rng else 0
         names = rng.names() if rng else []
         epochs = {e for e in self.raw} | {e for (k, e) in self.sets if k == "xs"}
-        for e in sorted(x for x in epochs if x >= first):
+        for e in sorted(x for x in epochs if x >= first and (up_to is None or x <= up_to)):
             s = self.complete_set("xs", e)
             names += s.names() if s else [m.name for m in self.raw.get(e, [])]
         return names
@@ -197,17 +198,14 @@ class EpochManager:
 
     # ---- maintenance ---------------------------------------------------------------------
     def should_advance(self, view: EpochView, now: float) -> bool:
-        """Advance at most once per ``min_epoch_duration`` (storage clock), when the current
-        epoch is big, or when the current or previous epoch holds index blobs that can only be
-        compacted, and their deletions dropped, once two markers follow them."""
+        """Advance at most once per ``min_epoch_duration`` (storage clock), when the current or
+        previous epoch holds index blobs: they can only be compacted, and their deletions
+        dropped, once two markers follow them."""
         cur = view.current
         marker_age = now - view.markers[cur].timestamp if cur in view.markers else float("inf")
         if marker_age < self.safety.min_epoch_duration:
             return False
-        blobs = view.raw.get(cur, [])
-        big = (len(blobs) >= self.safety.epoch_advance_blobs
-               or sum(b.length for b in blobs) >= self.safety.epoch_advance_bytes)
-        return big or bool(blobs) or bool(view.raw.get(cur - 1))
+        return bool(view.raw.get(cur)) or bool(view.raw.get(cur - 1))
 
     def settled(self, view: EpochView, now: float) -> list[int]:
         """Epochs no writer can still add to."""

@@ -29,8 +29,6 @@ class SafetyParameters:
     index_refresh: float = 10 * MINUTE  # a writer's index view is never older than this
     min_epoch_duration: float = 1 * HOUR  # at least this long between two epoch markers
     listing_settle: float = 5 * MINUTE  # a listing includes every blob older than this
-    epoch_advance_blobs: int = 20  # advance when the current epoch has this many index blobs ...
-    epoch_advance_bytes: int = 8 * 1024 * 1024  # ... or this many bytes of them
     cleanup_margin: float = 1 * HOUR  # superseded index blobs are deleted this long after replacement
     max_pause: float = 15 * MINUTE  # a maintenance run paused longer than this re-validates or aborts
 
