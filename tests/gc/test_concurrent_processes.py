@@ -69,6 +69,8 @@ class Cluster:
                     victim = src / f"file{self.rng.randrange(5)}.bin"
                     victim.write_bytes(os.urandom(self.rng.randint(20_000, 300_000)))
                     kill_at = now + self.rng.uniform(0.2, 2.0) if self.rng.random() < 0.35 else None
+                    if not self.started:  # the very first backup is killed at once: kills never depend on timing
+                        kill_at = now
                     state = tree_state(str(src))
                     self.started.setdefault(str(src), []).append(state)
                     backups[i] = (self.start("snapshot", "create", str(src), "--json"), state, kill_at)
