@@ -142,6 +142,7 @@ class Snapshot:
     description: str = ""
     checkpoint: bool = False
     errors: list = field(default_factory=list)  # [{path, error}] (first few hundred)
+    run: str = ""  # a sharded backup's run id, on the checkpoints of its parts (kdist.distributed)
     id: str = ""
     ts: int = 0
 
@@ -152,6 +153,7 @@ class Snapshot:
             "user": self.source.user,
             "path": self.source.path,
             "checkpoint": "1" if self.checkpoint else "0",
+            **({"run": self.run} if self.run else {}),
         }
 
     def payload(self) -> bytes:

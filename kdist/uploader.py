@@ -82,6 +82,53 @@ def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
     )
 
 
+@dataclass
+class TreePart:
+    """One unit of a sharded backup: the directory ``path`` as a whole (``names`` None), or the
+    given non-directory ``names`` in it. ``patterns`` are the excludes in effect where the part's
+    entries are looked up (for a whole directory: in its parent), ``prev_oid`` the directory's
+    object in the previous snapshot, for reusing unchanged files."""
+
+    path: str
+    names: list[str] | None = None
+    patterns: list[str] = field(default_factory=list)
+    prev_oid: str | None = None
+    est_bytes: int = 0
+    est_files: int = 0
+
+
+def stat_source(path: str) -> tuple[str, os.stat_result]:
+    root_path = os.path.abspath(path)
+    try:
+        st = os.stat(root_path)
+    except OSError as exc:
+        raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
+    if not statmod.S_ISDIR(st.st_mode):
+        raise SourceError(f"cannot back up {root_path}: not a directory")
+    return root_path, st
+
+
+def is_excluded(path: str, name: str, root: str, patterns: list[str]) -> bool:
+    """The ignore file itself, or a name or path (relative to the backup root) that matches."""
+    if name == IGNORE_FILE:
+        return True
+    rel = os.path.relpath(path, root)
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("/" + rel, p)
+               for p in patterns)
+
+
+def ignore_patterns(path: str, on_error: Callable[[str, str], None]) -> list[str]:
+    """The patterns of the directory's ``.kdistignore``, if it has one."""
+    try:
+        with open(os.path.join(path, IGNORE_FILE), encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        on_error(os.path.join(path, IGNORE_FILE), f"cannot read ignore file: {exc}")
+        return []
+
+
 @functools.lru_cache(maxsize=4096)
 def _user(uid: int) -> str:
     try:
@@ -115,39 +162,76 @@ class Uploader:
 
     # ---- public --------------------------------------------------------------------------
     def backup(self, path: str, source: Source | None = None) -> Snapshot:
-        root_path = os.path.abspath(path)
-        try:
-            st = os.stat(root_path)
-        except OSError as exc:
-            raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
-        if not statmod.S_ISDIR(st.st_mode):
-            raise SourceError(f"cannot back up {root_path}: not a directory")
-        # Maintenance assumes a checkpoint at least every safety.checkpoint_interval (gc/README.md):
-        # reused files are protected by being in a published tree, so never checkpoint less often.
-        limit = self.repo.contents.safety.checkpoint_interval
-        if limit > 0 and not 0 < self.options.checkpoint_interval <= limit:
-            self.options.checkpoint_interval = limit
-        self._source = source or Source.local(root_path)
-        self._root_dev = st.st_dev
-        self._start = clock.now()
-        self._last_checkpoint = clock.monotonic()
-        self._new_bytes_base = self.repo.contents.stats.bytes_original
+        root_path, st = stat_source(path)
+        self._begin(source or Source.local(root_path), st.st_dev)
         previous = self._previous_root()
-        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool:
-            self._pool = pool
-            self._root = _DirNode(_entry_from_stat("", st, TYPE_DIR))
-            self._walk(root_path, self._root, previous, list(self.options.excludes))
-            pending = [f for f in self._futures if not f.done()]
-            while pending:
-                _, pending = wait(pending, timeout=self._checkpoint_wait(), return_when=FIRST_COMPLETED)
-                self._maybe_checkpoint()
+        self._root = _DirNode(_entry_from_stat("", st, TYPE_DIR))
+        self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
         root_entry = self._write_tree(self._root, final=True)
         snap = self._publish(root_entry, checkpoint=False)
         if self._checkpoint_ids:
             self.repo.manifests.delete(self._checkpoint_ids)  # the final snapshot supersedes them
         return snap
 
+    def backup_part(self, part: "TreePart", source: Source, root_dev: int, run: str) -> tuple[list[Entry], str]:
+        """Back up one part of a tree whose snapshot another process assembles (the sharded
+        backup, ``kdist.distributed``): a whole directory, or some non-directory names of one.
+
+        Returns the entries made (the directory's entry, or one per name, in name order) and the
+        id of a checkpoint manifest whose tree holds them: it keeps what they refer to reachable
+        for maintenance until the whole snapshot is published, whatever happens to this process.
+        ``source`` is the whole tree's, so excludes match as they do in a single-process backup.
+        """
+        self._begin(source, root_dev, run)
+        if part.names is None:
+            try:
+                st = os.stat(part.path, follow_symlinks=False)
+            except OSError as exc:
+                raise SourceError(f"cannot back up {part.path}: {exc.strerror}") from None
+            self._root = _DirNode(_entry_from_stat(os.path.basename(part.path), st, TYPE_DIR))
+            self._run(lambda: self._walk(part.path, self._root, part.prev_oid, list(part.patterns)))
+            made = self._write_tree(self._root, final=True)
+            holder, entries = made, [made]
+        else:
+            self._root = _DirNode(Entry(name="", type=TYPE_DIR))  # only a holder for the checkpoint
+            self._run(lambda: self._add_names(part))
+            holder = self._write_tree(self._root, final=True)
+            entries = []
+            for c in self._root.children:
+                c = c.result() if isinstance(c, Future) else c.entry if isinstance(c, _DirNode) else c
+                if c is not None:
+                    entries.append(c)
+        snap = self._publish(holder, checkpoint=True)
+        if self._checkpoint_ids:
+            self.repo.manifests.delete(self._checkpoint_ids)
+        return entries, snap.id
+
     # ---- walking -------------------------------------------------------------------------
+    def _begin(self, source: Source, root_dev: int, run: str = "") -> None:
+        # Maintenance assumes a checkpoint at least every safety.checkpoint_interval (gc/README.md):
+        # reused files are protected by being in a published tree, so never checkpoint less often.
+        limit = self.repo.contents.safety.checkpoint_interval
+        if limit > 0 and not 0 < self.options.checkpoint_interval <= limit:
+            self.options.checkpoint_interval = limit
+        self._source = source
+        self._root_dev = root_dev
+        self._run_id = run
+        self._start = clock.now()
+        self._last_checkpoint = clock.monotonic()
+        self._new_bytes_base = self.repo.contents.stats.bytes_original
+        self._futures = []
+        self._checkpoint_ids = []
+
+    def _run(self, walk: Callable[[], None]) -> None:
+        """Walk in this thread while the pool reads files; checkpoint while waiting for them."""
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool:
+            self._pool = pool
+            walk()
+            pending = [f for f in self._futures if not f.done()]
+            while pending:
+                _, pending = wait(pending, timeout=self._checkpoint_wait(), return_when=FIRST_COMPLETED)
+                self._maybe_checkpoint()
+
     def _previous_root(self) -> str | None:
         if not self.options.reuse_previous:
             return None
@@ -161,10 +245,6 @@ class Uploader:
             if len(self.error_list) < MAX_REPORTED_ERRORS:
                 self.error_list.append({"path": path, "error": message})
 
-    def _excluded(self, rel: str, name: str, patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("/" + rel, p)
-                   for p in patterns)
-
     def _walk(self, path: str, node: _DirNode, prev_oid: str | None, patterns: list[str]) -> None:
         with self._lock:
             self.stats.dirs += 1
@@ -174,45 +254,48 @@ class Uploader:
         except OSError as exc:
             self._error(path, f"cannot read directory: {exc.strerror}")
             return
-        patterns = patterns + self._ignore_patterns(path)
+        patterns = patterns + ignore_patterns(path, self._error)
         prev = self._previous_entries(prev_oid)
         for d in dirents:
             child_path = os.path.join(path, d.name)
-            rel = os.path.relpath(child_path, self._source.path)
-            if d.name == IGNORE_FILE or self._excluded(rel, d.name, patterns):
+            if is_excluded(child_path, d.name, self._source.path, patterns):
                 continue
             try:
                 st = d.stat(follow_symlinks=False)
             except OSError as exc:
                 self._error(child_path, f"cannot stat: {exc.strerror}")
                 continue
-            old = prev.get(d.name)
-            if statmod.S_ISDIR(st.st_mode):
-                if self.options.one_file_system and st.st_dev != self._root_dev:
-                    continue
-                old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
-                child = _DirNode(_entry_from_stat(d.name, st, TYPE_DIR))
-                node.children.append(child)
-                self._walk(child_path, child, old_oid, patterns)
-            elif statmod.S_ISREG(st.st_mode):
-                node.children.append(self._file(child_path, _entry_from_stat(d.name, st, TYPE_FILE), old))
-            elif statmod.S_ISLNK(st.st_mode):
-                node.children.append(self._symlink(child_path, _entry_from_stat(d.name, st, TYPE_SYMLINK)))
-            else:
-                with self._lock:
-                    self.stats.skipped += 1
-                self._error(child_path, "skipped: special file (device, fifo or socket) is not backed up")
-            self._maybe_checkpoint()
+            self._add_child(node, child_path, d.name, st, prev.get(d.name), patterns)
 
-    def _ignore_patterns(self, path: str) -> list[str]:
-        try:
-            with open(os.path.join(path, IGNORE_FILE), encoding="utf-8") as f:
-                return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
-            self._error(os.path.join(path, IGNORE_FILE), f"cannot read ignore file: {exc}")
-            return []
+    def _add_names(self, part: "TreePart") -> None:
+        prev = self._previous_entries(part.prev_oid)
+        for name in part.names:
+            child_path = os.path.join(part.path, name)
+            try:
+                st = os.stat(child_path, follow_symlinks=False)
+            except OSError as exc:
+                self._error(child_path, f"cannot stat: {exc.strerror}")
+                continue
+            self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns))
+
+    def _add_child(self, node: _DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
+                   patterns: list[str]) -> None:
+        if statmod.S_ISDIR(st.st_mode):
+            if self.options.one_file_system and st.st_dev != self._root_dev:
+                return
+            old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
+            child = _DirNode(_entry_from_stat(name, st, TYPE_DIR))
+            node.children.append(child)
+            self._walk(child_path, child, old_oid, patterns)
+        elif statmod.S_ISREG(st.st_mode):
+            node.children.append(self._file(child_path, _entry_from_stat(name, st, TYPE_FILE), old))
+        elif statmod.S_ISLNK(st.st_mode):
+            node.children.append(self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK)))
+        else:
+            with self._lock:
+                self.stats.skipped += 1
+            self._error(child_path, "skipped: special file (device, fifo or socket) is not backed up")
+        self._maybe_checkpoint()
 
     def _previous_entries(self, prev_oid: str | None) -> dict[str, Entry]:
         if not prev_oid:
@@ -347,7 +430,7 @@ class Uploader:
         snap = Snapshot(
             source=self._source, root=root_entry.oid, start=self._start, end=clock.now(), totals=totals,
             tags=list(self.options.tags), description=self.options.description, checkpoint=checkpoint,
-            errors=errors,
+            errors=errors, run=self._run_id,
         )
         rec = self.repo.manifests.put(snap.labels(), snap.payload())
         snap.id, snap.ts = rec.id, rec.ts

@@ -91,7 +91,8 @@ def test_large_file_over_100_mib(fs_repo, tmp_path):
             digest.update(half)
     snap = json.loads(run("snapshot", "create", *fs_repo, src, "--json").stdout)[0]
     assert snap["totals"]["bytes"] == 110 << 20
-    assert snap["totals"]["new_bytes"] < 60 << 20  # the repeated half is stored once
+    # the repeated half is stored once; around the seam, up to two chunks (4 MiB max each) are new
+    assert snap["totals"]["new_bytes"] <= (55 << 20) + 2 * (4 << 20)
     run("snapshot", "restore", *fs_repo, "latest", tmp_path / "out")
     with open(tmp_path / "out" / "large.bin", "rb") as f:
         assert hashlib.file_digest(f, "sha256").hexdigest() == digest.hexdigest()
