@@ -69,9 +69,12 @@ class BackupStats:
 
 
 @dataclass
-class _DirNode:
+class DirNode:
+    """A directory being built: its entry, and its children in name order (entries, futures of
+    entries, or directories being built)."""
+
     entry: Entry
-    children: list = field(default_factory=list)  # Entry | _DirNode | Future[Entry | None]
+    children: list = field(default_factory=list)  # Entry | DirNode | Future[Entry | None]
 
 
 def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
@@ -165,7 +168,7 @@ class Uploader:
         root_path, st = stat_source(path)
         self._begin(source or Source.local(root_path), st.st_dev)
         previous = self._previous_root()
-        self._root = _DirNode(_entry_from_stat("", st, TYPE_DIR))
+        self._root = DirNode(_entry_from_stat("", st, TYPE_DIR))
         self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
         root_entry = self._write_tree(self._root, final=True)
         snap = self._publish(root_entry, checkpoint=False)
@@ -188,23 +191,32 @@ class Uploader:
                 st = os.stat(part.path, follow_symlinks=False)
             except OSError as exc:
                 raise SourceError(f"cannot back up {part.path}: {exc.strerror}") from None
-            self._root = _DirNode(_entry_from_stat(os.path.basename(part.path), st, TYPE_DIR))
+            self._root = DirNode(_entry_from_stat(os.path.basename(part.path), st, TYPE_DIR))
             self._run(lambda: self._walk(part.path, self._root, part.prev_oid, list(part.patterns)))
             made = self._write_tree(self._root, final=True)
             holder, entries = made, [made]
         else:
-            self._root = _DirNode(Entry(name="", type=TYPE_DIR))  # only a holder for the checkpoint
+            self._root = DirNode(Entry(name="", type=TYPE_DIR))  # only a holder for the checkpoint
             self._run(lambda: self._add_names(part))
             holder = self._write_tree(self._root, final=True)
             entries = []
             for c in self._root.children:
-                c = c.result() if isinstance(c, Future) else c.entry if isinstance(c, _DirNode) else c
+                c = c.result() if isinstance(c, Future) else c.entry if isinstance(c, DirNode) else c
                 if c is not None:
                     entries.append(c)
         snap = self._publish(holder, checkpoint=True)
         if self._checkpoint_ids:
             self.repo.manifests.delete(self._checkpoint_ids)
         return entries, snap.id
+
+    def publish_tree(self, source: Source, root: DirNode, parts_stats: BackupStats, parts_errors: list[dict]) -> Snapshot:
+        """Write the directories of ``root`` whose children were backed up elsewhere (the parts of
+        a sharded backup) and publish the snapshot, with the parts' totals and errors added."""
+        self._begin(source, 0)
+        self.stats = parts_stats
+        self.error_list = list(parts_errors)[:MAX_REPORTED_ERRORS]
+        self._new_bytes_base -= parts_stats.new_bytes  # the parts' new bytes plus ours
+        return self._publish(self._write_tree(root, final=True), checkpoint=False)
 
     # ---- walking -------------------------------------------------------------------------
     def _begin(self, source: Source, root_dev: int, run: str = "") -> None:
@@ -245,7 +257,7 @@ class Uploader:
             if len(self.error_list) < MAX_REPORTED_ERRORS:
                 self.error_list.append({"path": path, "error": message})
 
-    def _walk(self, path: str, node: _DirNode, prev_oid: str | None, patterns: list[str]) -> None:
+    def _walk(self, path: str, node: DirNode, prev_oid: str | None, patterns: list[str]) -> None:
         with self._lock:
             self.stats.dirs += 1
         try:
@@ -278,13 +290,13 @@ class Uploader:
                 continue
             self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns))
 
-    def _add_child(self, node: _DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
+    def _add_child(self, node: DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
                    patterns: list[str]) -> None:
         if statmod.S_ISDIR(st.st_mode):
             if self.options.one_file_system and st.st_dev != self._root_dev:
                 return
             old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
-            child = _DirNode(_entry_from_stat(name, st, TYPE_DIR))
+            child = DirNode(_entry_from_stat(name, st, TYPE_DIR))
             node.children.append(child)
             self._walk(child_path, child, old_oid, patterns)
         elif statmod.S_ISREG(st.st_mode):
@@ -381,7 +393,7 @@ class Uploader:
             self._progress(self.stats, "")
 
     # ---- writing the tree ----------------------------------------------------------------
-    def _write_tree(self, node: _DirNode, final: bool) -> Entry:
+    def _write_tree(self, node: DirNode, final: bool) -> Entry:
         entries = []
         summary = {"files": 0, "dirs": 0, "bytes": 0}
         for child in node.children:
@@ -389,7 +401,7 @@ class Uploader:
                 if not final and not child.done():
                     continue
                 child = child.result()
-            elif isinstance(child, _DirNode):
+            elif isinstance(child, DirNode):
                 child = self._write_tree(child, final)
             if child is None:
                 continue

@@ -14,6 +14,7 @@
 | 15 | unsupported format version |
 | 16 | snapshot or path not found, or an ambiguous snapshot id |
 | 17 | the backup source or restore target cannot be used (missing source, full disk) |
+| 18 | a distributed backup (`cluster/backup.py`) finished, but some node or shard failed |
 """
 
 from repo_format import errors as E
@@ -30,6 +31,7 @@ STORAGE = 14
 UNSUPPORTED_VERSION = 15
 NOT_FOUND = 16
 SOURCE_OR_TARGET = 17
+DISTRIBUTED_FAILED = 18
 
 
 def exit_code_for(exc: BaseException) -> int:

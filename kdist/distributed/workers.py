@@ -1,0 +1,210 @@
+"""The Ray actors of a distributed backup: a backup worker per node or per pool slot, and the
+progress board they report to.
+
+A worker opens the repository itself, on its own node, with a password it reads there (an
+environment variable or a file on that node): neither the password nor any file data ever
+passes through Ray. It backs up with the same ``Uploader`` as ``kdist snapshot create``, so a
+worker keeps every promise of a single-process backup (checkpoints, revalidation, sessions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from repo_format import clock
+from repo_format.errors import KdistError
+from repo_format.repository import Repository
+from repo_format.storage import open_storage
+from repo_format.storage.wrappers import CountingStorage, RetryingStorage
+
+from kdist.snapshot import Entry, Source
+from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
+
+NODE_CONFIG_ENV = "KDIST_NODE_CONFIG"
+HOST_LABEL = "kdist-host"  # a Ray node label naming the host in snapshots (else the node's host name)
+PROGRESS_EVERY = 1.0  # seconds between two progress reports of one worker
+
+
+class NodeSetupError(KdistError):
+    """A node cannot take part: no password, no paths, an unreadable node config."""
+
+
+@dataclass(frozen=True)
+class PasswordSource:
+    """Where each node finds the password: an environment variable or a file on that node."""
+
+    env: str = "KDIST_PASSWORD"
+    file: str | None = None
+
+    def read(self) -> str:
+        if self.file:
+            try:
+                with open(os.path.expanduser(self.file), encoding="utf-8") as f:
+                    return f.readline().rstrip("\r\n")
+            except OSError as exc:
+                raise NodeSetupError(f"cannot read the password file {self.file} on {socket.gethostname()}: "
+                                     f"{exc.strerror}") from None
+        value = os.environ.get(self.env)
+        if value is None:
+            raise NodeSetupError(f"no password on {socket.gethostname()}: the environment variable {self.env} "
+                                 "is not set there (or use a password file on every node)")
+        return value
+
+
+@dataclass
+class FleetRequest:
+    """What every node backs up, unless its node config file says otherwise."""
+
+    paths: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    node_config: str | None = None  # JSON file on each node: {"paths": [...], "excludes": [...], "host": "..."}
+    workers: int = 2  # reader threads per node
+
+
+def read_node_config(path: str | None) -> dict:
+    """The node's config file (``KDIST_NODE_CONFIG`` on the node wins over ``path``); {} if none."""
+    path = os.environ.get(NODE_CONFIG_ENV) or path
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise NodeSetupError(f"cannot read node config {path} on {socket.gethostname()}: {exc}") from None
+    if not isinstance(cfg, dict) or not all(isinstance(p, str) for p in cfg.get("paths", [])):
+        raise NodeSetupError(f"node config {path} on {socket.gethostname()} must be an object with a list of paths")
+    return cfg
+
+
+class ProgressBoard:
+    """Latest progress of every worker, keyed by worker; the driver polls it."""
+
+    def __init__(self):
+        self.lines: dict[str, dict] = {}
+
+    def report(self, key: str, line: dict) -> None:
+        self.lines[key] = line
+
+    def read(self) -> dict[str, dict]:
+        return dict(self.lines)
+
+
+class BackupWorker:
+    def __init__(self, location: str, endpoint_url: str | None, password: PasswordSource, board=None):
+        self._open_args = (location, endpoint_url, password)
+        self.storage: CountingStorage | None = None
+        self.repo: Repository | None = None
+        self.board = board
+        self.host = _node_labels().get(HOST_LABEL) or socket.gethostname()
+        self._last_report = 0.0
+        self._report_lock = threading.Lock()
+
+    def _open(self) -> None:
+        """Open the repository on first use, so that a node without a password or storage access
+        reports that as its failure (a constructor error would look like a dead actor)."""
+        if self.repo is None:
+            location, endpoint_url, password = self._open_args
+            self.storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
+            self.repo = Repository.open(self.storage, password.read())
+
+    def _counts(self) -> dict:
+        return self.storage.counts() if self.storage is not None else {}
+
+    def where(self) -> dict:
+        import ray
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": self.host, "pid": os.getpid()}
+
+    # ---- fleet mode: this node's own paths, one snapshot each -----------------------------------
+    def backup_node(self, request: FleetRequest) -> dict:
+        started, before = clock.monotonic(), self._counts()
+        out = {"node_id": self.where()["node_id"], "host": self.host, "status": "ok", "snapshots": [],
+               "files": 0, "bytes_read": 0, "new_bytes": 0, "errors": 0, "error": ""}
+        try:
+            self._open()
+            cfg = read_node_config(request.node_config)
+            host = str(cfg.get("host") or self.host)
+            out["host"] = host
+            paths = cfg.get("paths") or request.paths
+            if not paths:
+                raise NodeSetupError(f"nothing to back up on {host}: no paths given and no node config")
+            excludes = list(request.excludes) + list(cfg.get("excludes", []))
+            for path in paths:
+                options = BackupOptions(excludes=excludes, tags=list(request.tags) + ["fleet"],
+                                        workers=request.workers)
+                up = Uploader(self.repo, options, progress=self._progress(host, path))
+                local = Source.local(os.path.abspath(path))
+                snap = up.backup(path, Source(host, local.user, local.path))
+                t = snap.totals
+                out["snapshots"].append({"path": snap.source.path, "id": snap.id, "files": t["files"],
+                                         "bytes_read": t["bytes_read"], "new_bytes": t["new_bytes"],
+                                         "errors": t["errors"]})
+                for k in ("files", "bytes_read", "new_bytes", "errors"):
+                    out[k] += t[k]
+            if out["errors"]:
+                out["status"] = "partial"
+        except KdistError as exc:
+            out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        out["duration"] = clock.monotonic() - started
+        out["requests"] = _diff(before, self._counts())
+        return out
+
+    # ---- shard mode: one part of a shared tree --------------------------------------------------
+    def backup_part(self, index: int, part: TreePart, source: Source, root_dev: int, run: str,
+                    options: BackupOptions) -> dict:
+        started, before = clock.monotonic(), self._counts()
+        out = {"index": index, "path": part.path, "names": len(part.names) if part.names is not None else None,
+               "node_id": self.where()["node_id"], "host": self.host, "status": "ok", "error": ""}
+        up = None
+        try:
+            self._open()
+            up = Uploader(self.repo, options, progress=self._progress(self.host, f"part {index}"))
+            entries, checkpoint = up.backup_part(part, source, root_dev, run)
+            out["entries"] = [e.to_wire() for e in entries]
+            out["checkpoint"] = checkpoint
+        except KdistError as exc:
+            out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        out["stats"] = up.stats.as_dict() if up is not None else {}
+        out["error_list"] = list(up.error_list) if up is not None else []
+        out["duration"] = clock.monotonic() - started
+        out["requests"] = _diff(before, self._counts())
+        return out
+
+    def close(self) -> None:
+        if self.repo is not None:
+            self.repo.close()
+
+    def _progress(self, host: str, what: str):
+        if self.board is None:
+            return None
+        key = f"{host} {what}"
+
+        def report(stats: BackupStats, _line: str) -> None:
+            now = clock.monotonic()
+            with self._report_lock:
+                if now - self._last_report < PROGRESS_EVERY:
+                    return
+                self._last_report = now
+            self.board.report.remote(key, {"files": stats.files_read + stats.files_reused,
+                                           "bytes_read": stats.bytes_read})
+        return report
+
+
+def _node_labels() -> dict:
+    import ray
+    if not ray.is_initialized():  # a worker used directly, outside Ray
+        return {}
+    return dict(ray.get_runtime_context().get_node_labels() or {})
+
+
+def entries_from_wire(wire: list[dict]) -> list[Entry]:
+    return [Entry.from_wire(d) for d in wire]
+
+
+def _diff(before: dict, after: dict) -> dict:
+    calls = {k: v["calls"] - before.get(k, {}).get("calls", 0) for k, v in after.items()}
+    return {k: n for k, n in calls.items() if n}

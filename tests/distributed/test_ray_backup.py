@@ -1,0 +1,311 @@
+"""Distributed backup on real Ray: a head and three 1-CPU nodes on this machine, one per module.
+
+Each node gets its own environment (``KDIST_NODE_CONFIG`` naming its own config file, so each
+"host" backs up its own source root, as per-host disks would be) and labels. The driver's
+functions run in this process, connected to the cluster like ``ray submit`` connects a script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import replace
+
+import pytest
+
+os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from kdist_trees import PASSWORD, build_tree, tree_state  # noqa: E402
+from repo_format import constants as C  # noqa: E402
+from repo_format.crypto import KdfParams  # noqa: E402
+from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.repository import Repository  # noqa: E402
+from repo_format.safety import SAFETY_FULL  # noqa: E402
+from repo_format.session import session_of  # noqa: E402
+from repo_format.storage import open_storage  # noqa: E402
+
+from kdist.cli import exit_codes  # noqa: E402
+from kdist.distributed.driver import run_fleet, run_shard  # noqa: E402
+from kdist.distributed.workers import FleetRequest, PasswordSource  # noqa: E402
+from kdist.gc.run import run_maintenance  # noqa: E402
+from kdist.restore import Restorer  # noqa: E402
+from kdist.snapshot import list_snapshots  # noqa: E402
+from kdist.uploader import BackupOptions, Uploader  # noqa: E402
+
+HOSTS = ("node-a", "node-b", "node-c")
+LABEL = {"kdist-role": "backup"}
+WAIT = 120  # seconds: the bound on every wait for the cluster
+PARAMS = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024,
+                              chunk_avg=16 * 1024, chunk_min=4 * 1024, chunk_max=64 * 1024)
+# margins of hours scaled to seconds through the format blob, so that sessions expire in a test
+SHORT = replace(PARAMS, extra={"safety": SAFETY_FULL.scaled(1 / 3600).to_dict()})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, moto_server):
+    """Head (no CPU, runs nothing but the driver's helpers) and three backup nodes."""
+    base = tmp_path_factory.mktemp("nodes")
+    env = {"KDIST_PASSWORD": PASSWORD, "KDIST_ALLOW_WEAK_KDF_FOR_TESTS": "1"}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env})
+    nodes = {}
+    for host in HOSTS:
+        nodes[host] = _add_node(c, base, host, env)
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    c.wait_for_nodes(timeout=WAIT)
+    try:
+        yield {"cluster": c, "nodes": nodes, "base": base, "env": env}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def driver_password(monkeypatch):
+    monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)  # the driver reads it like every node does
+
+
+def _add_node(c, base, host, env):
+    return c.add_node(num_cpus=1, labels={**LABEL, "kdist-host": host},
+                      env_vars={**env, "KDIST_NODE_CONFIG": str(base / f"{host}.json")})
+
+
+def _configure(cluster, roots: dict[str, str]) -> None:
+    for host, root in roots.items():
+        with open(cluster["base"] / f"{host}.json", "w") as f:
+            json.dump({"host": host, "paths": [str(root)]}, f)
+
+
+def _trees(tmp_path, big=64 * 1024) -> dict[str, str]:
+    roots = {}
+    for host in HOSTS:
+        root = tmp_path / f"src-{host}"
+        build_tree(root, big_size=big)
+        with open(root / f"only-on-{host}", "wb") as f:
+            f.write(os.urandom(100_000))
+        roots[host] = str(root)
+    return roots
+
+
+def _create(location, endpoint=None, params=PARAMS):
+    Repository.create(open_storage(location, endpoint_url=endpoint, create=True), PASSWORD, params,
+                      KdfParams.weak_for_tests()).close()
+
+
+def _open(location, endpoint=None) -> Repository:
+    return Repository.open(open_storage(location, endpoint_url=endpoint), PASSWORD, heartbeat_thread=False)
+
+
+def _restores(repo: Repository, snap, original: str, target) -> bool:
+    Restorer(repo).restore(snap, str(target))
+    return tree_state(target) == tree_state(original)
+
+
+def _fleet(location, endpoint=None, **kw):
+    return run_fleet(location, endpoint, PasswordSource(), FleetRequest(**kw), LABEL, None, 1, False)
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket):
+    endpoint, location = None, str(tmp_path / "repo")
+    if backend == "s3":
+        endpoint, location = s3_bucket[0], f"s3://{s3_bucket[1]}/kdist"
+    _create(location, endpoint)
+    roots = _trees(tmp_path)
+    _configure(cluster, roots)
+
+    summary = _fleet(location, endpoint, tags=["nightly"])
+    assert summary.status == "ok" and summary.exit_code() == 0, summary
+    assert sorted(n["host"] for n in summary.nodes) == sorted(HOSTS)
+    assert len({n["node_id"] for n in summary.nodes}) == 3  # each on its own node
+    assert all(n["requests"].get("PUT", 0) > 0 for n in summary.nodes)
+
+    repo = _open(location, endpoint)
+    snaps = list_snapshots(repo.manifests)
+    assert sorted(s.source.host for s in snaps) == sorted(HOSTS)
+    for s in snaps:
+        assert "nightly" in s.tags and "fleet" in s.tags
+        assert _restores(repo, s, roots[s.source.host], tmp_path / f"out-{s.source.host}")
+
+    # the index is shared: a file node-a stored, copied to node-b, costs node-b nothing new
+    shutil.copy(os.path.join(roots["node-a"], "only-on-node-a"), os.path.join(roots["node-b"], "copied-from-a"))
+    again = {n["host"]: n for n in _fleet(location, endpoint).nodes}
+    assert again["node-b"]["status"] == "ok"
+    assert again["node-b"]["bytes_read"] >= 100_000  # it did read the new file...
+    assert again["node-b"]["new_bytes"] < 10_000  # ...and stored only its directory objects
+
+
+def test_sharded_backup_equals_single_process(cluster, tmp_path):
+    location = str(tmp_path / "repo")
+    _create(location)
+    root = tmp_path / "shared"
+    build_tree(root, big_size=400 * 1024)
+    for i in range(40):  # enough entries that the tree is split below the root
+        d = root / f"dir{i % 5}" / f"sub{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"file{i}").write_bytes(os.urandom(30_000 + 997 * i))
+    opts = BackupOptions(tags=["shard"], workers=2)
+
+    summary = run_shard(location, None, PasswordSource(), str(root), opts, "shared-host", 3, 1, False)
+    assert summary.status == "ok", summary
+    assert summary.totals["parts"] > 3
+    assert len({p["node_id"] for p in summary.nodes}) >= 2  # the parts really were spread
+    repo = _open(location)
+    sharded = [s for s in list_snapshots(repo.manifests, include_checkpoints=True)]
+    assert len(sharded) == 1 and not sharded[0].checkpoint  # the parts' checkpoints are gone
+
+    single = Uploader(Repository.open(open_storage(location), PASSWORD), BackupOptions(reuse_previous=False)).backup(str(root))
+    assert single.root == sharded[0].root == summary.snapshots[0]["root"]
+    assert _restores(repo, sharded[0], str(root), tmp_path / "out")
+
+
+def test_a_gc_run_during_a_fleet_backup(cluster, tmp_path):
+    location = str(tmp_path / "repo")
+    _create(location, params=SHORT)
+    roots = _trees(tmp_path, big=2 << 20)
+    _configure(cluster, roots)
+    stop = threading.Event()
+    runs = []
+
+    def gc_loop():
+        while not stop.is_set():
+            repo = Repository.open(open_storage(location), PASSWORD)
+            try:
+                runs.append(run_maintenance(repo))
+            finally:
+                repo.close()
+
+    t = threading.Thread(target=gc_loop)
+    t.start()
+    try:
+        summary = _fleet(location)
+    finally:
+        stop.set()
+        t.join(timeout=WAIT)
+    assert summary.status == "ok", summary
+    assert runs, "no maintenance run overlapped the backup"
+    repo = _open(location)
+    for s in list_snapshots(repo.manifests):
+        assert _restores(repo, s, roots[s.source.host], tmp_path / f"out-{s.source.host}")
+
+
+def test_a_node_dies_mid_backup(cluster, tmp_path):
+    """node-c dies while it backs up a large tree: reported failed, non-zero exit; the others
+    publish; node-c's last checkpoint stays reachable; its orphan packs go only once its
+    session has expired."""
+    location = str(tmp_path / "repo")
+    _create(location, params=SHORT)
+    roots = _trees(tmp_path)
+    victim_root = tmp_path / "big-on-c"
+    for i in range(1000):  # large enough to be far from done at its first checkpoint
+        d = victim_root / f"d{i % 20}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(256 * 1024))
+    roots["node-c"] = str(victim_root)
+    _configure(cluster, roots)
+    storage = open_storage(location)
+    result = {}
+    def backup():
+        try:
+            result["summary"] = _fleet(location)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=backup)
+    t.start()
+    try:
+        victim_session = _wait_for_checkpoint_and_orphans(location, "node-c", t)
+        cluster["cluster"].remove_node(cluster["nodes"]["node-c"], allow_graceful=False)
+        t.join(timeout=WAIT)
+        assert not t.is_alive()
+    finally:
+        cluster["nodes"]["node-c"] = _add_node(cluster["cluster"], cluster["base"], "node-c", cluster["env"])
+    assert "error" not in result, result
+    summary = result["summary"]
+    by_host = {n["host"]: n for n in summary.nodes}
+    assert by_host["node-c"]["status"] == "failed", by_host["node-c"]
+    assert summary.status == "failed" and summary.exit_code() == exit_codes.DISTRIBUTED_FAILED
+    assert by_host["node-c"]["status"] == "failed" and "died" in by_host["node-c"]["error"]
+    assert by_host["node-a"]["status"] == by_host["node-b"]["status"] == "ok"
+
+    repo = _open(location)
+    finals = {s.source.host: s for s in list_snapshots(repo.manifests)}
+    assert sorted(finals) == ["node-a", "node-b"]
+    for host, s in finals.items():
+        assert _restores(repo, s, roots[host], tmp_path / f"out-{host}")
+    checkpoint = [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.source.host == "node-c"]
+    assert checkpoint and checkpoint[-1].checkpoint
+    Restorer(repo).restore(checkpoint[-1], str(tmp_path / "out-c"))  # what it finished restores
+    restored = [p for p in (tmp_path / "out-c").rglob("f*") if p.is_file()]
+    assert restored and all(p.read_bytes() == (victim_root / p.relative_to(tmp_path / "out-c")).read_bytes()
+                            for p in restored)
+
+    # its orphan packs survive maintenance while its session may be live, and go after
+    orphans = _orphan_packs(location, victim_session)
+    assert orphans
+    safety = repo.contents.safety
+    deadline_live = _storage_now(storage) + safety.session_expiry
+    while _storage_now(storage) < deadline_live - 0.5:
+        _gc(location)
+        assert set(orphans) <= _names(storage), "an orphan pack went while its session could be live"
+    for _ in range(400):
+        if not set(orphans) & _names(storage):
+            break
+        _gc(location)
+        _wait_storage_time(storage, 0.5)
+    assert not set(orphans) & _names(storage), "orphan packs of the dead session were never collected"
+    for host, s in finals.items():  # and nothing committed was harmed
+        assert _restores(_open(location), s, roots[host], tmp_path / f"again-{host}")
+
+
+def _names(storage) -> set[str]:
+    return {m.name for m in storage.list()}
+
+
+def _gc(location) -> None:
+    repo = Repository.open(open_storage(location), PASSWORD)
+    try:
+        run_maintenance(repo)
+    finally:
+        repo.close()
+
+
+def _storage_now(storage) -> float:
+    from repo_format.session import storage_now
+    return storage_now(storage, uuid.uuid4().hex[:32])
+
+
+def _wait_storage_time(storage, seconds: float) -> None:
+    """Let ``seconds`` of storage time pass (gc margins are measured on the storage's clock)."""
+    end = _storage_now(storage) + seconds
+    ev = threading.Event()
+    while _storage_now(storage) < end:
+        ev.wait(0.05)
+
+
+def _orphan_packs(location, session: str) -> list[str]:
+    repo = _open(location)
+    referenced = {e.pack for e in repo.contents.epochs.load_index().physical_entries()}
+    return [m.name for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in repo.storage.list(p)
+            if session_of(m.name) == session and m.name not in referenced]
+
+
+def _wait_for_checkpoint_and_orphans(location, host: str, backup: threading.Thread) -> str:
+    """Block until ``host`` has published a checkpoint and has uploaded packs that no index names
+    yet (so that the kill leaves orphans); return its session. Polls the repository, bounded."""
+    ev = threading.Event()
+    for _ in range(WAIT * 20):
+        assert backup.is_alive(), "the backup finished before the node could be killed"
+        repo = _open(location)
+        records = repo.manifests.find(type="snapshot", host=host, checkpoint="1")
+        if records:
+            session = session_of(records[-1].blob)  # a manifest blob's name ends with its writer's session
+            if _orphan_packs(location, session):
+                return session
+        ev.wait(0.05)
+    raise AssertionError(f"{host} never checkpointed with unindexed packs in flight")
