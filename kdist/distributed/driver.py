@@ -47,6 +47,7 @@ class Summary:
     snapshots: list = field(default_factory=list)
     nodes: list = field(default_factory=list)  # fleet: one per node; shard: one per part
     totals: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)  # the Ray cluster it ran on: address, alive nodes
     duration: float = 0.0
     error: str = ""
 
@@ -312,7 +313,8 @@ def main(location, endpoint_url, password_env, password_file, mode, paths, node_
     started = clock.monotonic()
     password = PasswordSource(env=password_env, file=password_file)
     try:
-        ray.init(logging_level="WARNING", log_to_driver=False)  # no address: RAY_ADDRESS, the local cluster, or a new one
+        if not ray.is_initialized():  # no address: RAY_ADDRESS, else the cluster on this machine, else a new one
+            ray.init(logging_level="WARNING", log_to_driver=False)
         show = sys.stderr.isatty() and not as_json
         if mode == "fleet":
             request = FleetRequest(list(paths), list(excludes), list(tags), node_config, threads)
@@ -328,6 +330,7 @@ def main(location, endpoint_url, password_env, password_file, mode, paths, node_
         click.echo(f"kdist: error: {exc}", err=True)
         sys.exit(exit_codes.exit_code_for(exc))
     summary.duration = clock.monotonic() - started
+    summary.cluster = {"address": ray.get_runtime_context().gcs_address, "nodes": len(alive_nodes({}))}
     print_summary(summary, as_json)
     sys.exit(summary.exit_code())
 
