@@ -3,11 +3,13 @@
 The deletion watermark is derived from it: ``W`` is the start (storage clock) of the latest
 completed content-GC cycle that another completed cycle started at least ``drop_margin`` after.
 Deleted index entries with a timestamp below ``W`` can be dropped for good (gc/README.md).
+It also carries blob GC's first phase: the packs a run found deletable, which a later run may
+delete once the record is ``cleanup_margin`` old and they are still deletable.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import msgpack
 
@@ -26,6 +28,7 @@ class RunRecord:
     steps: dict = field(default_factory=dict)
     requests: dict = field(default_factory=dict)
     error: str = ""
+    pack_candidates: list = field(default_factory=list)  # [[pack name, size], ...] blob GC's phase 1
 
     def payload(self) -> bytes:
         return msgpack.packb(asdict(self))
@@ -33,10 +36,12 @@ class RunRecord:
 
 def read_history(manifests: ManifestStore) -> list[RunRecord]:
     out = []
+    known = {f.name for f in fields(RunRecord)}
     for rec in manifests.find(type=LABEL):
         try:
-            out.append(RunRecord(**msgpack.unpackb(rec.payload, raw=False)))
-        except (ValueError, TypeError) as exc:
+            d = msgpack.unpackb(rec.payload, raw=False)
+            out.append(RunRecord(**{k: v for k, v in d.items() if k in known}))  # newer fields: ignored
+        except (ValueError, TypeError, AttributeError) as exc:
             raise CorruptionError(f"maintenance record {rec.id} is malformed") from exc
     return sorted(out, key=lambda r: r.start)
 
@@ -56,3 +61,10 @@ def deletion_watermark(history: list[RunRecord], drop_margin: float, now: float,
     latest = starts[-1]
     candidates = [t for t in starts if t + drop_margin <= latest]
     return max(candidates, default=0.0)
+
+
+def confirmed_pack_candidates(history: list[RunRecord], now: float, margin: float) -> set[tuple[str, int]]:
+    """Packs (name, size) that a run which ended at least ``margin`` before ``now`` found
+    unreferenced, old and of no live session: blob GC may delete those still deletable now."""
+    return {(name, size) for r in history if r.end > 0 and now - r.end >= margin
+            for name, size in r.pack_candidates}

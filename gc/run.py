@@ -1,12 +1,14 @@
 """One maintenance run: plan each step on the storage's clock, print or execute it, record it.
 
-Steps, in order (a full run does all; ``quick`` skips the two that walk snapshots and packs):
+Steps, in order (a full run does all; ``quick`` skips the three that walk snapshots and packs):
 1. content GC (full): mark unreachable contents deleted, undelete reachable ones;
 2. index: advance the epoch, compact settled epochs, merge ranges (dropping deleted entries
    below the watermark), delete superseded index blobs;
-3. blob GC (full): delete packs no index entry points into;
-4. manifests: compact many small manifest blobs into one;
-5. housekeeping: delete stale probe blobs and dead session markers.
+3. blob GC (full): delete packs no index entry points into that an earlier run found so too,
+   record the newly found ones for a later run;
+4. pack rewrite (full): move live contents out of mostly dead or small packs;
+5. manifests: compact many small manifest blobs into one;
+6. housekeeping: delete stale probe blobs and dead session markers.
 No step takes a lock. Two runs at once may repeat work; the rules keep either from losing data.
 """
 
@@ -23,10 +25,11 @@ from repo_format.storage.base import BlobStorage
 
 from kdist.gc import history
 from kdist.gc.blob_gc import Rules as BlobRules
-from kdist.gc.blob_gc import execute_blob_gc, plan_from
+from kdist.gc.blob_gc import confirmation_margin, execute_blob_gc, plan_from
 from kdist.gc.clock_guard import StorageClock
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
+from kdist.gc.pack_rewrite import execute_rewrite, plan_rewrite
 
 
 class UnsafeMaintenance(KdistError):
@@ -43,6 +46,7 @@ class Rules:
     pack_age: bool = True
     live_session: bool = True
     pause_revalidation: bool = True
+    two_phase_delete: bool = True
 
 
 @dataclass
@@ -103,6 +107,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     past = history.read_history(repo.manifests)
     watermark = (history.deletion_watermark(past, safety.drop_margin, now, safety.listing_settle)
                  if rules.two_cycle_drop else now)
+    confirmed = history.confirmed_pack_candidates(past, now, confirmation_margin(safety))
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
@@ -127,15 +132,31 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         packs = [m for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(p)]
         index = epochs.load_index()
         bplan = plan_from(packs, index, storage, clock.now(), safety.pack_age, safety.session_expiry,
-                          BlobRules(pack_age=rules.pack_age, live_session=rules.live_session))
+                          BlobRules(pack_age=rules.pack_age, live_session=rules.live_session,
+                                    two_phase=rules.two_phase_delete), confirmed)
         report.plans.append(bplan.describe())
-        report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete)}
+        report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete),
+                                   "candidates": len(bplan.candidates)}
+        record.pack_candidates = [[m.name, m.length] for m in bplan.candidates]
         yield "blob-gc planned"
         if not options.dry_run:
             report.freed_bytes += execute_blob_gc(storage, bplan, clock)
             yield "blob-gc executed"
 
-    if not options.dry_run:  # 4. manifests, 5. housekeeping
+        # 4. pack rewrite, planned from the same listing and index
+        t = clock.now()
+        live = live_sessions(list(storage.list(C.SESSION_PREFIX)), t, safety.session_expiry)
+        sizes = {False: repo.parameters.pack_size, True: repo.parameters.metadata_pack_size}
+        rplan = plan_rewrite(packs, index, live, t, safety.pack_age, sizes, rules.pack_age, rules.live_session)
+        report.plans.append(rplan.describe())
+        report.steps["pack_rewrite"] = {"packs": len(rplan.packs), "moved": len(rplan.move),
+                                        "bytes": sum(e.packed_length for e in rplan.move)}
+        yield "pack-rewrite planned"
+        if not options.dry_run and rplan.move:
+            report.steps["pack_rewrite"] = execute_rewrite(repo.contents, rplan, clock)
+            yield "pack-rewrite executed"
+
+    if not options.dry_run:  # 5. manifests, 6. housekeeping
         report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle)
         report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
         record.end = clock.now()

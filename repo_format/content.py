@@ -128,26 +128,61 @@ class ContentStore:
             return cid
         compression, payload = compress(data, self._zstd_level)
         sealed = self._content_aead.seal(payload, content_aad(cid, compression))
-        full = None
         with self._lock:
             self._referenced.add(cid)
             if cid in self._pending:
                 self.stats.contents_deduplicated += 1
                 return cid
-            writer = self._writers.get(metadata)
-            if writer is None:
-                writer = self._writers[metadata] = PackWriter(new_pack_name(metadata, self.session))
-                self._unflushed[writer.name] = writer
-            self._pending[cid] = writer.add(cid, compression, sealed, len(data), self._timestamp_for(cid))
-            self.stats.contents_written += 1
-            self.stats.bytes_original += len(data)
-            self.stats.bytes_packed += len(sealed)
-            if len(writer) >= self._pack_size[metadata]:
-                full = self._writers.pop(metadata)
-                self._uploading += 1
+            full = self._append(metadata, cid, compression, sealed, len(data), self._timestamp_for(cid))
         if full is not None:
             self._upload(full)
         return cid
+
+    def rewrite(self, entries: list[IndexEntry]) -> int:
+        """Maintenance (pack rewrite): copy these contents into new packs of this session, as
+        entries that win over the given ones; ``flush`` then publishes them, packs first. Each
+        record is authenticated, then copied sealed as it is: its AAD binds the content id and
+        compression, not the pack. Not deduplicated, and not counted as referenced by this
+        store (a rewrite must not keep garbage alive). Reads one span per source pack. Returns
+        the bytes copied."""
+        self._ensure_session()
+        by_pack: dict[str, list[IndexEntry]] = {}
+        for e in entries:
+            by_pack.setdefault(e.pack, []).append(e)
+        copied = 0
+        for pack, group in by_pack.items():
+            lo = min(e.offset for e in group)
+            span = self.storage.get(pack, lo, max(e.offset + e.packed_length for e in group) - lo)
+            for e in group:
+                sealed = span[e.offset - lo:e.offset - lo + e.packed_length]
+                if len(sealed) != e.packed_length:
+                    raise CorruptionError(f"pack {pack} is truncated: content {e.content_id.hex()} is cut off")
+                self._open(e, sealed)
+                stamp = max(int(clock.now() * 1e6), e.timestamp_us + 1)  # wins over the old entry
+                metadata = pack.startswith(C.METADATA_PACK_PREFIX)
+                with self._lock:
+                    full = self._append(metadata, e.content_id, e.compression, sealed, e.original_length, stamp)
+                if full is not None:
+                    self._upload(full)
+                copied += len(sealed)
+        return copied
+
+    def _append(self, metadata: bool, cid: bytes, compression: int, sealed: bytes, original_length: int,
+                timestamp_us: int) -> PackWriter | None:
+        """Add one sealed record to the open pack (lock held); returns the pack if it is now full
+        and must be uploaded (already counted in ``_uploading``)."""
+        writer = self._writers.get(metadata)
+        if writer is None:
+            writer = self._writers[metadata] = PackWriter(new_pack_name(metadata, self.session))
+            self._unflushed[writer.name] = writer
+        self._pending[cid] = writer.add(cid, compression, sealed, original_length, timestamp_us)
+        self.stats.contents_written += 1
+        self.stats.bytes_original += original_length
+        self.stats.bytes_packed += len(sealed)
+        if len(writer) < self._pack_size[metadata]:
+            return None
+        self._uploading += 1
+        return self._writers.pop(metadata)
 
     def _timestamp_for(self, cid: bytes) -> int:
         """Now, but newer than a deletion marker of the same content: a rewrite must win over it
@@ -276,6 +311,11 @@ class ContentStore:
         if lost and raise_lost:
             raise ContentLost(f"{len(lost)} content(s) this backup refers to were removed by maintenance "
                               f"while it ran (first: {lost[0].hex()}); nothing was published, run it again")
+        refresh = self.safety.index_refresh
+        if undelete and refresh > 0 and clock.monotonic() - self._committed_at >= refresh:
+            # paused since the load: undeletes come from a view at most index_refresh old (two-phase
+            # blob GC counts on it, gc/README.md), so decide again from a fresh one
+            return self._undelete_referenced(self._reload(), raise_lost)
         if undelete:
             self.epochs.write_index(undelete)
             with self._lock:
@@ -312,6 +352,29 @@ class ContentStore:
         return self.read_entry(entry)
 
     def read_entry(self, entry: IndexEntry) -> bytes:
+        """The content's plaintext, authenticated. If its pack is gone, the index may have moved
+        the content meanwhile (a pack rewrite, then blob GC, after this index was loaded): reload
+        the index once and read the new location."""
+        try:
+            sealed = self._fetch(entry)
+        except BlobNotFound:
+            moved = self._moved(entry)
+            if moved is None:
+                raise
+            entry, sealed = moved, self._fetch(moved)
+        return self._open(entry, sealed)
+
+    def _moved(self, entry: IndexEntry) -> IndexEntry | None:
+        """The content's winning entry in a freshly loaded index, if it points elsewhere."""
+        with self._refresh_lock:
+            fresh = self._reload()
+            self._undelete_referenced(fresh)  # every reload does (gc/README.md, writer rule 5)
+        now = fresh.lookup(entry.content_id)
+        if now is None or (now.pack, now.offset) == (entry.pack, entry.offset):
+            return None
+        return now
+
+    def _fetch(self, entry: IndexEntry) -> bytes:
         with self._lock:
             writer = self._unflushed.get(entry.pack)
             sealed = writer.read_pending(entry) if writer is not None else None
@@ -322,6 +385,9 @@ class ContentStore:
                 raise BlobNotFound(entry.pack, f"it holds content {entry.content_id.hex()}") from None
         if len(sealed) != entry.packed_length:
             raise CorruptionError(f"pack {entry.pack} is truncated: content {entry.content_id.hex()} is cut off")
+        return sealed
+
+    def _open(self, entry: IndexEntry, sealed: bytes) -> bytes:
         payload = self._content_aead.open(sealed, content_aad(entry.content_id, entry.compression),
                                           what=f"content {entry.content_id.hex()} in pack {entry.pack}")
         data = decompress(entry.compression, payload, entry.original_length)
