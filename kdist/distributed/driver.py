@@ -117,11 +117,11 @@ def run_fleet(location, endpoint_url, password: PasswordSource, request: FleetRe
             ).remote(location, endpoint_url, password, board)
             running[actor.backup_node.remote(request)] = (node, actor)
         done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT)
-        display.tick(len(results), len(nodes))
         for ref in done:
             node, actor = running.pop(ref)
             results.append(_node_result(ref, node))
             ray.kill(actor)
+        display.tick(len(results), len(nodes))
     summary.nodes = sorted(results, key=lambda r: r["host"])
     summary.snapshots = [s for r in results for s in r.get("snapshots", [])]
     summary.totals = _sum(results, ("files", "bytes_read", "new_bytes", "errors"))
@@ -221,7 +221,6 @@ def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, displ
         if not running:
             break
         done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT)
-        display.tick(len(results), len(parts))
         for ref in done:
             actor, i = running.pop(ref)
             try:
@@ -244,6 +243,7 @@ def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, displ
                 queue.append(i)
             else:
                 failures.append(r)
+        display.tick(len(results), len(parts))
         if not load and queue:
             failures += [{"index": i, "path": parts[i].path, "status": "failed",
                           "error": "every backup actor died"} for i in queue]

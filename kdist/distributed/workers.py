@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ class BackupWorker:
             out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
         out["duration"] = clock.monotonic() - started
         out["requests"] = _diff(before, self._counts())
+        out["peak_rss_mb"] = peak_rss_mb()
         return out
 
     # ---- shard mode: one part of a shared tree --------------------------------------------------
@@ -172,6 +174,7 @@ class BackupWorker:
         out["error_list"] = list(up.error_list) if up is not None else []
         out["duration"] = clock.monotonic() - started
         out["requests"] = _diff(before, self._counts())
+        out["peak_rss_mb"] = peak_rss_mb()
         return out
 
     def close(self) -> None:
@@ -203,6 +206,11 @@ def _node_labels() -> dict:
 
 def entries_from_wire(wire: list[dict]) -> list[Entry]:
     return [Entry.from_wire(d) for d in wire]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _diff(before: dict, after: dict) -> dict:

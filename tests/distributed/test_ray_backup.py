@@ -106,12 +106,12 @@ def _restores(repo: Repository, snap, original: str, target) -> bool:
     return tree_state(target) == tree_state(original)
 
 
-def _fleet(location, endpoint=None, **kw):
-    return run_fleet(location, endpoint, PasswordSource(), FleetRequest(**kw), LABEL, None, 1, False)
+def _fleet(location, endpoint=None, show=False, **kw):
+    return run_fleet(location, endpoint, PasswordSource(), FleetRequest(**kw), LABEL, None, 1, show)
 
 
 @pytest.mark.parametrize("backend", ["filesystem", "s3"])
-def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket):
+def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket, capsys):
     endpoint, location = None, str(tmp_path / "repo")
     if backend == "s3":
         endpoint, location = s3_bucket[0], f"s3://{s3_bucket[1]}/kdist"
@@ -119,8 +119,10 @@ def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket):
     roots = _trees(tmp_path)
     _configure(cluster, roots)
 
-    summary = _fleet(location, endpoint, tags=["nightly"])
+    summary = _fleet(location, endpoint, show=True, tags=["nightly"])
     assert summary.status == "ok" and summary.exit_code() == 0, summary
+    assert "3/3 done" in capsys.readouterr().err  # the aggregated progress line, on a terminal
+    assert all(0 < n["peak_rss_mb"] < 4096 for n in summary.nodes)
     assert sorted(n["host"] for n in summary.nodes) == sorted(HOSTS)
     assert len({n["node_id"] for n in summary.nodes}) == 3  # each on its own node
     assert all(n["requests"].get("PUT", 0) > 0 for n in summary.nodes)
