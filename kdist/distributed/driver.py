@@ -81,6 +81,14 @@ class Display:
         self.shown = len(out)
 
 
+def progress_board():
+    """The progress actor, on the driver's own node: it must outlive any backup node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
+
+
 def alive_nodes(labels: dict[str, str]) -> list[dict]:
     import ray
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -101,7 +109,7 @@ def run_fleet(location, endpoint_url, password: PasswordSource, request: FleetRe
     nodes = alive_nodes(labels)
     if not nodes:
         raise click.UsageError("no alive Ray node matches" + (f" the labels {labels}" if labels else ""))
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    board = progress_board()
     display = Display(board, show)
     worker_cls = ray.remote(BackupWorker)
     queue = list(nodes)
@@ -146,6 +154,7 @@ def _node_result(ref, node) -> dict:
 def run_shard(location, endpoint_url, password: PasswordSource, root: str, options: BackupOptions, host: str,
               parallelism: int | None, cpus: float, show: bool) -> Summary:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     summary = Summary(mode="shard")
     root_path, st = stat_source(root)
@@ -154,15 +163,26 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     try:
         source = Source(host, Source.local(root_path).user, root_path)
         previous = list_snapshots(repo.manifests, host=source.host, user=source.user, path=source.path)
-        workers = parallelism or max(1, int(sum(n["Resources"].get("CPU", 0) for n in alive_nodes({})) // max(cpus, 1)))
+        # one actor per node by default: threads inside a process share its index and move no data
+        # between processes (shared/MEASURED.md), so a node needs no second copy of the index
+        nodes = [n for n in alive_nodes({}) if n["Resources"].get("CPU", 0) >= cpus]
+        workers = parallelism or max(1, len(nodes))
         plan = plan_tree(root_path, list(options.excludes), workers, options.one_file_system,
                          previous[-1].root if previous and options.reuse_previous else None, repo.objects)
         run = secrets.token_hex(8)
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        board = progress_board()
         display = Display(board, show)
-        worker_cls = ray.remote(BackupWorker).options(num_cpus=cpus, scheduling_strategy="SPREAD")
-        results, failures = _pull_parts(worker_cls, (location, endpoint_url, password, board), plan.parts,
-                                        (source, st.st_dev, run, options), min(workers, len(plan.parts)), display)
+        placements = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=True) for n in nodes]  # any node can read it
+        remote_cls = ray.remote(BackupWorker)
+
+        def spawn(k: int | None):
+            """Actor k goes to node k (softly); a replacement anywhere, spread."""
+            strategy = placements[k % len(placements)] if k is not None and placements else "SPREAD"
+            return remote_cls.options(num_cpus=cpus, scheduling_strategy=strategy).remote(
+                location, endpoint_url, password, board)
+
+        results, failures, requeued = _pull_parts(spawn, plan.parts, (source, st.st_dev, run, options),
+                                        min(workers, len(plan.parts)), display)
         summary.nodes = [{k: v for k, v in r.items() if k not in ("entries", "error_list")}
                          for r in [results[i] for i in sorted(results)] + failures]
         stats = BackupStats()
@@ -172,7 +192,8 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
                 setattr(stats, k, getattr(stats, k) + v)
             errors += r["error_list"]
         summary.totals = {"files": stats.files, "bytes_read": stats.bytes_read, "new_bytes": stats.new_bytes,
-                          "errors": stats.errors + len(plan.errors), "parts": len(plan.parts)}
+                          "errors": stats.errors + len(plan.errors), "parts": len(plan.parts),
+                          "requeued": requeued}
         if len(results) < len(plan.parts):
             summary.status = "failed"
             summary.error = (f"{len(plan.parts) - len(results)} of {len(plan.parts)} parts failed; no snapshot was "
@@ -199,7 +220,7 @@ def _count_dirs(split) -> int:
     return 1 + sum(_count_dirs(d) for d in split.dirs)
 
 
-def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, display: Display):
+def _pull_parts(spawn, parts, part_args, pool_size: int, display: Display):
     """Hand parts to a pool of actors as they free up; requeue the parts of an actor that died."""
     import ray
 
@@ -207,8 +228,9 @@ def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, displ
     attempts = {i: 0 for i in queue}
     results: dict[int, dict] = {}
     failures: list[dict] = []
-    actors = [worker_cls.remote(*worker_args) for _ in range(max(1, pool_size))]
-    replacements = len(actors)  # how many dead actors may be replaced, in all
+    actors = [spawn(k) for k in range(max(1, pool_size))]
+    replacements = len(actors)  # how many times a pool with no actor left may start a new one
+    requeued = 0
     load = {a: 0 for a in actors}
     running: dict = {}  # ref -> (actor, part index)
     source, root_dev, run, options = part_args
@@ -229,10 +251,10 @@ def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, displ
                 # the actor or its node died: its parts go to the others (or a replacement)
                 load.pop(actor, None)
                 queue.insert(0, i)
-                if replacements > 0:
+                requeued += 1
+                if not load and replacements > 0:  # the survivors take its parts; if none, a new one
                     replacements -= 1
-                    fresh = worker_cls.remote(*worker_args)
-                    load[fresh] = 0
+                    load[spawn(None)] = 0
                 continue
             if actor in load:
                 load[actor] -= 1
@@ -244,13 +266,13 @@ def _pull_parts(worker_cls, worker_args, parts, part_args, pool_size: int, displ
             else:
                 failures.append(r)
         display.tick(len(results), len(parts))
-        if not load and queue:
+        if not load and queue and replacements == 0:
             failures += [{"index": i, "path": parts[i].path, "status": "failed",
                           "error": "every backup actor died"} for i in queue]
             queue.clear()
     for a in load:
         ray.kill(a)
-    return results, failures
+    return results, failures, requeued
 
 
 def _sum(results: list[dict], keys) -> dict:
@@ -300,9 +322,10 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--exclude", "excludes", multiple=True, help="Glob of names or paths to leave out (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Tag for the snapshots (repeatable).")
 @click.option("--parallelism", type=click.IntRange(min=1), default=None,
-              help="At most this many backup actors at once (default: fleet every node; shard the cluster's CPUs).")
+              help="At most this many backup actors at once (default: one per node, in both modes).")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Reader threads per actor.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reader threads per actor; 0: the node's CPU count (at least 2).")
 @click.option("--host", default=None, help="Shard: host name recorded in the snapshot (default: this machine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def main(location, endpoint_url, password_env, password_file, mode, paths, node_config, node_label, excludes,

@@ -14,7 +14,7 @@ import os
 import resource
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from repo_format import clock
 from repo_format.errors import KdistError
@@ -64,7 +64,7 @@ class FleetRequest:
     excludes: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     node_config: str | None = None  # JSON file on each node: {"paths": [...], "excludes": [...], "host": "..."}
-    workers: int = 2  # reader threads per node
+    workers: int = 0  # reader threads per node; 0: the node's CPU count
 
 
 def read_node_config(path: str | None) -> dict:
@@ -136,7 +136,7 @@ class BackupWorker:
             excludes = list(request.excludes) + list(cfg.get("excludes", []))
             for path in paths:
                 options = BackupOptions(excludes=excludes, tags=list(request.tags) + ["fleet"],
-                                        workers=request.workers)
+                                        workers=node_threads(request.workers))
                 up = Uploader(self.repo, options, progress=self._progress(host, path))
                 local = Source.local(os.path.abspath(path))
                 snap = up.backup(path, Source(host, local.user, local.path))
@@ -164,6 +164,7 @@ class BackupWorker:
         up = None
         try:
             self._open()
+            options = replace(options, workers=node_threads(options.workers))
             up = Uploader(self.repo, options, progress=self._progress(self.host, f"part {index}"))
             entries, checkpoint = up.backup_part(part, source, root_dev, run)
             out["entries"] = [e.to_wire() for e in entries]
@@ -206,6 +207,11 @@ def _node_labels() -> dict:
 
 def entries_from_wire(wire: list[dict]) -> list[Entry]:
     return [Entry.from_wire(d) for d in wire]
+
+
+def node_threads(asked: int) -> int:
+    """Reader threads on this node: as asked, or (0) one per CPU, at least 2."""
+    return asked if asked > 0 else max(2, os.cpu_count() or 2)
 
 
 def peak_rss_mb() -> float:

@@ -166,6 +166,49 @@ def test_sharded_backup_equals_single_process(cluster, tmp_path):
     assert _restores(repo, sharded[0], str(root), tmp_path / "out")
 
 
+def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
+    """The parts of the dead node's actor are queued again on the others; the one snapshot is
+    still the single-process one."""
+    location = str(tmp_path / "repo")
+    _create(location)
+    root = tmp_path / "shared"
+    for i in range(1000):  # far from done when the first part is
+        d = root / f"d{i % 12}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(256 * 1024))
+    result = {}
+
+    def backup():
+        try:
+            result["summary"] = run_shard(location, None, PasswordSource(), str(root), BackupOptions(workers=1),
+                                          "shared-host", 3, 1, False)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=backup)
+    t.start()
+    ev = threading.Event()
+    try:
+        for _ in range(WAIT * 20):  # bounded: until some part has finished
+            assert t.is_alive(), result
+            if [r for r in _open(location).manifests.find(type="snapshot", checkpoint="1") if r.labels.get("run")]:
+                break
+            ev.wait(0.05)
+        cluster["cluster"].remove_node(cluster["nodes"]["node-b"], allow_graceful=False)
+        t.join(timeout=WAIT)
+        assert not t.is_alive()
+    finally:
+        cluster["nodes"]["node-b"] = _add_node(cluster["cluster"], cluster["base"], "node-b", cluster["env"])
+    assert "error" not in result, result
+    summary = result["summary"]
+    assert summary.status == "ok", summary
+    assert summary.totals["requeued"] >= 1
+    repo = _open(location)
+    single = Uploader(Repository.open(open_storage(location), PASSWORD), BackupOptions(reuse_previous=False)).backup(str(root))
+    assert single.root == summary.snapshots[0]["root"]
+    assert not [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.checkpoint]
+
+
 def test_a_gc_run_during_a_fleet_backup(cluster, tmp_path):
     location = str(tmp_path / "repo")
     _create(location, params=SHORT)
