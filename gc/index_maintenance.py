@@ -103,6 +103,7 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
             view = epochs.refresh()
             entries = epochs.read_entries(view.assembly(up_to=plan.range_to))
             kept = [x for x in entries if not (x.deleted and x.timestamp_us < watermark_us)]
+            clock.check(plan.now, "writing a range set")  # the watermark was derived at the run's start
             epochs.write_set("xr", plan.range_to, kept)
             done["range"] = {"to": plan.range_to, "entries": len(kept), "dropped": len(entries) - len(kept)}
     except BlobNotFound:

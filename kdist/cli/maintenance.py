@@ -24,6 +24,14 @@ def _print_report(report, as_json: bool, requests: dict) -> None:
     for line in report.plans:
         click.echo(("would: " if report.dry_run else "") + line)
     if not report.dry_run:
+        done = report.steps
+        blob = done.get("blob_gc", {})
+        click.echo(f"deleted {blob.get('deleted_packs', 0)} packs; {blob.get('candidates', 0)} more found unreferenced "
+                   "(deleted by a later run, once the margin has passed)")
+        moved = done.get("pack_rewrite", {})
+        if moved.get("moved"):
+            click.echo(f"rewrote {moved['moved']} live contents ({human_bytes(moved.get('bytes', 0))}) out of "
+                       f"{moved.get('packs', 0)} mostly dead or small packs")
         click.echo(f"freed {human_bytes(report.freed_bytes)}")
     click.echo("storage requests: " + ", ".join(f"{k} {v['calls']}" for k, v in sorted(requests.items())))
 
@@ -50,7 +58,8 @@ def gc_group():
 @click.option("--json", "as_json", is_flag=True)
 @with_repository()
 def gc_run(repo, dry_run, safety, as_json):
-    """Mark unreachable contents, drop old deleted ones, delete unreferenced packs."""
+    """Mark unreachable contents, drop old deleted ones, delete unreferenced packs (in two runs),
+    rewrite mostly dead packs."""
     _run(repo, True, dry_run, safety, as_json)
 
 

@@ -55,6 +55,13 @@ def test_run_records_history_and_reports_requests(repo):
     assert [r["mode"] for r in status] == ["full", "quick"]
 
 
+def test_text_output_says_what_was_deleted_and_freed(repo):
+    out = run("gc", "run", "--repo", repo).stdout
+    assert "content GC:" in out and "pack rewrite:" in out
+    assert "deleted 0 packs; 0 more found unreferenced" in out  # everything is young and referenced
+    assert "freed 0" in out and "storage requests:" in out
+
+
 def test_safety_none_is_refused_after_recent_writes(repo):
     r = run("gc", "run", "--repo", repo, "--safety", "none", code=exit_codes.FAILURE)
     assert "refusing --safety none" in r.stderr
