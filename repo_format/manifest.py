@@ -78,22 +78,35 @@ class ManifestStore:
         self.write_records([ManifestRecord(i, {}, ts, deleted=True) for i in manifest_ids])
 
     def read_blob(self, name: str) -> list[ManifestRecord]:
+        doc = self._read_doc(name)
+        try:
+            return [ManifestRecord(str(r["id"]), dict(r["labels"]), int(r["ts"]), bytes(r["payload"]),
+                                   bool(r["deleted"]), name) for r in doc["records"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptionError(f"manifest blob {name} is malformed") from exc
+
+    def _read_doc(self, name: str) -> dict:
         sealed = self.storage.get(name)
         if len(sealed) > MAX_MANIFEST_BLOB:
             raise CorruptionError(f"manifest blob {name} is implausibly large")
         plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")
         try:
             doc = msgpack.unpackb(plain, raw=False)
-            if doc["v"] != 1:
-                raise CorruptionError(f"manifest blob {name} has unknown version {doc['v']}")
-            out = []
-            for r in doc["records"]:
-                rec = ManifestRecord(str(r["id"]), dict(r["labels"]), int(r["ts"]), bytes(r["payload"]),
-                                     bool(r["deleted"]), name)
-                out.append(rec)
-            return out
+            if not isinstance(doc, dict) or doc["v"] != 1:
+                raise CorruptionError(f"manifest blob {name} has an unknown version")
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
+        return doc
+
+    def _read_at(self, meta) -> float | None:
+        """When a compacted blob's writer started reading the records it holds (storage clock);
+        blobs from before this field: their put time. None if it is gone meanwhile."""
+        try:
+            doc = self._read_doc(meta.name)
+        except BlobNotFound:
+            return None
+        read_at = doc.get("read_at")
+        return float(read_at) if isinstance(read_at, (int, float)) else meta.timestamp
 
     def _current(self) -> tuple[dict[str, ManifestRecord], list[str]]:
         """Every id's winning record. If a listed blob vanishes before it is read (a concurrent
@@ -123,22 +136,26 @@ class ManifestStore:
     def compact(self, now: float, settle: float, min_blobs: int = 16) -> int:
         """Merge manifest blobs, in two phases so that no listing ever misses a record.
 
-        A blob is deleted only when a compacted blob written more than ``settle`` after it
-        (so that compaction's listing surely included it) has itself been listed for ``settle``.
+        A blob is deleted only when a compacted blob whose writer started reading more than
+        ``settle`` after the blob was written (so its listing surely included it) has itself been
+        listed for ``settle``. The compacted blob records that start (``read_at``, ``now`` given by
+        the caller before anything is read), not its put time: a writer paused between reading and
+        putting must not cover what was published during the pause.
         A new compacted blob is written when at least ``min_blobs`` blobs would remain.
         ``now`` is the storage's time. Returns the number of blobs deleted."""
         metas = list(self.storage.list(C.MANIFEST_PREFIX))
-        merged = [m for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
+        merged = [(m, self._read_at(m)) for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
+        merged = [(m, t) for m, t in merged if t is not None]
 
         def covered(b) -> bool:
-            return any(m.name != b.name and m.timestamp - settle > b.timestamp and now - m.timestamp >= settle
-                       for m in merged)
+            return any(m.name != b.name and read_at - settle > b.timestamp and now - m.timestamp >= settle
+                       for m, read_at in merged)
 
         deletable = [b for b in metas if covered(b)]
         if len(metas) - len(deletable) >= min_blobs:
             best, _ = self._current()
             name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{self.session}"
-            plain = msgpack.packb({"v": 1, "records": [r.to_wire() for r in best.values()]})
+            plain = msgpack.packb({"v": 1, "read_at": now, "records": [r.to_wire() for r in best.values()]})
             self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
         for b in deletable:
             self.storage.delete(b.name)
