@@ -1,6 +1,6 @@
 """Scaling of the sharded backup on Ray: the same data backed up by 1 and by 2 actors.
 
-    python -m benchmarks.ray_scaling [--files 24] [--mib 16] [--rounds 2]
+    python -m benchmarks.ray_scaling [--files 24] [--mib 16] [--rounds 2] [--repo-parent /dev/shm]
 
 Generates a seeded tree (files of 4 KiB blocks, each ~60% compressible), then, in a local Ray
 with 2 CPUs, backs it up into a fresh filesystem repository for each configuration, interleaved
@@ -48,8 +48,8 @@ def make_tree(root: str, files: int, mib: int, seed: int = 7) -> int:
     return files * mib << 20
 
 
-def one_run(tree: str, actors: int, threads: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="kdist-bench-repo-") as repo_dir:
+def one_run(tree: str, actors: int, threads: int, repo_parent: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kdist-bench-repo-", dir=repo_parent) as repo_dir:
         Repository.create(FilesystemStorage(repo_dir, create=True), "bench", kdf=KdfParams.weak_for_tests()).close()
         t = time.perf_counter()
         s = run_shard(repo_dir, None, PasswordSource(), tree, BackupOptions(workers=threads), "bench", actors, 1, False)
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=24)
     ap.add_argument("--mib", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repo-parent", default=None, help="where the repositories go (e.g. /dev/shm: no disk)")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the raw results here")
     args = ap.parse_args(argv)
     ray.init(num_cpus=2, logging_level="WARNING", log_to_driver=False)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         size = make_tree(tree, args.files, args.mib)
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every configuration
             for name, actors, threads in CONFIGS:
-                results[name].append(one_run(tree, actors, threads))
+                results[name].append(one_run(tree, actors, threads, args.repo_parent))
         tiny = os.path.join(tmp, "tiny")
         os.makedirs(tiny)
         with open(os.path.join(tiny, "one"), "wb") as f:
