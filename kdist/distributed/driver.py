@@ -270,6 +270,11 @@ def _pull_parts(spawn, parts, part_args, pool_size: int, display: Display):
             failures += [{"index": i, "path": parts[i].path, "status": "failed",
                           "error": "every backup actor died"} for i in queue]
             queue.clear()
+    closing = [a.close.remote() for a in load]  # retire their sessions, then let them go
+    try:
+        ray.get(closing, timeout=120)
+    except ray.exceptions.RayError:
+        pass  # a session left behind expires on its own; nothing published depends on it
     for a in load:
         ray.kill(a)
     return results, failures, requeued

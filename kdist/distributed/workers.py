@@ -150,6 +150,8 @@ class BackupWorker:
                 out["status"] = "partial"
         except KdistError as exc:
             out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            self._close_quietly(out)  # retire the session marker: this node's backup is over
         out["duration"] = clock.monotonic() - started
         out["requests"] = _diff(before, self._counts())
         out["peak_rss_mb"] = peak_rss_mb()
@@ -179,8 +181,17 @@ class BackupWorker:
         return out
 
     def close(self) -> None:
-        if self.repo is not None:
-            self.repo.close()
+        """Flush and retire this worker's session (the driver calls it before letting it go)."""
+        repo, self.repo = self.repo, None
+        if repo is not None:
+            repo.close()
+
+    def _close_quietly(self, out: dict) -> None:
+        try:
+            self.close()
+        except KdistError as exc:
+            if out["status"] != "failed":
+                out["status"], out["error"] = "failed", f"closing the repository: {type(exc).__name__}: {exc}"
 
     def _progress(self, host: str, what: str):
         if self.board is None:

@@ -45,6 +45,9 @@ PARAMS = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024
                               chunk_avg=16 * 1024, chunk_min=4 * 1024, chunk_max=64 * 1024)
 # margins of hours scaled to seconds through the format blob, so that sessions expire in a test
 SHORT = replace(PARAMS, extra={"safety": SAFETY_FULL.scaled(1 / 3600).to_dict()})
+# margins short enough for maintenance to act during a backup, long enough that a heartbeat
+# delayed by a loaded 2-core CI machine does not lapse a session (expiry 20 s, heartbeat 100 s/60)
+BRIEF = replace(PARAMS, extra={"safety": SAFETY_FULL.scaled(1 / 360).to_dict()})
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,19 @@ def driver_password(monkeypatch):
 def _add_node(c, base, host, env):
     return c.add_node(num_cpus=1, labels={**LABEL, "kdist-host": host},
                       env_vars={**env, "KDIST_NODE_CONFIG": str(base / f"{host}.json")})
+
+
+def _replace_node(cluster, host: str) -> None:
+    """A fresh node for the one a test killed, and wait (bounded) until Ray no longer lists the
+    dead one as alive: the next fleet backup must see exactly three backup nodes."""
+    cluster["nodes"][host] = _add_node(cluster["cluster"], cluster["base"], host, cluster["env"])
+    ev = threading.Event()
+    for _ in range(WAIT * 10):
+        alive = [n for n in ray.nodes() if n["Alive"] and (n.get("Labels") or {}).get("kdist-role") == "backup"]
+        if len(alive) == len(HOSTS):
+            return
+        ev.wait(0.1)
+    raise AssertionError(f"Ray still lists {len(alive)} backup nodes after replacing {host}")
 
 
 def _configure(cluster, roots: dict[str, str]) -> None:
@@ -128,6 +144,7 @@ def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket, caps
     assert all(n["requests"].get("PUT", 0) > 0 for n in summary.nodes)
 
     repo = _open(location, endpoint)
+    assert not list(repo.storage.list(C.SESSION_PREFIX))  # every node retired its session
     snaps = list_snapshots(repo.manifests)
     assert sorted(s.source.host for s in snaps) == sorted(HOSTS)
     for s in snaps:
@@ -158,6 +175,7 @@ def test_sharded_backup_equals_single_process(cluster, tmp_path):
     assert summary.totals["parts"] > 3
     assert len({p["node_id"] for p in summary.nodes}) >= 2  # the parts really were spread
     repo = _open(location)
+    assert not list(repo.storage.list(C.SESSION_PREFIX))  # the driver and every actor retired theirs
     sharded = [s for s in list_snapshots(repo.manifests, include_checkpoints=True)]
     assert len(sharded) == 1 and not sharded[0].checkpoint  # the parts' checkpoints are gone
 
@@ -198,7 +216,7 @@ def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
         t.join(timeout=WAIT)
         assert not t.is_alive()
     finally:
-        cluster["nodes"]["node-b"] = _add_node(cluster["cluster"], cluster["base"], "node-b", cluster["env"])
+        _replace_node(cluster, "node-b")
     assert "error" not in result, result
     summary = result["summary"]
     assert summary.status == "ok", summary
@@ -211,7 +229,7 @@ def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
 
 def test_a_gc_run_during_a_fleet_backup(cluster, tmp_path):
     location = str(tmp_path / "repo")
-    _create(location, params=SHORT)
+    _create(location, params=BRIEF)
     roots = _trees(tmp_path, big=2 << 20)
     _configure(cluster, roots)
     stop = threading.Event()
@@ -232,7 +250,7 @@ def test_a_gc_run_during_a_fleet_backup(cluster, tmp_path):
     finally:
         stop.set()
         t.join(timeout=WAIT)
-    assert summary.status == "ok", summary
+    assert summary.status == "ok", [(n["host"], n["status"], n.get("error")) for n in summary.nodes]
     assert runs, "no maintenance run overlapped the backup"
     repo = _open(location)
     for s in list_snapshots(repo.manifests):
@@ -269,7 +287,7 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
         t.join(timeout=WAIT)
         assert not t.is_alive()
     finally:
-        cluster["nodes"]["node-c"] = _add_node(cluster["cluster"], cluster["base"], "node-c", cluster["env"])
+        _replace_node(cluster, "node-c")
     assert "error" not in result, result
     summary = result["summary"]
     by_host = {n["host"]: n for n in summary.nodes}
