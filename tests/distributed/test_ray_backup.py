@@ -194,17 +194,8 @@ def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
         d = root / f"d{i % 12}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(256 * 1024))
-    result = {}
-
-    def backup():
-        try:
-            result["summary"] = run_shard(location, None, PasswordSource(), str(root), BackupOptions(workers=1),
-                                          "shared-host", 3, 1, False)
-        except BaseException as exc:  # reported by the assertion below
-            result["error"] = exc
-
-    t = threading.Thread(target=backup)
-    t.start()
+    t, result = _in_thread(lambda: run_shard(location, None, PasswordSource(), str(root), BackupOptions(workers=1),
+                                             "shared-host", 3, 1, False))
     ev = threading.Event()
     try:
         for _ in range(WAIT * 20):  # bounded: until some part has finished
@@ -272,15 +263,7 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
     roots["node-c"] = str(victim_root)
     _configure(cluster, roots)
     storage = open_storage(location)
-    result = {}
-    def backup():
-        try:
-            result["summary"] = _fleet(location)
-        except BaseException as exc:  # reported by the assertion below
-            result["error"] = exc
-
-    t = threading.Thread(target=backup)
-    t.start()
+    t, result = _in_thread(lambda: _fleet(location))
     try:
         victim_session = _wait_for_checkpoint_and_orphans(location, "node-c", t)
         cluster["cluster"].remove_node(cluster["nodes"]["node-c"], allow_graceful=False)
@@ -324,6 +307,21 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
     assert not set(orphans) & _names(storage), "orphan packs of the dead session were never collected"
     for host, s in finals.items():  # and nothing committed was harmed
         assert _restores(_open(location), s, roots[host], tmp_path / f"again-{host}")
+
+
+def _in_thread(backup):
+    """Run ``backup()`` in a started thread; ``result`` gets its "summary" or its "error"."""
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = backup()
+        except BaseException as exc:  # reported by the test's assertion
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
 
 
 def _names(storage) -> set[str]:
