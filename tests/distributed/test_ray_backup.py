@@ -203,13 +203,8 @@ def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
             if [r for r in _open(location).manifests.find(type="snapshot", checkpoint="1") if r.labels.get("run")]:
                 break
             ev.wait(0.05)
-        cluster["cluster"].remove_node(cluster["nodes"]["node-b"], allow_graceful=False)
-        t.join(timeout=WAIT)
-        assert not t.is_alive()
     finally:
-        _replace_node(cluster, "node-b")
-    assert "error" not in result, result
-    summary = result["summary"]
+        summary = _kill_node_and_finish(cluster, "node-b", t, result)
     assert summary.status == "ok", summary
     assert summary.totals["requeued"] >= 1
     repo = _open(location)
@@ -266,15 +261,9 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
     t, result = _in_thread(lambda: _fleet(location))
     try:
         victim_session = _wait_for_checkpoint_and_orphans(location, "node-c", t)
-        cluster["cluster"].remove_node(cluster["nodes"]["node-c"], allow_graceful=False)
-        t.join(timeout=WAIT)
-        assert not t.is_alive()
     finally:
-        _replace_node(cluster, "node-c")
-    assert "error" not in result, result
-    summary = result["summary"]
+        summary = _kill_node_and_finish(cluster, "node-c", t, result)
     by_host = {n["host"]: n for n in summary.nodes}
-    assert by_host["node-c"]["status"] == "failed", by_host["node-c"]
     assert summary.status == "failed" and summary.exit_code() == exit_codes.DISTRIBUTED_FAILED
     assert by_host["node-c"]["status"] == "failed" and "died" in by_host["node-c"]["error"]
     assert by_host["node-a"]["status"] == by_host["node-b"]["status"] == "ok"
@@ -307,6 +296,19 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
     assert not set(orphans) & _names(storage), "orphan packs of the dead session were never collected"
     for host, s in finals.items():  # and nothing committed was harmed
         assert _restores(_open(location), s, roots[host], tmp_path / f"again-{host}")
+
+
+def _kill_node_and_finish(cluster, host: str, backup: threading.Thread, result: dict):
+    """Kill ``host``'s node under the running backup, wait (bounded) for the backup to finish,
+    give the cluster a fresh node in its place; return the backup's summary."""
+    try:
+        cluster["cluster"].remove_node(cluster["nodes"][host], allow_graceful=False)
+        backup.join(timeout=WAIT)
+        assert not backup.is_alive(), f"the backup did not finish within {WAIT} s of {host} dying"
+    finally:
+        _replace_node(cluster, host)
+    assert "error" not in result, result
+    return result["summary"]
 
 
 def _in_thread(backup):
