@@ -74,6 +74,7 @@ class Restorer:
         if overwrite not in OVERWRITE_POLICIES:
             raise ValueError(f"overwrite policy must be one of {OVERWRITE_POLICIES}")
         self.repo = repo
+        repo.contents.read_ahead()  # files come in the order their contents were written
         self.overwrite = overwrite
         self.workers = workers
         self.stats = RestoreStats()

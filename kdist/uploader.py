@@ -33,10 +33,54 @@ from kdist.snapshot import (
 
 IGNORE_FILE = ".kdistignore"
 MAX_REPORTED_ERRORS = 500
+# Files no larger than the chunker's minimum chunk are one chunk each: they are read whole, in
+# one call, and handed to the pool in batches of up to BATCH_FILES files or BATCH_BYTES bytes,
+# so a tree of small files costs one task per batch, not per file.
+BATCH_FILES = 64
+BATCH_BYTES = 4 * 1024 * 1024
 
 
 class SourceError(KdistError):
     """The backup source cannot be used at all (missing, not a directory)."""
+
+
+class ReadFailed(Exception):
+    """A source file could not be read; the message is what the backup reports for it."""
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_source(path: str) -> int:
+    """A descriptor for reading ``path``, never through a symlink and, where allowed, without
+    updating its access time."""
+    try:
+        return os.open(path, _OPEN_FLAGS | _NOATIME)
+    except PermissionError:  # O_NOATIME needs ownership; retry without it
+        pass
+    except OSError as exc:
+        raise ReadFailed(f"cannot read file: {exc.strerror}") from None
+    try:
+        return os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise ReadFailed(f"cannot read file: {exc.strerror}") from None
+
+
+def read_whole(path: str, size: int) -> tuple[bytes, os.stat_result] | None:
+    """The bytes of a file the walk saw ``size`` bytes long and its stat after the read, or None
+    if it has grown since. One read of at most ``size + 1`` bytes: a larger buffer than needed
+    costs an mmap per file."""
+    fd = open_source(path)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) > size:
+            return None
+        return data, os.fstat(fd)
+    except OSError as exc:
+        raise ReadFailed(f"error while reading file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -74,7 +118,36 @@ class DirNode:
     entries, or directories being built)."""
 
     entry: Entry
-    children: list = field(default_factory=list)  # Entry | DirNode | Future[Entry | None]
+    children: list = field(default_factory=list)  # Entry | DirNode | PENDING (Entry | None)
+
+
+class _Batch:
+    """Small files read together by one pool task; ``future`` is set once it is submitted."""
+
+    __slots__ = ("items", "bytes", "future")
+
+    def __init__(self):
+        self.items: list[tuple[str, Entry]] = []
+        self.bytes = 0
+        self.future: Future | None = None
+
+
+class _Slot:
+    """A directory's child that is one file of a batch: ``done()`` and ``result()`` like a Future."""
+
+    __slots__ = ("batch", "i")
+
+    def __init__(self, batch: _Batch, i: int):
+        self.batch, self.i = batch, i
+
+    def done(self) -> bool:
+        return self.batch.future is not None and self.batch.future.done()
+
+    def result(self) -> Entry | None:
+        return self.batch.future.result()[self.i]
+
+
+PENDING = (Future, _Slot)  # children of a DirNode still being read
 
 
 def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
@@ -115,6 +188,8 @@ def is_excluded(path: str, name: str, root: str, patterns: list[str]) -> bool:
     """The ignore file itself, or a name or path (relative to the backup root) that matches."""
     if name == IGNORE_FILE:
         return True
+    if not patterns:
+        return False
     rel = os.path.relpath(path, root)
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("/" + rel, p)
                for p in patterns)
@@ -162,6 +237,7 @@ class Uploader:
         self._futures: list[Future] = []
         self._slots = threading.BoundedSemaphore(self.options.workers * 4)
         self._checkpoint_ids: list[str] = []
+        self._batch = _Batch()
 
     # ---- public --------------------------------------------------------------------------
     def backup(self, path: str, source: Source | None = None) -> Snapshot:
@@ -201,7 +277,7 @@ class Uploader:
             holder = self._write_tree(self._root, final=True)
             entries = []
             for c in self._root.children:
-                c = c.result() if isinstance(c, Future) else c.entry if isinstance(c, DirNode) else c
+                c = c.result() if isinstance(c, PENDING) else c.entry if isinstance(c, DirNode) else c
                 if c is not None:
                     entries.append(c)
         snap = self._publish(holder, checkpoint=True)
@@ -233,12 +309,19 @@ class Uploader:
         self._new_bytes_base = self.repo.contents.stats.bytes_original
         self._futures = []
         self._checkpoint_ids = []
+        self._batch = _Batch()
+        self._small = self.repo.objects.splitter.min_size
 
     def _run(self, walk: Callable[[], None]) -> None:
         """Walk in this thread while the pool reads files; checkpoint while waiting for them."""
-        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool:
-            self._pool = pool
+        # Small files go to one thread of their own: their cost is Python code, which holds the
+        # GIL, and more threads on them only hand the GIL back and forth (measured slower). Large
+        # files go to ``workers`` threads, which chunk, hash, compress and encrypt in parallel.
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdist-small") as small_pool:
+            self._pool, self._small_pool = pool, small_pool
             walk()
+            self._submit_batch()
             pending = [f for f in self._futures if not f.done()]
             while pending:
                 _, pending = wait(pending, timeout=self._checkpoint_wait(), return_when=FIRST_COMPLETED)
@@ -352,23 +435,66 @@ class Uploader:
             with self._lock:
                 self.stats.files_reused += 1
             return entry
+        if entry.size <= self._small:
+            batch = self._batch
+            batch.items.append((path, entry))
+            batch.bytes += entry.size
+            slot = _Slot(batch, len(batch.items) - 1)
+            if len(batch.items) >= BATCH_FILES or batch.bytes >= BATCH_BYTES:
+                self._submit_batch()
+            return slot
+        return self._submit(self._read_file, path, entry)
+
+    def _submit(self, fn, *args, pool: ThreadPoolExecutor | None = None) -> Future:
         self._slots.acquire()
-        fut = self._pool.submit(self._read_file, path, entry)
+        fut = (pool or self._pool).submit(fn, *args)
         fut.add_done_callback(lambda _: self._slots.release())
         self._futures.append(fut)
         return fut
 
+    def _submit_batch(self) -> None:
+        batch, self._batch = self._batch, _Batch()
+        if not batch.items:
+            return
+        batch.future = self._submit(self._read_batch, batch.items, pool=self._small_pool)
+
+    def _read_batch(self, items: list[tuple[str, Entry]]) -> list[Entry | None]:
+        done = [self._read_small(path, entry) for path, entry in items]
+        if self._progress is not None:
+            self._progress(self.stats, "")
+        return done
+
+    def _read_small(self, path: str, entry: Entry) -> Entry | None:
+        """A file the walk saw no larger than one chunk: read whole (``read_whole``); grown
+        since the walk, it is read as a stream, like a large file."""
+        try:
+            got = read_whole(path, entry.size)
+        except ReadFailed as exc:
+            self._error(path, str(exc))
+            return None
+        if got is None:
+            return self._read_file(path, entry)
+        data, st = got
+        return self._finish_small(path, entry, self.repo.objects.write_small(data), len(data), st.st_mtime_ns, st.st_size)
+
+    def _finish_small(self, path: str, entry: Entry, oid: str, length: int, mtime_ns: int, size: int) -> Entry:
+        """A small file is stored: compare its stat after the read with the walk's (a change
+        since then is reported like a change while reading)."""
+        walked = (entry.mtime_ns, entry.size)
+        entry.oid, entry.size = oid, length
+        with self._lock:
+            self.stats.files_read += 1
+            self.stats.bytes_read += length
+        if (mtime_ns, size) != walked or length != size:
+            self._error(path, "file changed while it was being read; the stored copy may be inconsistent")
+            entry.ctime_ns = 0  # never taken for unchanged next time
+        return entry
+
     def _read_file(self, path: str, entry: Entry) -> Entry | None:
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0))
-        except PermissionError:  # O_NOATIME needs ownership; retry without it
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError as exc:
-                self._error(path, f"cannot read file: {exc.strerror}")
-                return None
-        except OSError as exc:
-            self._error(path, f"cannot read file: {exc.strerror}")
+            fd = open_source(path)
+        except ReadFailed as exc:
+            self._error(path, str(exc))
             return None
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
@@ -397,7 +523,7 @@ class Uploader:
         entries = []
         summary = {"files": 0, "dirs": 0, "bytes": 0}
         for child in node.children:
-            if isinstance(child, Future):
+            if isinstance(child, PENDING):
                 if not final and not child.done():
                     continue
                 child = child.result()

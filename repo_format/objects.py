@@ -24,10 +24,19 @@ _READ_BLOCK = 8 * 1024 * 1024
 
 
 class Splitter:
-    """Content-defined chunking with one FastCDC object per thread (they are not thread-safe)."""
+    """Content-defined chunking with one FastCDC object and one read buffer per thread.
+
+    ``split`` reads into a reused buffer and cuts it with ``cut_buf``: pyfastcdc's ``cut_stream``
+    allocates a fresh buffer per stream (about 0.5 ms, the whole cost of backing up a 1 KiB file)
+    and cuts at less than half the speed. A cut point depends only on the bytes from the chunk's
+    start, so cutting a buffer and carrying its unfinished last chunk into the next one gives the
+    same chunks as cutting the whole stream at once.
+    """
 
     def __init__(self, avg: int, minimum: int, maximum: int, seed: int):
         self._args = (avg, minimum, maximum, seed)
+        self.min_size = minimum  # no cut comes earlier: data this long or shorter is one chunk
+        self._max = maximum
         self._local = threading.local()
 
     def _cdc(self) -> pyfastcdc.FastCDC:
@@ -37,22 +46,49 @@ class Splitter:
             cdc = self._local.cdc = pyfastcdc.FastCDC(avg, min_size=mn, max_size=mx, seed=seed)
         return cdc
 
+    def _buffer(self) -> bytearray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(max(_READ_BLOCK, 2 * self._max))
+        return buf
+
     def split(self, stream: BinaryIO):
         """Yield memoryviews of consecutive chunks; each is valid until the next is yielded."""
-        for chunk in self._cdc().cut_stream(stream):
-            yield chunk.data
+        cdc, buf = self._cdc(), self._buffer()
+        view = memoryview(buf)
+        filled, eof = 0, False
+        while not eof:
+            while filled < len(buf):  # fill the buffer, or reach the end of the stream
+                n = stream.readinto(view[filled:])
+                if not n:
+                    eof = True
+                    break
+                filled += n
+            if not filled:
+                break
+            start = 0
+            for chunk in cdc.cut_buf(view[:filled]):
+                if not eof and chunk.offset + chunk.length == filled:
+                    break  # the last cut of a full buffer may move once more data is seen
+                yield chunk.data
+                start = chunk.offset + chunk.length
+            view[:filled - start] = view[start:filled]  # carry the unfinished chunk over
+            filled -= start
+        view.release()
 
 
 def parse_object_id(oid: str) -> tuple[bool, bytes]:
     """Return ``(indirect, content id)``; ``CorruptionError`` for a malformed id."""
+    if type(oid) is not str:
+        raise CorruptionError(f"malformed object id of type {type(oid).__name__}")
     indirect = oid.startswith(C.INDIRECT_OBJECT_PREFIX)
     hexpart = oid[1:] if indirect else oid
     try:
         cid = bytes.fromhex(hexpart)
     except ValueError:
-        raise CorruptionError(f"malformed object id {oid!r}") from None
+        raise CorruptionError(f"malformed object id {oid[:80]!r}") from None
     if len(cid) != C.CONTENT_ID_SIZE:
-        raise CorruptionError(f"malformed object id {oid!r}")
+        raise CorruptionError(f"malformed object id {oid[:80]!r}")
     return indirect, cid
 
 
@@ -69,6 +105,12 @@ class ObjectStore:
             if on_chunk is not None:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
+
+    def write_small(self, data: bytes, metadata: bool = False) -> str:
+        """``write_bytes`` for data of at most ``splitter.min_size`` bytes: one chunk, uncut."""
+        if len(data) > self.splitter.min_size:
+            return self.write_bytes(data, metadata)
+        return self.contents.write(data, metadata=metadata).hex()
 
     def write_bytes(self, data: bytes, metadata: bool = False) -> str:
         return self.write_stream(io.BytesIO(data), metadata)[0]
@@ -92,10 +134,12 @@ class ObjectStore:
             listing = msgpack.unpackb(self.contents.read(cid), raw=False)
             if listing["v"] != C.OBJECT_LIST_VERSION:
                 raise CorruptionError(f"object {oid} has unknown list version {listing['v']}")
-            chunks = [(bytes(c), int(n)) for c, n in listing["chunks"]]
+            chunks = [(c, n) for c, n in listing["chunks"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"object {oid} has a malformed chunk list") from exc
-        if any(len(c) != C.CONTENT_ID_SIZE or n < 0 for c, n in chunks):
+        # exact types: bytes(n) of a hostile integer would allocate n bytes, int() of inf raises
+        if not all(type(c) is bytes and len(c) == C.CONTENT_ID_SIZE and type(n) is int and 0 <= n < 2**63
+                   for c, n in chunks):
             raise CorruptionError(f"object {oid} has a malformed chunk list")
         return chunks
 

@@ -9,6 +9,7 @@ locates the local index, so every index entry can be rebuilt from packs alone.
 
 from __future__ import annotations
 
+import bisect
 import secrets
 import zlib
 
@@ -35,35 +36,40 @@ def local_index_aad(pack_name: str) -> bytes:
 
 
 class PackWriter:
-    """Builds one pack in memory. Not thread-safe: the content store serialises ``add``."""
+    """Builds one pack in memory. Not thread-safe: the content store serialises ``add``.
+
+    Records are kept as the sealed bytes they arrive as and joined once, in ``finish``: growing
+    one buffer would copy every record again on each reallocation, with the GIL held.
+    """
 
     def __init__(self, name: str):
         self.name = name
-        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
         self.entries: list[IndexEntry] = []
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def add(self, content_id: bytes, compression: int, sealed: bytes, original_length: int,
             timestamp_us: int) -> IndexEntry:
-        entry = IndexEntry(content_id, self.name, len(self._buf), len(sealed), original_length,
+        entry = IndexEntry(content_id, self.name, self._size, len(sealed), original_length,
                            compression, timestamp_us)
-        self._buf += sealed
+        self._parts.append(sealed)
+        self._size += len(sealed)
         self.entries.append(entry)
         return entry
 
     def read_pending(self, entry: IndexEntry) -> bytes:
-        return bytes(self._buf[entry.offset:entry.offset + entry.packed_length])
+        i = bisect.bisect_left(self.entries, entry.offset, key=lambda e: e.offset)
+        return bytes(self._parts[i])
 
     def finish(self, index_aead: Aead) -> bytes:
         """The complete pack: records, sealed local index, postamble."""
         sealed_index = index_aead.seal(encode_index(self.entries), local_index_aad(self.name))
-        offset = len(self._buf)
-        body = self._buf + sealed_index
-        post = C.PACK_POSTAMBLE.pack(C.PACK_MAGIC, C.PACK_VERSION, offset, len(sealed_index), 0)
+        post = C.PACK_POSTAMBLE.pack(C.PACK_MAGIC, C.PACK_VERSION, self._size, len(sealed_index), 0)
         crc = zlib.crc32(post[:-4])
-        return bytes(body + post[:-4] + crc.to_bytes(4, "big"))
+        return b"".join([*self._parts, sealed_index, post[:-4], crc.to_bytes(4, "big")])
 
 
 def parse_postamble(post: bytes, pack_size: int, name: str) -> tuple[int, int]:

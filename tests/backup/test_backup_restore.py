@@ -126,28 +126,42 @@ def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monke
     src = tmp_path / "src"
     src.mkdir()
     (src / "vanishing").write_text("x" * 100)
-    (src / "growing").write_bytes(os.urandom(100_000))
-    real = Uploader._read_file
+    (src / "rewritten").write_bytes(os.urandom(1_000))  # within chunk_min: read whole, as one chunk
+    (src / "growing-big").write_bytes(os.urandom(100_000))  # read as a stream
+    (src / "outgrown").write_bytes(b"small")  # small when walked, a stream when read
+    real_open = uploader_module.open_source
 
-    def meddle(self, path, entry):
+    def meddle(path):
         if path.endswith("vanishing"):
             os.unlink(path)
-        return real(self, path, entry)
+        if path.endswith("outgrown") and os.path.getsize(path) == 5:
+            with open(path, "ab") as f:
+                f.write(os.urandom(70_000))
+        if path.endswith("rewritten"):  # changed in place after the walk's stat
+            with open(path, "r+b") as f:
+                f.write(b"more")
+            os.utime(path, ns=(0, 10**9))
+        return real_open(path)
 
-    real_write_stream = None
+    real_write_stream = repo.objects.write_stream
 
     def grow(stream, *a, **k):
-        with open(src / "growing", "ab") as f:  # the file changes while it is read
+        with open(src / "growing-big", "ab") as f:  # the file changes while it is read
             f.write(b"more")
         return real_write_stream(stream, *a, **k)
 
-    monkeypatch.setattr(Uploader, "_read_file", meddle)
-    real_write_stream = repo.objects.write_stream
+    monkeypatch.setattr(uploader_module, "open_source", meddle)
     monkeypatch.setattr(repo.objects, "write_stream", grow)
     snap = backup(repo, src)
     errors = {os.path.basename(e["path"]): e["error"] for e in snap.errors}
     assert "No such file" in errors["vanishing"]
-    assert "changed while it was being read" in errors["growing"]
+    assert "changed while it was being read" in errors["rewritten"]
+    assert "changed while it was being read" in errors["growing-big"]
+    assert "outgrown" not in errors  # it grew before it was opened: read whole, consistently
+    restored = tmp_path / "restored"
+    Restorer(repo).restore(snap, str(restored))
+    assert (restored / "outgrown").read_bytes() == (src / "outgrown").read_bytes()
+    assert len((restored / "outgrown").read_bytes()) == 70_005
 
 
 def test_missing_source_is_a_source_error(repo, tmp_path):

@@ -128,3 +128,38 @@ def test_reader_readinto_and_iteration(repo):
 def test_malformed_object_ids_are_corruption(repo, oid):
     with pytest.raises(CorruptionError):
         repo.objects.chunks(oid)
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most ``step`` bytes per read, like a pipe or a slow socket."""
+
+    def __init__(self, data: bytes, step: int):
+        self._data, self._pos, self._step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._step, len(self._data) - self._pos)
+        b[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [0, 1, 5_000, 4 * 1024 * 1024, 8 * 1024 * 1024 + 1, 21 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("step", [None, 1_000_003])
+def test_splitter_cuts_like_the_whole_stream_at_once(size, step):
+    """Cutting a reused buffer and carrying the unfinished chunk over gives exactly the chunks of
+    pyfastcdc's own stream cutter, across buffer refills and short reads."""
+    import pyfastcdc
+
+    from repo_format.objects import Splitter
+
+    rnd = random.Random(size)
+    data = rnd.randbytes(size // 2) + bytes(size - size // 2)  # random, then one long run
+    sp = Splitter(1 << 20, 256 << 10, 4 << 20, seed=11)
+    want = [bytes(c.data) for c in pyfastcdc.FastCDC(1 << 20, min_size=256 << 10, max_size=4 << 20, seed=11)
+            .cut_stream(io.BytesIO(data))]
+    got = [bytes(c) for c in sp.split(io.BytesIO(data) if step is None else _Trickle(data, step))]
+    assert got == want
+    assert b"".join(got) == data
