@@ -63,3 +63,23 @@ def tree_state(root) -> dict:
                 item["mtime_ns"] = st.st_mtime_ns
             state[rel] = item
     return state
+
+
+def cli_env(monkeypatch) -> None:
+    """The environment of a CLI test: the test password, the weak test KDF, no repository or
+    endpoint inherited from the shell."""
+    monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)
+    monkeypatch.setenv("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
+    for var in ("KDIST_REPO", "KDIST_ENDPOINT_URL", "KDIST_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def run_cli(*args, code=0, **kw):
+    """Run ``kdist ARGS`` in-process; assert its exit code."""
+    from click.testing import CliRunner
+
+    from kdist.cli.main import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr if hasattr(result, "stderr") else "")
+    return result

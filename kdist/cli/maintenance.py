@@ -7,7 +7,8 @@ import json
 
 import click
 
-from repo_format.index_rebuild import entries_from_packs
+from repo_format import clock
+from repo_format.index_rebuild import entries_from_packs, entries_to_write
 from repo_format.safety import PRESETS
 
 from kdist.cli.context import with_repository
@@ -117,8 +118,8 @@ def index_rebuild(repo, dry_run):
     for name, problem in sorted(result.damaged_packs.items()):
         click.echo(f"  damaged pack {name}: {problem}", err=True)
     current = repo.contents.epochs.load_index()
-    missing = [e for e in result.entries if current.lookup(e.content_id) is None]
-    click.echo(f"read {result.packs_read} packs: {len(result.entries)} entries, {len(missing)} not in the index")
+    missing = entries_to_write(result.entries, current, int(clock.now() * 1e6))  # one per content
+    click.echo(f"read {result.packs_read} packs: {len(result.entries)} entries, {len(missing)} contents not in the index")
     if missing and not dry_run:
         name = repo.contents.epochs.write_index(missing)
         click.echo(f"wrote {len(missing)} entries to {name}")

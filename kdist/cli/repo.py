@@ -1,9 +1,10 @@
-"""``kdist repo create|connect|status|change-password``."""
+"""``kdist repo create|connect|status|change-password|check|repair``."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 
@@ -14,8 +15,11 @@ from repo_format.errors import KdistError
 from repo_format.format_blob import RepositoryParameters
 from repo_format.safety import SAFETY_FULL, safety_of
 
+from kdist.check import CheckReport, check_repository
+from kdist.cli import exit_codes
 from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
 from kdist.cli.progress import human_bytes
+from kdist.repair import repair_repository
 
 
 @click.group("repo")
@@ -114,3 +118,99 @@ def change_password(repo_location, endpoint_url, password_file, new_password_fil
     except KdistError as exc:
         fail(exc)
     click.echo("password changed")
+
+
+class _Percent(click.ParamType):
+    """A share in percent, ``10`` or ``10%``, above 0 and at most 100."""
+
+    name = "percent"
+
+    def convert(self, value, param, ctx):
+        try:
+            share = float(str(value).rstrip("%"))
+        except ValueError:
+            self.fail(f"{value!r} is not a percentage", param, ctx)
+        if not 0 < share <= 100:
+            self.fail(f"{value!r} is not above 0 and at most 100", param, ctx)
+        return share
+
+
+def _on_format(repo_location, endpoint_url, password_file, read_only: bool, call):
+    """``call(storage, format blob)``, without assembling the index as ``Repository.open`` does:
+    the check and the repair assemble it themselves, past damaged index blobs, where opening
+    stops. Library errors become exit codes."""
+    try:
+        storage = make_storage(repo_location, endpoint_url, read_only=read_only)
+        return call(storage, format_blob.read(storage, read_password(password_file)))
+    except KdistError as exc:
+        fail(exc)
+
+
+def _print_problems(report: CheckReport) -> None:
+    for p in report.problems:
+        click.echo(f"  problem: {p.message}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+
+
+@repo_group.command("check")
+@repo_options
+@click.option("--read-data", type=_Percent(), is_flag=False, flag_value="100", default=None, metavar="[PERCENT]",
+              help="Also fetch and authenticate every content, or those of a random PERCENT of the packs "
+                   "(--read-data=10).")
+@click.option("--seed", type=int, default=None, help="Seed of the --read-data sample (default: random, printed).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(repo_location, endpoint_url, password_file, read_data, seed, as_json):
+    """Check the repository's structure (and with --read-data its contents); never writes.
+    Exits 13 when it finds a problem."""
+    report = _on_format(repo_location, endpoint_url, password_file, True,
+                        lambda storage, fmt: check_repository(storage, fmt, read_data, seed))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_problems(report)
+        if report.read_data is not None:
+            click.echo(f"read {report.read_data['percent']:g}% of the packs (seed {report.read_data['seed']})")
+        click.echo(report.summary())
+        click.echo("no problems found" if report.healthy else "the repository is damaged: `kdist repo repair` "
+                   "puts back what it can (with --source, from the original files)")
+    if not report.healthy:
+        sys.exit(exit_codes.CORRUPTION)
+
+
+@repo_group.command("repair")
+@repo_options
+@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A tree holding the original files: re-upload missing contents found in it.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be repaired; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def repair(repo_location, endpoint_url, password_file, source, dry_run, as_json):
+    """Rebuild missing index entries from the packs and re-upload missing contents from --source.
+    Deletes nothing. Exits 0 only when nothing is missing afterwards (13 otherwise)."""
+    r = _on_format(repo_location, endpoint_url, password_file, dry_run,
+                   lambda storage, fmt: repair_repository(storage, fmt, source, dry_run))
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=2))
+    else:
+        would = "would " if dry_run else ""
+        click.echo(f"before: {len(r.before.problems)} problem(s), {len(r.before.missing)} content(s) snapshots "
+                   "need cannot be read")
+        for name, why in sorted(r.damaged_packs.items()):
+            click.echo(f"  damaged pack {name}: {why}")
+        if r.packs_read:
+            click.echo(f"index: read {r.packs_read} packs' own indexes; {would}write {r.entries_rebuilt} entries the "
+                       f"index lacked and {r.entries_repointed} for contents found in another pack")
+        if r.undeleted:
+            click.echo(f"{would}undelete {r.undeleted} content(s) that snapshots reach")
+        if source is not None:
+            click.echo(f"source: read {r.source_files} files; {would}re-upload {r.reuploaded} missing content(s) "
+                       f"({human_bytes(r.reuploaded_bytes)})")
+            for err in r.source_errors:
+                click.echo(f"  cannot read {err}", err=True)
+        if r.after is not None:
+            _print_problems(r.after)
+            click.echo("after: " + r.after.summary())
+        click.echo(f"still missing: {r.still_missing} content(s)" + ("" if r.healthy else
+                   "; the repository is still damaged" + (" (dry run: nothing was written)" if dry_run else "")))
+    if not r.healthy:
+        sys.exit(exit_codes.CORRUPTION)

@@ -10,25 +10,18 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from kdist.cli import exit_codes
-from kdist.cli.main import cli
-from kdist_trees import PASSWORD, build_tree, tree_state
+from kdist_trees import PASSWORD, build_tree, cli_env, run_cli, tree_state
 
 
 @pytest.fixture
 def env(monkeypatch):
-    monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)
-    monkeypatch.setenv("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
-    for var in ("KDIST_REPO", "KDIST_ENDPOINT_URL", "KDIST_PASSWORD_FILE"):
-        monkeypatch.delenv(var, raising=False)
+    cli_env(monkeypatch)
 
 
 def run(*args, code=0, **kw):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr if hasattr(result, "stderr") else "")
-    return result
+    return run_cli(*args, code=code, **kw)
 
 
 @pytest.fixture

@@ -1,0 +1,408 @@
+"""``kdist repo check``: find everything wrong with a repository, without stopping or writing.
+
+Structure: the index is assembled from its epochs blob by blob (a damaged blob is reported, the
+others are used) and every set that assembly would need is checked complete; every winning live
+entry must point into a listed pack, inside it; every manifest blob must open and every snapshot
+and checkpoint it holds must parse and its tree resolve: every directory object readable, every
+content a file refers to in the index, live, in an existing pack. With ``read_data`` every
+content of a seeded sample of the packs is fetched and authenticated, and those packs' own local
+indexes compared with the index. Manifests are listed before the index and packs after it, so a
+backup publishing meanwhile is never reported as damaged.
+
+Memory grows with the index (its winners, pack names, ids already checked), never with data
+size. This module only reads; the CLI gives it a read-only storage.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from repo_format import constants as C
+from repo_format.content import ContentStore, make_epoch_manager
+from repo_format.epoch import ASSEMBLY_ATTEMPTS, EpochView
+from repo_format.errors import BlobNotFound, ContentNotFound, KdistError
+from repo_format.format_blob import FormatBlob
+from repo_format.index import IndexEntry, MergedIndex, open_index
+from repo_format.index_rebuild import entries_from_packs
+from repo_format.io_pool import parallel_map
+from repo_format.manifest import ManifestStore, newer
+from repo_format.objects import ObjectStore, Splitter, parse_object_id
+from repo_format.storage.base import BlobStorage
+
+from kdist.snapshot import SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Snapshot, decode_directory
+
+NO_SESSION = "0" * 2 * C.SESSION_ID_BYTES  # a reader: it never writes anything in a session
+PACK_PREFIXES = (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX)
+READ_THREADS = 4
+
+
+@dataclass
+class Problem:
+    kind: str  # index-blob, index-set, epoch-marker, pack, manifest, snapshot, directory, file, content, pack-index
+    message: str
+    where: dict = field(default_factory=dict)  # snapshot, path, content, pack, offset, blob
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, **self.where}
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # informational: not damage
+    unreferenced_packs: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: dict.fromkeys(
+        ("index_blobs", "index_entries", "packs", "manifest_blobs", "snapshots", "checkpoints", "directories",
+         "files", "packs_read", "contents_read", "bytes_read"), 0))
+    read_data: dict | None = None  # {"percent", "seed"} when contents were read
+    # for repair: contents snapshots reach that cannot be read, and reached ones marked deleted
+    missing: set[bytes] = field(default_factory=set)
+    deleted_referenced: dict[bytes, IndexEntry] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        c = self.counts
+        text = (f"checked {c['index_entries']} index entries in {c['index_blobs']} index blobs, {c['packs']} packs "
+                f"({len(self.unreferenced_packs)} unreferenced), {c['manifest_blobs']} manifest blobs, "
+                f"{c['snapshots']} snapshots and {c['checkpoints']} checkpoints ({c['directories']} directories, "
+                f"{c['files']} files)")
+        if self.read_data is not None:
+            text += f"; read {c['contents_read']} contents ({c['bytes_read']} bytes) from {c['packs_read']} packs"
+        return text + f": {len(self.problems)} problem(s)"
+
+    def as_dict(self) -> dict:
+        return {"healthy": self.healthy, "problems": [p.as_dict() for p in self.problems], "counts": self.counts,
+                "unreferenced_packs": self.unreferenced_packs, "notes": self.notes, "read_data": self.read_data}
+
+
+def shown(path: str) -> str:
+    """A path as it can be printed: undecodable bytes and control characters escaped."""
+    return path if path.isprintable() else repr(path)[1:-1]
+
+
+def _naming(what: str, error) -> str:
+    """An error's message, prefixed with what could not be read unless it says so already."""
+    text = str(error)
+    return text if what.rsplit(" ", 1)[-1] in text else f"{what} cannot be read: {text}"
+
+
+class _IndexedReader:
+    """The reading half of a content store over one fixed index, for ``ObjectStore``: it never
+    reloads the index and never writes; a content it cannot reach raises with the reason."""
+
+    def __init__(self, checker: "Checker"):
+        self._checker = checker
+
+    def lookup(self, content_id: bytes) -> IndexEntry | None:
+        return self._checker.index.lookup(content_id)
+
+    def read(self, content_id: bytes) -> bytes:
+        entry, reason = self._checker.locate(content_id)
+        if reason is not None:
+            raise ContentNotFound(f"content {content_id.hex()} {reason}")
+        return self._checker.contents.read_entry(entry)
+
+
+class Checker:
+    def __init__(self, storage: BlobStorage, fmt: FormatBlob, overlay: list[IndexEntry] = ()):
+        self.storage = storage
+        self.fmt = fmt
+        self.overlay = list(overlay)  # entries just written (or, in a dry run, that would be)
+        self.report = CheckReport()
+        self.index = MergedIndex()
+        self.packs: dict[str, int] = {}  # name -> size, from the listing
+        self.epochs = make_epoch_manager(storage, fmt, NO_SESSION)
+        self.contents = ContentStore(storage, fmt, NO_SESSION, committed=self.index, heartbeat_thread=False)
+        p = fmt.parameters
+        self.objects = ObjectStore(_IndexedReader(self), Splitter(p.chunk_avg, p.chunk_min, p.chunk_max,
+                                                                  fmt.keys.chunker_seed()))
+        self._dirs_seen: set[str] = set()
+        self._damaged_dirs: dict[str, str] = {}  # directory oid -> where its subtree's problems were reported
+        self._files: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # oid -> (contents, unreadable ones)
+
+    def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
+        snapshots = self.read_snapshots()
+        self.load_index()
+        self.packs = {m.name: m.length for prefix in PACK_PREFIXES for m in self.storage.list(prefix)}
+        self.report.counts["packs"] = len(self.packs)
+        live_packs = self._check_entries()
+        for snap in snapshots:
+            self._check_tree(snap)
+        if self.report.missing and self.report.unreferenced_packs:
+            self.report.notes.append(f"{len(self.report.unreferenced_packs)} pack(s) have no index entry; "
+                                     "`kdist repo repair` rebuilds entries from the packs' own indexes")
+        if read_data is not None:
+            self._read_data(live_packs, read_data, seed)
+        return self.report
+
+    def _problem(self, kind: str, message: str, **where) -> None:
+        self.report.problems.append(Problem(kind, message, {k: v for k, v in where.items() if v is not None}))
+
+    # ---- index -----------------------------------------------------------------------------
+    def load_index(self) -> MergedIndex:
+        """Assemble the index as readers do, but keep going past a damaged blob (reported)."""
+        for _ in range(ASSEMBLY_ATTEMPTS):
+            view = self.epochs.refresh()
+            names = view.assembly()
+            results = parallel_map(self._open_index_blob, names)
+            if any(isinstance(r, BlobNotFound) for r in results):
+                continue  # superseded and cleaned up after our listing: list again
+            break
+        else:
+            raise KdistError("the index kept changing while it was being checked; try again")
+        blobs = []
+        for name, r in zip(names, results):
+            if isinstance(r, KdistError):
+                self._problem("index-blob", _naming(f"index blob {name}", r), blob=name)
+            else:
+                blobs.append(r)
+        self.index = MergedIndex(blobs)
+        self.index.add_entries(self.overlay)
+        self.report.counts["index_blobs"] = len(names)
+        self._check_sets(view)
+        return self.index
+
+    def _open_index_blob(self, name: str):
+        try:
+            return open_index(self.fmt.keys.index_aead(), name, self.storage.get(name))
+        except KdistError as exc:
+            return exc
+
+    def _check_sets(self, view: EpochView) -> None:
+        """An incomplete set is a problem only when nothing else holds its epochs' entries (an
+        interrupted compaction leaves one beside its sources: ignored, cleaned up later)."""
+        best = view.best_range()
+        first = best.epoch + 1 if best else 0
+
+        def unheld(epoch: int) -> bool:
+            return view.complete_set(C.COMPACTED_PREFIX, epoch) is None and not view.raw.get(epoch)
+
+        for (kind, epoch), sets in sorted(view.sets.items()):
+            for s in sets:
+                if s.complete:
+                    continue
+                name = f"{kind}{epoch}_{s.set_id}"
+                covers = [epoch] if kind == C.COMPACTED_PREFIX else list(range(first, epoch + 1))
+                if epoch >= first and covers and all(unheld(e) for e in covers):
+                    self._problem("index-set", f"index set {name} has {len(s.members)} of its {s.count} members and "
+                                  f"nothing else holds epoch(s) {covers[0]}..{covers[-1]}: their entries are lost",
+                                  blob=name)
+                else:
+                    self.report.notes.append(f"incomplete index set {name} ({len(s.members)} of {s.count}) left by "
+                                             "an interrupted compaction; readers ignore it")
+        for m in self.storage.list(C.EPOCH_MARKER_PREFIX):
+            if m.name[2:].isdigit() and int(m.name[2:]) not in view.markers:
+                self._problem("epoch-marker", f"epoch marker {m.name} failed authentication (damaged or forged; "
+                              "readers ignore it)", blob=m.name)
+
+    def unusable(self, e: IndexEntry) -> str | None:
+        """Why the record an entry points to cannot be where it says, or None."""
+        size = self.packs.get(e.pack)
+        if size is None:
+            return f"is in pack {e.pack}, which is missing"
+        if e.offset + e.packed_length + C.PACK_POSTAMBLE.size > size:
+            return (f"lies beyond the end of pack {e.pack} (offset {e.offset}, {e.packed_length} bytes; "
+                    f"the pack has {size} bytes)")
+        return None
+
+    def locate(self, content_id: bytes) -> tuple[IndexEntry | None, str | None]:
+        """The content's winning entry, and why it cannot be read (None if it can)."""
+        e = self.index.lookup(content_id)
+        if e is None:
+            return None, "is not in the index"
+        return e, self.unusable(e)
+
+    def _check_entries(self) -> list[str]:
+        """Every winning live entry points inside a listed pack. Returns the packs they use."""
+        broken: dict[str, list[IndexEntry]] = {}
+        live: set[str] = set()
+        for e in self.index:
+            self.report.counts["index_entries"] += 1
+            if e.deleted:
+                continue
+            live.add(e.pack)
+            if self.unusable(e) is not None:
+                broken.setdefault(e.pack, []).append(e)
+        for pack, entries in sorted(broken.items()):
+            first = min(entries, key=lambda e: e.offset)
+            if pack not in self.packs:
+                msg = f"pack {pack} is missing: {len(entries)} index entries point into it"
+            else:
+                msg = (f"pack {pack} is truncated or damaged: it has {self.packs[pack]} bytes, but "
+                       f"{len(entries)} index entries point beyond its records")
+            self._problem("pack", f"{msg} (first: content {first.content_id.hex()} at offset {first.offset}, "
+                          f"{first.packed_length} bytes)", pack=pack, content=first.content_id.hex(),
+                          offset=first.offset, entries=len(entries))
+        referenced = {e.pack for e in self.index.physical_entries()}
+        self.report.unreferenced_packs = sorted(set(self.packs) - referenced)
+        return sorted(live & set(self.packs))
+
+    # ---- manifests and trees -----------------------------------------------------------------
+    def read_snapshots(self) -> list[Snapshot]:
+        """Every live snapshot and checkpoint; a blob or record that does not parse is reported."""
+        store = ManifestStore(self.storage, self.fmt.keys.manifest_aead(), NO_SESSION)
+        best = {}
+        for m in self.storage.list(C.MANIFEST_PREFIX):
+            self.report.counts["manifest_blobs"] += 1
+            try:
+                records = store.read_blob(m.name)
+            except BlobNotFound:
+                self.report.notes.append(f"manifest blob {m.name} vanished while checked (a concurrent compaction)")
+                continue
+            except KdistError as exc:
+                self._problem("manifest", _naming(f"manifest blob {m.name}", exc), blob=m.name)
+                continue
+            for r in records:
+                if r.id not in best or newer(r, best[r.id]):
+                    best[r.id] = r
+        snapshots = []
+        for r in sorted(best.values(), key=lambda r: (r.ts, r.id)):
+            if r.deleted or r.labels.get("type") != SNAPSHOT_LABEL:
+                continue
+            try:
+                snap = Snapshot.from_record(r)
+                parse_object_id(snap.root if isinstance(snap.root, str) else "")
+            except KdistError as exc:
+                self._problem("snapshot", f"snapshot manifest {r.id} (in blob {r.blob}) is malformed: {exc}",
+                              snapshot=r.id, blob=r.blob)
+                continue
+            snapshots.append(snap)
+            self.report.counts["checkpoints" if snap.checkpoint else "snapshots"] += 1
+        return snapshots
+
+    def _check_tree(self, snap: Snapshot) -> None:
+        label = f"{'checkpoint' if snap.checkpoint else 'snapshot'} {snap.short_id} of {shown(snap.source.path)}"
+        stack: list[tuple[str, str, tuple | None]] = [("/", snap.root, None)]  # path, oid, ancestors
+        while stack:
+            path, oid, parents = stack.pop()
+            if oid in self._dirs_seen:
+                if oid in self._damaged_dirs:
+                    self._report_at(label, snap, path, parents, "directory", f"directory {shown(path)} is a subtree "
+                                    f"already found damaged (see {self._damaged_dirs[oid]})")
+                continue
+            self._dirs_seen.add(oid)
+            node = (oid, parents)
+            entries = self._read_directory(label, snap, path, oid, node)
+            if entries is None:
+                continue
+            self.report.counts["directories"] += 1
+            for e in entries:
+                p = f"{path.rstrip('/')}/{e.name}"
+                if e.type == TYPE_DIR:
+                    stack.append((p, e.oid, node))
+                elif e.type == TYPE_FILE:
+                    self.report.counts["files"] += 1
+                    if e.oid:
+                        self._check_file(label, snap, p, e.oid, node)
+
+    def _report_at(self, label: str, snap: Snapshot, path: str, chain: tuple | None, kind: str, message: str,
+                   **where) -> None:
+        """Report a problem found under ``path`` and mark the directories above it damaged, so a
+        snapshot that shares one of them is told so without walking it again."""
+        self._problem(kind, f"{label}: {message}", snapshot=snap.id, path=path, **where)
+        while chain is not None and chain[0] not in self._damaged_dirs:
+            self._damaged_dirs[chain[0]] = f"{label} at {shown(path)}"
+            chain = chain[1]
+
+    def _object_problems(self, oid: str) -> tuple[int, list[tuple[bytes, str]]]:
+        """How many contents the object has, and those that cannot be read (with why). Contents
+        marked deleted are noted for repair and reported, but are readable."""
+        indirect, cid = parse_object_id(oid)
+        ids = [cid]
+        if indirect and self.locate(cid)[1] is None:
+            ids += [c for c, _n in self.objects.chunks(oid)]
+        bad = []
+        for c in ids:
+            entry, reason = self.locate(c)
+            if reason is not None:
+                self.report.missing.add(c)
+                bad.append((c, reason))
+            elif entry.deleted:
+                self.report.deleted_referenced[c] = entry
+                bad.append((c, "is marked deleted in the index (garbage collection may drop it)"))
+        return len(ids), bad
+
+    def _read_directory(self, label, snap, path, oid, node):
+        try:
+            _n, bad = self._object_problems(oid)
+            for cid, reason in bad:
+                what = f"object {oid}" if oid.endswith(cid.hex()) else f"content {cid.hex()} of object {oid}"
+                self._report_at(label, snap, path, node, "directory", f"directory {shown(path)}: {what} {reason}",
+                                content=cid.hex())
+            if any(cid in self.report.missing for cid, _ in bad):
+                return None
+            return decode_directory(self.objects.read_all(oid))
+        except KdistError as exc:
+            self._report_at(label, snap, path, node, "directory", f"directory {shown(path)}: object {oid} is damaged: "
+                            f"{exc}")
+            return None
+
+    def _check_file(self, label, snap, path, oid, node) -> None:
+        found = self._files.get(oid)
+        if found is None:
+            try:
+                found = self._object_problems(oid)
+            except KdistError as exc:
+                found = (1, [(b"", f"cannot be resolved: {exc}")])
+            self._files[oid] = found
+        total, bad = found
+        if bad:
+            cid, reason = bad[0]
+            more = f" (and {len(bad) - 1} more of its {total} contents)" if len(bad) > 1 else ""
+            what = f"content {cid.hex()} {reason}" if cid else f"object {oid} {reason}"
+            self._report_at(label, snap, path, node, "file", f"file {shown(path)}: {what}{more}",
+                            content=cid.hex() or None, contents=[c.hex() for c, _ in bad if c])
+
+    # ---- reading data ------------------------------------------------------------------------
+    def _read_data(self, live_packs: list[str], percent: float, seed: int | None) -> None:
+        seed = random.SystemRandom().randrange(2**32) if seed is None else seed
+        self.report.read_data = {"percent": percent, "seed": seed}
+        k = len(live_packs) if percent >= 100 else min(len(live_packs), math.ceil(len(live_packs) * percent / 100))
+        sample = sorted(random.Random(seed).sample(live_packs, k))
+        chosen = set(sample)
+        by_pack: dict[str, list[IndexEntry]] = {}
+        for e in self.index:
+            if not e.deleted and e.pack in chosen and self.unusable(e) is None:
+                by_pack.setdefault(e.pack, []).append(e)
+        local = entries_from_packs(self.storage, self.fmt, names=sample)
+        for name, why in sorted(local.damaged_packs.items()):
+            self._problem("pack-index", _naming(f"the local index of pack {name}", why), pack=name)
+        own = {(e.pack, e.content_id): e for e in local.entries}
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="kdist-check") as pool:
+            for pack in sample:
+                self._read_pack(pool, pack, sorted(by_pack.get(pack, []), key=lambda e: e.offset), own,
+                                pack in local.damaged_packs)
+
+    def _read_pack(self, pool: ThreadPoolExecutor, pack: str, entries: list[IndexEntry], own: dict,
+                   own_damaged: bool) -> None:
+        """Authenticate every content of one pack, and compare each entry with the pack's own."""
+        self.report.counts["packs_read"] += 1
+        for e, (n, err) in zip(entries, pool.map(self._read_one, entries)):
+            self.report.counts["contents_read"] += 1
+            self.report.counts["bytes_read"] += n
+            where = {"pack": pack, "content": e.content_id.hex(), "offset": e.offset}
+            if err is not None:
+                self._problem("content", f"content {e.content_id.hex()} in pack {pack} at offset {e.offset} "
+                              f"({e.packed_length} bytes): {err}", **where)
+            mine = own.get((pack, e.content_id))
+            if not own_damaged and (mine is None or (mine.offset, mine.packed_length) != (e.offset, e.packed_length)):
+                self._problem("pack-index", f"index entry for content {e.content_id.hex()} (pack {pack}, offset "
+                              f"{e.offset}) disagrees with the pack's own index", **where)
+
+    def _read_one(self, e: IndexEntry) -> tuple[int, str | None]:
+        try:
+            return len(self.contents.read_entry(e)), None
+        except KdistError as exc:
+            return 0, str(exc)
+
+
+def check_repository(storage: BlobStorage, fmt: FormatBlob, read_data: float | None = None,
+                     seed: int | None = None) -> CheckReport:
+    """Check the repository; ``read_data`` is the share of packs (percent) whose contents are read."""
+    return Checker(storage, fmt).run(read_data, seed)

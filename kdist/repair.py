@@ -1,0 +1,188 @@
+"""``kdist repo repair``: put back what snapshots need and the repository lacks; never delete.
+
+Steps, each decided from a fresh check (``kdist.check``) of the repository's structure:
+1. Index entries, from the packs' own local indexes (``repo_format.index_rebuild``, as ``kdist
+   index rebuild``), when a snapshot reaches a content it cannot read: one entry for each content
+   the index lacks, and one for each content whose winning entry points into a missing or too
+   short pack while another pack holds it (timestamped after that winner, so it wins).
+2. Contents a snapshot reaches that are marked deleted are undeleted, as content GC would.
+3. With a source tree (the original files): each file is chunked and hashed with the
+   repository's own chunker and keyed hash, so unchanged bytes give the ids the backup gave;
+   a first pass finds which files hold still-missing contents (chunks or chunk lists), a second
+   writes those contents again, into new packs, then one index blob (packs first). A lost
+   content's live entry is first superseded by a deleted one, so the writer does not
+   deduplicate against the lost copy and its new entry wins.
+Directory objects cannot be rebuilt from a source tree; they stay reported. Nothing is deleted
+and no pack is rewritten. A dry run reads only.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field, replace
+
+from repo_format import clock
+from repo_format.content import ContentStore, make_epoch_manager
+from repo_format.format_blob import FormatBlob
+from repo_format.index_rebuild import entries_from_packs, entries_to_write
+from repo_format.objects import ObjectStore
+from repo_format.repository import new_session_id
+from repo_format.storage.base import BlobStorage
+
+from kdist.check import Checker, CheckReport
+
+
+@dataclass
+class RepairReport:
+    dry_run: bool
+    before: CheckReport
+    after: CheckReport | None = None  # the check after repairing (None in a dry run)
+    packs_read: int = 0
+    damaged_packs: dict[str, str] = field(default_factory=dict)
+    entries_rebuilt: int = 0  # entries written for contents the index lacked
+    entries_repointed: int = 0  # entries written for contents whose pack is gone, found in another
+    undeleted: int = 0
+    source_files: int = 0
+    source_errors: list[str] = field(default_factory=list)
+    reuploaded: int = 0
+    reuploaded_bytes: int = 0
+    still_missing: int = 0  # contents snapshots reach that are still unreadable
+
+    @property
+    def healthy(self) -> bool:
+        return (self.after or self.before).healthy
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("before", "after")}
+        d.update(healthy=self.healthy, before=self.before.as_dict(), after=self.after and self.after.as_dict())
+        return d
+
+
+class _SourceSink:
+    """Stands in for the content store under ``ObjectStore`` while a source file is chunked: it
+    hashes every content (chunks and chunk lists) and writes only wanted ones to ``store``, or,
+    without a store, only notes that the file holds them."""
+
+    def __init__(self, hasher, wanted: set[bytes], store: ContentStore | None):
+        self._hash = hasher
+        self._wanted = wanted
+        self._store = store
+        self.found: set[bytes] = set()
+        self.bytes = 0
+
+    def write(self, data, metadata: bool = False) -> bytes:
+        cid = self._hash(data)
+        if cid in self._wanted and cid not in self.found:
+            self.found.add(cid)
+            if self._store is not None:
+                self._store.write(data, metadata=metadata)
+                self.bytes += len(data)
+        return cid
+
+
+def _source_files(root: str):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    yield path
+            except OSError:
+                continue
+
+
+def _chunk(path: str, objects: ObjectStore, report: RepairReport) -> bool:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            objects.write_stream(f)
+        return True
+    except OSError as exc:
+        report.source_errors.append(f"{path}: {exc.strerror}")
+        return False
+
+
+class Repairer:
+    def __init__(self, storage: BlobStorage, fmt: FormatBlob, dry_run: bool = False):
+        self.storage = storage
+        self.fmt = fmt
+        self.dry_run = dry_run
+        self.session = new_session_id()
+        self.epochs = make_epoch_manager(storage, fmt, self.session)
+
+    def run(self, source: str | None = None) -> RepairReport:
+        checker = Checker(self.storage, self.fmt)
+        report = RepairReport(self.dry_run, checker.run())
+        overlay = self._rebuild(checker, report) if report.before.missing else []
+        if overlay:  # what the rebuilt directories hold is only known after a new walk
+            checker = Checker(self.storage, self.fmt, overlay)
+            checker.run()
+        self._undelete(checker, report)
+        wanted = set(checker.report.missing)
+        if source is not None and wanted:
+            self._reupload(checker, source, wanted, report)
+        report.still_missing = len(wanted)
+        if not self.dry_run:
+            report.after = Checker(self.storage, self.fmt).run()
+            report.still_missing = len(report.after.missing)
+        return report
+
+    def _write_index(self, entries) -> None:
+        if entries and not self.dry_run:
+            self.epochs.write_index(entries)
+
+    def _rebuild(self, checker: Checker, report: RepairReport) -> list:
+        result = entries_from_packs(self.storage, self.fmt)
+        report.packs_read, report.damaged_packs = result.packs_read, result.damaged_packs
+        entries = entries_to_write(result.entries, checker.index, int(clock.now() * 1e6),
+                                   unusable=lambda e: checker.unusable(e) is not None)
+        report.entries_repointed = sum(checker.index.lookup(e.content_id) is not None for e in entries)
+        report.entries_rebuilt = len(entries) - report.entries_repointed
+        self._write_index(entries)
+        return entries
+
+    def _undelete(self, checker: Checker, report: RepairReport) -> None:
+        """Undelete what snapshots reach, re-validated against a fresh index (only entries that
+        are still the winners), as content GC does."""
+        marked = checker.report.deleted_referenced
+        if not marked:
+            return
+        fresh = Checker(self.storage, self.fmt).load_index() if not self.dry_run else checker.index
+        revive = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in marked.values()
+                  if fresh.lookup(e.content_id) == e]
+        self._write_index(revive)
+        report.undeleted = len(revive)
+
+    def _reupload(self, checker: Checker, source: str, wanted: set[bytes], report: RepairReport) -> None:
+        hasher, splitter = self.fmt.keys.content_hasher(), checker.objects.splitter
+        finder = _SourceSink(hasher, wanted, None)
+        holders = []
+        for path in _source_files(source):
+            report.source_files += 1
+            seen = len(finder.found)
+            if _chunk(path, ObjectStore(finder, splitter), report) and len(finder.found) > seen:
+                holders.append(path)
+        if self.dry_run or not finder.found:
+            report.reuploaded = len(finder.found)
+            wanted -= finder.found
+            return
+        # a lost copy's live entry would make the writer deduplicate against it: supersede it
+        lost = [checker.index.lookup(c) for c in finder.found]
+        marks = [replace(e, deleted=True, timestamp_us=e.timestamp_us + 1) for e in lost if e and not e.deleted]
+        self._write_index(marks)
+        checker.index.add_entries(marks)
+        store = ContentStore(self.storage, self.fmt, self.session, committed=checker.index)
+        writer = _SourceSink(hasher, finder.found, store)
+        try:
+            for path in holders:
+                _chunk(path, ObjectStore(writer, splitter), report)
+        finally:
+            store.close()  # packs, then the index blob naming them; retires the session
+        report.reuploaded, report.reuploaded_bytes = len(writer.found), writer.bytes
+        wanted -= writer.found
+
+
+def repair_repository(storage: BlobStorage, fmt: FormatBlob, source: str | None = None,
+                      dry_run: bool = False) -> RepairReport:
+    return Repairer(storage, fmt, dry_run).run(source)
