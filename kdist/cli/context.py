@@ -54,6 +54,14 @@ def make_storage(location: str, endpoint_url: str | None, create: bool = False, 
     return ReadOnlyStorage(storage) if read_only else storage
 
 
+def storage_requests(repo: Repository) -> dict[str, dict[str, int]]:
+    """Storage requests this command made so far, by kind: ``{"GET": {"calls", "bytes"}, ...}``."""
+    storage = repo.storage
+    while not hasattr(storage, "counts") and hasattr(storage, "inner"):
+        storage = storage.inner  # under ReadOnlyStorage
+    return storage.counts() if hasattr(storage, "counts") else {}
+
+
 def fail(exc: BaseException) -> None:
     click.echo(f"kdist: error: {exc}", err=True)
     sys.exit(exit_code_for(exc))

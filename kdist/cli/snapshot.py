@@ -8,13 +8,11 @@ import sys
 
 import click
 
-from repo_format.errors import KdistError
-
 from kdist.cli import exit_codes
-from kdist.cli.context import fail, with_repository
+from kdist.cli.context import storage_requests, with_repository
 from kdist.cli.progress import ProgressLine, human_bytes
 from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
-from kdist.snapshot import TYPE_DIR, Snapshot, list_snapshots, read_directory, resolve_snapshot
+from kdist.snapshot import TYPE_DIR, Snapshot, list_snapshots, resolve_snapshot
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -26,6 +24,10 @@ def snapshot_group():
 
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _minus(after: dict, before: dict) -> dict:
+    return {k: {f: v[f] - before.get(k, {}).get(f, 0) for f in v} for k, v in after.items()}
 
 
 def _snapshot_json(s: Snapshot) -> dict:
@@ -49,8 +51,10 @@ def _snapshot_json(s: Snapshot) -> dict:
 @with_repository()
 def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, as_json):
     """Back up each PATH (a directory) as one snapshot."""
-    results, partial = [], False
+    results, partial, requests = [], False, [{}]
     for path in paths:
+        if results:
+            requests.append(storage_requests(repo))
         opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
                              one_file_system=one_file_system, checkpoint_interval=checkpoint_interval)
         if workers:
@@ -74,7 +78,11 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
             if t["errors"]:
                 click.echo(f"  {t['errors']} file(s) or directories could not be backed up completely", err=True)
     if as_json:
-        click.echo(json.dumps([_snapshot_json(s) for s in results], indent=2))
+        repo.close()  # the session marker's retirement counts too (closing again later is a no-op)
+        requests.append(storage_requests(repo))
+        # each snapshot's storage requests: the first's include opening the repository, the last's closing it
+        click.echo(json.dumps([{**_snapshot_json(s), "requests": _minus(requests[i + 1], requests[i])}
+                               for i, s in enumerate(results)], indent=2))
     if partial:
         sys.exit(exit_codes.PARTIAL)
 
@@ -125,7 +133,8 @@ def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
     finally:
         progress.close()
     if as_json:
-        click.echo(json.dumps({"snapshot": snap.id, "target": target, **stats.as_dict()}, indent=2))
+        click.echo(json.dumps({"snapshot": snap.id, "target": target, **stats.as_dict(),
+                               "requests": storage_requests(repo)}, indent=2))
     else:
         click.echo(f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
                    f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"

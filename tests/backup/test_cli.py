@@ -43,10 +43,13 @@ def check_roundtrip(repo_args, src, dst):
     out = run("snapshot", "create", *repo_args, src, "--json")
     created = json.loads(out.stdout)
     assert created[0]["totals"]["errors"] == 0
+    made = created[0]["requests"]  # storage requests by kind: packs, index blob, manifest, session marker
+    assert made["PUT"]["calls"] >= 4 and made["PUT"]["bytes"] > 0 and made["DELETE"]["calls"] == 1
     listed = json.loads(run("snapshot", "list", *repo_args, "--json").stdout)
     assert [s["id"] for s in listed] == [created[0]["id"]]
     assert listed[0]["source"]["path"] == str(src)
-    run("snapshot", "restore", *repo_args, created[0]["id"][:8], dst)
+    restored = json.loads(run("snapshot", "restore", *repo_args, created[0]["id"][:8], dst, "--json").stdout)
+    assert restored["requests"]["GET"]["calls"] >= 1 and restored["requests"]["PUT"]["calls"] == 0
     assert tree_state(str(dst)) == tree_state(str(src))
     run("snapshot", "verify", *repo_args, "latest")
     return created[0]
