@@ -26,6 +26,7 @@ from kdist.snapshot import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, c
 
 OVERWRITE_POLICIES = ("never", "always", "if-changed")
 MAX_DEPTH = 1000
+INLINE_FILE_SIZE = 64 * 1024  # files up to this size are restored by the walking thread itself
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
@@ -137,6 +138,9 @@ class Restorer:
         elif e.type == TYPE_SYMLINK:
             self._restore_symlink(dir_fd, e, path)
         elif e.type == TYPE_FILE:
+            if e.size <= INLINE_FILE_SIZE:  # Python work, which holds the GIL: threads only take turns
+                self._guarded(self._restore_file, dir_fd, e, path)
+                return None
             return self._pool.submit(self._guarded, self._restore_file, dir_fd, e, path)
         return None
 
