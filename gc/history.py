@@ -9,6 +9,7 @@ delete once the record is ``cleanup_margin`` old and they are still deletable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import msgpack
@@ -40,10 +41,25 @@ def read_history(manifests: ManifestStore) -> list[RunRecord]:
     for rec in manifests.find(type=LABEL):
         try:
             d = msgpack.unpackb(rec.payload, raw=False)
-            out.append(RunRecord(**{k: v for k, v in d.items() if k in known}))  # newer fields: ignored
+            record = RunRecord(**{k: v for k, v in d.items() if k in known})  # newer fields: ignored
         except (ValueError, TypeError, AttributeError) as exc:
             raise CorruptionError(f"maintenance record {rec.id} is malformed") from exc
+        if not _well_typed(record):
+            raise CorruptionError(f"maintenance record {rec.id} is malformed")
+        out.append(record)
     return sorted(out, key=lambda r: r.start)
+
+
+def _well_typed(r: RunRecord) -> bool:
+    """Every field of the type the watermark and blob GC compute with."""
+    def number(x) -> bool:
+        return type(x) in (int, float) and math.isfinite(x)
+
+    return (number(r.start) and number(r.end) and type(r.mode) is str and type(r.content_gc_completed) is bool
+            and type(r.steps) is dict and type(r.requests) is dict and type(r.error) is str
+            and type(r.pack_candidates) is list
+            and all(type(c) is list and len(c) == 2 and type(c[0]) is str and type(c[1]) is int
+                    for c in r.pack_candidates))
 
 
 def write_record(manifests: ManifestStore, record: RunRecord) -> None:

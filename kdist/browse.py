@@ -5,10 +5,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from repo_format.errors import KdistError
+from repo_format.errors import CorruptionError, KdistError
 from repo_format.repository import Repository
 
-from kdist.snapshot import TYPE_DIR, TYPE_FILE, Entry, read_directory
+from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, Entry, read_directory
+
+
+def _too_deep(path: str) -> str:
+    return f"directory nesting deeper than {MAX_TREE_DEPTH} at {path!r}: not followed further"
 
 
 def walk(repo: Repository, start: Entry, prefix: str, recursive: bool) -> list[tuple[str, Entry]]:
@@ -16,14 +20,16 @@ def walk(repo: Repository, start: Entry, prefix: str, recursive: bool) -> list[t
     if start.type != TYPE_DIR:
         return [(prefix, start)]
     rows = []
-    stack = [(prefix, start.oid)]
+    stack = [(prefix, start.oid, 0)]
     while stack:
-        base, oid = stack.pop()
+        base, oid, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise CorruptionError(_too_deep(base))
         for e in read_directory(repo.objects, oid):
             p = f"{base}/{e.name}" if base else e.name
             rows.append((p, e))
             if recursive and e.type == TYPE_DIR:
-                stack.append((p, e.oid))
+                stack.append((p, e.oid, depth + 1))
     return sorted(rows, key=lambda r: r[0]) if recursive else rows
 
 
@@ -33,11 +39,13 @@ def diff(repo: Repository, root_a: str, root_b: str) -> list[tuple[str, str]]:
     Subtrees with equal directory object ids are identical and are not read.
     """
     out: list[tuple[str, str]] = []
-    stack = [("", root_a, root_b)]
+    stack = [("", root_a, root_b, 0)]
     while stack:
-        base, a, b = stack.pop()
+        base, a, b, depth = stack.pop()
         if a == b:
             continue
+        if depth > MAX_TREE_DEPTH:
+            raise CorruptionError(_too_deep(base))
         ea = {e.name: e for e in read_directory(repo.objects, a)} if a else {}
         eb = {e.name: e for e in read_directory(repo.objects, b)} if b else {}
         for name in sorted(set(ea) | set(eb)):
@@ -47,9 +55,10 @@ def diff(repo: Repository, root_a: str, root_b: str) -> list[tuple[str, str]]:
                 out.append(("+" if x is None else "-", p))
                 subtree = y if x is None else x
                 if subtree.type == TYPE_DIR:
-                    stack.append((p, subtree.oid if x is not None else "", subtree.oid if y is not None else ""))
+                    stack.append((p, subtree.oid if x is not None else "", subtree.oid if y is not None else "",
+                                  depth + 1))
             elif x.type == TYPE_DIR and y.type == TYPE_DIR:
-                stack.append((p, x.oid, y.oid))
+                stack.append((p, x.oid, y.oid, depth + 1))
             elif (x.type, x.oid, x.target, x.mode, x.mtime_ns) != (y.type, y.oid, y.target, y.mode, y.mtime_ns):
                 out.append(("M", p))
     return sorted(out, key=lambda c: c[1])
@@ -72,9 +81,12 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
     rng = rng or random.Random()
     report = VerifyReport()
     seen: set[bytes] = set()
-    stack = [("", root)]
+    stack = [("", root, 0)]
     while stack:
-        base, oid = stack.pop()
+        base, oid, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            report.problems.append({"path": base, "error": _too_deep(base)})
+            continue
         try:
             entries = read_directory(repo.objects, oid)
         except KdistError as exc:
@@ -84,7 +96,7 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
         for e in entries:
             p = f"{base}/{e.name}" if base else e.name
             if e.type == TYPE_DIR:
-                stack.append((p, e.oid))
+                stack.append((p, e.oid, depth + 1))
             elif e.type == TYPE_FILE:
                 report.files += 1
                 if percent < 100 and rng.random() * 100 >= percent:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as statmod
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,10 +23,16 @@ from repo_format.errors import KdistError
 from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
-from kdist.snapshot import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, read_directory
+from kdist.snapshot import (
+    MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, read_directory,
+)
 
 OVERWRITE_POLICIES = ("never", "always", "if-changed")
-MAX_DEPTH = 1000
+MAX_DEPTH = MAX_TREE_DEPTH  # one limit for restore and browsing (ls, diff, verify)
+# Restoring a directory takes three stack frames per level (_restore_dir_contents, _restore_entry,
+# _restore_dir): the interpreter must allow that many for MAX_DEPTH levels, or a deep tree would
+# end in a RecursionError instead of the depth limit's clear error.
+_FRAMES_NEEDED = 3 * (MAX_DEPTH + 2) + 200
 INLINE_FILE_SIZE = 64 * 1024  # files up to this size are restored by the walking thread itself
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
@@ -85,6 +92,8 @@ class Restorer:
         self._fatal: BaseException | None = None
 
     def restore(self, snap: Snapshot, target: str, subpath: str | None = None) -> RestoreStats:
+        if sys.getrecursionlimit() < _FRAMES_NEEDED:  # raised once for the process, never lowered
+            sys.setrecursionlimit(_FRAMES_NEEDED)
         entry = find_subtree(self.repo, snap, subpath)
         try:
             os.makedirs(target, exist_ok=True)

@@ -10,21 +10,26 @@ hostile directory object yields a ``CorruptionError``, never a traversal or an e
 from __future__ import annotations
 
 import getpass
+import math
+import operator
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import msgpack
 
 from repo_format.errors import CorruptionError, KdistError
 from repo_format.manifest import ManifestRecord
-from repo_format.objects import ObjectStore
+from repo_format.objects import ObjectStore, parse_object_id
 
 DIR_VERSION = 1
 SNAPSHOT_LABEL = "snapshot"
 TYPE_FILE, TYPE_DIR, TYPE_SYMLINK = "f", "d", "l"
 ENTRY_TYPES = (TYPE_FILE, TYPE_DIR, TYPE_SYMLINK)
 MAX_NAME_BYTES = 4096
+# How deep ls, diff and verify follow directories (restore stops at the same depth): a hostile
+# chain of directory objects must not make them run or print without bound.
+MAX_TREE_DEPTH = 1000
 
 
 def _wire_str(s: str) -> str | bytes:
@@ -63,10 +68,13 @@ class Entry:
     summary: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
-        d = asdict(self)
-        for k in ("name", "target"):  # names that are not UTF-8 travel as raw bytes
-            d[k] = _wire_str(d[k])
-        return {k: v for k, v in d.items() if v not in ("", 0, {}) or k in ("name", "type")}
+        # not dataclasses.asdict, which deep-copies: this runs once per file backed up
+        d = {k: v for k, v in zip(_ENTRY_FIELDS, _entry_values(self)) if v not in ("", 0, {})}
+        d["name"] = _wire_str(self.name)  # names that are not UTF-8 travel as raw bytes
+        d["type"] = self.type
+        if self.target:
+            d["target"] = _wire_str(self.target)
+        return {k: d[k] for k in _ENTRY_FIELDS if k in d}  # in field order, as always
 
     @classmethod
     def from_wire(cls, d: dict) -> "Entry":
@@ -81,11 +89,46 @@ class Entry:
         check_entry_name(e.name)
         if e.type not in ENTRY_TYPES:
             raise CorruptionError(f"directory entry {e.name!r} has unknown type {e.type!r}")
-        if not all(isinstance(getattr(e, k), int) for k in ("mode", "size", "mtime_ns", "uid", "gid")):
-            raise CorruptionError(f"directory entry {e.name!r} has malformed metadata")
-        if e.size < 0 or not isinstance(e.oid, str) or not isinstance(e.target, str):
-            raise CorruptionError(f"directory entry {e.name!r} has malformed metadata")
+        bad = _malformed_field(e)
+        if bad:
+            raise CorruptionError(f"directory entry {e.name!r} has malformed metadata ({bad})")
         return e
+
+
+# What the stat() fields behind each integer can hold. Outside these ranges a value would fail
+# deep inside a restore (os.utime and os.fchown raise OverflowError), so it is corruption here.
+_INT_RANGES = (
+    ("mode", 0, 0o177777), ("size", 0, 2**63 - 1), ("mtime_ns", -(2**63), 2**63 - 1),
+    ("ctime_ns", -(2**63), 2**63 - 1), ("uid", 0, 2**32 - 1), ("gid", 0, 2**32 - 1),
+    ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1),
+)
+_STR_FIELDS = ("user", "group", "target", "oid")
+MAX_OID_LENGTH = 65  # "I" and 64 hex characters
+
+
+def _malformed_field(e: Entry) -> str:
+    """The name of the first field of ``e`` of the wrong type or out of range, else ``""``."""
+    for k, lo, hi in _INT_RANGES:
+        v = getattr(e, k)
+        if type(v) is not int or not lo <= v <= hi:
+            return k
+    for k in _STR_FIELDS:
+        if type(getattr(e, k)) is not str:
+            return k
+    if len(e.oid) > MAX_OID_LENGTH:
+        return "oid"
+    # a symlink target is handed to os.symlink: no NUL, at most PATH_MAX, never empty
+    if "\x00" in e.target or len(e.target.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return "target"
+    if e.type == TYPE_SYMLINK and not e.target:
+        return "target"
+    if type(e.summary) is not dict or any(type(k) is not str or type(v) is not int for k, v in e.summary.items()):
+        return "summary"
+    return ""
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_entry_values = operator.attrgetter(*_ENTRY_FIELDS)
 
 
 def encode_directory(entries: list[Entry]) -> bytes:
@@ -170,12 +213,51 @@ class Snapshot:
             snap = cls(**d)
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"snapshot manifest {rec.id} is malformed") from exc
+        bad = _malformed_snapshot_field(snap)
+        if bad:
+            raise CorruptionError(f"snapshot manifest {rec.id} is malformed ({bad})")
         snap.id, snap.ts = rec.id, rec.ts
         return snap
 
     @property
     def short_id(self) -> str:
         return self.id[:8]
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+MAX_SNAPSHOT_TIME = 2**37  # seconds: about the year 6300, inside what datetime can show
+
+
+def _is_time(t) -> bool:
+    return type(t) in (int, float) and 0 <= t <= MAX_SNAPSHOT_TIME  # NaN fails the comparison
+
+
+def _malformed_snapshot_field(snap: Snapshot) -> str:
+    """The first field of a decoded snapshot payload of the wrong type, else ``""``: everything
+    that lists, restores or collects garbage uses these fields without checking them again."""
+    src = snap.source
+    if not all(type(x) is str for x in (src.host, src.user, src.path)):
+        return "source"
+    if type(snap.root) is not str:
+        return "root"
+    try:
+        parse_object_id(snap.root)
+    except CorruptionError:
+        return "root"
+    if not (_is_time(snap.start) and _is_time(snap.end)):
+        return "time"
+    if type(snap.totals) is not dict or not all(
+            type(k) is str and type(v) in (int, float) and math.isfinite(v) for k, v in snap.totals.items()):
+        return "totals"
+    if type(snap.tags) is not list or not all(type(t) is str for t in snap.tags):
+        return "tags"
+    if type(snap.errors) is not list or not all(
+            type(x) is dict and all(type(k) is str and type(v) in _JSON_SCALARS for k, v in x.items())
+            for x in snap.errors):
+        return "errors"  # ``snapshot list --json`` prints them as they are
+    if type(snap.description) is not str or type(snap.run) is not str or type(snap.checkpoint) is not bool:
+        return "description, run or checkpoint"
+    return ""
 
 
 def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> list[Snapshot]:

@@ -67,8 +67,9 @@ class KdfParams:
             raise CorruptionError("the format blob holds out-of-range key derivation parameters")
         if self.n < self.MIN_PRODUCTION_N and os.environ.get(WEAK_KDF_ENV) != "1":
             raise CorruptionError(
-                "the format blob holds test-only key derivation parameters; "
-                "refusing to use them outside tests"
+                f"the repository uses test-only key derivation parameters (scrypt N={self.n}, below "
+                f"{self.MIN_PRODUCTION_N}), which barely slow down guessing its password; refusing "
+                f"to use them outside kdist's test suite ({WEAK_KDF_ENV}=1)"
             )
 
     def derive(self, password: str | bytes) -> bytes:

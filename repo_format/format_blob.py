@@ -52,6 +52,10 @@ class RepositoryParameters:
             raise UnsupportedVersion(f"unknown encryption algorithm {self.aead!r}")
         if self.hash != C.HASH_BLAKE3_KEYED:
             raise UnsupportedVersion(f"unknown content hash {self.hash!r}")
+        sizes = (self.zstd_level, self.pack_size, self.metadata_pack_size, self.chunk_avg, self.chunk_min,
+                 self.chunk_max)
+        if not all(type(v) is int for v in sizes):
+            bad("sizes and levels must be integers")
         if not (0 <= self.zstd_level <= 19):
             bad(f"zstd level {self.zstd_level}")
         if not (64 * 1024 <= self.metadata_pack_size <= self.pack_size <= 2**31):
@@ -60,8 +64,8 @@ class RepositoryParameters:
             bad("chunk sizes")
         if not (256 <= self.chunk_avg <= 4 * 1024 * 1024 and self.chunk_max >= 1024):
             bad("chunk sizes out of the chunker's range")
-        if not isinstance(self.extra, dict):
-            bad("extra")
+        if not isinstance(self.extra, dict) or not isinstance(self.extra.get("safety", {}), dict):
+            bad("extra")  # the sections of later layers are maps, validated by their owners
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +75,7 @@ class RepositoryParameters:
         known = {f.name for f in fields(cls)}
         try:
             params = cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:  # AttributeError: not a map
             raise CorruptionError("the format blob's parameters are malformed") from exc
         params.validate()
         return params
@@ -144,7 +148,8 @@ def decode(blob: bytes, password: str) -> FormatBlob:
         p = msgpack.unpackb(payload, raw=False)
         parameters = RepositoryParameters.from_dict(p["parameters"])
         keys = RepositoryKeys(p["master_key"], p["hash_secret"], parameters.aead)
-        if len(keys.master_key) != C.MASTER_KEY_SIZE or len(keys.hash_secret) != C.HASH_SECRET_SIZE:
+        if not (type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE
+                and type(keys.hash_secret) is bytes and len(keys.hash_secret) == C.HASH_SECRET_SIZE):
             raise ValueError("key sizes")
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptionError("the format blob's sealed payload is malformed") from exc
@@ -167,7 +172,7 @@ def create(storage: BlobStorage, password: str, parameters: RepositoryParameters
 
 def read(storage: BlobStorage, password: str) -> FormatBlob:
     try:
-        blob = storage.get(C.FORMAT_BLOB_NAME)
+        blob = storage.get(C.FORMAT_BLOB_NAME, 0, MAX_FORMAT_BLOB_SIZE + 1)  # decode refuses longer
     except BlobNotFound:
         raise RepositoryNotFound(f"no kdist repository at {storage.describe()}") from None
     return decode(blob, password)

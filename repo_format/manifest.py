@@ -38,6 +38,16 @@ class ManifestRecord:
         return {"id": self.id, "labels": self.labels, "ts": self.ts, "payload": self.payload, "deleted": self.deleted}
 
 
+def _record(r: dict, blob: str) -> ManifestRecord:
+    """One decoded record, its field types checked exactly: a conversion such as ``bytes(n)``
+    or ``int(inf)`` of a hostile value would allocate without bound or raise untyped errors."""
+    rec = ManifestRecord(r["id"], r["labels"], r["ts"], r["payload"], r["deleted"], blob)
+    if not (type(rec.id) is str and type(rec.labels) is dict and type(rec.ts) is int
+            and type(rec.payload) is bytes and type(rec.deleted) is bool):
+        raise TypeError("manifest record field types")
+    return rec
+
+
 def newer(a: ManifestRecord, b: ManifestRecord) -> bool:
     if a.ts != b.ts:
         return a.ts > b.ts
@@ -80,13 +90,13 @@ class ManifestStore:
     def read_blob(self, name: str) -> list[ManifestRecord]:
         doc = self._read_doc(name)
         try:
-            return [ManifestRecord(str(r["id"]), dict(r["labels"]), int(r["ts"]), bytes(r["payload"]),
-                                   bool(r["deleted"]), name) for r in doc["records"]]
+            records = [_record(r, name) for r in doc["records"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
+        return records
 
     def _read_doc(self, name: str) -> dict:
-        sealed = self.storage.get(name)
+        sealed = self.storage.get(name, 0, MAX_MANIFEST_BLOB + 1)  # never load more than the cap
         if len(sealed) > MAX_MANIFEST_BLOB:
             raise CorruptionError(f"manifest blob {name} is implausibly large")
         plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")

@@ -58,4 +58,6 @@ def exit_code_for(exc: BaseException) -> int:
     for cls, code in table:
         if isinstance(exc, cls):
             return code
+    if isinstance(exc, E.KdistError) and isinstance(exc.__cause__, E.KdistError):
+        return exit_code_for(exc.__cause__)  # a wrapper (GC's IncompleteWalk) exits as its cause would
     return FAILURE

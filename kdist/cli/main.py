@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -10,6 +11,7 @@ from repo_format.errors import KdistError
 
 from kdist import __version__
 from kdist.cli.context import fail
+from kdist.cli.exit_codes import FAILURE
 from kdist.cli.maintenance import gc_group, index_group, maintenance_group
 from kdist.cli.repo import repo_group
 from kdist.cli.snapshot import snapshot_group
@@ -28,7 +30,16 @@ cli.add_command(maintenance_group)
 cli.add_command(index_group)
 
 
+def _raw_bytes_for_undecodable_names() -> None:
+    """A file name that is not valid UTF-8 is printed as its own bytes (as ``ls`` would), not
+    turned into a UnicodeEncodeError that fails ``snapshot ls`` or ``diff``."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def main() -> None:
+    _raw_bytes_for_undecodable_names()
     try:
         cli(standalone_mode=True)
     except KdistError as exc:  # errors raised outside a command's own handling
@@ -36,6 +47,12 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("kdist: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug: one clear line and exit code 1, not a traceback
+        if os.environ.get("KDIST_DEBUG") == "1":
+            raise
+        click.echo(f"kdist: internal error: {type(exc).__name__}: {exc}"[:2000], err=True)
+        click.echo("kdist: this is a bug in kdist; KDIST_DEBUG=1 shows the traceback", err=True)
+        sys.exit(FAILURE)
 
 
 if __name__ == "__main__":
