@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import time
 import tracemalloc
@@ -28,12 +29,17 @@ from repo_format.storage.memory import MemoryStorage  # noqa: E402
 BLOB = 20_000
 
 
+def _id(i: int) -> bytes:
+    """A content id as the repository makes them: a (keyed) hash, so uniformly spread."""
+    return hashlib.blake2b(i.to_bytes(8, "big"), digest_size=32).digest()
+
+
 def build(n: int) -> MemoryStorage:
     storage = MemoryStorage()
     repo = Repository.create(storage, "bench", kdf=KdfParams.weak_for_tests())
     pack = "p" + "0" * 32 + "-" + "1" * 32
     for start in range(0, n, BLOB):
-        entries = [IndexEntry(i.to_bytes(32, "big"), pack, i * 100, 100, 200, 1, 1_800_000_000_000_000 + i)
+        entries = [IndexEntry(_id(i), pack, i * 100, 100, 200, 1, 1_800_000_000_000_000 + i)
                    for i in range(start, min(start + BLOB, n))]
         repo.contents.epochs.write_index(entries)
     return storage
@@ -42,7 +48,7 @@ def build(n: int) -> MemoryStorage:
 def measure(n: int) -> dict:
     """Times first (tracemalloc slows every allocation), then memory on a second, traced load."""
     storage = build(n)
-    ids = [i.to_bytes(32, "big") for i in range(0, n, max(1, n // 10_000))]
+    ids = [_id(i) for i in range(0, n, max(1, n // 10_000))]
     t = time.perf_counter()
     repo = Repository.open(storage, "bench", heartbeat_thread=False)
     load_s = time.perf_counter() - t

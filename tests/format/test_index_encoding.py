@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 
@@ -15,8 +16,10 @@ from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index, 
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
-# A few ids and pack names so that duplicates and ties are common.
-ids = st.sampled_from([bytes([i]) * 32 for i in range(6)]) | st.binary(min_size=32, max_size=32)
+# A few ids and pack names so that duplicates and ties are common; some ids share their first 8
+# bytes (the key of MergedIndex's sorted array for large indexes).
+ids = (st.sampled_from([bytes([i]) * 32 for i in range(6)] + [b"\x07" * 8 + bytes([i]) * 24 for i in range(4)])
+       | st.binary(min_size=32, max_size=32))
 packs = st.sampled_from(["pa", "pb", "q0123-45"]) | st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True)
 u32 = st.integers(0, 2**32 - 1)
 
@@ -121,8 +124,24 @@ def test_tie_on_every_ruled_field_is_still_order_independent():
 
 
 @SETTINGS
-@given(st.lists(entries, min_size=1, max_size=12), st.randoms(use_true_random=False))
-def test_merged_index_is_independent_of_blob_order_and_split(es, rnd):
+@given(st.lists(entries, min_size=1, max_size=12), st.randoms(use_true_random=False), st.sampled_from(["dict", "sorted"]))
+def test_merged_index_is_independent_of_blob_order_and_split(es, rnd, path):
+    """Both lookup paths: the dict of winners (small indexes) and the sorted key array (large)."""
+    limit = MergedIndex.DICT_LIMIT if path == "dict" else -1
+    with _dict_limit(limit):
+        _check_merged_index(es, rnd)
+
+
+@contextlib.contextmanager
+def _dict_limit(n: int):
+    saved, MergedIndex.DICT_LIMIT = MergedIndex.DICT_LIMIT, n
+    try:
+        yield
+    finally:
+        MergedIndex.DICT_LIMIT = saved
+
+
+def _check_merged_index(es, rnd):
     def merged(order: list[IndexEntry], nblobs: int) -> MergedIndex:
         groups = [order[i::nblobs + 1] for i in range(nblobs + 1)]
         m = MergedIndex(IndexBlob(encode_index(g)) for g in groups[:-1])
