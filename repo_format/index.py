@@ -76,6 +76,27 @@ def encode_index(entries: Iterable[IndexEntry]) -> bytes:
     return bytes(out)
 
 
+_VECTOR_CHECK_FROM = 4096  # entries; below this the loop is cheaper than importing numpy
+
+
+def _check_entries_vectorised(buf, start: int, count: int, npacks: int) -> None:
+    """The decoder's entry checks (ids strictly sorted, pack numbers in the table) in numpy:
+    a Python loop costs 0.6 s per million entries."""
+    import numpy as np
+
+    rows = np.frombuffer(buf, dtype=np.uint8, count=count * _ENTRY.size, offset=start).reshape(count, _ENTRY.size)
+    ids = rows[:, :_ID]
+    differ = ids[1:] != ids[:-1]
+    if not differ.any(axis=1).all():
+        raise CorruptionError("index entries are not strictly sorted")
+    first = differ.argmax(axis=1)  # the first byte where neighbours differ decides their order
+    r = np.arange(count - 1)
+    if not (ids[1:][r, first] > ids[:-1][r, first]).all():
+        raise CorruptionError("index entries are not strictly sorted")
+    if np.ascontiguousarray(rows[:, _ID:_ID + 4]).view(">u4").max() >= npacks:
+        raise CorruptionError("index entry names a pack outside its table")
+
+
 class IndexBlob:
     """A decoded index: binary search over the sorted fixed-size entries."""
 
@@ -112,6 +133,9 @@ class IndexBlob:
         self._buf = memoryview(data)
         self._start = pos
         self.count = count
+        if count > _VECTOR_CHECK_FROM:
+            _check_entries_vectorised(self._buf, pos, count, npacks)
+            return
         prev = b""
         for i in range(count):  # validate once: sorted ids and pack numbers in range
             off = pos + i * _ENTRY.size

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repo_format import constants as C
+from repo_format import index as index_module
 from repo_format.errors import CorruptionError, UnsupportedVersion
 from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index, pick, wins
 
@@ -182,8 +183,11 @@ def test_decoder_rejects_unknown_version_clearly():
         IndexBlob(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["magic", "unsorted", "pack_number", "count", "truncated", "pack_len"])
-def test_decoder_rejects_structural_damage(damage):
+@pytest.mark.parametrize("vectorised", [False, True], ids=["loop", "numpy"])
+@pytest.mark.parametrize("damage", ["magic", "unsorted", "duplicate", "pack_number", "count", "truncated", "pack_len"])
+def test_decoder_rejects_structural_damage(damage, vectorised, monkeypatch):
+    """Both entry checks: the loop for small blobs and numpy's for large ones."""
+    monkeypatch.setattr(index_module, "_VECTOR_CHECK_FROM", 0 if vectorised else 10**9)
     data = bytearray(_two_entry_index())
     hdr = C.INDEX_HEADER.size
     first_entry = len(data) - 2 * C.INDEX_ENTRY.size
@@ -192,6 +196,9 @@ def test_decoder_rejects_structural_damage(damage):
     elif damage == "unsorted":
         a, b = first_entry, first_entry + C.INDEX_ENTRY.size
         data[a:b], data[b:b + C.INDEX_ENTRY.size] = data[b:b + C.INDEX_ENTRY.size], data[a:b]
+    elif damage == "duplicate":
+        b = first_entry + C.INDEX_ENTRY.size
+        data[b:b + 32] = data[first_entry:first_entry + 32]
     elif damage == "pack_number":
         data[first_entry + 32:first_entry + 36] = (7).to_bytes(4, "big")
     elif damage == "count":
@@ -205,8 +212,16 @@ def test_decoder_rejects_structural_damage(damage):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_decoder_never_fails_untyped(data):
+@given(st.data(), st.booleans())
+def test_decoder_never_fails_untyped(data, vectorised):
+    saved, index_module._VECTOR_CHECK_FROM = index_module._VECTOR_CHECK_FROM, 0 if vectorised else 10**9
+    try:
+        _decode_mutated(data)
+    finally:
+        index_module._VECTOR_CHECK_FROM = saved
+
+
+def _decode_mutated(data):
     raw = bytearray(_two_entry_index())
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(raw) - 1))
