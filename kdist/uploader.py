@@ -34,8 +34,11 @@ from kdist.snapshot import (
 IGNORE_FILE = ".kdistignore"
 MAX_REPORTED_ERRORS = 500
 # Files no larger than the chunker's minimum chunk are one chunk each: they are read whole, in
-# one call, and handed to the pool in batches of up to BATCH_FILES files or BATCH_BYTES bytes,
-# so a tree of small files costs one task per batch, not per file.
+# one call. Those up to BATCH_FILE_SIZE are handed to one thread of their own in batches of up to
+# BATCH_FILES files or BATCH_BYTES bytes: their cost is Python work per file, which holds the GIL,
+# so more threads on them only take turns (measured slower), and one task per batch, not per
+# file. Larger files keep the pool's threads busy with native work that releases the GIL.
+BATCH_FILE_SIZE = 64 * 1024
 BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 
@@ -314,9 +317,8 @@ class Uploader:
 
     def _run(self, walk: Callable[[], None]) -> None:
         """Walk in this thread while the pool reads files; checkpoint while waiting for them."""
-        # Small files go to one thread of their own: their cost is Python code, which holds the
-        # GIL, and more threads on them only hand the GIL back and forth (measured slower). Large
-        # files go to ``workers`` threads, which chunk, hash, compress and encrypt in parallel.
+        # Small files go to one thread of their own (BATCH_FILE_SIZE); the others to ``workers``
+        # threads, which chunk, hash, compress and encrypt in parallel.
         with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdist-small") as small_pool:
             self._pool, self._small_pool = pool, small_pool
@@ -435,7 +437,7 @@ class Uploader:
             with self._lock:
                 self.stats.files_reused += 1
             return entry
-        if entry.size <= self._small:
+        if entry.size <= BATCH_FILE_SIZE and entry.size <= self._small:
             batch = self._batch
             batch.items.append((path, entry))
             batch.bytes += entry.size
@@ -443,7 +445,7 @@ class Uploader:
             if len(batch.items) >= BATCH_FILES or batch.bytes >= BATCH_BYTES:
                 self._submit_batch()
             return slot
-        return self._submit(self._read_file, path, entry)
+        return self._submit(self._read_small if entry.size <= self._small else self._read_file, path, entry)
 
     def _submit(self, fn, *args, pool: ThreadPoolExecutor | None = None) -> Future:
         self._slots.acquire()

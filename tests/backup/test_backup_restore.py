@@ -122,7 +122,12 @@ def test_unreadable_file_and_directory_are_reported_and_skipped(repo, tmp_path, 
     assert (dst / "ok.txt").read_text() == "fine" and not (dst / "locked.txt").exists()
 
 
-def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lane", ["batched", "pool"])
+def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monkeypatch, lane):
+    """Files within one chunk are read whole, in batches by one thread (up to BATCH_FILE_SIZE)
+    or each by a pool thread; both report the same changes."""
+    if lane == "pool":
+        monkeypatch.setattr(uploader_module, "BATCH_FILE_SIZE", 0)
     src = tmp_path / "src"
     src.mkdir()
     (src / "vanishing").write_text("x" * 100)
