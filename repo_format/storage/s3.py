@@ -5,15 +5,20 @@ Blob ``name`` is stored at key ``prefix + name``. Credentials come from boto3's 
 
 Errors: botocore's own retries are kept low (``max_attempts``) because retrying lives in
 ``RetryingStorage``; this module only says what is retryable. Throttling, 5xx and dropped
-connections raise ``RetryableStorageError``. Failing to connect raises ``StorageUnreachable``
-while no request has yet succeeded (a wrong endpoint should fail fast, not be retried), and
-``RetryableStorageError`` once one has. A missing bucket and refused credentials raise
-``StorageUnreachable``. ``stat`` of a blob in a missing bucket says ``BlobNotFound``: a HEAD
-response has no body, so S3 cannot tell the two apart there.
+connections raise ``RetryableStorageError``, and so does a reply cut off in transit. HTTP
+clients take a connection closed inside the headers for their end, so a GET whose length does
+not match its ``Content-Length`` (or has none), a ``stat`` whose first byte did not arrive, a
+listing page without ``IsTruncated``, a header botocore cannot parse and an error reply whose
+body broke off are all retryable, never a short blob, a wrong length, an empty listing or a
+traceback. Failing to connect raises ``StorageUnreachable`` while no request has yet succeeded
+(a wrong endpoint should fail fast, not be retried), and ``RetryableStorageError`` once one has.
+A missing bucket and refused credentials raise ``StorageUnreachable``.
 
 ``put_if_absent`` checks with HEAD, then writes with ``If-None-Match: *``. On AWS that write is
-atomic; other servers (moto included) may ignore the header, so ``atomic_create_only`` is False
-and the HEAD at least keeps it from overwriting a blob that already existed.
+atomic; other servers may ignore the header, so ``atomic_create_only`` is False and the HEAD at
+least keeps it from overwriting a blob that already existed. When botocore retried the write
+because the reply to the first attempt was lost, the retry fails its precondition on our own
+blob: a blob holding exactly our bytes is therefore taken as created by this call.
 
 boto3 is imported when an ``S3Storage`` is made, not when this module is, since it costs ~0.3 s.
 """
@@ -39,6 +44,8 @@ _CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
               "InternalError", "RequestTimeout", "ConditionalRequestConflict", "OperationAborted"}
 _TRANSIENT_STATUS = {500, 502, 503, 504}
+# an error reply without a (whole) body, a HEAD's or one cut in transit, has its status as code
+_CODE_OF_STATUS = {"412": "PreconditionFailed", "416": "InvalidRange", "501": "NotImplemented"}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -95,9 +102,15 @@ class S3Storage(BlobStorage):
             self._upload(name, key, data, {"IfNoneMatch": "*"}, accept=("PreconditionFailed", "NotImplemented"))
         except _Refused as refused:
             if refused.code == "PreconditionFailed":
-                return False
+                return self._holds(name, data)  # ours, if an attempt whose reply was lost wrote it
             self._upload(name, key, data, {})  # the server has no conditional writes
         return True
+
+    def _holds(self, name: str, data: bytes) -> bool:
+        try:
+            return self.get(name) == data
+        except BlobNotFound:
+            return False
 
     def _upload(self, name: str, key: str, data: bytes, conditions: dict, accept=()) -> None:
         if len(data) <= self.multipart_threshold:
@@ -145,15 +158,37 @@ class S3Storage(BlobStorage):
             extra["Range"] = f"bytes={offset}-{offset + length - 1 if length > 0 else ''}"
         try:
             with self._errors("get", name, accept=("InvalidRange",)):
-                return self._client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"].read()
+                response = self._client.get_object(Bucket=self.bucket, Key=key, **extra)
+                data = response["Body"].read()
         except _Refused:  # the range starts at or past the end
             return b""
+        expected = response.get("ContentLength")
+        if expected is None and "chunked" in _header(response, "transfer-encoding"):
+            expected = len(data)  # chunked framing has its own end: a cut raised above
+        if expected != len(data):
+            raise self._incomplete("get", name, f"{len(data)} bytes, Content-Length {expected}")
+        return data
 
     def stat(self, name) -> BlobMeta:
+        """Length and time from a GET of the blob's first byte, not a HEAD: that byte arrives only
+        after the whole header block, so a reply cut inside a header (a length of "30" for "3000")
+        cannot pass for a complete one, as a HEAD's can. An empty blob has no first byte; it is
+        read with HEAD, whose length "0" no cut can turn into another number, and whose date,
+        cut anywhere before its final "GMT", parses without a time zone and is refused."""
         key = self._key(name)
-        with self._errors("stat", name):
-            response = self._client.head_object(Bucket=self.bucket, Key=key)
-        return BlobMeta(name, response["ContentLength"], response["LastModified"].timestamp())
+        try:
+            with self._errors("stat", name, accept=("InvalidRange",)):
+                response = self._client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
+                first = response["Body"].read()
+        except _Refused:
+            with self._errors("stat", name):
+                response = self._client.head_object(Bucket=self.bucket, Key=key)
+            first = b""
+        length, modified = _total_length(response), response.get("LastModified")
+        wanted = min(1, length or 0) if response.get("ContentRange") else length  # or the server sent it all
+        if length is None or modified is None or modified.tzinfo is None or len(first) != wanted:
+            raise self._incomplete("stat", name, "no complete length and time")
+        return BlobMeta(name, length, modified.timestamp())
 
     def list(self, prefix="") -> Iterator[BlobMeta]:
         validate_prefix(prefix)
@@ -162,6 +197,8 @@ class S3Storage(BlobStorage):
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/")
         with self._errors("list"):
             for page in pages:
+                if "IsTruncated" not in page:  # an empty or cut-off reply parses as a page of nothing
+                    raise self._incomplete("list", None, "a page without IsTruncated")
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][len(self.prefix):]
                     if _is_blob_name(name):  # skip objects not written by a blob storage
@@ -174,6 +211,11 @@ class S3Storage(BlobStorage):
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix} ({self.endpoint})"
+
+    def _incomplete(self, op: str, name: str | None, detail: str) -> RetryableStorageError:
+        what = f"{op} {name!r} in {self.describe()}" if name else f"{op} {self.describe()}"
+        return RetryableStorageError(f"S3 {what}: incomplete reply from {self.endpoint} ({detail}); "
+                                     "the connection was probably cut")
 
     @contextlib.contextmanager
     def _errors(self, op: str, name: str | None = None, accept: tuple[str, ...] = ()):
@@ -192,8 +234,14 @@ class S3Storage(BlobStorage):
         self._reached = True
 
     def _translate(self, exc: Exception, op: str, name: str | None) -> StorageError | None:
-        from botocore import exceptions as bex
+        from http.client import HTTPException
 
+        from botocore import exceptions as bex
+        from botocore.parsers import ResponseParserError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        if isinstance(exc, StorageError):  # raised by this module inside the block: already typed
+            return None
         what = f"{op} {name!r} in {self.describe()}" if name else f"{op} {self.describe()}"
         if isinstance(exc, bex.ClientError):
             code = _error_code(exc)
@@ -221,6 +269,10 @@ class S3Storage(BlobStorage):
             return RetryableStorageError(f"S3 {what}: connection to {self.endpoint} broke: {exc}")
         if isinstance(exc, bex.BotoCoreError):
             return StorageError(f"S3 {what} failed: {exc}")
+        if isinstance(exc, (ResponseParserError, ValueError)):  # e.g. a date header cut in transit
+            return RetryableStorageError(f"S3 {what}: unreadable reply from {self.endpoint}: {exc}")
+        if isinstance(exc, (Urllib3Error, HTTPException)):  # an error reply's body cut: botocore lets it through
+            return RetryableStorageError(f"S3 {what}: connection to {self.endpoint} broke: {exc}")
         return None
 
 
@@ -228,9 +280,24 @@ def _as_bytes(data) -> bytes:
     return data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
 
 
+def _total_length(response: dict) -> int | None:
+    """The blob's length from a ranged GET (``Content-Range: bytes 0-0/LENGTH``), or from a reply
+    about the whole blob (a HEAD, or a server that ignored the range)."""
+    content_range = response.get("ContentRange")
+    if content_range:
+        total = content_range.rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    return response.get("ContentLength")
+
+
+def _header(response: dict, name: str) -> str:
+    return str(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(name, "")).lower()
+
+
 def _error_code(exc: Exception) -> str:
     response = getattr(exc, "response", None)
-    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    return _CODE_OF_STATUS.get(code, code)
 
 
 def _is_blob_name(name: str) -> bool:
