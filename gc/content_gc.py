@@ -47,6 +47,9 @@ class ContentGCPlan:
 def live_contents(repo: Repository) -> tuple[set[bytes], int]:
     """Every content id reachable from every live snapshot and checkpoint."""
     records = repo.manifests.find(type=SNAPSHOT_LABEL)
+    # Read through an index loaded after that listing, so that a snapshot published since the
+    # repository was opened can be walked. Marks are planned from the index loaded before it.
+    repo.contents.refresh_index()
     live: set[bytes] = set()
     seen_dirs: set[str] = set()
     for rec in records:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from repo_format.errors import CorruptionError, KdistError
+from repo_format.errors import CorruptionError, KdistError, is_outage
 from repo_format.repository import Repository
 
 from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, Entry, read_directory
@@ -90,6 +90,8 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
         try:
             entries = read_directory(repo.objects, oid)
         except KdistError as exc:
+            if is_outage(exc):  # the storage failing is not damage: stop with its own error
+                raise
             report.problems.append({"path": base or "/", "error": str(exc)})
             continue
         report.dirs += 1
@@ -110,5 +112,7 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
                         report.contents_read += 1
                         report.bytes_read += len(data)
                 except KdistError as exc:
+                    if is_outage(exc):
+                        raise
                     report.problems.append({"path": p, "error": str(exc)})
     return report

@@ -19,12 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from repo_format.errors import KdistError
+from repo_format.errors import KdistError, is_outage
 from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, read_directory,
+    MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections,
+    read_directory,
 )
 
 OVERWRITE_POLICIES = ("never", "always", "if-changed")
@@ -101,7 +102,7 @@ class Restorer:
         except OSError as exc:
             raise TargetUnusable(f"cannot use {target} as the restore target: {exc.strerror}") from None
         try:
-            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
+            with fewer_collections(), ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
                 self._pool = pool
                 if entry.type == TYPE_DIR:
                     self._restore_dir_contents(root_fd, entry, target, 0)
@@ -128,7 +129,10 @@ class Restorer:
         try:
             children = read_directory(self.repo.objects, entry.oid)
         except KdistError as exc:
-            self._error(path, f"cannot read directory from the repository: {exc}")
+            if is_outage(exc):
+                self._fatal = exc
+            else:
+                self._error(path, f"cannot read directory from the repository: {exc}")
             return
         futures = []
         for child in children:
@@ -159,7 +163,10 @@ class Restorer:
         except TargetFull as exc:
             self._fatal = exc
         except KdistError as exc:
-            self._error(args[-1], str(exc))
+            if is_outage(exc):  # the storage failing: stop with its error, not "partial"
+                self._fatal = exc
+            else:
+                self._error(args[-1], str(exc))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._fatal = TargetFull(f"the restore target is full (while writing {args[-1]})")

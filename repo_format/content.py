@@ -97,6 +97,7 @@ class ContentStore:
         self._blocks: OrderedDict | None = None  # read-ahead cache, see ``read_ahead``
         self._block_limit = 0
         self._lost_packs = 0  # packs whose upload failed: ids returned for them are not stored
+        self._lost_cause = ""  # the first such failure, for the message
         self.stats = WriteStats()
 
     # ---- writing -------------------------------------------------------------------------
@@ -222,6 +223,10 @@ class ContentStore:
             self._ensure_session()
             self.storage.put(writer.name, writer.finish(self._index_aead))
             ok = True
+        except Exception as exc:
+            with self._lock:
+                self._lost_cause = self._lost_cause or str(exc)
+            raise
         finally:
             with self._lock:
                 self._unflushed.pop(writer.name, None)
@@ -248,19 +253,24 @@ class ContentStore:
                 self._upload(w)
             except Exception as exc:  # upload every pack we can, then report the first failure
                 errors.append(exc)
-        if errors:
-            raise errors[0]
         with self._lock:
             while self._uploading:
                 self._idle.wait()
-            if self._lost_packs:
-                raise StorageError(
-                    f"{self._lost_packs} pack(s) failed to upload; contents written into them are "
-                    "not stored, so nothing that refers to them may be published"
-                )
+            lost, cause = self._lost_packs, self._lost_cause  # sticky: never publish after a loss
             entries, self._uploaded = self._uploaded, []
-        if not entries:
-            return None
+        # The packs that were stored are indexed even if others failed, so that the next run
+        # reuses them instead of uploading everything again; then the failure is raised.
+        name = self._write_index(entries) if entries else None
+        if errors:
+            raise errors[0]
+        if lost:
+            raise StorageError(
+                f"{lost} pack(s) failed to upload (first: {cause}); contents written into them are "
+                "not stored, so nothing that refers to them may be published"
+            )
+        return name
+
+    def _write_index(self, entries: list[IndexEntry]) -> str:
         try:
             self.marker.check_alive()  # a lapsed session may have lost its packs to maintenance
             name = self.epochs.write_index(entries)
@@ -302,6 +312,12 @@ class ContentStore:
         revalidate again; ``ContentLost`` tells the caller to withdraw what it published."""
         if clock.monotonic() - self.revalidated_at > self.safety.index_refresh:
             self.revalidate()
+
+    def refresh_index(self) -> None:
+        """Load the committed index afresh now (undeleting what this store refers to, as every
+        reload does)."""
+        with self._refresh_lock:
+            self._undelete_referenced(self._reload())
 
     def _reload(self) -> MergedIndex:
         """Swap in a freshly assembled index, plus what we published too recently to be surely

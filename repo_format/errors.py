@@ -46,6 +46,13 @@ class ReadOnlyStorage(StorageError):
     """A write was attempted through a read-only storage."""
 
 
+def is_outage(exc: BaseException) -> bool:
+    """The storage failing as a whole (unreachable, erroring after retries), as opposed to one
+    blob being missing or malformed: a reader stops on it instead of reporting damage."""
+    return isinstance(exc, StorageError) and not isinstance(exc, (BlobNotFound, BlobExists, InvalidBlobName,
+                                                                    ReadOnlyStorage))
+
+
 class RepositoryNotFound(KdistError):
     """There is no kdist repository at the given location."""
 

@@ -281,9 +281,6 @@ def test_storage_full_fails_at_once(tmp_path):
     assert time.monotonic() - started < 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kdist-side: ContentStore.flush (repo_format/content.py) writes no index blob once any pack "
-    "upload failed (_lost_packs), so the packs the failed run did store are orphans, not reused"))
 def test_failed_pack_upload_still_indexes_the_stored_packs(tmp_path):
     """One pack's upload fails for good while the storage otherwise works (no checkpoint in
     between): the backup exits 14, and on the way out it should index the packs it did store,
@@ -305,9 +302,6 @@ def test_failed_pack_upload_still_indexes_the_stored_packs(tmp_path):
     assert again < 0.8 * full, f"the second run uploaded {again} of {full} bytes: nothing was reused"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kdist-side: browse.verify (kdist/browse.py) and Restorer._guarded/_restore_dir_contents "
-    "(kdist/restore.py) record a StorageError as a damaged file, so an outage exits 13 or 3, not 14"))
 def test_outage_during_verify_is_a_storage_failure_not_corruption(tmp_path):
     """Pack reads fail for good (retries exhausted): verify and restore must say the storage is
     failing (exit 14), not that the snapshot is damaged (13) or partly restored (3)."""
