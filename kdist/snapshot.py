@@ -9,6 +9,8 @@ hostile directory object yields a ``CorruptionError``, never a traversal or an e
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import getpass
 import math
 import operator
@@ -125,6 +127,20 @@ def _malformed_field(e: Entry) -> str:
     if type(e.summary) is not dict or any(type(k) is not str or type(v) is not int for k, v in e.summary.items()):
         return "summary"
     return ""
+
+
+@contextlib.contextmanager
+def fewer_collections(gen0: int = 100_000):
+    """Run the cyclic garbage collector less often while a tree is backed up or restored: each
+    file leaves long-lived objects (entries, index entries) that, at the default threshold of
+    700 allocations, the collector re-scans over and over: 12% of a 100,000-file backup here.
+    The process's thresholds are restored afterwards."""
+    saved = gc.get_threshold()
+    gc.set_threshold(max(saved[0], gen0), *saved[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(Entry))

@@ -27,8 +27,8 @@ from repo_format.errors import KdistError
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, list_snapshots,
-    read_directory,
+    TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, fewer_collections,
+    list_snapshots, read_directory,
 )
 
 IGNORE_FILE = ".kdistignore"
@@ -319,7 +319,8 @@ class Uploader:
         """Walk in this thread while the pool reads files; checkpoint while waiting for them."""
         # Small files go to one thread of their own (BATCH_FILE_SIZE); the others to ``workers``
         # threads, which chunk, hash, compress and encrypt in parallel.
-        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool, \
+        with fewer_collections(), \
+                ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="kdist-upload") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdist-small") as small_pool:
             self._pool, self._small_pool = pool, small_pool
             walk()
@@ -334,6 +335,8 @@ class Uploader:
             return None
         src = self._source
         snaps = list_snapshots(self.repo.manifests, host=src.host, user=src.user, path=src.path)
+        if snaps:  # its directory objects are read in the order they were written
+            self.repo.contents.read_ahead()
         return snaps[-1].root if snaps else None
 
     def _error(self, path: str, message: str) -> None:
