@@ -83,7 +83,6 @@ class Restorer:
         if overwrite not in OVERWRITE_POLICIES:
             raise ValueError(f"overwrite policy must be one of {OVERWRITE_POLICIES}")
         self.repo = repo
-        repo.contents.read_ahead()  # files come in the order their contents were written
         self.overwrite = overwrite
         self.workers = workers
         self.stats = RestoreStats()
@@ -102,7 +101,8 @@ class Restorer:
         except OSError as exc:
             raise TargetUnusable(f"cannot use {target} as the restore target: {exc.strerror}") from None
         try:
-            with fewer_collections(), ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
+            with fewer_collections(), self.repo.contents.reading_ahead(), \
+                    ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
                 self._pool = pool
                 if entry.type == TYPE_DIR:
                     self._restore_dir_contents(root_fd, entry, target, 0)

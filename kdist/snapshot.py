@@ -16,6 +16,7 @@ import math
 import operator
 import os
 import socket
+import threading
 from dataclasses import asdict, dataclass, field, fields
 
 import msgpack
@@ -129,18 +130,30 @@ def _malformed_field(e: Entry) -> str:
     return ""
 
 
+_collections_lock = threading.Lock()
+_collections_users = 0
+_collections_saved: tuple = ()
+
+
 @contextlib.contextmanager
 def fewer_collections(gen0: int = 100_000):
     """Run the cyclic garbage collector less often while a tree is backed up or restored: each
     file leaves long-lived objects (entries, index entries) that, at the default threshold of
     700 allocations, the collector re-scans over and over: 12% of a 100,000-file backup here.
-    The process's thresholds are restored afterwards."""
-    saved = gc.get_threshold()
-    gc.set_threshold(max(saved[0], gen0), *saved[1:])
+    The process's thresholds come back when the last of overlapping users is done."""
+    global _collections_users, _collections_saved
+    with _collections_lock:
+        if _collections_users == 0:
+            _collections_saved = gc.get_threshold()
+            gc.set_threshold(max(_collections_saved[0], gen0), *_collections_saved[1:])
+        _collections_users += 1
     try:
         yield
     finally:
-        gc.set_threshold(*saved)
+        with _collections_lock:
+            _collections_users -= 1
+            if _collections_users == 0:
+                gc.set_threshold(*_collections_saved)
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(Entry))

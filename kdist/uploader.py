@@ -12,6 +12,7 @@ reported. The uploader never deletes anything.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -23,7 +24,7 @@ from typing import Callable
 
 from repo_format import clock
 from repo_format.content import ContentLost
-from repo_format.errors import KdistError
+from repo_format.errors import KdistError, is_outage
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
@@ -72,11 +73,17 @@ def open_source(path: str) -> int:
 
 def read_whole(path: str, size: int) -> tuple[bytes, os.stat_result] | None:
     """The bytes of a file the walk saw ``size`` bytes long and its stat after the read, or None
-    if it has grown since. One read of at most ``size + 1`` bytes: a larger buffer than needed
-    costs an mmap per file."""
+    if it has grown since. Reads of at most ``size + 1`` bytes in all (a larger buffer than
+    needed costs an mmap per file): one, unless the file system returns short reads (NFS, FUSE,
+    a signal), when it reads on to the end."""
     fd = open_source(path)
     try:
         data = os.read(fd, size + 1)
+        while 0 < len(data) <= size:  # usually one read: a short one may just be short
+            more = os.read(fd, size + 1 - len(data))
+            if not more:
+                break
+            data += more
         if len(data) > size:
             return None
         return data, os.fstat(fd)
@@ -248,7 +255,9 @@ class Uploader:
         self._begin(source or Source.local(root_path), st.st_dev)
         previous = self._previous_root()
         self._root = DirNode(_entry_from_stat("", st, TYPE_DIR))
-        self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
+        # the previous snapshot's directory objects lie together in metadata packs: read ahead
+        with self.repo.contents.reading_ahead() if previous else contextlib.nullcontext():
+            self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
         root_entry = self._write_tree(self._root, final=True)
         snap = self._publish(root_entry, checkpoint=False)
         if self._checkpoint_ids:
@@ -335,8 +344,6 @@ class Uploader:
             return None
         src = self._source
         snaps = list_snapshots(self.repo.manifests, host=src.host, user=src.user, path=src.path)
-        if snaps:  # its directory objects are read in the order they were written
-            self.repo.contents.read_ahead()
         return snaps[-1].root if snaps else None
 
     def _error(self, path: str, message: str) -> None:
@@ -402,7 +409,9 @@ class Uploader:
             return {}
         try:
             return {e.name: e for e in read_directory(self.repo.objects, prev_oid)}
-        except KdistError:  # a damaged previous snapshot only costs re-reading
+        except KdistError as exc:  # a damaged previous snapshot only costs re-reading
+            if is_outage(exc):  # the storage failing is not damage: stop with its error
+                raise
             return {}
 
     def _symlink(self, path: str, entry: Entry) -> Entry | None:
@@ -480,7 +489,7 @@ class Uploader:
         if got is None:
             return self._read_file(path, entry)
         data, st = got
-        return self._finish_small(path, entry, self.repo.objects.write_small(data), len(data), st.st_mtime_ns, st.st_size)
+        return self._finish_small(path, entry, self.repo.objects.write_bytes(data), len(data), st.st_mtime_ns, st.st_size)
 
     def _finish_small(self, path: str, entry: Entry, oid: str, length: int, mtime_ns: int, size: int) -> Entry:
         """A small file is stored: compare its stat after the read with the walk's (a change

@@ -12,6 +12,7 @@ filled them, outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -223,9 +224,9 @@ class ContentStore:
             self._ensure_session()
             self.storage.put(writer.name, writer.finish(self._index_aead))
             ok = True
-        except Exception as exc:
+        except BaseException as exc:
             with self._lock:
-                self._lost_cause = self._lost_cause or str(exc)
+                self._lost_cause = self._lost_cause or str(exc) or type(exc).__name__
             raise
         finally:
             with self._lock:
@@ -260,7 +261,12 @@ class ContentStore:
             entries, self._uploaded = self._uploaded, []
         # The packs that were stored are indexed even if others failed, so that the next run
         # reuses them instead of uploading everything again; then the failure is raised.
-        name = self._write_index(entries) if entries else None
+        try:
+            name = self._write_index(entries) if entries else None
+        except BaseException:
+            if errors:  # the upload's failure is the one to report
+                raise errors[0] from None
+            raise
         if errors:
             raise errors[0]
         if lost:
@@ -368,12 +374,16 @@ class ContentStore:
         self.marker.start()
 
     def close(self) -> None:
-        """Flush, then retire this writer's session marker."""
-        self.flush()
-        with self._lock:
-            started, self._marker_started = self._marker_started, False
-        if started:
-            self.marker.stop()
+        """Flush, then retire this writer's session marker (also when the flush fails: a
+        session left beating would keep its packs from maintenance for as long as the process
+        lives)."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                started, self._marker_started = self._marker_started, False
+            if started:
+                self.marker.stop()
 
     # ---- reading -------------------------------------------------------------------------
     def lookup(self, content_id: bytes) -> IndexEntry | None:
@@ -410,34 +420,43 @@ class ContentStore:
             return None
         return now
 
-    def read_ahead(self, blocks: int = READ_AHEAD_BLOCKS) -> None:
-        """Read small contents through a cache of ``blocks`` aligned pack blocks of
-        ``READ_AHEAD_BLOCK`` bytes, for reading a snapshot in order (restore, verify): a pack
-        holds contents in the order they were written, so one request then serves many small
-        files instead of one each. Off by default: a single lookup would read a block for one
-        content."""
+    @contextlib.contextmanager
+    def reading_ahead(self, blocks: int = READ_AHEAD_BLOCKS):
+        """While reading a snapshot in order (restore, an incremental backup's previous
+        directories), read small contents through a cache of ``blocks`` aligned pack blocks of
+        ``READ_AHEAD_BLOCK`` bytes: contents written together lie together in a pack, so one
+        request serves many small files instead of one each. Not by default: a single lookup
+        would read a whole block for one content. Two threads missing the same block both read
+        it (no in-flight sharing)."""
         with self._lock:
-            self._blocks = OrderedDict()
-            self._block_limit = blocks
+            saved = self._blocks, self._block_limit
+            if self._blocks is None:
+                self._blocks, self._block_limit = OrderedDict(), blocks
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks, self._block_limit = saved
 
     def _get(self, entry: IndexEntry) -> bytes:
-        if self._blocks is None or entry.packed_length > READ_AHEAD_BLOCK // 4:
+        blocks = self._blocks
+        if blocks is None:
             return self.storage.get(entry.pack, entry.offset, entry.packed_length)
         start = entry.offset - entry.offset % READ_AHEAD_BLOCK
-        if entry.offset + entry.packed_length > start + READ_AHEAD_BLOCK:
-            return self.storage.get(entry.pack, entry.offset, entry.packed_length)
-        key = (entry.pack, start)
+        key, rel = (entry.pack, start), entry.offset - start
+        inside = rel + entry.packed_length <= READ_AHEAD_BLOCK
         with self._lock:
-            block = self._blocks.get(key)
+            block = blocks.get(key) if inside else None
             if block is not None:
-                self._blocks.move_to_end(key)
+                blocks.move_to_end(key)
         if block is None:
+            if not inside or entry.packed_length > READ_AHEAD_BLOCK // 4:  # large: read it alone
+                return self.storage.get(entry.pack, entry.offset, entry.packed_length)
             block = self.storage.get(entry.pack, start, READ_AHEAD_BLOCK)  # short at the pack's end
             with self._lock:
-                self._blocks[key] = block
-                while len(self._blocks) > self._block_limit:
-                    self._blocks.popitem(last=False)
-        rel = entry.offset - start
+                blocks[key] = block
+                while len(blocks) > self._block_limit:
+                    blocks.popitem(last=False)
         return block[rel:rel + entry.packed_length]  # short if the pack is truncated: caught below
 
     def _fetch(self, entry: IndexEntry) -> bytes:

@@ -239,6 +239,7 @@ class MergedIndex:
 
     def __init__(self, blobs: Iterable[IndexBlob] = ()):
         self._blobs: list[IndexBlob] = list(blobs)
+        self._count = sum(b.count for b in self._blobs)  # the blobs never change
         self._overlay: dict[bytes, IndexEntry] = {}
         self._winners: dict[bytes, IndexEntry] | None = None
         self._keys: _SortedKeys | None = None
@@ -260,7 +261,7 @@ class MergedIndex:
 
     def lookup(self, content_id: bytes) -> IndexEntry | None:
         winners = self._winners
-        if winners is None and sum(b.count for b in self._blobs) <= self.DICT_LIMIT:
+        if winners is None and self._count <= self.DICT_LIMIT:
             with self._lock:
                 if self._winners is None:
                     self._winners = self._winning_entries()

@@ -53,7 +53,8 @@ class Splitter:
         return buf
 
     def split(self, stream: BinaryIO):
-        """Yield memoryviews of consecutive chunks; each is valid until the next is yielded."""
+        """Yield memoryviews of consecutive chunks; each is valid until the next is yielded (and
+        only while no other ``split`` runs in the same thread: they share its buffer)."""
         cdc, buf = self._cdc(), self._buffer()
         view = memoryview(buf)
         filled, eof = 0, False
@@ -106,13 +107,9 @@ class ObjectStore:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
 
-    def write_small(self, data: bytes, metadata: bool = False) -> str:
-        """``write_bytes`` for data of at most ``splitter.min_size`` bytes: one chunk, uncut."""
-        if len(data) > self.splitter.min_size:
-            return self.write_bytes(data, metadata)
-        return self.contents.write(data, metadata=metadata).hex()
-
     def write_bytes(self, data: bytes, metadata: bool = False) -> str:
+        if len(data) <= self.splitter.min_size:  # one chunk, uncut: no need to run the chunker
+            return self.contents.write(data, metadata=metadata).hex()
         return self.write_stream(io.BytesIO(data), metadata)[0]
 
     def _finish(self, chunks: list[tuple[bytes, int]], metadata: bool) -> str:

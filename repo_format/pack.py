@@ -60,8 +60,11 @@ class PackWriter:
         self.entries.append(entry)
         return entry
 
-    def read_pending(self, entry: IndexEntry) -> bytes:
+    def read_pending(self, entry: IndexEntry) -> bytes | None:
+        """The sealed record of one of this pack's entries (None if it is not one of them)."""
         i = bisect.bisect_left(self.entries, entry.offset, key=lambda e: e.offset)
+        if i == len(self.entries) or self.entries[i] != entry:
+            return None
         return bytes(self._parts[i])
 
     def finish(self, index_aead: Aead) -> bytes:

@@ -248,3 +248,58 @@ def test_manifest_compaction_keeps_every_newer_record_and_deletes_in_a_later_run
     after = {r.id: r.payload for r in ms.find(type="snapshot")}
     assert after == {**before, late: b"late"}
     assert not set(ids[:3]) & set(after)  # tombstones survived the merge
+
+
+def test_read_ahead_serves_contents_in_order_from_few_block_reads(make_repo, monkeypatch):
+    """Through the read-ahead cache (tiny blocks here): every content reads back exactly, in
+    order and shuffled, including ones crossing a block boundary and at the pack's short end; in
+    order it takes far fewer storage reads than contents; a truncated pack is still corruption."""
+    from repo_format import content as content_module
+    from repo_format.errors import CorruptionError
+    from repo_format.storage.memory import MemoryStorage
+    from repo_format.storage.wrappers import CountingStorage
+
+    monkeypatch.setattr(content_module, "READ_AHEAD_BLOCK", 4096)
+    storage = CountingStorage(MemoryStorage())
+    repo = make_repo(storage)
+    rnd = random.Random(3)
+    datas = [rnd.randbytes(rnd.randint(100, 1500)) for _ in range(60)] + [rnd.randbytes(3000)]
+    ids = [repo.contents.write(d) for d in datas]
+    repo.flush()
+    entries = [repo.contents.lookup(c) for c in ids]
+    assert any(e.offset // 4096 != (e.offset + e.packed_length - 1) // 4096 for e in entries)  # crossing
+
+    def reads(order, blocks=content_module.READ_AHEAD_BLOCKS) -> int:
+        before = storage.counts()["GET"]["calls"]
+        with repo.contents.reading_ahead(blocks):
+            assert [repo.contents.read(ids[i]) for i in order] == [datas[i] for i in order]
+        return storage.counts()["GET"]["calls"] - before
+
+    in_order = reads(range(len(ids)))
+    assert in_order < len(ids) // 3
+    shuffled = list(range(len(ids)))
+    rnd.shuffle(shuffled)
+    assert reads(shuffled, blocks=2) > in_order  # evicted blocks are read again
+    assert repo.contents._blocks is None  # off again after the context
+
+    last = entries[-1]
+    storage.put(last.pack, storage.get(last.pack)[:last.offset + 10])  # truncated in place
+    with repo.contents.reading_ahead(), pytest.raises(CorruptionError, match="truncated"):
+        repo.contents.read(ids[-1])
+
+
+def test_fewer_collections_restores_the_thresholds_after_overlapping_users():
+    import gc
+
+    from kdist.snapshot import fewer_collections
+
+    before = gc.get_threshold()
+    outer = fewer_collections()
+    outer.__enter__()
+    inner = fewer_collections()
+    inner.__enter__()
+    assert gc.get_threshold()[0] == max(before[0], 100_000)
+    outer.__exit__(None, None, None)  # the first user leaves while the second still runs
+    assert gc.get_threshold()[0] == max(before[0], 100_000)
+    inner.__exit__(None, None, None)
+    assert gc.get_threshold() == before
