@@ -379,11 +379,19 @@ class ContentStore:
         lives)."""
         try:
             self.flush()
-        finally:
-            with self._lock:
-                started, self._marker_started = self._marker_started, False
-            if started:
-                self.marker.stop()
+        except BaseException:
+            try:
+                self._retire()
+            except KdistError:
+                pass  # the flush's failure is the one to report
+            raise
+        self._retire()
+
+    def _retire(self) -> None:
+        with self._lock:
+            started, self._marker_started = self._marker_started, False
+        if started:
+            self.marker.stop()
 
     # ---- reading -------------------------------------------------------------------------
     def lookup(self, content_id: bytes) -> IndexEntry | None:
