@@ -263,7 +263,7 @@ def test_read_ahead_serves_contents_in_order_from_few_block_reads(make_repo, mon
     storage = CountingStorage(MemoryStorage())
     repo = make_repo(storage)
     rnd = random.Random(3)
-    datas = [rnd.randbytes(rnd.randint(100, 1500)) for _ in range(60)] + [rnd.randbytes(3000)]
+    datas = [rnd.randbytes(rnd.randint(100, 900)) for _ in range(60)] + [rnd.randbytes(3000)]  # the last read alone
     ids = [repo.contents.write(d) for d in datas]
     repo.flush()
     entries = [repo.contents.lookup(c) for c in ids]
