@@ -319,11 +319,13 @@ class ContentStore:
         if clock.monotonic() - self.revalidated_at > self.safety.index_refresh:
             self.revalidate()
 
-    def refresh_index(self) -> None:
+    def refresh_index(self) -> MergedIndex:
         """Load the committed index afresh now (undeleting what this store refers to, as every
-        reload does)."""
+        reload does, gc/README.md writer rule 5); returns it."""
         with self._refresh_lock:
-            self._undelete_referenced(self._reload())
+            fresh = self._reload()
+            self._undelete_referenced(fresh)
+        return fresh
 
     def _reload(self) -> MergedIndex:
         """Swap in a freshly assembled index, plus what we published too recently to be surely
@@ -420,10 +422,7 @@ class ContentStore:
 
     def _moved(self, entry: IndexEntry) -> IndexEntry | None:
         """The content's winning entry in a freshly loaded index, if it points elsewhere."""
-        with self._refresh_lock:
-            fresh = self._reload()
-            self._undelete_referenced(fresh)  # every reload does (gc/README.md, writer rule 5)
-        now = fresh.lookup(entry.content_id)
+        now = self.refresh_index().lookup(entry.content_id)
         if now is None or (now.pack, now.offset) == (entry.pack, entry.offset):
             return None
         return now
