@@ -125,33 +125,21 @@ class ContentStore:
         return self.committed
 
     def write(self, data, metadata: bool = False) -> bytes:
-        cid = self._hash(data)
-        old = self._stored(cid)
-        if old is True:
-            return cid
-        compression, payload = compress(data, self._zstd_level)
-        return self._add(cid, compression, self._content_aead.seal(payload, content_aad(cid, compression)),
-                         len(data), metadata, old)
-
-    def _stored(self, cid: bytes) -> IndexEntry | bool | None:
-        """True if the content is stored or pending (counted as deduplicated and referenced);
-        else the committed entry it must win over (a deletion marker), or None."""
         if not self._marker_started:
             # A writer's session (and the heartbeat that keeps its index view fresh, undeleting
             # what it refers to) starts with its first write, deduplicated ones included.
             self._ensure_session()
+        cid = self._hash(data)
         with self._lock:
             pending = cid in self._pending
-        old = None if pending else self._committed_view().lookup(cid)
+        old = None if pending else self._committed_view().lookup(cid)  # one lookup per content
         if pending or (old is not None and not old.deleted):
             with self._lock:
                 self.stats.contents_deduplicated += 1
                 self._referenced.add(cid)
-            return True
-        return old
-
-    def _add(self, cid: bytes, compression: int, sealed: bytes, original_length: int, metadata: bool,
-             old: IndexEntry | None) -> bytes:
+            return cid
+        compression, payload = compress(data, self._zstd_level)
+        sealed = self._content_aead.seal(payload, content_aad(cid, compression))
         # newer than a deletion marker of the same content: a rewrite must win over it whatever
         # this client's clock says (the conflict rule orders by timestamp)
         stamp = int(clock.now() * 1e6)
@@ -162,7 +150,7 @@ class ContentStore:
             if cid in self._pending:
                 self.stats.contents_deduplicated += 1
                 return cid
-            full = self._append(metadata, cid, compression, sealed, original_length, stamp)
+            full = self._append(metadata, cid, compression, sealed, len(data), stamp)
         if full is not None:
             self._upload(full)
         return cid
