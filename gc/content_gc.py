@@ -84,8 +84,7 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
     listing of the index cannot be marked: it is not in the index)."""
     live, count = live_contents(repo)
     plan = ContentGCPlan(now=now, snapshots=count, live=len(live))
-    pack_times = {m.name: m.timestamp for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX)
-                  for m in repo.storage.list(p)}
+    pack_times = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in repo.storage.list(p)}
     for e in index:
         if e.content_id in live:
             if e.deleted:

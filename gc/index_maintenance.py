@@ -47,7 +47,7 @@ def plan_index(epochs: EpochManager, view: EpochView, now: float) -> IndexPlan:
     if epochs.should_advance(view, now):
         plan.advance_to = view.current + 1
     settled = epochs.settled(view, now)
-    plan.compact = [e for e in settled if view.raw.get(e) and view.complete_set("xs", e) is None
+    plan.compact = [e for e in settled if view.raw.get(e) and view.complete_set(C.COMPACTED_PREFIX, e) is None
                     and not _in_range(view, e)]
     rng = view.best_range()
     outside = settled[-1] - (rng.epoch if rng else -1) if settled else 0
@@ -75,13 +75,13 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
     for (kind, e), sets in view.sets.items():
         chosen = view.complete_set(kind, e)
         for st in sets:
-            covered_by_range = old_enough(rng) and (e < rng.epoch or (kind == "xs" and e <= rng.epoch))
+            covered_by_range = old_enough(rng) and (e < rng.epoch or (kind == C.COMPACTED_PREFIX and e <= rng.epoch))
             duplicate = chosen is not None and st is not chosen and old_enough(chosen)
             abandoned = not st.complete and now - st.newest >= margin
             if covered_by_range or duplicate or abandoned:
                 out += st.members.values()
     for e, blobs in view.raw.items():
-        xs = view.complete_set("xs", e)
+        xs = view.complete_set(C.COMPACTED_PREFIX, e)
         if old_enough(xs) or (old_enough(rng) and e <= rng.epoch):
             out += blobs
     return out
@@ -94,17 +94,17 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
     try:
         view = epochs.refresh()
         for e in plan.compact:
-            if view.complete_set("xs", e) is not None or _in_range(view, e) or not view.raw.get(e):
+            if view.complete_set(C.COMPACTED_PREFIX, e) is not None or _in_range(view, e) or not view.raw.get(e):
                 continue  # done by a concurrent run since we planned (its sources may be gone)
             names = [m.name for m in view.raw.get(e, [])]
-            epochs.write_set("xs", e, epochs.read_entries(names))
+            epochs.write_set(C.COMPACTED_PREFIX, e, epochs.read_entries(names))
             done["compacted"].append(e)
         if plan.range_to is not None:
             view = epochs.refresh()
             entries = epochs.read_entries(view.assembly(up_to=plan.range_to))
             kept = [x for x in entries if not (x.deleted and x.timestamp_us < watermark_us)]
             clock.check(plan.now, "writing a range set")  # the watermark was derived at the run's start
-            epochs.write_set("xr", plan.range_to, kept)
+            epochs.write_set(C.RANGE_PREFIX, plan.range_to, kept)
             done["range"] = {"to": plan.range_to, "entries": len(kept), "dropped": len(entries) - len(kept)}
     except BlobNotFound:
         # a concurrent maintenance run cleaned up a source after our listing: it has done (or

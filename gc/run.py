@@ -129,7 +129,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
-        packs = [m for p in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(p)]
+        packs = [m for p in C.PACK_PREFIXES for m in storage.list(p)]
         index = epochs.load_index()
         bplan = plan_from(packs, index, storage, clock.now(), safety.pack_age, safety.session_expiry,
                           BlobRules(pack_age=rules.pack_age, live_session=rules.live_session,

@@ -35,7 +35,6 @@ from repo_format.storage.base import BlobStorage
 from kdist.snapshot import SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Snapshot, decode_directory
 
 NO_SESSION = "0" * 2 * C.SESSION_ID_BYTES  # a reader: it never writes anything in a session
-PACK_PREFIXES = (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX)
 READ_THREADS = 4
 
 
@@ -129,7 +128,7 @@ class Checker:
     def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
         snapshots = self.read_snapshots()
         self.load_index()
-        self.packs = {m.name: m.length for prefix in PACK_PREFIXES for m in self.storage.list(prefix)}
+        self.packs = {m.name: m.length for prefix in C.PACK_PREFIXES for m in self.storage.list(prefix)}
         self.report.counts["packs"] = len(self.packs)
         live_packs = self._check_entries()
         for snap in snapshots:
@@ -197,7 +196,8 @@ class Checker:
                     self.report.notes.append(f"incomplete index set {name} ({len(s.members)} of {s.count}) left by "
                                              "an interrupted compaction; readers ignore it")
         for m in self.storage.list(C.EPOCH_MARKER_PREFIX):
-            if m.name[2:].isdigit() and int(m.name[2:]) not in view.markers:
+            number = m.name[len(C.EPOCH_MARKER_PREFIX):]
+            if number.isdigit() and int(number) not in view.markers:
                 self._problem("epoch-marker", f"epoch marker {m.name} failed authentication (damaged or forged; "
                               "readers ignore it)", blob=m.name)
 

@@ -61,3 +61,9 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+def system_time() -> float:
+    """The system's wall clock, whatever ``set_clock`` says: for comparing with the timestamps of
+    local files (the local cache's ages), which the file system stamps with this clock."""
+    return time.time()

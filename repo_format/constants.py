@@ -25,6 +25,7 @@ HKDF_INFO_MANIFEST = b"kdist/v1/manifest-encryption"
 HKDF_INFO_HASH = b"kdist/v1/content-hash"
 HKDF_INFO_CHUNKER = b"kdist/v1/chunker-seed"
 HKDF_INFO_NAME = b"kdist/v1/blob-name"
+HKDF_INFO_LOCAL_CACHE = b"kdist/v1/local-cache"  # MAC of the files of the local cache (not a repository blob)
 
 # --- algorithms ----------------------------------------------------------------------------
 AEAD_AES_256_GCM = "aes-256-gcm"
@@ -48,6 +49,7 @@ INDEX_PREFIX = "xn"
 SESSION_PREFIX = "s"
 MANIFEST_PREFIX = "m"
 MANIFEST_COMPACTED_PREFIX = "m_"  # a manifest blob written by compaction
+PACK_PREFIXES = (DATA_PACK_PREFIX, METADATA_PACK_PREFIX)  # every pack is one or the other
 SESSION_ID_BYTES = 8
 PACK_RANDOM_BYTES = 16
 
@@ -79,4 +81,7 @@ EPOCH_MARKER_PREFIX = "xe"
 COMPACTED_PREFIX = "xs"  # xs<epoch>_<set id>_<member>of<count>
 RANGE_PREFIX = "xr"  # xr<last epoch>_<set id>_<member>of<count>: every epoch 0..last
 PROBE_PREFIX = "xt"  # short-lived blobs that read the storage's clock
+# the first letter of INDEX_PREFIX and of every prefix above: one listing finds all the blobs
+# of the index and its epochs (probes too, which the index ignores)
+INDEX_FAMILY_PREFIX = "x"
 INDEX_BLOB_MAX_ENTRIES = 200_000  # compaction splits its output into blobs of at most this many

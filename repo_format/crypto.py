@@ -177,6 +177,10 @@ class RepositoryKeys:
         """Keyed hash for deterministic blob names (index blobs): reveals nothing of contents."""
         return ContentHasher(derive_subkey(self.master_key, C.HKDF_INFO_NAME))
 
+    def local_cache_key(self) -> bytes:
+        """Key of the BLAKE3-keyed MAC over every file of this repository's local cache."""
+        return derive_subkey(self.master_key, C.HKDF_INFO_LOCAL_CACHE)
+
     def chunker_seed(self) -> int:
         """A secret seed for the content-defined chunker's gear table (hides chunk boundaries)."""
         raw = derive_subkey(self.hash_secret, C.HKDF_INFO_CHUNKER, length=8)

@@ -18,9 +18,12 @@ blobs. Superseded blobs are deleted only after their replacement has been visibl
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from repo_format import clock
 from repo_format import constants as C
@@ -33,14 +36,40 @@ from repo_format.index import (
 from repo_format.safety import SafetyParameters
 from repo_format.storage.base import BlobMeta, BlobStorage
 
-_RAW = re.compile(r"xn(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
-_SET = re.compile(r"(xs|xr)(\d+)_([0-9a-f]+)_(\d+)of(\d+)$")
-_MARKER = re.compile(r"xe(\d+)$")
+if TYPE_CHECKING:
+    from repo_format.local_cache import LocalCache
+
+_RAW = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
+_SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})" + r"(\d+)_([0-9a-f]+)_(\d+)of(\d+)$")
+_MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)$")
 ASSEMBLY_ATTEMPTS = 5
+MAX_MARKER = 256  # bytes: a sealed "epoch N"
+DOWNLOAD_BUDGET = 32 * 1024 * 1024  # bytes of index blobs being downloaded and decoded at once
 
 
 def _set_preference(s: "IndexSet") -> tuple:
     return (s.newest, -int(s.set_id, 16))
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held at once; one item larger than the limit goes alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 class StaleView(KdistError):
@@ -49,7 +78,7 @@ class StaleView(KdistError):
 
 @dataclass
 class IndexSet:
-    kind: str  # "xs" or "xr"
+    kind: str  # C.COMPACTED_PREFIX or C.RANGE_PREFIX
     epoch: int
     set_id: str
     count: int
@@ -80,6 +109,13 @@ class EpochView:
     def current(self) -> int:
         return max(self.markers, default=0)
 
+    def lengths(self) -> dict[str, int]:
+        """Every listed index blob's size, by name."""
+        out = {m.name: m.length for blobs in self.raw.values() for m in blobs}
+        for sets in self.sets.values():
+            out.update((m.name, m.length) for s in sets for m in s.members.values())
+        return out
+
     def complete_set(self, kind: str, epoch: int) -> IndexSet | None:
         """The set readers use for an epoch. For ``xs`` the *first* completed one: it was built
         while every raw blob of the epoch existed (a later duplicate may have been built after
@@ -88,12 +124,12 @@ class EpochView:
         done = [s for s in self.sets.get((kind, epoch), []) if s.complete]
         if not done:
             return None
-        if kind == "xs":
+        if kind == C.COMPACTED_PREFIX:
             return min(done, key=lambda s: (s.newest, s.set_id))
         return max(done, key=_set_preference)
 
     def best_range(self) -> IndexSet | None:
-        ranges = [s for (kind, e), sets in self.sets.items() if kind == "xr" for s in sets if s.complete]
+        ranges = [s for (kind, e), sets in self.sets.items() if kind == C.RANGE_PREFIX for s in sets if s.complete]
         return max(ranges, key=lambda s: (s.epoch,) + _set_preference(s)) if ranges else None
 
     def assembly(self, up_to: int | None = None) -> list[str]:
@@ -102,17 +138,18 @@ class EpochView:
         rng = self.best_range()
         first = rng.epoch + 1 if rng else 0
         names = rng.names() if rng else []
-        epochs = {e for e in self.raw} | {e for (k, e) in self.sets if k == "xs"}
+        epochs = {e for e in self.raw} | {e for (k, e) in self.sets if k == C.COMPACTED_PREFIX}
         for e in sorted(x for x in epochs if x >= first and (up_to is None or x <= up_to)):
-            s = self.complete_set("xs", e)
+            s = self.complete_set(C.COMPACTED_PREFIX, e)
             names += s.names() if s else [m.name for m in self.raw.get(e, [])]
         return names
 
 
 class EpochManager:
     def __init__(self, storage: BlobStorage, index_aead: Aead, name_hasher: ContentHasher, marker_aead: Aead,
-                 safety: SafetyParameters, session: str):
+                 safety: SafetyParameters, session: str, cache: "LocalCache | None" = None):
         self.storage = storage
+        self.cache = cache
         self.safety = safety
         self.session = session
         self._aead = index_aead
@@ -120,13 +157,19 @@ class EpochManager:
         self._marker_aead = marker_aead
         self._verified_markers: set[str] = set()
         self.view: EpochView | None = None
+        # the blobs of the last assembly, by name: a blob never changes under its name, so a
+        # reload fetches only what is new (the local cache does the same across processes)
+        self._loaded: dict[str, IndexBlob] = {}
+        self._loaded_lock = threading.Lock()
+        # downloads held at once (sealed copy, plaintext, keys): bounded by bytes, not threads
+        self._in_flight = ByteBudget(DOWNLOAD_BUDGET)
 
     # ---- listing -------------------------------------------------------------------------
     def refresh(self) -> EpochView:
         markers: dict[int, BlobMeta] = {}
         raw: dict[int, list[BlobMeta]] = {}
         sets: dict[tuple[str, int], dict[str, IndexSet]] = {}
-        for m in self.storage.list("x"):
+        for m in self.storage.list(C.INDEX_FAMILY_PREFIX):
             if mk := _MARKER.fullmatch(m.name):
                 if self._marker_valid(m.name):
                     markers[int(mk.group(1))] = m
@@ -142,12 +185,23 @@ class EpochManager:
         return self.view
 
     def _marker_valid(self, name: str) -> bool:
+        """Whether a listed marker authenticates (a copy in the local cache serves: markers are
+        never rewritten, and the listing still decides that it exists)."""
         if name in self._verified_markers:
             return True
+        cached = self.cache.sealed_blob(name, MAX_MARKER) if self.cache is not None else None
         try:
-            self._marker_aead.open(self.storage.get(name), name.encode(), what=f"epoch marker {name}")
-        except (BlobNotFound, CorruptionError):
-            return False  # a forged or damaged marker is ignored: it cannot move epochs
+            sealed = cached if cached is not None else self.storage.get(name)
+            self._marker_aead.open(sealed, name.encode(), what=f"epoch marker {name}")
+        except CorruptionError:
+            if cached is None:
+                return False  # a forged or damaged marker is ignored: it cannot move epochs
+            self.cache.drop_blob(name)
+            return self._marker_valid(name)
+        except BlobNotFound:
+            return False
+        if cached is None and self.cache is not None:
+            self.cache.store_blob(name, sealed)
         self._verified_markers.add(name)
         return True
 
@@ -158,18 +212,42 @@ class EpochManager:
 
     # ---- reading -------------------------------------------------------------------------
     def load_index(self) -> MergedIndex:
-        """Assemble the current index; re-list and start again if a blob vanished meanwhile."""
+        """Assemble the current index; re-list and start again if a blob vanished meanwhile.
+        Only blobs this manager (or the local cache) does not hold already are fetched."""
         for _ in range(ASSEMBLY_ATTEMPTS):
             view = self.refresh()
+            names = view.assembly()
             try:
-                return MergedIndex(self._read_blobs(view.assembly()))
+                blobs = self._read_blobs(names)
             except BlobNotFound:
                 continue  # superseded and cleaned up after our listing: the new listing has its set
+            with self._loaded_lock:  # what a compaction replaced is let go
+                self._loaded = dict(zip(names, blobs))
+            if self.cache is not None:
+                self.cache.retain_index(set(names))
+            return MergedIndex(blobs)
         raise StaleView("the index kept changing while it was being read; try again")
 
+    def loaded_names(self) -> set[str]:
+        """The index blobs of the last assembly (what the local cache must keep)."""
+        with self._loaded_lock:
+            return set(self._loaded)
+
     def _read_blobs(self, names: list[str]) -> list[IndexBlob]:
+        lengths = self.view.lengths() if self.view is not None else {}
+
         def read(name):
-            return open_index(self._aead, name, self.storage.get(name))
+            with self._loaded_lock:
+                blob = self._loaded.get(name)
+            if blob is not None and (blob.source is None or self.cache.still_authentic(name, blob)):
+                return blob  # every load authenticates the cache files it uses, mapped before or not
+            if self.cache is not None and (blob := self.cache.index_blob(name)) is not None:
+                return blob
+            with self._in_flight.hold(lengths.get(name, 0)):
+                blob = open_index(self._aead, name, self.storage.get(name))
+                if self.cache is not None:  # then read through the mapping: the download is let go
+                    blob = self.cache.store_index(name, blob) or blob
+            return blob
 
         return parallel_map(read, names)
 

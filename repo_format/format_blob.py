@@ -113,8 +113,8 @@ def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys
     return body + unkeyed_checksum(body)
 
 
-def decode(blob: bytes, password: str) -> FormatBlob:
-    """Open a format blob; typed errors for damage, unknown versions and a wrong password."""
+def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes]:
+    """The unencrypted header: unique id, KDF parameters, sealed payload; typed errors for damage."""
     pre = C.FORMAT_PREAMBLE.size
     if len(blob) < pre + C.FORMAT_CHECKSUM_SIZE or len(blob) > MAX_FORMAT_BLOB_SIZE:
         raise CorruptionError(f"the format blob has an impossible size ({len(blob)} bytes)")
@@ -139,6 +139,12 @@ def decode(blob: bytes, password: str) -> FormatBlob:
             raise TypeError("field types")
     except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
         raise CorruptionError("the format blob's header is malformed") from exc
+    return unique_id, kdf, sealed
+
+
+def decode(blob: bytes, password: str) -> FormatBlob:
+    """Open a format blob; typed errors for damage, unknown versions and a wrong password."""
+    unique_id, kdf, sealed = _decode_header(blob)
     wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
     try:
         payload = wrapping.open(sealed, _aad(unique_id))
@@ -170,12 +176,15 @@ def create(storage: BlobStorage, password: str, parameters: RepositoryParameters
     return FormatBlob(unique_id, kdf, keys, parameters)
 
 
-def read(storage: BlobStorage, password: str) -> FormatBlob:
+def _get(storage: BlobStorage) -> bytes:
     try:
-        blob = storage.get(C.FORMAT_BLOB_NAME, 0, MAX_FORMAT_BLOB_SIZE + 1)  # decode refuses longer
+        return storage.get(C.FORMAT_BLOB_NAME, 0, MAX_FORMAT_BLOB_SIZE + 1)  # decode refuses longer
     except BlobNotFound:
         raise RepositoryNotFound(f"no kdist repository at {storage.describe()}") from None
-    return decode(blob, password)
+
+
+def read(storage: BlobStorage, password: str) -> FormatBlob:
+    return decode(_get(storage), password)
 
 
 def change_password(storage: BlobStorage, old_password: str, new_password: str,
@@ -186,3 +195,9 @@ def change_password(storage: BlobStorage, old_password: str, new_password: str,
     blob = encode(current.unique_id, kdf, new_password, current.keys, current.parameters)
     storage.put(C.FORMAT_BLOB_NAME, blob)
     return FormatBlob(current.unique_id, kdf, current.keys, current.parameters)
+
+
+def read_unique_id(storage: BlobStorage) -> bytes:
+    """The repository's unique id, from the format blob's unencrypted header (no password: for
+    finding its local cache; nothing read this way is trusted for anything else)."""
+    return _decode_header(_get(storage))[0]

@@ -79,60 +79,98 @@ def encode_index(entries: Iterable[IndexEntry]) -> bytes:
 _VECTOR_CHECK_FROM = 4096  # entries; below this the loop is cheaper than importing numpy
 
 
+_VECTOR_CHECK_ROWS = 32_768  # rows per step: bounds the temporaries (32 bytes of flags per row)
+
+
 def _check_entries_vectorised(buf, start: int, count: int, npacks: int) -> None:
     """The decoder's entry checks (ids strictly sorted, pack numbers in the table) in numpy:
-    a Python loop costs 0.6 s per million entries."""
+    a Python loop costs 0.6 s per million entries. In steps that overlap by one row, so the
+    temporaries stay small whatever the blob's size."""
     import numpy as np
 
     rows = np.frombuffer(buf, dtype=np.uint8, count=count * _ENTRY.size, offset=start).reshape(count, _ENTRY.size)
-    ids = rows[:, :_ID]
-    differ = ids[1:] != ids[:-1]
-    if not differ.any(axis=1).all():
-        raise CorruptionError("index entries are not strictly sorted")
-    first = differ.argmax(axis=1)  # the first byte where neighbours differ decides their order
-    r = np.arange(count - 1)
-    if not (ids[1:][r, first] > ids[:-1][r, first]).all():
-        raise CorruptionError("index entries are not strictly sorted")
-    if np.ascontiguousarray(rows[:, _ID:_ID + 4]).view(">u4").max() >= npacks:
-        raise CorruptionError("index entry names a pack outside its table")
+    for lo in range(0, count - 1, _VECTOR_CHECK_ROWS):
+        ids = rows[lo:lo + _VECTOR_CHECK_ROWS + 1, :_ID]
+        differ = ids[1:] != ids[:-1]
+        if not differ.any(axis=1).all():
+            raise CorruptionError("index entries are not strictly sorted")
+        first = differ.argmax(axis=1)  # the first byte where neighbours differ decides their order
+        r = np.arange(len(first))
+        if not (ids[1:][r, first] > ids[:-1][r, first]).all():
+            raise CorruptionError("index entries are not strictly sorted")
+    for lo in range(0, count, _VECTOR_CHECK_ROWS):
+        if np.ascontiguousarray(rows[lo:lo + _VECTOR_CHECK_ROWS, _ID:_ID + 4]).view(">u4").max() >= npacks:
+            raise CorruptionError("index entry names a pack outside its table")
+
+
+def _decode_tables(buf) -> tuple[list[str], int, int]:
+    """The pack table, where the entries start, and how many there are; checks sizes."""
+    hdr = C.INDEX_HEADER
+    if len(buf) < hdr.size:
+        raise CorruptionError("index is truncated")
+    magic, version, _flags, _res, count, npacks = hdr.unpack_from(buf)
+    if magic != C.INDEX_MAGIC:
+        raise CorruptionError("index has a bad magic")
+    if version != C.INDEX_VERSION:
+        raise UnsupportedVersion(f"index format version {version} is not supported")
+    if count > C.MAX_INDEX_ENTRIES or npacks > count + 1:
+        raise CorruptionError(f"index declares an absurd size ({count} entries, {npacks} packs)")
+    pos = hdr.size
+    packs = []
+    for _ in range(npacks):
+        if pos + 2 > len(buf):
+            raise CorruptionError("index pack table is truncated")
+        (n,) = C.INDEX_PACK_NAME_LENGTH.unpack_from(buf, pos)
+        pos += 2
+        if n == 0 or n > C.MAX_PACK_NAME_LENGTH or pos + n > len(buf):
+            raise CorruptionError("index pack table is malformed")
+        try:
+            packs.append(validate_name(bytes(buf[pos:pos + n]).decode("ascii")))
+        except (UnicodeDecodeError, InvalidBlobName):  # a name that could leave the storage root
+            raise CorruptionError("index pack table holds an invalid blob name") from None
+        pos += n
+    if len(buf) - pos != count * _ENTRY.size:
+        raise CorruptionError("index entry table has the wrong length")
+    return packs, pos, count
+
+
+class MappedPackTable:
+    """A blob's pack table read in place: name ``i`` is decoded when asked for (names were
+    validated when the blob was first decoded; the copy is authenticated)."""
+
+    __slots__ = ("_buf", "_offsets")
+
+    def __init__(self, buf, offsets):
+        self._buf, self._offsets = buf, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> str:
+        pos = int(self._offsets[i])
+        (n,) = C.INDEX_PACK_NAME_LENGTH.unpack_from(self._buf, pos)
+        return bytes(self._buf[pos + 2:pos + 2 + n]).decode("ascii")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 class IndexBlob:
-    """A decoded index: binary search over the sorted fixed-size entries."""
+    """A decoded index: binary search over the sorted fixed-size entries.
 
-    __slots__ = ("packs", "_buf", "_start", "count")
+    ``data`` may be any buffer, a memory-mapped file of the local cache included. ``keys``, when
+    set, is a sorted array of the first 8 bytes of every id as a number (see ``entry_keys``),
+    so a lookup can search it without building one over every blob.
+    """
 
-    def __init__(self, data: bytes):
-        hdr = C.INDEX_HEADER
-        if len(data) < hdr.size:
-            raise CorruptionError("index is truncated")
-        magic, version, _flags, _res, count, npacks = hdr.unpack_from(data)
-        if magic != C.INDEX_MAGIC:
-            raise CorruptionError("index has a bad magic")
-        if version != C.INDEX_VERSION:
-            raise UnsupportedVersion(f"index format version {version} is not supported")
-        if count > C.MAX_INDEX_ENTRIES or npacks > count + 1:
-            raise CorruptionError(f"index declares an absurd size ({count} entries, {npacks} packs)")
-        pos = hdr.size
-        packs = []
-        for _ in range(npacks):
-            if pos + 2 > len(data):
-                raise CorruptionError("index pack table is truncated")
-            (n,) = C.INDEX_PACK_NAME_LENGTH.unpack_from(data, pos)
-            pos += 2
-            if n == 0 or n > C.MAX_PACK_NAME_LENGTH or pos + n > len(data):
-                raise CorruptionError("index pack table is malformed")
-            try:
-                packs.append(validate_name(data[pos:pos + n].decode("ascii")))
-            except (UnicodeDecodeError, InvalidBlobName):  # a name that could leave the storage root
-                raise CorruptionError("index pack table holds an invalid blob name") from None
-            pos += n
-        if len(data) - pos != count * _ENTRY.size:
-            raise CorruptionError("index entry table has the wrong length")
-        self.packs = packs
+    __slots__ = ("packs", "_buf", "_start", "count", "keys", "source")
+
+    def __init__(self, data):
         self._buf = memoryview(data)
-        self._start = pos
-        self.count = count
+        self.packs, self._start, self.count = _decode_tables(self._buf)
+        self.keys = None
+        self.source = None  # the local cache's file, for a mapped blob (authenticated again on reloads)
+        count, npacks, pos = self.count, len(self.packs), self._start
         if count > _VECTOR_CHECK_FROM:
             _check_entries_vectorised(self._buf, pos, count, npacks)
             return
@@ -145,6 +183,38 @@ class IndexBlob:
             if int.from_bytes(self._buf[off + _ID:off + _ID + 4], "big") >= npacks:
                 raise CorruptionError("index entry names a pack outside its table")
             prev = cid
+
+    @classmethod
+    def mapped(cls, buf, start: int, count: int, packs, keys, source) -> "IndexBlob":
+        """A blob over an authenticated copy (the local cache's file ``source``): entries at
+        ``start``, the pack table as a lazy sequence, the sorted keys given; nothing is decoded
+        or checked here."""
+        blob = cls.__new__(cls)
+        blob._buf, blob._start, blob.count, blob.packs, blob.keys = memoryview(buf), start, count, packs, keys
+        blob.source = source
+        return blob
+
+    def pack_name_offsets(self):
+        """Where each pack name of the table starts (its 2-byte length), as a uint32 array:
+        the local cache stores them so a mapped blob decodes a pack name only when an entry
+        needs it (a compacted blob names nearly every pack of the repository)."""
+        import numpy as np
+
+        out = np.empty(len(self.packs), dtype="<u4")
+        pos = C.INDEX_HEADER.size
+        for i, name in enumerate(self.packs):
+            out[i] = pos
+            pos += 2 + len(name)
+        return out
+
+    def entry_keys(self):
+        """The first 8 bytes of each id as an unsigned number (little-endian uint64 array):
+        sorted, since the ids are. The local cache stores them next to the entries."""
+        import numpy as np
+
+        rows = np.frombuffer(self._buf, dtype=np.uint8, count=self.count * _ENTRY.size,
+                             offset=self._start).reshape(self.count, _ENTRY.size)
+        return np.ascontiguousarray(rows[:, :8]).view(">u8").ravel().astype("<u8")
 
     def _id_at(self, i: int) -> bytes:
         off = self._start + i * _ENTRY.size
@@ -203,27 +273,71 @@ class _SortedKeys:
         for i, b in enumerate(blobs):
             if not b.count:
                 continue
-            rows = np.frombuffer(b._buf, dtype=np.uint8, count=b.count * _ENTRY.size,
-                                 offset=b._start).reshape(b.count, _ENTRY.size)
-            keys.append(np.ascontiguousarray(rows[:, :8]).view(">u8").ravel().astype(np.uint64))
+            keys.append(b.keys if b.keys is not None else b.entry_keys())
             blob_no.append(np.full(b.count, i, dtype=np.int32))
             pos.append(np.arange(b.count, dtype=np.int32))
         if not keys:
-            keys, blob_no, pos = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+            keys, blob_no, pos = [np.zeros(0, "<u8")], [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
         k = np.concatenate(keys)
         order = np.argsort(k, kind="stable")
         self._np = np
         self.keys, self.blob_no, self.pos = k[order], np.concatenate(blob_no)[order], np.concatenate(pos)[order]
 
-    def find(self, blobs: list[IndexBlob], content_id: bytes) -> list[IndexEntry]:
-        """Every entry of ``content_id`` in the blobs."""
+    def find(self, blobs: list[IndexBlob], content_id: bytes, found: list[IndexEntry]) -> None:
+        """Append every entry of ``content_id`` in the blobs to ``found``."""
         key = self._np.uint64(int.from_bytes(content_id[:8], "big"))
-        i, n, found = int(self.keys.searchsorted(key)), len(self.keys), []
+        i, n = int(self.keys.searchsorted(key)), len(self.keys)
         while i < n and self.keys[i] == key:
             b, p = blobs[self.blob_no[i]], int(self.pos[i])
             if b._id_at(p) == content_id:
                 found.append(b._entry_at(p))
             i += 1
+
+
+class _Runs:
+    """Lookups over many index blobs without holding the index in memory.
+
+    Blobs that carry their own sorted key array (``IndexBlob.keys``, memory-mapped from the
+    local cache) and are large are searched one by one, skipping those whose key range does
+    not hold the key: the members of a compacted set cover disjoint ranges, so a set costs one
+    search. Small blobs (raw ones of recent epochs, often many) and blobs without keys share
+    one in-memory ``_SortedKeys``, bounded to ``SMALL_TOTAL`` entries unless some lack keys.
+    """
+
+    SMALL = 50_000
+    SMALL_TOTAL = 100_000  # 1.6 MiB of keys, 4 MiB while it is built: the flat-memory bound
+
+    def __init__(self, blobs: list[IndexBlob]):
+        import numpy as np
+
+        budget = self.SMALL_TOTAL
+        self.small: list[IndexBlob] = []
+        self.large: list[IndexBlob] = []
+        for b in sorted(blobs, key=lambda b: b.count):
+            if b.keys is None or (b.count < self.SMALL and b.count <= budget):
+                self.small.append(b)
+                budget -= b.count if b.keys is not None else 0
+            elif b.count:
+                self.large.append(b)
+        self._np = np
+        self._small_keys = _SortedKeys(self.small) if self.small else None
+        self._lo = np.array([b.keys[0] for b in self.large], dtype="<u8")
+        self._hi = np.array([b.keys[-1] for b in self.large], dtype="<u8")
+
+    def find(self, content_id: bytes) -> list[IndexEntry]:
+        found: list[IndexEntry] = []
+        if self._small_keys is not None:
+            self._small_keys.find(self.small, content_id, found)
+        if not self.large:
+            return found
+        key = self._np.uint64(int.from_bytes(content_id[:8], "big"))
+        for j in self._np.flatnonzero((self._lo <= key) & (key <= self._hi)):
+            b = self.large[j]
+            keys, i = b.keys, int(b.keys.searchsorted(key))
+            while i < b.count and keys[i] == key:
+                if b._id_at(i) == content_id:
+                    found.append(b._entry_at(i))
+                i += 1
         return found
 
 
@@ -231,8 +345,8 @@ class MergedIndex:
     """A read view over many index blobs plus in-memory entries, applying the conflict rule.
 
     Up to ``DICT_LIMIT`` entries, lookups go through a dict of winners built on first use (one
-    hash probe); larger indexes stay as sorted raw bytes, found through one sorted array of
-    keys over all blobs (``_SortedKeys``, 16 bytes per entry).
+    hash probe); larger indexes stay as sorted raw bytes (memory-mapped ones from the local
+    cache included), searched through ``_Runs``.
     """
 
     DICT_LIMIT = 200_000
@@ -242,7 +356,7 @@ class MergedIndex:
         self._count = sum(b.count for b in self._blobs)  # the blobs never change
         self._overlay: dict[bytes, IndexEntry] = {}
         self._winners: dict[bytes, IndexEntry] | None = None
-        self._keys: _SortedKeys | None = None
+        self._runs: _Runs | None = None
         self._lock = threading.Lock()  # lookups come from many threads while entries are added
 
     def add_entries(self, entries: Iterable[IndexEntry]) -> None:
@@ -268,11 +382,11 @@ class MergedIndex:
                 winners = self._winners
         if winners is not None:
             return winners.get(content_id)
-        if self._keys is None:
+        if self._runs is None:
             with self._lock:
-                if self._keys is None:
-                    self._keys = _SortedKeys(self._blobs)
-        candidates = self._keys.find(self._blobs, content_id)
+                if self._runs is None:
+                    self._runs = _Runs(self._blobs)
+        candidates = self._runs.find(content_id)
         candidates.append(self._overlay.get(content_id))
         return pick(c for c in candidates if c is not None)
 

@@ -31,7 +31,7 @@ def entries_from_packs(storage: BlobStorage, fmt: FormatBlob, workers: int = 8,
     """Every entry of every pack's local index (of the named packs only, if ``names`` is given)."""
     aead = fmt.keys.index_aead()
     if names is None:
-        names = [m.name for prefix in (C.DATA_PACK_PREFIX, C.METADATA_PACK_PREFIX) for m in storage.list(prefix)]
+        names = [m.name for prefix in C.PACK_PREFIXES for m in storage.list(prefix)]
 
     def read(name):
         try:

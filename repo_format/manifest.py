@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -21,6 +22,9 @@ from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage
+
+if TYPE_CHECKING:
+    from repo_format.local_cache import LocalCache
 
 MAX_MANIFEST_BLOB = 256 * 1024 * 1024
 
@@ -61,10 +65,11 @@ def new_manifest_id() -> str:
 
 
 class ManifestStore:
-    def __init__(self, storage: BlobStorage, aead: Aead, session: str):
+    def __init__(self, storage: BlobStorage, aead: Aead, session: str, cache: "LocalCache | None" = None):
         self.storage = storage
         self._aead = aead
         self.session = session
+        self.cache = cache  # copies of manifest blobs (immutable; authenticated when read)
 
     def _blob_name(self) -> str:
         return f"{C.MANIFEST_PREFIX}{secrets.token_hex(12)}-{self.session}"
@@ -72,7 +77,10 @@ class ManifestStore:
     def write_records(self, records: list[ManifestRecord]) -> str:
         name = self._blob_name()
         plain = msgpack.packb({"v": 1, "records": [r.to_wire() for r in records]})
-        self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
+        sealed = self._aead.seal(plain, name.encode("ascii"))
+        self.storage.put(name, sealed)
+        if self.cache is not None:
+            self.cache.store_blob(name, sealed)
         return name
 
     def put(self, labels: dict, payload: bytes, manifest_id: str | None = None) -> ManifestRecord:
@@ -95,11 +103,20 @@ class ManifestStore:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
         return records
 
-    def _read_doc(self, name: str) -> dict:
-        sealed = self.storage.get(name, 0, MAX_MANIFEST_BLOB + 1)  # never load more than the cap
-        if len(sealed) > MAX_MANIFEST_BLOB:
-            raise CorruptionError(f"manifest blob {name} is implausibly large")
-        plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")
+    def _read_doc(self, name: str, cached: bool = True) -> dict:
+        plain = None
+        if cached and self.cache is not None and (sealed := self.cache.sealed_blob(name, MAX_MANIFEST_BLOB)) is not None:
+            try:
+                plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")
+            except CorruptionError:
+                self.cache.drop_blob(name)
+        if plain is None:
+            sealed = self.storage.get(name, 0, MAX_MANIFEST_BLOB + 1)  # never load more than the cap
+            if len(sealed) > MAX_MANIFEST_BLOB:
+                raise CorruptionError(f"manifest blob {name} is implausibly large")
+            plain = self._aead.open(sealed, name.encode("ascii"), what=f"manifest blob {name}")
+            if self.cache is not None:
+                self.cache.store_blob(name, sealed)
         try:
             doc = msgpack.unpackb(plain, raw=False)
             if not isinstance(doc, dict) or doc["v"] != 1:
@@ -112,7 +129,7 @@ class ManifestStore:
         """When a compacted blob's writer started reading the records it holds (storage clock);
         blobs from before this field: their put time. None if it is gone meanwhile."""
         try:
-            doc = self._read_doc(meta.name)
+            doc = self._read_doc(meta.name, cached=False)  # whether it is still there matters here
         except BlobNotFound:
             return None
         read_at = doc.get("read_at")
@@ -128,6 +145,8 @@ class ManifestStore:
                 blobs = parallel_map(self.read_blob, names)
             except BlobNotFound:
                 continue
+            if self.cache is not None:
+                self.cache.retain_blobs(C.MANIFEST_PREFIX, set(names))
             best: dict[str, ManifestRecord] = {}
             for records in blobs:
                 for r in records:

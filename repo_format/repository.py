@@ -13,6 +13,7 @@ from repo_format import format_blob
 from repo_format.content import ContentStore
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
+from repo_format.local_cache import CacheSettings, LocalCache
 from repo_format.manifest import ManifestStore
 from repo_format.objects import ObjectStore, Splitter
 from repo_format.storage.base import BlobStorage
@@ -24,12 +25,16 @@ def new_session_id() -> str:
 
 class Repository:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str | None = None,
-                 heartbeat_thread: bool = True):
+                 heartbeat_thread: bool = True, cache: CacheSettings | None = None):
+        """``cache``: where this repository's local cache lives (``CacheSettings``); None, the
+        default for library use, runs without one (the CLI and the Ray workers pass one)."""
         self.storage = storage
         self.format = fmt
         self.session = session or new_session_id()
-        self.contents = ContentStore(storage, fmt, self.session, heartbeat_thread=heartbeat_thread)
-        self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session)
+        self.cache = LocalCache.for_repository(fmt, cache) if cache is not None else None
+        self.contents = ContentStore(storage, fmt, self.session, heartbeat_thread=heartbeat_thread,
+                                     cache=self.cache)
+        self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session, self.cache)
         p = fmt.parameters
         self.objects = ObjectStore(
             self.contents, Splitter(p.chunk_avg, p.chunk_min, p.chunk_max, fmt.keys.chunker_seed())
@@ -52,8 +57,17 @@ class Repository:
         return self.contents.flush()
 
     def close(self) -> None:
-        """Flush what was written and retire this client's session marker."""
-        self.contents.close()
+        """Flush what was written and retire this client's session marker; keep the local cache
+        within its limit."""
+        try:
+            self.contents.close()
+        finally:
+            self.trim_cache()
+
+    def trim_cache(self) -> None:
+        if self.cache is not None:
+            names = self.contents.epochs.loaded_names()
+            self.cache.enforce_limit(names)
 
     def __enter__(self):
         return self

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
 
 import pytest
+
+# Every kdist this suite runs (in-process, subprocesses, Ray workers) keeps its local caches in a
+# directory of the test run, never in the user's ~/.cache; tests about the cache set their own.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="kdist-test-caches-")
+os.environ["KDIST_CACHE_DIR"] = _CACHE_ROOT
+atexit.register(shutil.rmtree, _CACHE_ROOT, True)
 
 MOTO_START_TIMEOUT = 30.0
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

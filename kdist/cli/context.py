@@ -15,6 +15,7 @@ import sys
 import click
 
 from repo_format.errors import KdistError, RepositoryNotFound
+from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage
@@ -30,6 +31,23 @@ def repo_options(fn):
     fn = click.option("--repo", "repo_location", envvar="KDIST_REPO", required=True,
                       help="Repository: a directory path or s3://bucket/prefix (env KDIST_REPO).")(fn)
     return fn
+
+
+def cache_options(fn):
+    fn = click.option("--cache-limit", envvar="KDIST_CACHE_LIMIT", default=None, metavar="SIZE",
+                      help="Largest size of this repository's local cache, e.g. 5GiB (default 10GiB).")(fn)
+    fn = click.option("--no-cache", is_flag=True, default=False,
+                      help="Use no local cache: fetch the index from the repository (env KDIST_NO_CACHE=1).")(fn)
+    fn = click.option("--cache-dir", envvar="KDIST_CACHE_DIR", default=None, type=click.Path(file_okay=False),
+                      help="Where local caches live (default $XDG_CACHE_HOME/kdist or ~/.cache/kdist).")(fn)
+    return fn
+
+
+def cache_settings(cache_dir: str | None, no_cache: bool, cache_limit: str | None) -> CacheSettings:
+    try:
+        return CacheSettings.from_environment(cache_dir, no_cache, cache_limit)
+    except ValueError as exc:
+        raise click.UsageError(f"--cache-limit: {exc}")
 
 
 def read_password(password_file: str | None, confirm: bool = False, prompt: str = "Repository password") -> str:
@@ -72,11 +90,13 @@ def with_repository(read_only: bool = False):
 
     def decorate(fn):
         @repo_options
+        @cache_options
         @functools.wraps(fn)
-        def wrapper(repo_location, endpoint_url, password_file, **kwargs):
+        def wrapper(repo_location, endpoint_url, password_file, cache_dir, no_cache, cache_limit, **kwargs):
             try:
+                cache = cache_settings(cache_dir, no_cache, cache_limit)
                 storage = make_storage(repo_location, endpoint_url, read_only=read_only)
-                repo = Repository.open(storage, read_password(password_file))
+                repo = Repository.open(storage, read_password(password_file), cache=cache)
                 try:
                     result = fn(repo=repo, **kwargs)
                 except BaseException:
@@ -86,7 +106,9 @@ def with_repository(read_only: bool = False):
                         except KdistError:
                             pass
                     raise
-                if not read_only:
+                if read_only:
+                    repo.trim_cache()
+                else:
                     repo.close()
                 return result
             except KdistError as exc:

@@ -10,8 +10,10 @@ import click
 from repo_format.errors import KdistError
 
 from kdist import __version__
+from kdist.allocator import fix_mmap_threshold
 from kdist.cli.context import fail
 from kdist.cli.exit_codes import FAILURE
+from kdist.cli.cache import cache_group
 from kdist.cli.maintenance import gc_group, index_group, maintenance_group
 from kdist.cli.repo import repo_group
 from kdist.cli.snapshot import snapshot_group
@@ -28,6 +30,7 @@ cli.add_command(snapshot_group)
 cli.add_command(gc_group)
 cli.add_command(maintenance_group)
 cli.add_command(index_group)
+cli.add_command(cache_group)
 
 
 def _raw_bytes_for_undecodable_names() -> None:
@@ -39,6 +42,7 @@ def _raw_bytes_for_undecodable_names() -> None:
 
 
 def main() -> None:
+    fix_mmap_threshold()
     _raw_bytes_for_undecodable_names()
     try:
         cli(standalone_mode=True)

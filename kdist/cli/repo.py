@@ -69,7 +69,8 @@ def status(repo, as_json):
     p = repo.parameters
     sizes: dict[str, list[int]] = {}
     for m in repo.storage.list():
-        kind = m.name[:2] if m.name.startswith("x") else m.name[:1]
+        # the index family's blobs by their two-letter prefix (xn, xe, xs, ...), the others by one
+        kind = m.name[:len(C.INDEX_PREFIX)] if m.name.startswith(C.INDEX_FAMILY_PREFIX) else m.name[:1]
         s = sizes.setdefault(kind, [0, 0])
         s[0] += 1
         s[1] += m.length
@@ -92,7 +93,8 @@ def status(repo, as_json):
     click.echo(f"repository  {info['unique_id']}\nlocation    {info['location']}")
     click.echo(f"format      version {info['format_version']}, {p.aead}, {p.hash}, {info['compression']}")
     click.echo(f"packs       target {human_bytes(p.pack_size)}, chunks average {human_bytes(p.chunk_avg)}")
-    names = {"p": "data packs", "q": "metadata packs", "xn": "index blobs", "m": "manifest blobs", "k": "format blob"}
+    names = {C.DATA_PACK_PREFIX: "data packs", C.METADATA_PACK_PREFIX: "metadata packs", C.INDEX_PREFIX: "index blobs",
+             C.MANIFEST_PREFIX: "manifest blobs", C.FORMAT_BLOB_NAME[:1]: "format blob"}
     for k, v in info["blobs"].items():
         click.echo(f"{names.get(k, k):<16}{v['count']:>8}  {human_bytes(v['bytes'])}")
 

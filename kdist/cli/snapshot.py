@@ -208,6 +208,7 @@ def diff(repo, first, second, as_json):
 @with_repository(read_only=True)
 def verify(repo, snapshot_ref, percent, as_json):
     """Re-read and authenticate every content of a snapshot (or a random share)."""
+    repo.contents.cache_contents = False  # verify what the repository holds, not the local copies
     snap = resolve_snapshot(repo.manifests, snapshot_ref)
     report = browse.verify(repo, snap.root, percent)
     if as_json:

@@ -25,10 +25,12 @@ import click
 
 from repo_format import clock
 from repo_format.errors import KdistError
+from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, RetryingStorage
 
+from kdist.allocator import fix_mmap_threshold
 from kdist.cli import exit_codes
 from kdist.distributed.plan import assemble, plan_tree
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
@@ -159,7 +161,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     summary = Summary(mode="shard")
     root_path, st = stat_source(root)
     storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
-    repo = Repository.open(storage, password.read())
+    repo = Repository.open(storage, password.read(), cache=CacheSettings.from_environment())
     try:
         source = Source(host, Source.local(root_path).user, root_path)
         previous = list_snapshots(repo.manifests, host=source.host, user=source.user, path=source.path)
@@ -338,6 +340,7 @@ def main(location, endpoint_url, password_env, password_file, mode, paths, node_
     """Back up a Ray cluster's nodes (fleet) or one big shared tree (shard) into one repository."""
     import ray
 
+    fix_mmap_threshold()
     started = clock.monotonic()
     password = PasswordSource(env=password_env, file=password_file)
     try:

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field, replace
 
 from repo_format import clock
 from repo_format.errors import KdistError
+from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, RetryingStorage
 
+from kdist.allocator import fix_mmap_threshold
 from kdist.snapshot import Entry, Source
 from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
 
@@ -97,6 +99,7 @@ class ProgressBoard:
 
 class BackupWorker:
     def __init__(self, location: str, endpoint_url: str | None, password: PasswordSource, board=None):
+        fix_mmap_threshold()
         self._open_args = (location, endpoint_url, password)
         self.storage: CountingStorage | None = None
         self.repo: Repository | None = None
@@ -111,7 +114,7 @@ class BackupWorker:
         if self.repo is None:
             location, endpoint_url, password = self._open_args
             self.storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
-            self.repo = Repository.open(self.storage, password.read())
+            self.repo = Repository.open(self.storage, password.read(), cache=CacheSettings.from_environment())
 
     def _counts(self) -> dict:
         return self.storage.counts() if self.storage is not None else {}

@@ -254,7 +254,7 @@ def test_read_ahead_serves_contents_in_order_from_few_block_reads(make_repo, mon
     """Through the read-ahead cache (tiny blocks here): every content reads back exactly, in
     order and shuffled, including ones crossing a block boundary and at the pack's short end; in
     order it takes far fewer storage reads than contents; a truncated pack is still corruption."""
-    from repo_format import content as content_module
+    from repo_format import content_reader as content_module
     from repo_format.errors import CorruptionError
     from repo_format.storage.memory import MemoryStorage
     from repo_format.storage.wrappers import CountingStorage
@@ -280,7 +280,7 @@ def test_read_ahead_serves_contents_in_order_from_few_block_reads(make_repo, mon
     shuffled = list(range(len(ids)))
     rnd.shuffle(shuffled)
     assert reads(shuffled, blocks=2) > in_order  # evicted blocks are read again
-    assert repo.contents._blocks is None  # off again after the context
+    assert repo.contents.reader._blocks is None  # off again after the context
 
     last = entries[-1]
     storage.put(last.pack, storage.get(last.pack)[:last.offset + 10])  # truncated in place

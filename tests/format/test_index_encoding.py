@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from repo_format import constants as C
 from repo_format import index as index_module
 from repo_format.errors import CorruptionError, UnsupportedVersion
-from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index, pick, wins
+from repo_format.index import IndexBlob, IndexEntry, MergedIndex, _Runs, encode_index, pick, wins
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -125,12 +125,28 @@ def test_tie_on_every_ruled_field_is_still_order_independent():
 
 
 @SETTINGS
-@given(st.lists(entries, min_size=1, max_size=12), st.randoms(use_true_random=False), st.sampled_from(["dict", "sorted"]))
+@given(st.lists(entries, min_size=1, max_size=12), st.randoms(use_true_random=False),
+       st.sampled_from(["dict", "sorted", "runs"]))
 def test_merged_index_is_independent_of_blob_order_and_split(es, rnd, path):
-    """Both lookup paths: the dict of winners (small indexes) and the sorted key array (large)."""
+    """Every lookup path: the dict of winners (small indexes), the sorted key array (large), and
+    blobs carrying their own key arrays (the local cache's), searched one by one by key range
+    or together when small."""
     limit = MergedIndex.DICT_LIMIT if path == "dict" else -1
-    with _dict_limit(limit):
-        _check_merged_index(es, rnd)
+    with _dict_limit(limit), _runs_small(rnd.choice([0, 1, 3]) if path == "runs" else None):
+        _check_merged_index(es, rnd, keyed=path == "runs")
+
+
+@contextlib.contextmanager
+def _runs_small(n: int | None):
+    """Blobs below ``n`` entries share one in-memory key array; the others are searched alone."""
+    if n is None:
+        yield
+        return
+    saved, _Runs.SMALL = _Runs.SMALL, n
+    try:
+        yield
+    finally:
+        _Runs.SMALL = saved
 
 
 @contextlib.contextmanager
@@ -142,10 +158,16 @@ def _dict_limit(n: int):
         MergedIndex.DICT_LIMIT = saved
 
 
-def _check_merged_index(es, rnd):
+def _check_merged_index(es, rnd, keyed: bool = False):
+    def blob(group: list[IndexEntry]) -> IndexBlob:
+        b = IndexBlob(encode_index(group))
+        if keyed:
+            b.keys = b.entry_keys()
+        return b
+
     def merged(order: list[IndexEntry], nblobs: int) -> MergedIndex:
         groups = [order[i::nblobs + 1] for i in range(nblobs + 1)]
-        m = MergedIndex(IndexBlob(encode_index(g)) for g in groups[:-1])
+        m = MergedIndex(blob(g) for g in groups[:-1])
         m.add_entries(groups[-1])  # the last group goes to the in-memory overlay
         return m
 
@@ -209,6 +231,28 @@ def test_decoder_rejects_structural_damage(damage, vectorised, monkeypatch):
         data[hdr:hdr + 2] = (0).to_bytes(2, "big")
     with pytest.raises(CorruptionError):
         IndexBlob(bytes(data))
+
+
+@pytest.mark.parametrize("where", [3, 4, 5, 48])
+def test_vectorised_checks_in_steps_see_damage_at_every_step_boundary(where, monkeypatch):
+    """The numpy checks run in steps of rows overlapping by one: a pair out of order across a
+    step's edge, or a bad pack number in the last step, is still refused."""
+    monkeypatch.setattr(index_module, "_VECTOR_CHECK_FROM", 0)
+    monkeypatch.setattr(index_module, "_VECTOR_CHECK_ROWS", 4)
+    entries = [IndexEntry(bytes([i]) * 32, "p" + "0" * 15, 0, 10, 10, 0, 1) for i in range(50)]
+    good = encode_index(entries)
+    assert len(IndexBlob(good)) == 50
+    first = len(good) - 50 * C.INDEX_ENTRY.size
+    size = C.INDEX_ENTRY.size
+    swapped = bytearray(good)
+    a, b = first + where * size, first + (where + 1) * size
+    swapped[a:b], swapped[b:b + size] = good[b:b + size], good[a:b]
+    with pytest.raises(CorruptionError, match="sorted"):
+        IndexBlob(bytes(swapped))
+    bad_pack = bytearray(good)
+    bad_pack[first + (where + 1) * size + 32:first + (where + 1) * size + 36] = (1).to_bytes(4, "big")
+    with pytest.raises(CorruptionError, match="outside its table"):
+        IndexBlob(bytes(bad_pack))
 
 
 @settings(max_examples=150, deadline=None)

@@ -165,8 +165,9 @@ def test_every_index_blob_byte_flip_and_truncation_is_detected(small_repo):
         with pytest.raises(CorruptionError, match=name):
             load_committed_index(storage, fmt)
     storage.put(name, damaged[len(original) // 2])
+    repo = Repository.open(storage, "correct horse battery staple")  # the index is loaded on first use
     with pytest.raises(CorruptionError):
-        Repository.open(storage, "correct horse battery staple")
+        repo.contents.lookup(b"\0" * C.CONTENT_ID_SIZE)
 
 
 def test_index_blob_under_another_name_fails_authentication(small_repo):

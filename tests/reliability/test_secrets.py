@@ -7,7 +7,7 @@ the weak KDF refused without the test variable at the library level (same file).
 
 kdist keeps no local cache of keys or passwords: the format blob is read and the keys derived on
 every open, held in memory only (no code writes outside the repository and the restore target;
-``test_nothing_is_written_outside_the_repository_and_the_target`` checks HOME, XDG and TMPDIR).
+``test_nothing_but_the_cache_is_written_outside_the_repository_and_the_target`` checks HOME, XDG and TMPDIR).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def secrets_of(storage, password: str) -> dict[str, bytes]:
            "master key": k.master_key, "hash secret": k.hash_secret,
            "wrapping key": fb.kdf.derive(password),
            "chunker seed": k.chunker_seed().to_bytes(8, "big")}
-    for info in (C.HKDF_INFO_CONTENT, C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME):
+    for info in (C.HKDF_INFO_CONTENT, C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME, C.HKDF_INFO_LOCAL_CACHE):
         out[info.decode()] = derive_subkey(k.master_key, info)
     out[C.HKDF_INFO_HASH.decode()] = derive_subkey(k.hash_secret, C.HKDF_INFO_HASH)
     for name, value in list(out.items()):
@@ -238,9 +238,11 @@ def test_repository_files_hold_neither_the_password_nor_any_key(env, tmp_path, m
         assert_no_secret(f.read_bytes(), secrets, f"repository file {f.relative_to(repo)}")
 
 
-def test_nothing_is_written_outside_the_repository_and_the_target(env, tmp_path):
-    """No local cache of keys (or of anything else): HOME, the XDG directories and TMPDIR stay
-    empty through create, backup, list, restore and maintenance in real processes."""
+def test_nothing_but_the_cache_is_written_outside_the_repository_and_the_target(env, tmp_path, monkeypatch):
+    """No local copy of keys: HOME, the XDG directories and TMPDIR stay empty through create,
+    backup, list, restore and maintenance in real processes, except the local cache in
+    $XDG_CACHE_HOME/kdist, which holds neither the password nor any key."""
+    monkeypatch.delenv("KDIST_CACHE_DIR", raising=False)
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()
     tmp.mkdir()
@@ -256,8 +258,14 @@ def test_nothing_is_written_outside_the_repository_and_the_target(env, tmp_path)
     _run_process("snapshot", "list", *r, env_extra=env_extra)
     _run_process("snapshot", "restore", *r, "latest", tmp_path / "dst", env_extra=env_extra)
     _run_process("maintenance", "run", *r, "--quick", env_extra=env_extra)
-    assert [p for p in home.rglob("*")] == [] and [p for p in tmp.rglob("*")] == []
+    cache = home / ".cache" / "kdist"
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert written and all(cache in p.parents for p in written), written
+    assert [p for p in tmp.rglob("*")] == []
     assert sorted(os.listdir(tmp_path)) == ["dst", "home", "repo", "src", "tmp"]
+    secrets = secrets_of(FilesystemStorage(tmp_path / "repo"), PASSWORD)
+    for f in written:
+        assert_no_secret(f.read_bytes(), secrets, f"cache file {f.relative_to(cache)}")
 
 
 # ---- the key derivation function -----------------------------------------------------------

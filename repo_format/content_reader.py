@@ -1,0 +1,156 @@
+"""Reading contents back: each one authenticated and checked against its id before it is
+returned, wherever its bytes came from.
+
+Owns: ``read``/``read_entry``; following a content that maintenance moved since the index was
+loaded; the read-ahead cache of aligned pack blocks (``reading_ahead``); and the local cache's
+copies of metadata contents on the read side (used when present, refilled after a download).
+
+Must never: return bytes it did not authenticate (a cached copy or a read-ahead block is opened
+like any download), write to the repository, or hold the shared lock during a storage request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from repo_format import constants as C
+from repo_format.compression import decompress
+from repo_format.crypto import Aead, ContentHasher
+from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError
+from repo_format.index import IndexEntry
+from repo_format.index_view import IndexView
+from repo_format.local_cache import LocalCache
+from repo_format.pack import content_aad
+from repo_format.storage.base import BlobStorage
+
+
+READ_AHEAD_BLOCK = 4 * 1024 * 1024
+READ_AHEAD_BLOCKS = 8
+
+
+def open_content(aead: Aead, content_hash: ContentHasher, entry: IndexEntry, sealed: bytes) -> bytes:
+    """A sealed record's plaintext: authenticated against the entry's id and compression,
+    decompressed, and checked against its id."""
+    payload = aead.open(sealed, content_aad(entry.content_id, entry.compression),
+                        what=f"content {entry.content_id.hex()} in pack {entry.pack}")
+    data = decompress(entry.compression, payload, entry.original_length)
+    if content_hash(data) != entry.content_id:
+        raise CorruptionError(f"content {entry.content_id.hex()} does not match its id")
+    return data
+
+
+class ContentReader:
+    def __init__(self, storage: BlobStorage, aead: Aead, content_hash: ContentHasher, view: IndexView,
+                 unflushed: Callable[[IndexEntry], bytes | None], lock: threading.Lock,
+                 cache: LocalCache | None = None):
+        """``unflushed`` gives a record from a pack the writer has not stored yet (or None);
+        ``lock`` is the one the writer and the view share."""
+        self.storage = storage
+        self._aead = aead
+        self._hash = content_hash
+        self._view = view
+        self._unflushed = unflushed
+        self._lock = lock
+        # metadata contents (directories) read go to the local cache: the next incremental
+        # backup and restore read the previous snapshot's tree from it (off to verify the storage)
+        self.cache = cache
+        self.cache_contents = cache is not None
+        self._blocks: OrderedDict | None = None  # read-ahead cache, see ``reading_ahead``
+        self._block_limit = 0
+
+    def read(self, content_id: bytes) -> bytes:
+        entry = self._view.lookup(content_id)
+        if entry is None:
+            raise ContentNotFound(f"content {content_id.hex()} is not in the index")
+        return self.read_entry(entry)
+
+    def read_entry(self, entry: IndexEntry) -> bytes:
+        """The content's plaintext, authenticated. If its pack is gone, the index may have moved
+        the content meanwhile (a pack rewrite, then blob GC, after this index was loaded): reload
+        the index once and read the new location. Metadata contents come from the local cache
+        when it has them (authenticated like any other copy; a copy that fails is dropped)."""
+        if self._cached(entry):
+            sealed = self.cache.content(entry.content_id, entry.packed_length)
+            if sealed is not None:
+                try:
+                    return self._open(entry, sealed)
+                except CorruptionError:
+                    self.cache.drop_content(entry.content_id)
+        try:
+            sealed = self._fetch(entry)
+        except BlobNotFound:
+            moved = self._moved(entry)
+            if moved is None:
+                raise
+            entry, sealed = moved, self._fetch(moved)
+        data = self._open(entry, sealed)
+        if self._cached(entry):
+            self.cache.store_content(entry.content_id, sealed)
+        return data
+
+    def _cached(self, entry: IndexEntry) -> bool:
+        """Whether the entry's content goes through the local cache: metadata contents only."""
+        return self.cache_contents and entry.pack.startswith(C.METADATA_PACK_PREFIX)
+
+    def _moved(self, entry: IndexEntry) -> IndexEntry | None:
+        """The content's winning entry in a freshly loaded index, if it points elsewhere."""
+        now = self._view.refresh_index().lookup(entry.content_id)
+        if now is None or (now.pack, now.offset) == (entry.pack, entry.offset):
+            return None
+        return now
+
+    @contextlib.contextmanager
+    def reading_ahead(self, blocks: int = READ_AHEAD_BLOCKS):
+        """While reading a snapshot in order (restore, an incremental backup's previous
+        directories), read small contents through a cache of ``blocks`` aligned pack blocks of
+        ``READ_AHEAD_BLOCK`` bytes: contents written together lie together in a pack, so one
+        request serves many small files instead of one each. Not by default: a single lookup
+        would read a whole block for one content. Two threads missing the same block both read
+        it (no in-flight sharing)."""
+        with self._lock:
+            saved = self._blocks, self._block_limit
+            if self._blocks is None:
+                self._blocks, self._block_limit = OrderedDict(), blocks
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks, self._block_limit = saved
+
+    def _get(self, entry: IndexEntry) -> bytes:
+        blocks = self._blocks
+        if blocks is None:
+            return self.storage.get(entry.pack, entry.offset, entry.packed_length)
+        start = entry.offset - entry.offset % READ_AHEAD_BLOCK
+        key, rel = (entry.pack, start), entry.offset - start
+        inside = rel + entry.packed_length <= READ_AHEAD_BLOCK
+        with self._lock:
+            block = blocks.get(key) if inside else None
+            if block is not None:
+                blocks.move_to_end(key)
+        if block is None:
+            if not inside or entry.packed_length > READ_AHEAD_BLOCK // 4:  # large: read it alone
+                return self.storage.get(entry.pack, entry.offset, entry.packed_length)
+            block = self.storage.get(entry.pack, start, READ_AHEAD_BLOCK)  # short at the pack's end
+            with self._lock:
+                blocks[key] = block
+                while len(blocks) > self._block_limit:
+                    blocks.popitem(last=False)
+        return block[rel:rel + entry.packed_length]  # short if the pack is truncated: caught below
+
+    def _fetch(self, entry: IndexEntry) -> bytes:
+        sealed = self._unflushed(entry)
+        if sealed is None:
+            try:
+                sealed = self._get(entry)
+            except BlobNotFound:
+                raise BlobNotFound(entry.pack, f"it holds content {entry.content_id.hex()}") from None
+        if len(sealed) != entry.packed_length:
+            raise CorruptionError(f"pack {entry.pack} is truncated: content {entry.content_id.hex()} is cut off")
+        return sealed
+
+    def _open(self, entry: IndexEntry, sealed: bytes) -> bytes:
+        return open_content(self._aead, self._hash, entry, sealed)
