@@ -173,6 +173,10 @@ def test_sharded_backup_equals_single_process(cluster, tmp_path):
     summary = run_shard(location, None, PasswordSource(), str(root), opts, "shared-host", 3, 1, False)
     assert summary.status == "ok", summary
     assert summary.totals["parts"] > 3
+    # each actor fetches an index blob once, whichever part needs it: requests grow with the parts
+    # (a reload per part used to read every blob published so far, the square of the parts)
+    gets = [p["requests"].get("GET", 0) for p in summary.nodes]
+    assert len(gets) == summary.totals["parts"] and sum(gets) <= 3 * len(gets), gets
     assert len({p["node_id"] for p in summary.nodes}) >= 2  # the parts really were spread
     repo = _open(location)
     assert not list(repo.storage.list(C.SESSION_PREFIX))  # the driver and every actor retired theirs
