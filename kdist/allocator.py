@@ -12,7 +12,6 @@ path keeps reusing arena memory (a fresh mapping costs a page fault per 4 KiB).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 8 * 1024 * 1024
@@ -25,7 +24,7 @@ def fix_mmap_threshold() -> bool:
     if _done:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc's where there is one
         _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False

@@ -12,6 +12,7 @@ every reader picks the same entry.
 
 from __future__ import annotations
 
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -194,18 +195,24 @@ class IndexBlob:
         blob.source = source
         return blob
 
-    def pack_name_offsets(self):
-        """Where each pack name of the table starts (its 2-byte length), as a uint32 array:
+    def pack_name_offsets(self) -> bytes:
+        """Where each pack name of the table starts (its 2-byte length), as little-endian u32s:
         the local cache stores them so a mapped blob decodes a pack name only when an entry
         needs it (a compacted blob names nearly every pack of the repository)."""
-        import numpy as np
-
-        out = np.empty(len(self.packs), dtype="<u4")
-        pos = C.INDEX_HEADER.size
-        for i, name in enumerate(self.packs):
-            out[i] = pos
+        out, pos = [], C.INDEX_HEADER.size
+        for name in self.packs:
+            out.append(pos)
             pos += 2 + len(name)
-        return out
+        return struct.pack(f"<{len(out)}I", *out)
+
+    def entry_key_bytes(self) -> bytes:
+        """``entry_keys`` as little-endian u64s (the local cache's key array); small blobs
+        without numpy, whose import costs a small command a tenth of a second."""
+        if self.count > _VECTOR_CHECK_FROM:
+            return self.entry_keys().tobytes()
+        start, size = self._start, _ENTRY.size
+        return struct.pack(f"<{self.count}Q", *(int.from_bytes(self._buf[start + i * size:start + i * size + 8], "big")
+                                                 for i in range(self.count)))
 
     def entry_keys(self):
         """The first 8 bytes of each id as an unsigned number (little-endian uint64 array):
@@ -273,7 +280,7 @@ class _SortedKeys:
         for i, b in enumerate(blobs):
             if not b.count:
                 continue
-            keys.append(b.keys if b.keys is not None else b.entry_keys())
+            keys.append(np.asarray(b.keys) if b.keys is not None else b.entry_keys())
             blob_no.append(np.full(b.count, i, dtype=np.int32))
             pos.append(np.arange(b.count, dtype=np.int32))
         if not keys:
@@ -321,8 +328,9 @@ class _Runs:
                 self.large.append(b)
         self._np = np
         self._small_keys = _SortedKeys(self.small) if self.small else None
-        self._lo = np.array([b.keys[0] for b in self.large], dtype="<u8")
-        self._hi = np.array([b.keys[-1] for b in self.large], dtype="<u8")
+        self._keys = [np.asarray(b.keys) for b in self.large]  # mapped memory, not copies
+        self._lo = np.array([k[0] for k in self._keys], dtype="<u8")
+        self._hi = np.array([k[-1] for k in self._keys], dtype="<u8")
 
     def find(self, content_id: bytes) -> list[IndexEntry]:
         found: list[IndexEntry] = []
@@ -332,8 +340,8 @@ class _Runs:
             return found
         key = self._np.uint64(int.from_bytes(content_id[:8], "big"))
         for j in self._np.flatnonzero((self._lo <= key) & (key <= self._hi)):
-            b = self.large[j]
-            keys, i = b.keys, int(b.keys.searchsorted(key))
+            b, keys = self.large[j], self._keys[j]
+            i = int(keys.searchsorted(key))
             while i < b.count and keys[i] == key:
                 if b._id_at(i) == content_id:
                     found.append(b._entry_at(i))

@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,16 @@ class CacheStats:
     content_stored: int = 0
     discarded: int = 0  # files that failed authentication or were malformed
     errors: int = 0  # operations that failed on the file system (each a miss)
+
+
+def _little_endian(view: memoryview, code: str):
+    """Little-endian unsigned integers read in place: a typed memoryview (numpy reads it without
+    a copy), or on a big-endian machine a numpy array."""
+    if sys.byteorder == "little":
+        return view.cast(code)
+    import numpy as np
+
+    return np.frombuffer(view, dtype="<u8" if code == "Q" else "<u4")
 
 
 def _tree_size(path: Path) -> tuple[int, int]:
@@ -219,8 +230,8 @@ class LocalCache:
         """Keep a decoded, validated index blob; returns it memory-mapped from the cache (so
         the caller can let go of the bytes it downloaded), or None if it could not be kept."""
         plaintext = blob._buf
-        keys = blob.entry_keys().tobytes()
-        offsets = blob.pack_name_offsets().tobytes()
+        keys = blob.entry_key_bytes()
+        offsets = blob.pack_name_offsets()
         pad = b"\0" * (-len(plaintext) % 8)
         header = FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION, len(plaintext), blob.count, blob._start,
                                   len(blob.packs), b"\0" * 32)
@@ -260,8 +271,6 @@ class LocalCache:
         return blob
 
     def _open_mapped(self, name: str, path: Path, mm: mmap.mmap, verify: bool = True) -> IndexBlob | None:
-        import numpy as np
-
         view = memoryview(mm)
         magic, version, plen, count, start, npacks, mac = FILE_HEADER.unpack_from(view)
         keys_at = FILE_HEADER.size + plen + (-plen % 8)
@@ -274,8 +283,8 @@ class LocalCache:
             self._discard(path, "failed authentication (damaged, or from another repository)")
             return None
         plaintext = view[FILE_HEADER.size:FILE_HEADER.size + plen]
-        packs = MappedPackTable(plaintext, np.frombuffer(view, dtype="<u4", count=npacks, offset=offsets_at))
-        keys = np.frombuffer(view, dtype="<u8", count=count, offset=keys_at)
+        packs = MappedPackTable(plaintext, _little_endian(view[offsets_at:offsets_at + 4 * npacks], "I"))
+        keys = _little_endian(view[keys_at:keys_at + 8 * count], "Q")
         return IndexBlob.mapped(plaintext, start, count, packs, keys, view)
 
     def still_authentic(self, name: str, blob: IndexBlob) -> bool:
