@@ -1,4 +1,9 @@
-"""The C allocator's setting for kdist processes (CLI, Ray workers, driver).
+"""Process settings for kdist processes (CLI, Ray workers, driver): the C allocator's mmap
+threshold, and the open-file limit.
+
+Each index blob the local cache maps holds an open file descriptor (Python's mmap keeps a
+duplicate before 3.13), so a large repository's index needs more than the usual soft limit of
+1,024 descriptors: the soft limit is raised to the hard one.
 
 glibc serves a large allocation from a thread's heap arena once it has freed one that large
 (its mmap threshold rises with each free, up to 32 MiB), and arenas seldom give memory back.
@@ -16,6 +21,24 @@ import ctypes
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 8 * 1024 * 1024
 _done = False
+
+
+def tune_process() -> None:
+    """Both settings, once per process; neither can fail a run."""
+    fix_mmap_threshold()
+    raise_open_file_limit()
+
+
+def raise_open_file_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def fix_mmap_threshold() -> bool:

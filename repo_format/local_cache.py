@@ -123,6 +123,11 @@ class CacheStats:
     errors: int = 0  # operations that failed on the file system (each a miss)
 
 
+# a mapping without a descriptor of its own (Python 3.13); before, each holds one (kdist raises
+# the open-file limit, kdist/allocator.py)
+_NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
 def _little_endian(view: memoryview, code: str):
     """Little-endian unsigned integers read in place: a typed memoryview (numpy reads it without
     a copy), or on a big-endian machine a numpy array."""
@@ -258,7 +263,7 @@ class LocalCache:
             if size < FILE_HEADER.size:
                 self._discard(path, "truncated")
                 return None
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ, **_NO_FD)
         except OSError as exc:
             self._failed("map", exc)
             return None

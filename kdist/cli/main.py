@@ -10,7 +10,7 @@ import click
 from repo_format.errors import KdistError
 
 from kdist import __version__
-from kdist.allocator import fix_mmap_threshold
+from kdist.allocator import tune_process
 from kdist.cli.context import fail
 from kdist.cli.exit_codes import FAILURE
 from kdist.cli.cache import cache_group
@@ -42,7 +42,7 @@ def _raw_bytes_for_undecodable_names() -> None:
 
 
 def main() -> None:
-    fix_mmap_threshold()
+    tune_process()
     _raw_bytes_for_undecodable_names()
     try:
         cli(standalone_mode=True)

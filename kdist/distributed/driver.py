@@ -30,7 +30,7 @@ from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, RetryingStorage
 
-from kdist.allocator import fix_mmap_threshold
+from kdist.allocator import tune_process
 from kdist.cli import exit_codes
 from kdist.distributed.plan import assemble, plan_tree
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
@@ -340,7 +340,7 @@ def main(location, endpoint_url, password_env, password_file, mode, paths, node_
     """Back up a Ray cluster's nodes (fleet) or one big shared tree (shard) into one repository."""
     import ray
 
-    fix_mmap_threshold()
+    tune_process()
     started = clock.monotonic()
     password = PasswordSource(env=password_env, file=password_file)
     try:

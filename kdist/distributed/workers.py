@@ -23,7 +23,7 @@ from repo_format.repository import Repository
 from repo_format.storage import open_storage
 from repo_format.storage.wrappers import CountingStorage, RetryingStorage
 
-from kdist.allocator import fix_mmap_threshold
+from kdist.allocator import tune_process
 from kdist.snapshot import Entry, Source
 from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
 
@@ -99,7 +99,7 @@ class ProgressBoard:
 
 class BackupWorker:
     def __init__(self, location: str, endpoint_url: str | None, password: PasswordSource, board=None):
-        fix_mmap_threshold()
+        tune_process()
         self._open_args = (location, endpoint_url, password)
         self.storage: CountingStorage | None = None
         self.repo: Repository | None = None

@@ -103,3 +103,18 @@ def test_verify_reads_the_repository_not_the_cached_directories(tmp_path, monkey
         storage.delete(m.name)
     out = run_cli("snapshot", "verify", "--repo", repo, "latest", code=13)
     assert "damaged" in out.output or "problem" in out.output
+
+
+def test_kdist_raises_its_open_file_limit_for_mapped_index_files():
+    """Each mapped index file holds a descriptor (before Python 3.13): a kdist process lifts its
+    soft limit to the hard one, so a large index cannot starve it of descriptors."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    code = ("import resource; from kdist.allocator import tune_process; tune_process(); "
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=low_limit, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["4096", "4096"]

@@ -13,6 +13,12 @@ after it is created (an overwritten one, a session marker's heartbeat, stays lis
 Directed scenarios (``SCENARIOS``, ``--scenario NAME``) run the same actors and checks in a
 schedule written by hand, for rules whose window random schedules hit too rarely.
 
+Local caches: some writers and maintenance runs (``CACHE_USE``) open the repository with a
+local cache, one directory per World shared like processes on one host, which seeded events
+delete, copy and later restore (stale and missing files), and damage (see
+``World.cache_event``); file ages run on the virtual clock. A cache must change nothing but the
+requests (``--no-cache`` runs the same schedule without).
+
 Invariants, checked after every step:
 1. every snapshot that was published and not forgotten restores completely, every content
    authenticating (checked through a freshly opened reader);
@@ -23,17 +29,21 @@ Invariants, checked after every step:
    that costs the backup an undelete and makes another backup upload the content again.
 
 Run a soak: ``python tests/simulation/kdist_sim.py --schedules 20000 [--seed N] [--mutation RULE]
-[--profile P] [--listing-lag H]``; ``--log`` prints every schedule's log.
+[--profile P] [--listing-lag H] [--no-cache]``; ``--log`` prints every schedule's log.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
@@ -41,8 +51,10 @@ from repo_format import clock  # noqa: E402
 from repo_format import constants as C  # noqa: E402
 from repo_format.content import ContentLost  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
-from repo_format.errors import KdistError  # noqa: E402
+from repo_format.errors import ContentNotFound, KdistError  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.index import MergedIndex  # noqa: E402
+from repo_format.local_cache import CONTENTS_DIR, INDEX_DIR, CacheSettings  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.safety import SAFETY_FULL  # noqa: E402
 from repo_format.session import SessionExpired  # noqa: E402
@@ -53,6 +65,7 @@ from kdist.gc.clock_guard import StorageClock  # noqa: E402
 from kdist.gc.run import MaintenanceOptions, Rules, maintenance_steps  # noqa: E402
 from kdist.snapshot import Entry, Snapshot, Source, TYPE_FILE, encode_directory, read_directory  # noqa: E402
 
+T0 = 1_800_000_000.0  # the virtual clock's start
 H = 1.0  # one simulated hour; the repository's safety margins are the full preset in hours
 SAFETY = SAFETY_FULL.scaled(1 / 3600)  # e.g. pack_age 24 H, drop_margin 4 H, session_expiry 2 H
 PASSWORD = "sim"
@@ -91,7 +104,18 @@ def profile(name: str) -> dict:
 
 
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
-             "pause_revalidation", "storage_clock")
+             "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped")
+
+# Local caches (repo_format/local_cache.py): one directory per World, shared by the processes
+# that use one, like processes on one host. Their choices and the events below draw from a
+# separate RNG, so a seed's schedule is the same with caches and without: with every rule on, a
+# cache may save requests but must change nothing else (test_caches_change_nothing).
+CACHE_USE = {"writer": 0.25, "maintenance": 0.05}  # chance a process of this kind opens with the cache (a cost)
+CACHE_EVENT_P = 0.015  # chance per step of an event on the cache directory, one of:
+CACHE_EVENTS = (("delete", 2), ("copy", 3), ("restore", 3), ("damage", 2))  # (event, weight)
+# In memory where there is a tmpfs: creating and deleting files on a disk's file system costs
+# milliseconds each (more after mass deletions), a hundred times as much.
+CACHE_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class Crash(Exception):
@@ -115,6 +139,7 @@ class ActorStorage(BlobStorage):
         self.stop_at_write = stop_at_write
         self.stop_for = stop_for
         self.writes = 0
+        self.cached = False  # its process uses the local cache (World.open)
 
     def _write(self, name: str):
         self.writes += 1
@@ -131,16 +156,22 @@ class ActorStorage(BlobStorage):
         self.world.changed(name)
 
     def put(self, name, data):
+        if self.cached:
+            self.world.cache_written = True  # written through
         self._write(name)
         self._created(name)
         self.inner.put(name, data)
 
     def put_if_absent(self, name, data):
+        if self.cached:
+            self.world.cache_written = True
         self._write(name)
         self._created(name)
         return self.inner.put_if_absent(name, data)
 
     def get(self, name, offset=0, length=-1):
+        if self.cached:
+            self.world.cache_written = True  # what it read may now be a file of the cache
         return self.inner.get(name, offset, length)
 
     def stat(self, name):
@@ -183,7 +214,8 @@ class World:
     mutation: str | None = None
     listing_lag: float = 0.0
     profile: str = "mixed"
-    t: float = 1_800_000_000.0
+    caches: bool = True  # processes may use a local cache (CACHE_USE), with events on it
+    t: float = T0
     log: list = field(default_factory=list)
     published: dict = field(default_factory=dict)  # snapshot id -> {name: sha256}
     forgotten: set = field(default_factory=set)
@@ -203,10 +235,15 @@ class World:
         clock.set_monotonic(lambda: self.t)  # durations are true durations
         self._nested = False
         self.version, self._checked = 0, None
+        self.index_version = self.manifest_version = 0  # blobs of the index, of the manifests
+        self._index_read = self._manifests_read = None
+        self._records: dict = {}
         avg = self.prof["chunk_avg"]
         params = replace(PARAMS, pack_size=self.prof["pack_size"], metadata_pack_size=self.prof["pack_size"],
                          chunk_avg=avg, chunk_min=avg // 4, chunk_max=avg * 4)
-        Repository.create(self.storage, PASSWORD, params, KdfParams.weak_for_tests()).close()
+        repo = Repository.create(self.storage, PASSWORD, params, KdfParams.weak_for_tests())
+        repo.close()
+        self._cache_setup(repo.format.unique_id)
 
     def _file_pool(self) -> list[bytes]:
         base = [self.rng.randbytes(self.rng.randint(200, self.prof["file_max"] + 1000)) for _ in range(self.prof["pool"])]
@@ -221,6 +258,10 @@ class World:
         cannot change what a snapshot restores)."""
         if not name.startswith((C.PROBE_PREFIX, C.SESSION_PREFIX)):
             self.version += 1
+            if name.startswith(C.INDEX_FAMILY_PREFIX):
+                self.index_version += 1
+            elif name.startswith(C.MANIFEST_PREFIX):
+                self.manifest_version += 1
 
     def lag_of(self, name: str) -> float:
         """How long after its creation a blob shows up in listings (at most listing_settle)."""
@@ -229,13 +270,162 @@ class World:
                 return lag
         return self.listing_lag
 
-    def open(self, actor_storage, **kw) -> Repository:
-        return Repository.open(actor_storage, PASSWORD, heartbeat_thread=False, **kw)
+    def open(self, actor_storage, cache: bool = False, **kw) -> Repository:
+        settings = CacheSettings(base=self.cache_base) if cache and self.cache_base is not None else None
+        repo = Repository.open(actor_storage, PASSWORD, heartbeat_thread=False, cache=settings, **kw)
+        if isinstance(actor_storage, ActorStorage):
+            actor_storage.cached = repo.cache is not None
+        if self.mutation == "listing_decides" and repo.cache is not None:
+            repo.contents.epochs.load_index = _load_every_cached_blob(repo.contents.epochs)
+        if self.mutation == "reauthenticate_mapped" and repo.cache is not None:
+            assert hasattr(repo.cache, "still_authentic"), "the mutation's hook is gone: update it"
+            repo.cache.still_authentic = lambda name, blob: True  # a mapped file, once authenticated, is trusted
+        return repo
+
+    # ---- local caches ----------------------------------------------------------------------
+    def _cache_setup(self, repository_id: bytes) -> None:
+        """The cache directory (``cache_base``), file times on the virtual clock, and the
+        cache's warnings into the log (with the directory's name left out: the log replays)."""
+        self.cache_rng = random.Random(self.seed ^ 0xCAC4E)
+        self.cache_base = Path(tempfile.mkdtemp(prefix="kdist-sim-cache-", dir=CACHE_TMP)) if self.caches else None
+        if self.cache_base is not None:
+            self._cache_index = CacheSettings(base=self.cache_base).directory(repository_id) / INDEX_DIR
+        self._cache_copy: Path | None = None  # an old copy of the cache directory (event "copy")
+        self._stamped: dict[str, tuple[int, int]] = {}  # index file -> (inode, mtime) as stamped
+        self.cache_written = False  # index files may have been written since the last stamp
+        self._cache_copied_at = 0.0
+        # The cache compares file times with clock.system_time() (index files of superseded
+        # blobs are dropped 15 min after their last write, a constant in seconds): both on the
+        # virtual clock here, in its hours (see _stamp_cache).
+        clock.system_time = self.file_time
+        self._log_handler = _CacheLog(self)
+        _CACHE_LOG.addHandler(self._log_handler)
+        _CACHE_LOG.propagate = False
+
+    def file_time(self) -> float:
+        """The virtual clock as the file system's: a simulated hour (H) is 3600 s of it."""
+        return T0 + (self.t - T0) * 3600 / H
+
+    def uses_cache(self, kind: str) -> bool:
+        return self.cache_base is not None and self.cache_rng.random() < CACHE_USE[kind]
+
+    def _stamp_cache(self, now: bool = True) -> None:
+        """Give the files the cache wrote since the last call (stamped by the real clock) the
+        virtual time, so their ages are virtual ages; ``now=False`` (after a restore) keeps the
+        times they have: copies keep their times, as ``cp -a`` and restores from backups do.
+        (Known files are told by inode and time, not by how their time compares with the real
+        clock's, which the virtual one may be near.) Only the flat directories (index files,
+        small blobs), whose ages decide what is dropped; contents' ages only order eviction."""
+        if self.cache_base is None or not (self.cache_written or not now):
+            return
+        self.cache_written = False
+        entries = []
+        try:
+            for sub in os.scandir(self._cache_index.parent):
+                if sub.is_dir() and sub.name != CONTENTS_DIR:
+                    entries += os.scandir(sub.path)
+        except OSError:
+            pass
+        for e in entries:
+            try:
+                st = e.stat()
+                if self._stamped.get(e.path) != (st.st_ino, st.st_mtime_ns):
+                    if now:
+                        os.utime(e.path, (self.file_time(),) * 2)
+                        st = os.stat(e.path)
+                    self._stamped[e.path] = (st.st_ino, st.st_mtime_ns)
+            except OSError:
+                pass
+
+    def cache_event(self, kind: str | None = None, over: bool | None = None, keep_times: bool | None = None) -> None:
+        """An event on the cache directory while processes use it: deleted (``rm -rf``), copied
+        (an old copy, for "restore"), restored from that copy (``over`` the current one: its
+        stale files come back, files written since stay; or instead of it: those are missing
+        too; with the copy's file times, ``cp -a``, or new ones, ``cp -r``), or a bit of one
+        file flipped (``damage``). Random in schedules (``kind`` None), chosen in scenarios."""
+        r, base = self.cache_rng, self.cache_base
+        if base is None:
+            return
+        self._stamp_cache()
+        if kind is None:
+            kind = r.choices([k for k, _ in CACHE_EVENTS], [w for _, w in CACHE_EVENTS])[0]
+        what = {"delete": "deleted (rm -rf)", "copy": "copied"}.get(kind, kind)
+        if kind == "delete":
+            shutil.rmtree(base, ignore_errors=True)
+        elif kind == "copy":
+            if self._cache_copy is None:
+                self._cache_copy = Path(tempfile.mkdtemp(prefix="kdist-sim-cache-copy-", dir=CACHE_TMP))
+            shutil.rmtree(self._cache_copy, ignore_errors=True)
+            if base.exists():
+                shutil.copytree(base, self._cache_copy, symlinks=True)
+            else:
+                self._cache_copy.mkdir()
+            self._cache_copied_at = self.t
+        elif kind == "restore":
+            if self._cache_copy is None:
+                return
+            over = r.random() < 0.5 if over is None else over
+            keep_times = r.random() < 0.5 if keep_times is None else keep_times
+            if not over:
+                shutil.rmtree(base, ignore_errors=True)
+            shutil.copytree(self._cache_copy, base, symlinks=True, dirs_exist_ok=True,
+                            copy_function=shutil.copy2 if keep_times else shutil.copy)
+            self.cache_written = True
+            self._stamp_cache(now=not keep_times)
+            what = (f"restored {'over the current one' if over else 'instead'} from the copy of "
+                    f"t={self._cache_copied_at - T0:.2f}, {'with its file times' if keep_times else 'as new files'}")
+        elif kind == "damage":
+            files = sorted(p for p in base.rglob("*") if p.is_file() and not p.name.startswith((".", "CACHEDIR")))
+            if not files:
+                return
+            path = files[r.randrange(len(files))]
+            try:
+                at = r.randrange(path.stat().st_size or 1)
+            except OSError:
+                return
+            what = self.damage(path, at, 1 << r.randrange(8), in_place=r.random() < 0.5)
+        self.log.append(f"    t={self.t - T0:8.2f} cache: {what}")
+
+    def damage(self, path: Path, at: int, mask: int, in_place: bool) -> str:
+        """Flip bits (``mask``) of the byte at ``at`` of a cache file: ``in_place``, in the file
+        itself, which processes that opened it before have mapped (bit rot read back in after
+        the page was evicted, another program writing into it); else in a new file renamed over
+        it (what processes that open it afresh see)."""
+        try:
+            data = bytearray(path.read_bytes())
+            if at >= len(data):
+                return "damage: nothing to damage"
+            data[at] ^= mask
+            if in_place:
+                with open(path, "r+b") as f:
+                    f.seek(at)
+                    f.write(data[at:at + 1])
+            else:
+                tmp = path.with_name(f".sim-damaged-{path.name}")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+        except OSError as exc:
+            return f"damage: {exc.strerror}"
+        self.cache_written = True  # its time is now the real clock's
+        return f"damaged {path.parent.name}/{path.name[:12]} at byte {at}{' in place' if in_place else ''}"
+
+    def close(self) -> None:
+        """Put the process back as it was (clocks, randomness, logging) and remove the cache."""
+        clock.set_clock(None)
+        clock.set_monotonic(None)
+        clock.system_time = _SYSTEM_TIME
+        _restore_randomness()
+        _CACHE_LOG.removeHandler(self._log_handler)
+        _CACHE_LOG.propagate = True
+        for d in (self.cache_base, self._cache_copy):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
     # ---- actors ----------------------------------------------------------------------------
-    def writer(self, actor: Actor, crash_at: int | None, files: list[bytes] | None = None):
+    def writer(self, actor: Actor, crash_at: int | None, files: list[bytes] | None = None,
+               cache: bool | None = None):
         st = ActorStorage(self, crash_at)
-        repo = actor.repo = self.open(st)
+        repo = actor.repo = self.open(st, cache=self.uses_cache("writer") if cache is None else cache)
         if self.mutation == "view_staleness":
             repo.contents.epochs.safety = replace(repo.contents.epochs.safety, index_refresh=1e9)
             repo.contents.epochs.write_index = _stale_write_index(repo.contents.epochs)
@@ -279,9 +469,9 @@ class World:
         repo.close()
 
     def maintenance(self, actor: Actor, crash_at: int | None, stop_at: int | None = None, stop_for: float = 0.0,
-                    full: bool | None = None):
+                    full: bool | None = None, cache: bool | None = None):
         st = ActorStorage(self, crash_at, actor, stop_at, stop_for)
-        repo = self.open(st)
+        repo = self.open(st, cache=self.uses_cache("maintenance") if cache is None else cache)
         rules = Rules()
         if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation"):
             setattr(rules, self.mutation, False)
@@ -306,17 +496,24 @@ class World:
     # ---- invariant ---------------------------------------------------------------------------
     def check(self) -> None:
         """Invariant 1, through a reader whose index and manifests are read afresh (unless no
-        blob that could matter changed since the last check)."""
+        blob that could matter changed since the last check: the index is reloaded when a blob
+        of the index changed, the manifests when a manifest did, and the snapshots are read
+        again when any blob did, e.g. a pack was deleted)."""
         state = (self.version, len(self.published), len(self.forgotten))
         if state == self._checked:
             return
         self._checked = state
         if self._reader is None:
             self._reader = Repository.open(self.storage, PASSWORD, heartbeat_thread=False)
-            self._reader.contents.read_entry = self._cached_read(self._reader.contents.read_entry)
+            self._cache_reads(self._reader.contents)
         reader = self._reader
-        reader.contents.committed = reader.contents.epochs.load_index()
-        records = {r.id: r for r in reader.manifests.find(type="snapshot")}
+        if self._index_read != self.index_version:
+            self._index_read = self.index_version
+            reader.contents.refresh_index()  # (a reload, so lookups do not reload again meanwhile)
+        if self._manifests_read != self.manifest_version:
+            self._manifests_read = self.manifest_version
+            self._records = {r.id: r for r in reader.manifests.find(type="snapshot")}
+        records = self._records
         for sid, expected in self.published.items():
             if sid in self.forgotten:
                 continue
@@ -333,19 +530,27 @@ class World:
             if got != expected:
                 raise Violation(f"snapshot {sid[:8]} restores different data")
 
-    def _cached_read(self, read_entry):
+    def _cache_reads(self, contents) -> None:
         """Packs are immutable: a (content, pack, offset) authenticated once reads the same
-        while the pack exists, so the check re-reads only what changed."""
+        while the pack exists, so the check re-reads only what changed (files' chunks, and
+        trees and chunk lists, which are read by id)."""
         cache: dict = {}
+        read_entry = contents.read_entry
 
-        def read(e):
+        def cached_read_entry(e):
             key = (e.content_id, e.pack, e.offset, e.packed_length, e.compression)
             if key in cache and e.pack in self.storage._blobs:  # existence, without a stat
                 return cache[key]
             data = cache[key] = read_entry(e)
             return data
 
-        return read
+        def cached_read(content_id):
+            e = contents.lookup(content_id)
+            if e is None:
+                raise ContentNotFound(f"content {content_id.hex()} is not in the index")
+            return cached_read_entry(e)
+
+        contents.read_entry, contents.read = cached_read_entry, cached_read
 
     def _read(self, reader: Repository, oid: str) -> bytes:
         out = bytearray()
@@ -417,6 +622,8 @@ class World:
         elif a.kind == "writer" and self.rng.random() < self.prof["stall_p"]:  # a stall: alive, reading a huge file
             a.wake_at = self.t + self.rng.choice(self.prof["stalls"]) * H
             a.stalled = True
+        if self.cache_base is not None and self.cache_rng.random() < CACHE_EVENT_P:
+            self.cache_event()
         self.check()
         return True
 
@@ -456,6 +663,7 @@ class World:
                         w.done = True
                         self.log.append(f"    t={self.t - 1_800_000_000:8.2f} {w.name}: {exc} (heartbeat)")
             if self.t >= end:
+                self._stamp_cache()
                 return
             self.t = min(end, self.t + SAFETY.session_heartbeat)
 
@@ -485,6 +693,7 @@ class World:
         finally:
             self._current_skew = 0.0
             a.last_step = self.t
+            self._stamp_cache()
 
 
 class Director:
@@ -497,11 +706,12 @@ class Director:
         world._steps, world._step_no = 10**6, 0
         self.n = 0
 
-    def spawn(self, kind: str, files=None, full=True, stop_at=None, stop_for=0.0) -> Actor:
+    def spawn(self, kind: str, files=None, full=True, stop_at=None, stop_for=0.0, cache: bool | None = None) -> Actor:
+        """``cache``: open with the World's cache (None: as random schedules choose)."""
         self.n += 1
         a = Actor(f"{kind}{self.n}", kind, None, skew=0.0, wake_at=self.w.t, last_step=self.w.t)
-        a.gen = (self.w.writer(a, None, files=files) if kind == "writer"
-                 else self.w.maintenance(a, None, stop_at, stop_for, full=full))
+        a.gen = (self.w.writer(a, None, files=files, cache=cache) if kind == "writer"
+                 else self.w.maintenance(a, None, stop_at, stop_for, full=full, cache=cache))
         self.w._actors.append(a)
         return a
 
@@ -636,12 +846,101 @@ def scenario_content_age(world: World) -> None:
         raise Violation("the running backup did not publish")
 
 
+def scenario_listing_decides(world: World) -> None:
+    """The listing alone decides which index blobs make up the index; the local cache only
+    supplies the bytes of blobs the listing names. A backup on a host with a cache publishes S0;
+    the cache keeps the index blob naming S0's contents, live, and a copy of the cache is taken
+    (a backup of the home directory). S0 is forgotten; hourly maintenance marks its contents,
+    and once two cycles drop_margin apart have passed, a range merge drops the marks: the
+    contents are gone from the index (and blob GC deletes their packs). A backup on the host
+    follows the listing (its cache drops the superseded file); then the old copy is restored
+    over the cache. A backup of the same file must upload its contents again: a load that also
+    took the restored, superseded index file would find them live, deduplicate against them,
+    and publish a snapshot whose contents are not in the index."""
+    d = Director(world)
+    f = world.rng.randbytes(3000)
+    d.run(d.spawn("writer", files=[f], cache=True))  # S0; the cache holds the blob naming f's contents
+    lost = _snapshot_contents(world, next(iter(world.published)))
+    packs = {world.open(ActorStorage(world, None)).contents.lookup(c).pack for c in lost}
+    world.cache_event("copy")
+    d.forget(list(world.published))  # f's contents are garbage
+    d.wait(25)  # older than min_content_age
+    for _ in range(24):  # mark, two cycles drop_margin apart, epochs settle, a range merge drops
+        d.run(d.spawn("maintenance", full=True, cache=False))
+        d.wait(1)
+        index = world.open(ActorStorage(world, None)).contents.epochs.load_index()
+        if all(index.lookup(c) is None for c in lost) and not packs & set(world.storage._blobs):
+            break  # dropped from the index, and blob GC deleted their packs
+    else:
+        raise RuntimeError("scenario listing_decides: the contents were not dropped; it tests nothing")
+    d.run(d.spawn("writer", files=[world.rng.randbytes(500)], cache=True))  # the cache follows the listing
+    world.cache_event("restore", over=True, keep_times=False)
+    d.run(d.spawn("writer", files=[f], cache=True))  # must not deduplicate against f's old contents
+
+
+def scenario_reauthenticate_mapped(world: World) -> None:
+    """A process reuses the index blobs it mapped from the cache at every later load of the
+    index, and a byte of such a file may change in place after it was authenticated (another
+    program writing into it; bit rot read back in after the page was evicted): every load must
+    authenticate the mapped files it reuses again (a data-loss bug the simulator found). Here: S0's content X is forgotten
+    and marked deleted (C1); cycles C2 and C4, drop_margin apart, pass, and a range set R holds
+    X's mark. A backup maps R from the cache, and then X's deleted flag in R's file flips. If its
+    next reload, index_refresh later, used the mapping as it was, X would look live: the backup
+    would deduplicate against X and publish S1 (its revalidation seeing X live too), and quick
+    runs, merging with the watermark past the mark, would drop X from under S1. (Random
+    schedules found milder forms: a flipped content id hiding a content a backup had
+    deduplicated against, which then refused to publish; a flipped pack number, an IndexError
+    in a maintenance run.)"""
+    d = Director(world)
+    f = world.rng.randbytes(200)  # one chunk: one content, X
+    d.run(d.spawn("writer", files=[f], cache=False))  # S0
+    (x,) = _snapshot_contents(world, next(iter(world.published)))
+    d.forget(list(world.published))
+    d.wait(25)  # older than min_content_age
+    for _ in range(3):  # C1 marks X; C2, C3 advance the epoch, compact, merge (X's mark kept)
+        d.run(d.spawn("maintenance", full=True, cache=False))
+        d.wait(1)
+    d.wait(SAFETY.drop_margin + 0.2 - 2)
+    d.run(d.spawn("maintenance", full=True, cache=False))  # C4, drop_margin after C2
+    w = d.spawn("writer", files=[world.rng.randbytes(300), f], cache=True)
+    d.run(w, until="wrote f0")  # its index, X's mark included, mapped from the cache
+    flipped = 0
+    for name in sorted(w.repo.contents.epochs.loaded_names()):
+        path = world._cache_index / name
+        data = path.read_bytes()
+        at = data.find(x)
+        flags = at + C.CONTENT_ID_SIZE + 4 * 4 + 1  # INDEX_ENTRY: id, pack, offset, 2 lengths, compression, flags
+        if at >= 0 and data[flags] & C.INDEX_FLAG_DELETED:
+            what = world.damage(path, flags, C.INDEX_FLAG_DELETED, in_place=True)
+            world.log.append(f"    t={world.t - T0:8.2f} cache: {what}")
+            flipped += 1
+    if not flipped:
+        raise RuntimeError("scenario reauthenticate_mapped: X's mark is not in the backup's index; it tests nothing")
+    d.wait(SAFETY.index_refresh + 0.01)
+    d.run(w)  # reloads (the mapping: X live), deduplicates against X, publishes S1
+    for _ in range(8):  # quick runs: a merge drops X
+        d.wait(1)
+        d.run(d.spawn("maintenance", full=False, cache=False))
+
+
+def _snapshot_contents(world: World, sid: str) -> set[bytes]:
+    """The content ids a published snapshot reaches (its tree's files' chunks)."""
+    reader = world.open(ActorStorage(world, None))
+    rec = next(r for r in reader.manifests.find(type="snapshot") if r.id == sid)
+    out = set()
+    for e in read_directory(reader.objects, Snapshot.from_record(rec).root):
+        out.update(cid for cid, _n in reader.objects.chunks(e.oid))
+    return out
+
+
 # Directed scenarios: each named for the rule it shows load-bearing (it must pass with every rule
 # on and fail with that one off), except those for a bug found and fixed (they must pass), and
 # those in OPEN_BUGS, which fail with every rule on (none now).
 SCENARIOS = {"pause_revalidation": scenario_pause_revalidation, "pack_age": scenario_pack_age,
              "two_cycle_drop": scenario_two_cycle_drop, "content_age": scenario_content_age,
-             "manifest_compaction_pause": scenario_manifest_compaction_pause}
+             "manifest_compaction_pause": scenario_manifest_compaction_pause,
+             "listing_decides": scenario_listing_decides,
+             "reauthenticate_mapped": scenario_reauthenticate_mapped}
 OPEN_BUGS: tuple[str, ...] = ()
 
 
@@ -650,9 +949,7 @@ def run_scenario(name: str, mutation: str | None = None, seed: int = 0) -> World
     try:
         SCENARIOS[name](world)
     finally:
-        clock.set_clock(None)
-        clock.set_monotonic(None)
-        _restore_randomness()
+        world.close()
     return world
 
 
@@ -700,6 +997,48 @@ def _restore_randomness() -> None:
         setattr(sys.modules[name], "parallel_map", parallel_map)
 
 
+_SYSTEM_TIME = clock.system_time
+_CACHE_LOG = logging.getLogger("kdist.cache")
+
+
+class _CacheLog(logging.Handler):
+    """The local cache's warnings (a damaged file discarded, ...) go into the World's log."""
+
+    def __init__(self, world: World):
+        super().__init__(logging.INFO)
+        self.world = world
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if self.world.cache_base is not None:
+            msg = msg.replace(str(self.world.cache_base), "<cache>")
+        self.world.log.append(f"    t={self.world.t - 1_800_000_000:8.2f} cache: {msg}")
+
+
+def _load_every_cached_blob(epochs):
+    """Mutation 'listing_decides': the index load also uses every index file in the local cache,
+    not only those of the blobs the listing names (e.g. a cache "warmed" first, the listing
+    then adding what is new): stale files of superseded blobs, as a copy of the cache restored
+    from long ago brings back, come into the index."""
+    real = epochs.load_index
+
+    def load_index():
+        cached = []
+        try:
+            names = sorted(n for n in os.listdir(epochs.cache.directory / INDEX_DIR) if not n.startswith("."))
+        except OSError:
+            names = []
+        for name in names:
+            blob = epochs.cache.index_blob(name)  # authentic: a blob of this repository, once
+            if blob is not None:
+                cached.append((name, blob))
+        index = real()
+        listed = epochs.loaded_names()
+        return MergedIndex(index._blobs + [b for name, b in cached if name not in listed])
+
+    return load_index
+
+
 def _heartbeat(repo: Repository, marker) -> None:
     """The heartbeat thread's work, done in the schedule so it stays deterministic."""
     if repo.contents._marker_started and clock.monotonic() - (marker._last_ok or 0) >= SAFETY.session_heartbeat:
@@ -734,14 +1073,12 @@ class _ClientClock(StorageClock):
 
 
 def run_schedule(seed: int, mutation: str | None = None, listing_lag: float = 0.0, steps: int = 400,
-                 profile: str = "mixed") -> World:
-    world = World(seed, mutation, listing_lag, profile)
+                 profile: str = "mixed", caches: bool = True) -> World:
+    world = World(seed, mutation, listing_lag, profile, caches)
     try:
         world.run(steps=steps)
     finally:
-        clock.set_clock(None)
-        clock.set_monotonic(None)
-        _restore_randomness()
+        world.close()
     return world
 
 
@@ -753,6 +1090,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mutation", choices=MUTATIONS)
     ap.add_argument("--listing-lag", type=float, default=0.0)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="mixed")
+    ap.add_argument("--no-cache", action="store_true", help="no process uses a local cache")
     ap.add_argument("--log", action="store_true", help="print every schedule's log, not only a failing one's")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), help="run one directed scenario instead")
     args = ap.parse_args(argv)
@@ -765,15 +1103,13 @@ def main(argv=None) -> int:
             print(f"VIOLATION in scenario {args.scenario}: {exc}")
             return 1
         finally:
-            clock.set_clock(None)
-            clock.set_monotonic(None)
-            _restore_randomness()
+            world.close()
         if args.log:
             print("\n".join(world.log))
         print(f"scenario {args.scenario}: no violation")
         return 0
     for seed in range(args.seed, args.seed + args.schedules):
-        world = World(seed, args.mutation, args.listing_lag, args.profile)
+        world = World(seed, args.mutation, args.listing_lag, args.profile, not args.no_cache)
         try:
             world.run(steps=args.steps)
         except Violation as exc:
@@ -784,9 +1120,7 @@ def main(argv=None) -> int:
             if args.log:
                 print("\n".join(world.log))
         finally:
-            clock.set_clock(None)
-            clock.set_monotonic(None)
-            _restore_randomness()
+            world.close()
     print(f"{args.schedules} schedules, no violation")
     return 0
 
