@@ -21,15 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from repo_format import constants as C
-from repo_format.content import ContentStore, make_epoch_manager
 from repo_format.epoch import ASSEMBLY_ATTEMPTS, EpochView
 from repo_format.errors import BlobNotFound, ContentNotFound, KdistError
 from repo_format.format_blob import FormatBlob
 from repo_format.index import IndexEntry, MergedIndex, open_index
 from repo_format.index_rebuild import entries_from_packs
 from repo_format.io_pool import parallel_map
-from repo_format.manifest import ManifestStore, newer
+from repo_format.manifest import newer
 from repo_format.objects import ObjectStore, Splitter, parse_object_id
+from repo_format.repository import Repository
 from repo_format.storage.base import BlobStorage
 
 from kdist.snapshot import SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Snapshot, decode_directory
@@ -116,8 +116,10 @@ class Checker:
         self.report = CheckReport()
         self.index = MergedIndex()
         self.packs: dict[str, int] = {}  # name -> size, from the listing
-        self.epochs = make_epoch_manager(storage, fmt, NO_SESSION)
-        self.contents = ContentStore(storage, fmt, NO_SESSION, committed=self.index, heartbeat_thread=False)
+        # the repository's own stores, over the index this check assembles (``load_index``)
+        self.repo = Repository(storage, fmt, NO_SESSION, heartbeat_thread=False, committed=self.index)
+        self.epochs = self.repo.contents.epochs
+        self.contents = self.repo.contents
         p = fmt.parameters
         self.objects = ObjectStore(_IndexedReader(self), Splitter(p.chunk_avg, p.chunk_min, p.chunk_max,
                                                                   fmt.keys.chunker_seed()))
@@ -246,7 +248,7 @@ class Checker:
     # ---- manifests and trees -----------------------------------------------------------------
     def read_snapshots(self) -> list[Snapshot]:
         """Every live snapshot and checkpoint; a blob or record that does not parse is reported."""
-        store = ManifestStore(self.storage, self.fmt.keys.manifest_aead(), NO_SESSION)
+        store = self.repo.manifests
         best = {}
         for m in self.storage.list(C.MANIFEST_PREFIX):
             self.report.counts["manifest_blobs"] += 1

@@ -23,11 +23,10 @@ import stat
 from dataclasses import dataclass, field, replace
 
 from repo_format import clock
-from repo_format.content import ContentStore, make_epoch_manager
 from repo_format.format_blob import FormatBlob
 from repo_format.index_rebuild import entries_from_packs, entries_to_write
 from repo_format.objects import ObjectStore
-from repo_format.repository import new_session_id
+from repo_format.repository import Repository, new_session_id
 from repo_format.storage.base import BlobStorage
 
 from kdist.check import Checker, CheckReport
@@ -109,7 +108,7 @@ class Repairer:
         self.fmt = fmt
         self.dry_run = dry_run
         self.session = new_session_id()
-        self.epochs = make_epoch_manager(storage, fmt, self.session)
+        self.epochs = Repository(storage, fmt, self.session, heartbeat_thread=False).contents.epochs
 
     def run(self, source: str | None = None) -> RepairReport:
         checker = Checker(self.storage, self.fmt)
@@ -172,7 +171,7 @@ class Repairer:
         marks = [replace(e, deleted=True, timestamp_us=e.timestamp_us + 1) for e in lost if e and not e.deleted]
         self._write_index(marks)
         checker.index.add_entries(marks)
-        store = ContentStore(self.storage, self.fmt, self.session, committed=checker.index)
+        store = Repository(self.storage, self.fmt, self.session, committed=checker.index).contents
         writer = _SourceSink(hasher, finder.found, store)
         try:
             for path in holders:

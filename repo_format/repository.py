@@ -13,6 +13,7 @@ from repo_format import format_blob
 from repo_format.content import ContentStore
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
+from repo_format.index import MergedIndex
 from repo_format.local_cache import CacheSettings, LocalCache
 from repo_format.manifest import ManifestStore
 from repo_format.objects import ObjectStore, Splitter
@@ -25,15 +26,18 @@ def new_session_id() -> str:
 
 class Repository:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: str | None = None,
-                 heartbeat_thread: bool = True, cache: CacheSettings | None = None):
+                 heartbeat_thread: bool = True, cache: CacheSettings | None = None,
+                 committed: MergedIndex | None = None):
         """``cache``: where this repository's local cache lives (``CacheSettings``); None, the
-        default for library use, runs without one (the CLI and the Ray workers pass one)."""
+        default for library use, runs without one (the CLI and the Ray workers pass one).
+        ``committed``: an index the caller assembles itself instead of the one loaded on first
+        use (check and repair read past damaged index blobs, where a load stops)."""
         self.storage = storage
         self.format = fmt
         self.session = session or new_session_id()
         self.cache = LocalCache.for_repository(fmt, cache) if cache is not None else None
-        self.contents = ContentStore(storage, fmt, self.session, heartbeat_thread=heartbeat_thread,
-                                     cache=self.cache)
+        self.contents = ContentStore(storage, fmt, self.session, committed=committed,
+                                     heartbeat_thread=heartbeat_thread, cache=self.cache)
         self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session, self.cache)
         p = fmt.parameters
         self.objects = ObjectStore(

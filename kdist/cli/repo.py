@@ -138,9 +138,10 @@ class _Percent(click.ParamType):
 
 
 def _on_format(repo_location, endpoint_url, password_file, read_only: bool, call):
-    """``call(storage, format blob)``, without assembling the index as ``Repository.open`` does:
-    the check and the repair assemble it themselves, past damaged index blobs, where opening
-    stops. Library errors become exit codes."""
+    """``call(storage, format blob)``: the check and the repair open the repository themselves
+    with an index they assemble past damaged index blobs (``Repository(committed=...)``) and
+    without the local cache (they judge what the repository holds). Library errors become exit
+    codes."""
     try:
         storage = make_storage(repo_location, endpoint_url, read_only=read_only)
         return call(storage, format_blob.read(storage, read_password(password_file)))
