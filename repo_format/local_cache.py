@@ -447,8 +447,8 @@ def list_caches(base: Path) -> list[dict]:
         path = Path(e.path)
         index, index_files = _tree_size(path / INDEX_DIR)
         contents, content_files = _tree_size(path / CONTENTS_DIR)
-        blobs, _blob_files = _tree_size(path / BLOBS_DIR)
-        contents += blobs
+        blobs, blob_files = _tree_size(path / BLOBS_DIR)
+        contents, content_files = contents + blobs, content_files + blob_files  # every sealed copy
         try:
             newest = max((os.stat(r).st_mtime for r, _d, _n in os.walk(path)), default=0.0)
         except OSError:

@@ -73,7 +73,7 @@ def status(cache_dir, cache_limit, repo_location, endpoint_url, as_json):
         when = datetime.datetime.fromtimestamp(c["last_written"]).strftime("%Y-%m-%d %H:%M") if c["last_written"] else "-"
         over = "  OVER LIMIT (trimmed at the end of the next run)" if c["total_bytes"] > settings.limit else ""
         click.echo(f"{c['repository_id']}  {_size(c['total_bytes'])}  (index {_size(c['index_bytes'])} in "
-                   f"{c['index_files']} files, directories {_size(c['contents_bytes'])} in "
+                   f"{c['index_files']} files, directories and manifests {_size(c['contents_bytes'])} in "
                    f"{c['content_files']} files)  last written {when}{over}")
 
 
