@@ -196,8 +196,13 @@ class EpochManager:
         except CorruptionError:
             if cached is None:
                 return False  # a forged or damaged marker is ignored: it cannot move epochs
-            self.cache.drop_blob(name)
-            return self._marker_valid(name)
+            self.cache.drop_blob(name)  # a damaged copy (even one that cannot be deleted): the repository's
+            try:
+                sealed = self.storage.get(name)
+                self._marker_aead.open(sealed, name.encode(), what=f"epoch marker {name}")
+            except (BlobNotFound, CorruptionError):
+                return False
+            cached = None
         except BlobNotFound:
             return False
         if cached is None and self.cache is not None:

@@ -68,11 +68,18 @@ class InvalidCacheSetting(KdistError, ValueError):
     """A cache setting (``--cache-limit`` / ``KDIST_CACHE_LIMIT``) that is not a size."""
 
 
-def default_base() -> Path:
+def default_base() -> Path | None:
+    """``KDIST_CACHE_DIR``, ``$XDG_CACHE_HOME/kdist`` or ``~/.cache/kdist``; None where there is
+    no home directory to find (a container's user without one): then no cache."""
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "kdist"
+    if xdg:
+        return Path(xdg) / "kdist"
+    try:
+        return Path.home() / ".cache" / "kdist"
+    except (RuntimeError, KeyError):
+        return None
 
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2, "MIB": 1024**2,
@@ -88,7 +95,7 @@ def parse_size(text: str) -> int:
         value = float(digits)
     except ValueError:
         raise InvalidCacheSetting(f"not a size: {text!r} (examples: 500MiB, 10GiB)") from None
-    if unit not in _UNITS or value < 0:
+    if unit not in _UNITS or not 0 <= value < 2**60:  # nan and inf too
         raise InvalidCacheSetting(f"not a size: {text!r} (examples: 500MiB, 10GiB)")
     return int(value * _UNITS[unit])
 
@@ -106,11 +113,20 @@ class CacheSettings:
                          limit: str | None = None) -> "CacheSettings":
         no_cache = no_cache or os.environ.get(NO_CACHE_ENV, "") not in ("", "0")
         limit = limit or os.environ.get(CACHE_LIMIT_ENV)
-        return cls(Path(cache_dir).expanduser() if cache_dir else default_base(),
-                   parse_size(limit) if limit else DEFAULT_LIMIT, not no_cache)
+        limit_bytes = parse_size(limit) if limit else DEFAULT_LIMIT
+        if no_cache:
+            return cls(None, limit_bytes, False)
+        base = Path(cache_dir).expanduser() if cache_dir else default_base()
+        if base is None:
+            log.warning("kdist: no home directory and no KDIST_CACHE_DIR or XDG_CACHE_HOME: running without "
+                        "a local cache")
+        return cls(base, limit_bytes, base is not None)
 
     def directory(self, repository_id: bytes) -> Path:
-        return (self.base or default_base()) / repository_id.hex()
+        base = self.base or default_base()
+        if base is None:
+            raise InvalidCacheSetting("no cache directory: no home directory; set KDIST_CACHE_DIR")
+        return base / repository_id.hex()
 
 
 @dataclass
@@ -368,7 +384,6 @@ class LocalCache:
         try:
             with open(path, "rb") as f:
                 data = f.read(packed_length + 1)
-            os.utime(path)  # recently used: evicted last
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -377,6 +392,10 @@ class LocalCache:
         if len(data) != packed_length:
             self._discard(path, "its length differs from the index entry's")
             return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass  # deleted meanwhile, or a read-only cache: the copy read is as good
         with self._lock:
             self.stats.content_hits += 1
         return data

@@ -32,6 +32,8 @@ def _cache_options(fn):
 
 
 def _selected(settings: CacheSettings, repo_location: str | None, endpoint_url: str | None) -> list[dict]:
+    if settings.base is None:
+        raise click.UsageError("no cache directory: there is no home directory; set KDIST_CACHE_DIR")
     caches = list_caches(settings.base)
     if repo_location is None:
         return caches

@@ -118,3 +118,20 @@ def test_kdist_raises_its_open_file_limit_for_mapped_index_files():
     out = subprocess.run([sys.executable, "-c", code], preexec_fn=low_limit, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["4096", "4096"]
+
+
+def test_cache_settings_refuse_what_is_not_a_size_and_do_without_a_home(monkeypatch):
+    import pytest
+
+    from repo_format.local_cache import CacheSettings, InvalidCacheSetting, parse_size
+
+    assert parse_size("10GiB") == 10 * 1024**3 and parse_size("500M") == 500 * 1024**2 and parse_size("7") == 7
+    for bad in ("inf", "nan", "1e400", "-1G", "lots", "5XB"):
+        with pytest.raises(InvalidCacheSetting):
+            parse_size(bad)
+    for var in ("HOME", "XDG_CACHE_HOME", "KDIST_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("pathlib.Path.home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert CacheSettings.from_environment(no_cache=True).enabled is False
+    settings = CacheSettings.from_environment()
+    assert settings.enabled is False and settings.base is None  # runs without a cache, with a warning

@@ -329,3 +329,24 @@ def test_a_mapped_file_changed_in_place_is_caught_by_the_next_load(storage, sett
     assert log.index_gets() == [name]  # dropped and fetched again
     assert repo.cache.stats.discarded == 1
     assert_all_found(repo, ids)
+
+
+def test_a_damaged_marker_copy_that_cannot_be_deleted_is_read_from_the_repository(tmp_path, settings, monkeypatch):
+    storage = open_storage(str(tmp_path / "repo"), create=True)
+    create(storage).close()
+    writer = Repository.open(storage, PASSWORD, heartbeat_thread=False)
+    assert writer.contents.epochs.write_marker(1)
+    first, _ = opened(storage, settings)
+    assert first.contents.epochs.refresh().current == 1
+    copy = settings.directory(first.format.unique_id) / "blobs" / "xe1"
+    raw = bytearray(copy.read_bytes())
+    raw[-1] ^= 0x01
+    copy.write_bytes(bytes(raw))
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "read-only cache")
+
+    monkeypatch.setattr("pathlib.Path.unlink", refuse)  # a cache this user cannot write
+    repo, log = opened(storage, settings)
+    assert repo.contents.epochs.refresh().current == 1
+    assert "xe1" in log.gets and copy.exists()
