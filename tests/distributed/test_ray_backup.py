@@ -51,11 +51,12 @@ BRIEF = replace(PARAMS, extra={"safety": SAFETY_FULL.scaled(1 / 360).to_dict()})
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, moto_server):
+def cluster(tmp_path_factory, moto_server, forget_ray_address):
     """Head (no CPU, runs nothing but the driver's helpers) and three backup nodes."""
     base = tmp_path_factory.mktemp("nodes")
     env = {"KDIST_PASSWORD": PASSWORD, "KDIST_ALLOW_WEAK_KDF_FOR_TESTS": "1"}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env})
+    address = c.address  # (shutdown forgets it)
     nodes = {}
     for host in HOSTS:
         nodes[host] = _add_node(c, base, host, env)
@@ -66,6 +67,7 @@ def cluster(tmp_path_factory, moto_server):
     finally:
         ray.shutdown()
         c.shutdown()
+        forget_ray_address(address)
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, forget_ray_address):
     """A Ray head in its own process group (``--block`` keeps it in the foreground), stopped by
     its process id: never ``ray stop``, which would stop every Ray on the machine."""
     port = _free_port()
@@ -65,6 +65,7 @@ def ray_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         log.close()
+        forget_ray_address(f"127.0.0.1:{port}")
 
 
 def test_backup_script_on_a_ray_head(ray_head, tmp_path):
