@@ -166,6 +166,15 @@ def _tree_size(path: Path) -> tuple[int, int]:
     return size, files
 
 
+def _usage(directory: Path) -> dict:
+    index, index_files = _tree_size(directory / INDEX_DIR)
+    contents, content_files = _tree_size(directory / CONTENTS_DIR)
+    blobs, blob_files = _tree_size(directory / BLOBS_DIR)
+    return {"index_bytes": index, "index_files": index_files, "contents_bytes": contents,
+            "content_files": content_files, "blobs_bytes": blobs, "blob_files": blob_files,
+            "total_bytes": index + contents + blobs}
+
+
 class LocalCache:
     """One repository's cache directory. Thread-safe; never raises for a file-system failure."""
 
@@ -344,10 +353,8 @@ class LocalCache:
         return dropped
 
     # ---- small sealed blobs (manifests, epoch markers) -----------------------------------
-    def sealed_blob(self, name: str, limit: int) -> bytes | None:
-        """A copy of a small immutable blob exactly as stored, or None. The caller opens it with
-        the blob's AEAD (its name is the AAD) and calls ``drop_blob`` if that fails."""
-        path = self.directory / BLOBS_DIR / name
+    def _read_copy(self, path: Path, limit: int) -> bytes | None:
+        """A cached file of at most ``limit`` bytes, or None (missing, unreadable, too long)."""
         try:
             with open(path, "rb") as f:
                 data = f.read(limit + 1)
@@ -357,9 +364,14 @@ class LocalCache:
             self._failed("read", exc)
             return None
         if len(data) > limit:
-            self._discard(path, "larger than such a blob may be")
+            self._discard(path, "larger than it may be")
             return None
         return data
+
+    def sealed_blob(self, name: str, limit: int) -> bytes | None:
+        """A copy of a small immutable blob exactly as stored, or None. The caller opens it with
+        the blob's AEAD (its name is the AAD) and calls ``drop_blob`` if that fails."""
+        return self._read_copy(self.directory / BLOBS_DIR / name, limit)
 
     def store_blob(self, name: str, sealed: bytes) -> None:
         self._write_file(self.directory / BLOBS_DIR / name, sealed)
@@ -381,16 +393,11 @@ class LocalCache:
         opens it with the content's AEAD and checks its id, and calls ``drop_content`` if that
         fails."""
         path = self._content_path(content_id)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(packed_length + 1)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            self._failed("read", exc)
+        data = self._read_copy(path, packed_length)
+        if data is None:
             return None
         if len(data) != packed_length:
-            self._discard(path, "its length differs from the index entry's")
+            self._discard(path, "shorter than the index entry says")
             return None
         try:
             os.utime(path)  # recently used: evicted last
@@ -410,12 +417,7 @@ class LocalCache:
 
     # ---- size ----------------------------------------------------------------------------
     def usage(self) -> dict:
-        index, index_files = _tree_size(self.directory / INDEX_DIR)
-        contents, content_files = _tree_size(self.directory / CONTENTS_DIR)
-        blobs, blob_files = _tree_size(self.directory / BLOBS_DIR)
-        return {"index_bytes": index, "index_files": index_files, "contents_bytes": contents,
-                "content_files": content_files, "blobs_bytes": blobs, "blob_files": blob_files,
-                "total_bytes": index + contents + blobs, "limit_bytes": self.limit}
+        return {**_usage(self.directory), "limit_bytes": self.limit}
 
     def enforce_limit(self, needed: set[str] = frozenset()) -> int:
         """Evict until the cache fits its limit: least recently used contents first, then index
@@ -464,15 +466,14 @@ def list_caches(base: Path) -> list[dict]:
         if not e.is_dir() or len(e.name) != 32 or any(c not in "0123456789abcdef" for c in e.name):
             continue
         path = Path(e.path)
-        index, index_files = _tree_size(path / INDEX_DIR)
-        contents, content_files = _tree_size(path / CONTENTS_DIR)
-        blobs, blob_files = _tree_size(path / BLOBS_DIR)
-        contents, content_files = contents + blobs, content_files + blob_files  # every sealed copy
+        u = _usage(path)
         try:
             newest = max((os.stat(r).st_mtime for r, _d, _n in os.walk(path)), default=0.0)
         except OSError:
             newest = 0.0
-        out.append({"repository_id": e.name, "path": str(path), "index_bytes": index, "index_files": index_files,
-                    "contents_bytes": contents, "content_files": content_files,
-                    "total_bytes": index + contents, "last_written": newest})
+        out.append({"repository_id": e.name, "path": str(path), "index_bytes": u["index_bytes"],
+                    "index_files": u["index_files"],  # every sealed copy together: directories, manifests
+                    "contents_bytes": u["contents_bytes"] + u["blobs_bytes"],
+                    "content_files": u["content_files"] + u["blob_files"],
+                    "total_bytes": u["total_bytes"], "last_written": newest})
     return out
