@@ -9,6 +9,7 @@ from repo_format.errors import CorruptionError, KdistError, is_outage
 from repo_format.repository import Repository
 
 from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, Entry, read_directory
+from kdist.tree import TreeWalker
 
 
 def _too_deep(path: str) -> str:
@@ -16,20 +17,15 @@ def _too_deep(path: str) -> str:
 
 
 def walk(repo: Repository, start: Entry, prefix: str, recursive: bool) -> list[tuple[str, Entry]]:
-    """``(path, entry)`` for the entries under ``start`` (one level, or all with ``recursive``)."""
+    """``(path, entry)`` for the entries under ``start`` (one level, or all with ``recursive``).
+    Every path is listed: a subtree stored once but present at two paths is shown at both."""
     if start.type != TYPE_DIR:
         return [(prefix, start)]
     rows = []
-    stack = [(prefix, start.oid, 0)]
-    while stack:
-        base, oid, depth = stack.pop()
-        if depth > MAX_TREE_DEPTH:
-            raise CorruptionError(_too_deep(base))
-        for e in read_directory(repo.objects, oid):
-            p = f"{base}/{e.name}" if base else e.name
-            rows.append((p, e))
-            if recursive and e.type == TYPE_DIR:
-                stack.append((p, e.oid, depth + 1))
+    for d in TreeWalker.over(repo.objects, once=False).walk(start.oid, prefix):
+        rows += [(d.child_path(e.name), e) for e in d.entries]
+        if not recursive:
+            break
     return sorted(rows, key=lambda r: r[0]) if recursive else rows
 
 
@@ -81,38 +77,27 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
     rng = rng or random.Random()
     report = VerifyReport()
     seen: set[bytes] = set()
-    stack = [("", root, 0)]
-    while stack:
-        base, oid, depth = stack.pop()
-        if depth > MAX_TREE_DEPTH:
-            report.problems.append({"path": base, "error": _too_deep(base)})
-            continue
-        try:
-            entries = read_directory(repo.objects, oid)
-        except KdistError as exc:
-            if is_outage(exc):  # the storage failing is not damage: stop with its own error
-                raise
-            report.problems.append({"path": base or "/", "error": str(exc)})
+    for d in TreeWalker.over(repo.objects, once=False, errors="report").walk(root):
+        if d.error is not None:
+            report.problems.append({"path": d.path or "/", "error": str(d.error)})
             continue
         report.dirs += 1
-        for e in entries:
-            p = f"{base}/{e.name}" if base else e.name
-            if e.type == TYPE_DIR:
-                stack.append((p, e.oid, depth + 1))
-            elif e.type == TYPE_FILE:
-                report.files += 1
-                if percent < 100 and rng.random() * 100 >= percent:
-                    continue
-                try:
-                    for cid, _n in repo.objects.chunks(e.oid):
-                        if cid in seen:
-                            continue
-                        data = repo.contents.read(cid)
-                        seen.add(cid)
-                        report.contents_read += 1
-                        report.bytes_read += len(data)
-                except KdistError as exc:
-                    if is_outage(exc):
-                        raise
-                    report.problems.append({"path": p, "error": str(exc)})
+        for e in d.entries:
+            if e.type != TYPE_FILE:
+                continue
+            report.files += 1
+            if percent < 100 and rng.random() * 100 >= percent:
+                continue
+            try:
+                for cid, _n in repo.objects.chunks(e.oid):
+                    if cid in seen:
+                        continue
+                    data = repo.contents.read(cid)
+                    seen.add(cid)
+                    report.contents_read += 1
+                    report.bytes_read += len(data)
+            except KdistError as exc:
+                if is_outage(exc):
+                    raise
+                report.problems.append({"path": d.child_path(e.name), "error": str(exc)})
     return report

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from repo_format import constants as C
 from repo_format.epoch import ASSEMBLY_ATTEMPTS, EpochView
-from repo_format.errors import BlobNotFound, ContentNotFound, KdistError
+from repo_format.errors import BlobNotFound, ContentNotFound, KdistError, is_outage
 from repo_format.format_blob import FormatBlob
 from repo_format.index import IndexEntry, MergedIndex, open_index
 from repo_format.index_rebuild import entries_from_packs
@@ -32,7 +32,8 @@ from repo_format.objects import ObjectStore, Splitter, parse_object_id
 from repo_format.repository import Repository
 from repo_format.storage.base import BlobStorage
 
-from kdist.snapshot import SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Snapshot, decode_directory
+from kdist.snapshot import SNAPSHOT_LABEL, TYPE_FILE, Entry, Snapshot, decode_directory
+from kdist.tree import Directory, TreeWalker, object_contents
 
 NO_SESSION = "0" * 2 * C.SESSION_ID_BYTES  # a reader: it never writes anything in a session
 READ_THREADS = 4
@@ -123,7 +124,9 @@ class Checker:
         p = fmt.parameters
         self.objects = ObjectStore(_IndexedReader(self), Splitter(p.chunk_avg, p.chunk_min, p.chunk_max,
                                                                   fmt.keys.chunker_seed()))
-        self._dirs_seen: set[str] = set()
+        self._walker = TreeWalker(self._read_directory, max_depth=None, errors="report")
+        self._walking: tuple = ()  # (label, snapshot) of the tree being walked, for the reader's reports
+        self._dir_oids: list[str] = []
         self._damaged_dirs: dict[str, str] = {}  # directory oid -> where its subtree's problems were reported
         self._files: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # oid -> (contents, unreadable ones)
 
@@ -241,7 +244,7 @@ class Checker:
             self._problem("pack", f"{msg} (first: content {first.content_id.hex()} at offset {first.offset}, "
                           f"{first.packed_length} bytes)", pack=pack, content=first.content_id.hex(),
                           offset=first.offset, entries=len(entries))
-        referenced = {e.pack for e in self.index.physical_entries()}
+        referenced = self.index.referenced_packs()
         self.report.unreferenced_packs = sorted(set(self.packs) - referenced)
         return sorted(live & set(self.packs))
 
@@ -280,37 +283,34 @@ class Checker:
 
     def _check_tree(self, snap: Snapshot) -> None:
         label = f"{'checkpoint' if snap.checkpoint else 'snapshot'} {snap.short_id} of {shown(snap.source.path)}"
-        stack: list[tuple[str, str, tuple | None]] = [("/", snap.root, None)]  # path, oid, ancestors
-        while stack:
-            path, oid, parents = stack.pop()
-            if oid in self._dirs_seen:
-                if oid in self._damaged_dirs:
-                    self._report_at(label, snap, path, parents, "directory", f"directory {shown(path)} is a subtree "
-                                    f"already found damaged (see {self._damaged_dirs[oid]})")
+        self._walking = (label, snap)
+        for d in self._walker.walk(snap.root, "/"):
+            if d.repeat:
+                if d.oid in self._damaged_dirs:
+                    self._report_at(label, snap, d.parent, "directory", f"directory {shown(d.path)} is a subtree "
+                                    f"already found damaged (see {self._damaged_dirs[d.oid]})", path=d.path)
                 continue
-            self._dirs_seen.add(oid)
-            node = (oid, parents)
-            entries = self._read_directory(label, snap, path, oid, node)
-            if entries is None:
+            if d.entries is None:  # reported by the reader
                 continue
             self.report.counts["directories"] += 1
-            for e in entries:
-                p = f"{path.rstrip('/')}/{e.name}"
-                if e.type == TYPE_DIR:
-                    stack.append((p, e.oid, node))
-                elif e.type == TYPE_FILE:
+            self._dir_oids.append(d.oid)
+            for e in d.entries:
+                if e.type == TYPE_FILE:
                     self.report.counts["files"] += 1
                     if e.oid:
-                        self._check_file(label, snap, p, e.oid, node)
+                        self._check_file(label, snap, d, d.child_path(e.name), e.oid)
 
-    def _report_at(self, label: str, snap: Snapshot, path: str, chain: tuple | None, kind: str, message: str,
+    def _report_at(self, label: str, snap: Snapshot, d: Directory, kind: str, message: str, path: str | None = None,
                    **where) -> None:
-        """Report a problem found under ``path`` and mark the directories above it damaged, so a
-        snapshot that shares one of them is told so without walking it again."""
+        """Report a problem found in or under directory ``d`` (at ``path``, default the directory's)
+        and mark the directories above it damaged, so a snapshot that shares one of them is told so
+        without walking it again."""
+        path = path if path is not None else d.path
         self._problem(kind, f"{label}: {message}", snapshot=snap.id, path=path, **where)
-        while chain is not None and chain[0] not in self._damaged_dirs:
-            self._damaged_dirs[chain[0]] = f"{label} at {shown(path)}"
-            chain = chain[1]
+        for above in d.ancestors() if d is not None else ():
+            if above.oid in self._damaged_dirs:
+                break
+            self._damaged_dirs[above.oid] = f"{label} at {shown(path)}"
 
     def _object_problems(self, oid: str) -> tuple[int, list[tuple[bytes, str]]]:
         """How many contents the object has, and those that cannot be read (with why). Contents
@@ -330,22 +330,26 @@ class Checker:
                 bad.append((c, "is marked deleted in the index (garbage collection may drop it)"))
         return len(ids), bad
 
-    def _read_directory(self, label, snap, path, oid, node):
+    def _read_directory(self, d: Directory) -> list[Entry] | None:
+        """The walker's reader: the entries, or ``None`` for a directory reported damaged."""
+        label, snap = self._walking
         try:
-            _n, bad = self._object_problems(oid)
+            _n, bad = self._object_problems(d.oid)
             for cid, reason in bad:
-                what = f"object {oid}" if oid.endswith(cid.hex()) else f"content {cid.hex()} of object {oid}"
-                self._report_at(label, snap, path, node, "directory", f"directory {shown(path)}: {what} {reason}",
+                what = f"object {d.oid}" if d.oid.endswith(cid.hex()) else f"content {cid.hex()} of object {d.oid}"
+                self._report_at(label, snap, d, "directory", f"directory {shown(d.path)}: {what} {reason}",
                                 content=cid.hex())
             if any(cid in self.report.missing for cid, _ in bad):
                 return None
-            return decode_directory(self.objects.read_all(oid))
+            return decode_directory(self.objects.read_all(d.oid))
         except KdistError as exc:
-            self._report_at(label, snap, path, node, "directory", f"directory {shown(path)}: object {oid} is damaged: "
+            if is_outage(exc):
+                raise
+            self._report_at(label, snap, d, "directory", f"directory {shown(d.path)}: object {d.oid} is damaged: "
                             f"{exc}")
             return None
 
-    def _check_file(self, label, snap, path, oid, node) -> None:
+    def _check_file(self, label, snap, d: Directory, path: str, oid: str) -> None:
         found = self._files.get(oid)
         if found is None:
             try:
@@ -358,8 +362,19 @@ class Checker:
             cid, reason = bad[0]
             more = f" (and {len(bad) - 1} more of its {total} contents)" if len(bad) > 1 else ""
             what = f"content {cid.hex()} {reason}" if cid else f"object {oid} {reason}"
-            self._report_at(label, snap, path, node, "file", f"file {shown(path)}: {what}{more}",
+            self._report_at(label, snap, d, "file", f"file {shown(path)}: {what}{more}", path=path,
                             content=cid.hex() or None, contents=[c.hex() for c, _ in bad if c])
+
+    def reached(self) -> set[bytes]:
+        """Every content the snapshots checked reach, as check sees them (``kdist.tree``'s rule):
+        the directories walked and the files they name, with their chunks where readable."""
+        out: set[bytes] = set()
+        for oid in list(self._dir_oids) + list(self._files):
+            indirect, cid = parse_object_id(oid)
+            out.add(cid)
+            if indirect and self.locate(cid)[1] is None:
+                out.update(object_contents(self.objects, oid))
+        return out
 
     # ---- reading data ------------------------------------------------------------------------
     def _read_data(self, live_packs: list[str], percent: float, seed: int | None) -> None:
