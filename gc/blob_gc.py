@@ -66,7 +66,7 @@ def plan_from(packs: list[BlobMeta], index: MergedIndex, storage: BlobStorage, n
     """Plan deletions among ``packs``. The index must be loaded after the packs were listed, so
     that a pack listed here and indexed before the index was read is seen as referenced.
     ``confirmed``: (name, size) of packs an earlier run found deletable long enough ago."""
-    referenced = {e.pack for e in index.physical_entries()}
+    referenced = index.referenced_packs()
     live = live_sessions(list(storage.list(C.SESSION_PREFIX)), now, session_expiry)
     plan = BlobGCPlan(now=now)
     for m in packs:

@@ -1,27 +1,41 @@
 """Snapshot GC: which contents are live, which to mark deleted, which to undelete.
 
-Plan: walk every snapshot and checkpoint that is not forgotten, collecting every content id they
-reach (directory objects, chunk lists, chunks). Any content not reached, not already deleted, and
-whose pack is at least ``min_content_age`` old on the storage's clock is marked deleted; a deleted
-content that a snapshot reaches is undeleted. If any snapshot cannot be walked completely the
+Plan: walk every snapshot and checkpoint that is not forgotten (``kdist.tree``: each directory
+object once across all of them), collecting the keys of every content they reach into sorted runs
+on disk (``reachable.ReachableKeys``). Then go through the index's winning entries one key range
+at a time (``repo_format.index_scan``): any content not reached, not already deleted, and whose
+pack is at least ``min_content_age`` old on the storage's clock is marked deleted; a deleted
+content that a snapshot reaches is undeleted. The planned rows go to disk too, so the memory a
+run holds is bounded by ``memory_limit`` whatever the repository's size (plus one entry per
+directory object for the walk's visited set). If any snapshot cannot be walked completely the
 plan is refused: nothing is ever marked on incomplete knowledge.
 
-Execute: one index blob with the new entries. A mark is timestamped after both the entry it
-replaces and the run's start, an undelete after the mark it replaces, so the conflict rule
-orders them causally whatever any client's clock says.
+Execute: range by range, keep the planned rows that are still the winners of a freshly loaded
+index; write them as index blobs of at most ``C.INDEX_BLOB_MAX_ENTRIES`` entries. A mark is
+timestamped after both the entry it replaces and the storage time read just before its blob is
+written, an undelete after the mark it replaces, so the conflict rule orders them causally
+whatever any client's clock says.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import numpy as np
 
 from repo_format import constants as C
 from repo_format.errors import KdistError
 from repo_format.index import IndexEntry, MergedIndex
-from repo_format.objects import parse_object_id
+from repo_format.index_scan import PACK_AT, PLEN_AT, Winners, column, entries_of
 from repo_format.repository import Repository
 
-from kdist.snapshot import TYPE_DIR, TYPE_FILE, SNAPSHOT_LABEL, Snapshot, read_directory
+from kdist.gc import DEFAULT_MEMORY_LIMIT
+from kdist.gc.reachable import ReachableKeys
+from kdist.snapshot import SNAPSHOT_LABEL, Snapshot
+from kdist.tree import TreeWalker, reached_contents
 
 
 class IncompleteWalk(KdistError):
@@ -31,94 +45,162 @@ class IncompleteWalk(KdistError):
 @dataclass
 class ContentGCPlan:
     now: float
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
     snapshots: int = 0
     live: int = 0
-    mark: list[IndexEntry] = field(default_factory=list)
-    undelete: list[IndexEntry] = field(default_factory=list)
+    marked: int = 0
+    marked_bytes: int = 0
+    undeleted: int = 0
     too_young: int = 0
+    key_ranges: int = 0  # how many ranges the index was read in (the memory limit decides)
+    spilled_runs: int = 0  # sorted runs of reached keys written to disk
+    packs: list[str] = field(default_factory=list)  # what the rows' pack numbers name
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # key ranges that plan something
+    spill: tempfile.TemporaryDirectory | None = None
 
     def describe(self) -> str:
-        freed = sum(e.packed_length for e in self.mark)
-        return (f"content GC: {self.snapshots} snapshots reach {self.live} contents; mark {len(self.mark)} "
-                f"unreferenced contents deleted ({freed} bytes), undelete {len(self.undelete)}, "
+        return (f"content GC: {self.snapshots} snapshots reach {self.live} contents; mark {self.marked} "
+                f"unreferenced contents deleted ({self.marked_bytes} bytes), undelete {self.undeleted}, "
                 f"{self.too_young} unreferenced but younger than the minimum age")
 
+    def _path(self, i: int, what: str) -> str:
+        return os.path.join(self.spill.name, f"{i}-{what}.npy")
 
-def live_contents(repo: Repository) -> tuple[set[bytes], int]:
-    """Every content id reachable from every live snapshot and checkpoint."""
+    def store(self, lo: int, hi: int, marks: np.ndarray, undeletes: np.ndarray) -> None:
+        if not len(marks) and not len(undeletes):
+            return
+        if self.spill is None:
+            self.spill = tempfile.TemporaryDirectory(prefix="kdist-gc-plan-")
+        i = len(self.ranges)
+        np.save(self._path(i, "mark"), marks)
+        np.save(self._path(i, "undelete"), undeletes)
+        self.ranges.append((lo, hi))
+        self.marked += len(marks)
+        self.marked_bytes += int(column(marks, PLEN_AT, ">u4").astype(np.int64).sum())
+        self.undeleted += len(undeletes)
+
+    def planned(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        for i, (lo, hi) in enumerate(self.ranges):
+            yield lo, hi, np.load(self._path(i, "mark")), np.load(self._path(i, "undelete"))
+
+    def entries(self) -> tuple[list[IndexEntry], list[IndexEntry]]:
+        """Every planned mark and undelete as entries (tests, small repositories)."""
+        marks, undeletes = [], []
+        for _lo, _hi, m, u in self.planned():
+            marks += entries_of(m, self.packs)
+            undeletes += entries_of(u, self.packs)
+        return marks, undeletes
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.cleanup()
+
+
+def reach_snapshots(repo: Repository, reach: ReachableKeys) -> int:
+    """Add every content every live snapshot and checkpoint reaches; returns how many were walked."""
     records = repo.manifests.find(type=SNAPSHOT_LABEL)
     # Read through an index loaded after that listing, so that a snapshot published since the
     # repository was opened can be walked. Marks are planned from the index loaded before it.
     repo.contents.refresh_index()
-    live: set[bytes] = set()
-    seen_dirs: set[str] = set()
+    walker = TreeWalker.over(repo.objects, max_depth=None)
     for rec in records:
         snap = Snapshot.from_record(rec)
-        stack = [snap.root]
         try:
-            while stack:
-                oid = stack.pop()
-                if oid in seen_dirs:
-                    continue
-                seen_dirs.add(oid)
-                live.update(_object_contents(repo, oid))
-                for e in read_directory(repo.objects, oid):
-                    if e.type == TYPE_DIR:
-                        stack.append(e.oid)
-                    elif e.type == TYPE_FILE and e.oid:
-                        live.update(_object_contents(repo, e.oid))
+            reach.update(reached_contents(walker, repo.objects, snap.root))
         except KdistError as exc:
             raise IncompleteWalk(f"snapshot {snap.id} cannot be walked ({exc}); refusing to collect garbage") from exc
-    return live, len(records)
+    return len(records)
 
 
-def _object_contents(repo: Repository, oid: str) -> list[bytes]:
-    indirect, cid = parse_object_id(oid)
-    if not indirect:
-        return [cid]
-    return [cid] + [c for c, _ in repo.objects.chunks(oid)]
-
-
-def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_content_age: float) -> ContentGCPlan:
+def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_content_age: float,
+                    memory_limit: int = DEFAULT_MEMORY_LIMIT) -> ContentGCPlan:
     """``index`` must be loaded before the snapshots are listed (a content written after the
     listing of the index cannot be marked: it is not in the index)."""
-    live, count = live_contents(repo)
-    plan = ContentGCPlan(now=now, snapshots=count, live=len(live))
-    pack_times = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in repo.storage.list(p)}
-    for e in index:
-        if e.content_id in live:
-            if e.deleted:
-                plan.undelete.append(e)
-        elif not e.deleted:
-            written = pack_times.get(e.pack)
-            if written is not None and now - written >= min_content_age:
-                plan.mark.append(e)
-            else:
-                plan.too_young += 1
+    plan = ContentGCPlan(now=now, memory_limit=memory_limit)
+    with ReachableKeys(buffer_bytes=memory_limit // 4) as reach:
+        plan.snapshots = reach_snapshots(repo, reach)
+        scan = index.scan(memory_limit // 2)
+        plan.packs, plan.key_ranges = scan.packs, scan.ranges_count
+        listed = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in repo.storage.list(p)}
+        written = np.array([listed.get(p, np.nan) for p in scan.packs], dtype=np.float64)
+        for w in scan:
+            reached = reach.between(w.lo, w.hi)
+            plan.live += len(reached)
+            hit = _members(w.keys, reached)
+            deleted = w.deleted
+            with np.errstate(invalid="ignore"):
+                old = now - written[w.pack] >= min_content_age  # an unlisted pack (nan) is never old
+            unreached_live = ~deleted & ~hit
+            plan.too_young += int((unreached_live & ~old).sum())
+            plan.store(w.lo, w.hi, w.rows[unreached_live & old], w.rows[deleted & hit])
+        plan.spilled_runs = reach.runs
     return plan
 
 
-def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_late: bool = True) -> str | None:
-    """Write the marks and undeletes that still apply. Marks carry the storage time read just before writing
-    them, so only cycles that start after the marks exist (and walk every snapshot published
-    meanwhile, undeleting what those reach) can let a merge drop them. If the write itself
-    lands more than ``max_pause`` after that time (a pause between reading the clock and the
-    put), the marks are withdrawn at once: a cycle in between could not have seen them."""
-    # Re-validate the plan against a fresh index: act only on entries that are still the
-    # winners. A plan made from an older view (a long walk, a pause) would otherwise mark a
-    # location that a writer has since replaced, with a timestamp newer than the replacement.
-    fresh = repo.contents.epochs.load_index()
-    current = [e for e in plan.mark if fresh.lookup(e.content_id) == e]
-    revive = [e for e in plan.undelete if fresh.lookup(e.content_id) == e]
-    marked_at = clock.now()
-    stamp = int(marked_at * 1e6)
-    marks = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in current]
-    undeletes = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in revive]
-    if not marks and not undeletes:
-        return None
-    name = repo.contents.epochs.write_index(marks + undeletes)
-    if marks and compensate_late:
-        written = repo.storage.stat(name).timestamp
-        if written - marked_at > clock.max_pause:
-            repo.contents.epochs.write_index([replace(m, deleted=False, timestamp_us=m.timestamp_us + 1) for m in marks])
-    return name
+def _members(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(keys), bool)
+    at = np.minimum(sorted_set.searchsorted(keys), len(sorted_set) - 1)
+    return sorted_set[at] == keys
+
+
+def _still_winning(rows: np.ndarray, fresh: Winners, renumber: np.ndarray) -> np.ndarray:
+    """Rows (numbered as the plan's scan) that are exactly the fresh winner of their id,
+    renumbered as the fresh scan; the others dropped."""
+    if not len(rows) or not len(fresh):
+        return rows[:0]
+    rows = rows.copy()
+    numbers = renumber[column(rows, PACK_AT, ">u4")]
+    rows = rows[numbers >= 0]  # a pack the fresh index does not name: not the winner any more
+    rows[:, PACK_AT:PACK_AT + 4] = numbers[numbers >= 0].astype(">u4").view(np.uint8).reshape(-1, 4)
+    ids = np.ascontiguousarray(fresh.rows[:, :C.CONTENT_ID_SIZE]).view(f"S{C.CONTENT_ID_SIZE}").ravel()
+    wanted = np.ascontiguousarray(rows[:, :C.CONTENT_ID_SIZE]).view(f"S{C.CONTENT_ID_SIZE}").ravel()
+    at = np.minimum(ids.searchsorted(wanted), len(ids) - 1)
+    same = (fresh.rows[at] == rows).all(axis=1)
+    return rows[same]
+
+
+def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_late: bool = True) -> list[str]:
+    """Write the marks and undeletes that still apply; returns the index blobs written.
+
+    Re-validated against a fresh index, range by range: act only on entries that are still the
+    winners. A plan made from an older view (a long walk, a pause) would otherwise mark a
+    location that a writer has since replaced, with a timestamp newer than the replacement.
+    Marks carry the storage time read just before their blob is written, so only cycles that
+    start after the marks exist (and walk every snapshot published meanwhile, undeleting what
+    those reach) can let a merge drop them. If a blob lands more than ``max_pause`` after that
+    time (a pause between reading the clock and the put), its marks are withdrawn at once: a
+    cycle in between could not have seen them."""
+    epochs = repo.contents.epochs
+    fresh = epochs.load_index().scan(plan.memory_limit // 2)
+    number = fresh.pack_number()
+    renumber = np.array([number.get(p, -1) for p in plan.packs] or [-1], dtype=np.int64)
+    written: list[str] = []
+    marks: list[IndexEntry] = []
+    undeletes: list[IndexEntry] = []
+
+    def write() -> None:
+        marked_at = clock.now()
+        stamp = int(marked_at * 1e6)
+        new = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in marks]
+        new += [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in undeletes]
+        name = epochs.write_index(new)
+        written.append(name)
+        if marks and compensate_late and repo.storage.stat(name).timestamp - marked_at > clock.max_pause:
+            withdrawn = [replace(m, deleted=False, timestamp_us=m.timestamp_us + 1) for m in new if m.deleted]
+            written.append(epochs.write_index(withdrawn))
+        marks.clear()
+        undeletes.clear()
+
+    try:
+        for lo, hi, m, u in plan.planned():
+            winners = fresh.winners(lo, hi)
+            marks.extend(entries_of(_still_winning(m, winners, renumber), fresh.packs))
+            undeletes.extend(entries_of(_still_winning(u, winners, renumber), fresh.packs))
+            if len(marks) + len(undeletes) >= C.INDEX_BLOB_MAX_ENTRIES:
+                write()
+        if marks or undeletes:
+            write()
+    finally:
+        plan.close()
+    return written

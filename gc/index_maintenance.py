@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from repo_format import constants as C
 from repo_format.epoch import EpochManager, EpochView
 from repo_format.errors import BlobNotFound
+from repo_format.index_scan import merge_into_set
 from repo_format.storage.base import BlobMeta
 
 from kdist.gc.clock_guard import StorageClock
@@ -87,8 +88,16 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
     return out
 
 
-def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock) -> dict:
-    done = {"advanced": False, "compacted": [], "range": None, "deleted": 0}
+def _written(epochs: EpochManager, s) -> int:
+    """The bytes of a set just put (what compaction rewrote, for the report)."""
+    return sum(m.length for m in s.members.values())
+
+
+def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock,
+                  memory_limit: int = 256 * 2**20) -> dict:
+    """Compactions and merges go range by range through the winners (``merge_into_set``), so
+    they hold ``memory_limit`` whatever the index's size."""
+    done = {"advanced": False, "compacted": [], "range": None, "deleted": 0, "written_bytes": 0}
     if plan.advance_to is not None:
         done["advanced"] = epochs.write_marker(plan.advance_to)
     try:
@@ -97,15 +106,23 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
             if view.complete_set(C.COMPACTED_PREFIX, e) is not None or _in_range(view, e) or not view.raw.get(e):
                 continue  # done by a concurrent run since we planned (its sources may be gone)
             names = [m.name for m in view.raw.get(e, [])]
-            epochs.write_set(C.COMPACTED_PREFIX, e, epochs.read_entries(names))
+            s, _kept, _dropped = merge_into_set(epochs, C.COMPACTED_PREFIX, e, epochs.read_blobs(names),
+                                                memory_limit=memory_limit)
             done["compacted"].append(e)
+            done["written_bytes"] += _written(epochs, s)
         if plan.range_to is not None:
             view = epochs.refresh()
-            entries = epochs.read_entries(view.assembly(up_to=plan.range_to))
-            kept = [x for x in entries if not (x.deleted and x.timestamp_us < watermark_us)]
-            clock.check(plan.now, "writing a range set")  # the watermark was derived at the run's start
-            epochs.write_set(C.RANGE_PREFIX, plan.range_to, kept)
-            done["range"] = {"to": plan.range_to, "entries": len(kept), "dropped": len(entries) - len(kept)}
+            blobs = epochs.read_blobs(view.assembly(up_to=plan.range_to))
+
+            def keep(w):  # deleted entries below the watermark are dropped (winners only, as always)
+                return ~(w.deleted & (w.timestamp < watermark_us))
+
+            s, kept, dropped = merge_into_set(
+                epochs, C.RANGE_PREFIX, plan.range_to, blobs, keep, memory_limit,
+                # the watermark was derived at the run's start
+                before_put=lambda: clock.check(plan.now, "writing a range set"))
+            done["range"] = {"to": plan.range_to, "entries": kept, "dropped": dropped}
+            done["written_bytes"] += _written(epochs, s)
     except BlobNotFound:
         # a concurrent maintenance run cleaned up a source after our listing: it has done (or
         # will do) this compaction; a half-written set of ours is incomplete and never used

@@ -1,6 +1,7 @@
 """Pack rewrite: move the live contents out of packs that are mostly dead or too small.
 
-Plan, from the pack listing and the index blob GC uses: a pack at least ``pack_age`` old on the
+Plan, from the pack listing and the index blob GC uses (its winners range by range, in bounded
+memory: ``repo_format.index_scan``): a pack at least ``pack_age`` old on the
 storage's clock, whose session is not live, and that holds live contents (winning entries not
 marked deleted) is rewritten when a pack of only its live contents would be under ``LIVE_FRACTION``
 of its size (mostly dead), or when it is smaller than ``SMALL_FRACTION`` of its kind's pack size and at least
@@ -17,6 +18,8 @@ nothing points into, in two phases. Nothing here deletes anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from repo_format import constants as C
 from repo_format.content import ContentStore
@@ -49,21 +52,28 @@ class RewritePlan:
 
 
 def plan_rewrite(packs: list[BlobMeta], index: MergedIndex, live_sessions: set[str], now: float, pack_age: float,
-                 pack_sizes: dict[bool, int], pack_age_rule: bool = True,
-                 live_session_rule: bool = True) -> RewritePlan:
-    """``pack_sizes``: the target pack size of metadata (True) and data (False) packs."""
-    live: dict[str, list[IndexEntry]] = {}
-    for e in index:
-        if not e.deleted:
-            live.setdefault(e.pack, []).append(e)
-    eligible = [m for m in packs if m.name in live
+                 pack_sizes: dict[bool, int], pack_age_rule: bool = True, live_session_rule: bool = True,
+                 memory_limit: int = 256 * 2**20) -> RewritePlan:
+    """``pack_sizes``: the target pack size of metadata (True) and data (False) packs. Two passes
+    over the index's winners, range by range: each pack's live contents and bytes, then the
+    entries to move out of the packs chosen."""
+    scan = index.scan(memory_limit)
+    live_count = np.zeros(len(scan.packs), np.int64)
+    live_bytes = np.zeros(len(scan.packs), np.int64)
+    for w in scan:
+        alive = ~w.deleted
+        live_count += np.bincount(w.pack[alive], minlength=len(scan.packs))
+        live_bytes += np.bincount(w.pack[alive], weights=w.packed_length[alive], minlength=len(scan.packs)).astype(np.int64)
+    number = scan.pack_number()
+    eligible = [m for m in packs if m.name in number and live_count[number[m.name]]
                 and not (pack_age_rule and now - m.timestamp < pack_age)
                 and not (live_session_rule and session_of(m.name) in live_sessions)]
     plan = RewritePlan(now=now)
     small: dict[bool, list[BlobMeta]] = {True: [], False: []}
     for m in eligible:
         metadata = m.name.startswith(C.METADATA_PACK_PREFIX)
-        if _live_size(m.name, live[m.name]) < LIVE_FRACTION * m.length:
+        i = number[m.name]
+        if _live_size(m.name, int(live_count[i]), int(live_bytes[i])) < LIVE_FRACTION * m.length:
             plan.packs.append(m)
             plan.mostly_dead += 1
         elif m.length < SMALL_FRACTION * pack_sizes[metadata]:
@@ -72,13 +82,19 @@ def plan_rewrite(packs: list[BlobMeta], index: MergedIndex, live_sessions: set[s
         if len(group) >= SMALL_PACKS:
             plan.packs += group
             plan.small += len(group)
-    plan.move = sorted((e for m in plan.packs for e in live[m.name]), key=lambda e: (e.pack, e.offset))
+    if plan.packs:
+        chosen = np.zeros(len(scan.packs), bool)
+        chosen[[number[m.name] for m in plan.packs]] = True
+        for w in scan:
+            plan.move += w.entries(scan.packs, ~w.deleted & chosen[w.pack])
+        plan.move.sort(key=lambda e: (e.pack, e.offset))
     return plan
 
 
-def _live_size(name: str, entries: list[IndexEntry]) -> int:
-    """The size of this pack if it held only these entries (a fully live pack: its size)."""
-    return sum(e.packed_length for e in entries) + len(entries) * C.INDEX_ENTRY.size + PACK_OVERHEAD + len(name)
+def _live_size(name: str, count: int, packed_bytes: int) -> int:
+    """The size of this pack if it held only its ``count`` live entries of ``packed_bytes`` (a
+    fully live pack: its size)."""
+    return packed_bytes + count * C.INDEX_ENTRY.size + PACK_OVERHEAD + len(name)
 
 
 def execute_rewrite(contents: ContentStore, plan: RewritePlan, clock: StorageClock) -> dict:

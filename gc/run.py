@@ -27,6 +27,7 @@ from kdist.gc import history
 from kdist.gc.blob_gc import Rules as BlobRules
 from kdist.gc.blob_gc import confirmation_margin, execute_blob_gc, plan_from
 from kdist.gc.clock_guard import StorageClock
+from kdist.gc import DEFAULT_MEMORY_LIMIT
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
 from kdist.gc.pack_rewrite import execute_rewrite, plan_rewrite
@@ -55,6 +56,7 @@ class MaintenanceOptions:
     dry_run: bool = False
     safety: SafetyParameters | None = None  # None: the repository's own
     rules: Rules = field(default_factory=Rules)
+    memory_limit: int = DEFAULT_MEMORY_LIMIT  # what the plans hold at once (the index is mapped, not counted)
 
 
 @dataclass
@@ -111,21 +113,25 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
-        plan = plan_content_gc(repo, index, now, safety.min_content_age if rules.content_age else 0.0)
+        plan = plan_content_gc(repo, index, now, safety.min_content_age if rules.content_age else 0.0,
+                               options.memory_limit)
+        del index
         report.plans.append(plan.describe())
-        report.steps["content_gc"] = {"marked": len(plan.mark), "undeleted": len(plan.undelete), "live": plan.live}
+        report.steps["content_gc"] = {"marked": plan.marked, "undeleted": plan.undeleted, "live": plan.live,
+                                      "key_ranges": plan.key_ranges, "spilled_runs": plan.spilled_runs}
         yield "content-gc planned"
         if not options.dry_run:
             execute_content_gc(repo, plan, clock, compensate_late=rules.pause_revalidation)
             record.content_gc_completed = True
             yield "content-gc executed"
+        plan.close()
 
     view = epochs.refresh()  # 2. index
     iplan = plan_index(epochs, view, now)
     report.plans.append(iplan.describe())
     yield "index planned"
     if not options.dry_run:
-        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock)
+        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2)
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
@@ -147,7 +153,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         t = clock.now()
         live = live_sessions(list(storage.list(C.SESSION_PREFIX)), t, safety.session_expiry)
         sizes = {False: repo.parameters.pack_size, True: repo.parameters.metadata_pack_size}
-        rplan = plan_rewrite(packs, index, live, t, safety.pack_age, sizes, rules.pack_age, rules.live_session)
+        rplan = plan_rewrite(packs, index, live, t, safety.pack_age, sizes, rules.pack_age, rules.live_session,
+                             options.memory_limit // 2)
         report.plans.append(rplan.describe())
         report.steps["pack_rewrite"] = {"packs": len(rplan.packs), "moved": len(rplan.move),
                                         "bytes": sum(e.packed_length for e in rplan.move)}

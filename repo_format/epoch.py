@@ -304,13 +304,23 @@ class EpochManager:
         entries = sorted(entries, key=lambda e: e.content_id)
         per = C.INDEX_BLOB_MAX_ENTRIES
         chunks = [entries[i:i + per] for i in range(0, len(entries), per)] or [[]]
+        return self.put_set(kind, epoch, [lambda c=c: encode_index(c) for c in chunks])
+
+    def put_set(self, kind: str, epoch: int, members: list) -> IndexSet:
+        """Put a set whose members' plaintexts (sorted, covering consecutive id ranges) the
+        callables ``members`` give, one at a time (a set larger than memory is put from files)."""
         set_id = secrets.token_hex(8)
-        s = IndexSet(kind, epoch, set_id, len(chunks))
-        for i, chunk in enumerate(chunks):
-            name = f"{kind}{epoch}_{set_id}_{i}of{len(chunks)}"
-            self.storage.put(name, seal_index(self._aead, name, encode_index(chunk)))
-            s.members[i] = BlobMeta(name, 0, 0.0)
+        s = IndexSet(kind, epoch, set_id, len(members))
+        for i, plaintext in enumerate(members):
+            name = f"{kind}{epoch}_{set_id}_{i}of{len(members)}"
+            sealed = seal_index(self._aead, name, plaintext())
+            self.storage.put(name, sealed)
+            s.members[i] = BlobMeta(name, len(sealed), 0.0)
         return s
+
+    def read_blobs(self, names: list[str]) -> list[IndexBlob]:
+        """The blobs named, through this manager's memory and the local cache."""
+        return self._read_blobs(names)
 
     def read_entries(self, names: list[str]) -> list[IndexEntry]:
         merged: dict[bytes, IndexEntry] = {}

@@ -398,6 +398,15 @@ class MergedIndex:
         candidates.append(self._overlay.get(content_id))
         return pick(c for c in candidates if c is not None)
 
+    def referenced_packs(self) -> set[str]:
+        """Every pack an entry of any blob points into, losers and deleted entries included: a
+        blob's pack table names exactly the packs its entries use."""
+        with self._lock:
+            out = {e.pack for e in self._overlay.values()}
+        for b in self._blobs:
+            out.update(b.packs)
+        return out
+
     def physical_entries(self) -> Iterator[IndexEntry]:
         """Every entry of every blob, losers included (maintenance: what points into which pack)."""
         with self._lock:
@@ -405,6 +414,14 @@ class MergedIndex:
         yield from overlay
         for b in self._blobs:
             yield from b
+
+    def scan(self, memory_limit: int):
+        """The winners range by range in bounded memory (``repo_format.index_scan``)."""
+        from repo_format.index_scan import IndexScan
+
+        with self._lock:
+            overlay = list(self._overlay.values())
+        return IndexScan(self._blobs, overlay, memory_limit)
 
     def _winning_entries(self) -> dict[bytes, IndexEntry]:
         best: dict[bytes, IndexEntry] = dict(self._overlay)

@@ -9,12 +9,12 @@ import click
 
 from repo_format import clock
 from repo_format.index_rebuild import entries_from_packs, entries_to_write
+from repo_format.local_cache import parse_size
 from repo_format.safety import PRESETS
 
 from kdist.cli.context import with_repository
 from kdist.cli.progress import human_bytes
-from kdist.gc import history
-from kdist.gc.run import MaintenanceOptions, run_maintenance
+from kdist.gc import DEFAULT_MEMORY_LIMIT, history
 
 
 def _print_report(report, as_json: bool, requests: dict) -> None:
@@ -37,8 +37,35 @@ def _print_report(report, as_json: bool, requests: dict) -> None:
     click.echo("storage requests: " + ", ".join(f"{k} {v['calls']}" for k, v in sorted(requests.items())))
 
 
-def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool) -> None:
-    opts = MaintenanceOptions(full=full, dry_run=dry_run, safety=PRESETS[safety] if safety else None)
+MIN_MEMORY_LIMIT = 32 * 2**20
+
+
+def _memory_limit(ctx, param, value: str | None) -> int:
+    if value is None:
+        return DEFAULT_MEMORY_LIMIT
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size < MIN_MEMORY_LIMIT:
+        raise click.BadParameter(f"at least {MIN_MEMORY_LIMIT // 2**20}MiB")
+    return size
+
+
+def memory_option(fn):
+    return click.option("--memory-limit", envvar="KDIST_GC_MEMORY_LIMIT", default=None, metavar="SIZE",
+                        callback=_memory_limit,
+                        help="What the GC plan may hold in memory at once, e.g. 1GiB (default 512MiB); the rest "
+                             "is spilled to the temporary directory. The index itself is read through the "
+                             "local cache's mapped files.")(fn)
+
+
+def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool,
+         memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+    from kdist.gc.run import MaintenanceOptions, run_maintenance  # the planners import numpy: only here
+
+    opts = MaintenanceOptions(full=full, dry_run=dry_run, safety=PRESETS[safety] if safety else None,
+                              memory_limit=memory_limit)
     before = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
     report = run_maintenance(repo, opts)
     after = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
@@ -57,11 +84,12 @@ def gc_group():
 @click.option("--safety", type=click.Choice(sorted(PRESETS)), default=None,
               help="Safety preset (default: the repository's own margins); 'none' is for tests only.")
 @click.option("--json", "as_json", is_flag=True)
+@memory_option
 @with_repository()
-def gc_run(repo, dry_run, safety, as_json):
+def gc_run(repo, dry_run, safety, as_json, memory_limit):
     """Mark unreachable contents, drop old deleted ones, delete unreferenced packs (in two runs),
     rewrite mostly dead packs."""
-    _run(repo, True, dry_run, safety, as_json)
+    _run(repo, True, dry_run, safety, as_json, memory_limit)
 
 
 @click.group("maintenance")
@@ -75,10 +103,11 @@ def maintenance_group():
 @click.option("--dry-run", is_flag=True)
 @click.option("--safety", type=click.Choice(sorted(PRESETS)), default=None)
 @click.option("--json", "as_json", is_flag=True)
+@memory_option
 @with_repository()
-def maintenance_run(repo, mode, dry_run, safety, as_json):
+def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit):
     """Run maintenance; safe to run while backups run, and twice at once."""
-    _run(repo, mode != "quick", dry_run, safety, as_json)
+    _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit)
 
 
 @maintenance_group.command("status")

@@ -1,0 +1,52 @@
+"""The range-by-range winners (``repo_format.index_scan``) are exactly ``MergedIndex``'s."""
+
+import random
+
+import pytest
+
+from repo_format.index import IndexBlob, IndexEntry, MergedIndex, encode_index
+from repo_format.index_scan import ROW_BYTES, IndexScan
+
+
+def _random_index(rng: random.Random, ids: int, blobs: int) -> tuple[list[IndexBlob], list[bytes]]:
+    prefixes = [rng.randbytes(8) for _ in range(ids // 3)]  # some ids share their 64-bit key
+    cids = sorted({(rng.choice(prefixes) if rng.random() < 0.3 else rng.randbytes(8)) + rng.randbytes(24)
+                   for _ in range(ids)})
+    packs = [f"p{rng.randbytes(4).hex()}" for _ in range(7)]
+    out = []
+    for _ in range(blobs):
+        entries = []
+        for cid in rng.sample(cids, rng.randrange(1, len(cids))):
+            # few timestamps and flags, so full ties decided by pack name and offset are common
+            entries.append(IndexEntry(cid, rng.choice(packs), rng.randrange(3), rng.randrange(1, 3), 5,
+                                      rng.randrange(2), rng.randrange(3), rng.random() < 0.4))
+        out.append(IndexBlob(encode_index(entries)))
+    return out, cids
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_winners_equal_the_merged_index_lookups(seed):
+    rng = random.Random(seed)
+    blobs, cids = _random_index(rng, 400, 5)
+    extra = [IndexEntry(c, "pextra", 0, 1, 1, 0, 2, False) for c in rng.sample(cids, 30)]
+    merged = MergedIndex(blobs)
+    merged.add_entries(extra)
+    scan = IndexScan(blobs, extra, memory_limit=ROW_BYTES * 150)  # several ranges
+    assert scan.ranges_count > 1
+    found = {}
+    for w in scan:
+        got = w.entries(scan.packs)
+        assert [e.content_id for e in got] == sorted(e.content_id for e in got)  # sorted by the whole id
+        for e in got:
+            assert e.content_id not in found
+            found[e.content_id] = e
+    assert found == {c: merged.lookup(c) for c in cids if merged.lookup(c) is not None}
+
+
+def test_referenced_packs_include_losers():
+    old = IndexEntry(b"\x01" * 32, "pold", 0, 1, 1, 0, 1)
+    new = IndexEntry(b"\x01" * 32, "pnew", 0, 1, 1, 0, 2)
+    scan = IndexScan([IndexBlob(encode_index([old])), IndexBlob(encode_index([new]))])
+    assert scan.referenced_packs() == {"pold", "pnew"}
+    [w] = list(scan)
+    assert w.entries(scan.packs) == [new]
