@@ -17,6 +17,10 @@ nothing of packs, indexes, encryption or dedup. The contract:
 * ``delete(name)`` removes a blob; deleting a missing blob is not an error.
 * Read-after-write: once ``put`` returns, ``get``/``stat`` see the blob. ``list`` may lag on
   eventually-consistent stores; the maintenance protocol accounts for that with its margins.
+* ``reclaim_leftovers(now, older_than)`` removes what cut writes leave behind and no listing
+  shows (a filesystem's temp files and empty shard directories, S3's unfinished multipart
+  uploads), when older than ``older_than`` seconds at ``now``, both on the storage's clock. It
+  never touches a blob; maintenance calls it from its housekeeping step.
 * Errors are typed (``repo_format.errors``): ``BlobNotFound``, ``RetryableStorageError`` for
   transient failures, ``StorageUnreachable`` for a missing bucket or bad credentials,
   ``StorageError`` otherwise.
@@ -103,6 +107,20 @@ class BlobStorage(ABC):
             return True
         except BlobNotFound:
             return False
+
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        """Remove what cut or failed writes left behind (never a blob) and return counts by kind.
+
+        ``now`` is the storage's current time, as the caller read it (maintenance: the timestamp
+        of a probe blob), never the local machine's clock; only leftovers older than ``now -
+        older_than`` by the storage's own timestamps are removed. A put still in progress looks
+        like a cut one, so ``older_than`` must exceed the longest a put can take (a put whose
+        leftover was reclaimed fails or starts again; it never leaves a partial blob). Safe to run
+        while other clients write, and from several places at once.
+
+        The default: a backend that leaves nothing behind (memory) has nothing to reclaim, ``{}``.
+        """
+        return {}
 
     def close(self) -> None:
         """Release connections or handles; the storage is not used afterwards."""

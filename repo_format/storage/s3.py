@@ -20,6 +20,9 @@ least keeps it from overwriting a blob that already existed. When botocore retri
 because the reply to the first attempt was lost, the retry fails its precondition on our own
 blob: a blob holding exactly our bytes is therefore taken as created by this call.
 
+A put killed during a multipart upload leaves the upload unfinished: invisible, but billed until
+``reclaim_leftovers`` aborts it.
+
 boto3 is imported when an ``S3Storage`` is made, not when this module is, since it costs ~0.3 s.
 """
 
@@ -192,17 +195,56 @@ class S3Storage(BlobStorage):
 
     def list(self, prefix="") -> Iterator[BlobMeta]:
         validate_prefix(prefix)
-        paginator = self._client.get_paginator("list_objects_v2")
-        # Delimiter keeps the listing out of "sub-directories" (e.g. another repository's prefix)
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/")
         with self._errors("list"):
-            for page in pages:
-                if "IsTruncated" not in page:  # an empty or cut-off reply parses as a page of nothing
-                    raise self._incomplete("list", None, "a page without IsTruncated")
+            for page in self._pages("list_objects_v2", "list", self.prefix + prefix):
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][len(self.prefix):]
                     if _is_blob_name(name):  # skip objects not written by a blob storage
                         yield BlobMeta(name, obj["Size"], obj["LastModified"].timestamp())
+
+    def _pages(self, operation: str, what: str, key_prefix: str) -> Iterator[dict]:
+        """The pages of the listing ``operation`` of keys under ``key_prefix`` (``what`` names it
+        in errors)."""
+        paginator = self._client.get_paginator(operation)
+        # Delimiter keeps the listing out of "sub-directories" (e.g. another repository's prefix)
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix, Delimiter="/"):
+            if "IsTruncated" not in page:  # an empty or cut-off reply parses as a page of nothing
+                raise self._incomplete(what, None, "a page without IsTruncated")
+            yield page
+
+    # ---- leftovers
+
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        """Abort the multipart uploads of blob names under the prefix that were initiated (S3's
+        clock) before ``now - older_than``; return ``{"multipart_uploads": n}``.
+
+        A put whose process died between starting and completing or aborting a multipart upload
+        leaves it: invisible to listings, but its parts are stored and billed until aborted. A
+        put still uploading when its upload is aborted fails (``older_than`` must exceed the
+        longest put); one that completed meanwhile is kept, as is an upload another reclaim
+        aborted first (neither is counted).
+        """
+        cutoff = now - older_than
+        aborted = 0
+        with self._errors("reclaim leftovers of"):
+            for page in self._pages("list_multipart_uploads", "reclaim leftovers of", self.prefix):
+                for upload in page.get("Uploads", ()):
+                    key = upload["Key"]
+                    # the prefix match is checked again: some servers ignore Prefix and Delimiter
+                    if (key.startswith(self.prefix) and _is_blob_name(key[len(self.prefix):])
+                            and upload["Initiated"].timestamp() < cutoff):
+                        aborted += self._abort_upload(key, upload["UploadId"])
+        return {"multipart_uploads": aborted}
+
+    def _abort_upload(self, key: str, upload_id: str) -> int:
+        """Abort one upload; 1 if this call did, 0 if it was completed or aborted already."""
+        try:
+            # a reply without a body says only its status: 404 here is the same NoSuchUpload
+            with self._errors("abort an upload of", key[len(self.prefix):], accept=("NoSuchUpload", "404")):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except _Refused:
+            return 0
+        return 1
 
     # ---- misc
 

@@ -44,6 +44,9 @@ class StorageWrapper(BlobStorage):
     def delete(self, name) -> None:
         self.inner.delete(name)
 
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        return self.inner.reclaim_leftovers(now, older_than)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -109,6 +112,10 @@ class RetryingStorage(StorageWrapper):
     def delete(self, name) -> None:
         self._retry(lambda: self.inner.delete(name))
 
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        # a failed attempt may have reclaimed some: its counts are lost, its removals are not
+        return self._retry(lambda: self.inner.reclaim_leftovers(now, older_than))
+
     def list(self, prefix="") -> Iterator[BlobMeta]:
         seen: set[str] = set()
         for failures in range(1, self.attempts + 1):
@@ -125,7 +132,7 @@ class RetryingStorage(StorageWrapper):
 
 
 class ReadOnlyStorage(StorageWrapper):
-    """Refuses every put and delete with ``errors.ReadOnlyStorage``; reads pass through."""
+    """Refuses every put, delete and reclaim with ``errors.ReadOnlyStorage``; reads pass through."""
 
     def _refuse(self, what: str, name: str):
         raise errors.ReadOnlyStorage(f"cannot {what} blob {name!r}: {self.describe()} is opened read-only")
@@ -139,12 +146,16 @@ class ReadOnlyStorage(StorageWrapper):
     def delete(self, name) -> None:
         self._refuse("delete", name)
 
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        raise errors.ReadOnlyStorage(f"cannot reclaim leftovers: {self.describe()} is opened read-only")
+
 
 class CountingStorage(StorageWrapper):
     """Counts calls and bytes per kind of request (PUT, GET, LIST, DELETE, STAT); thread-safe.
 
     Every call counts, failed ones too. Bytes are those handed to a put or returned by a get
-    that completed; a listing counts one call and no bytes.
+    that completed; a listing counts one call and no bytes. ``reclaim_leftovers`` passes through
+    uncounted: the requests it makes inside the backend are not seen here.
     """
 
     def __init__(self, inner: BlobStorage):
@@ -207,6 +218,7 @@ class FaultInjectingStorage(StorageWrapper):
     ``error_factory(kind, number)`` without reaching ``inner``, except a failing PUT when
     ``truncate_writes`` is set: it first stores the first ``truncate_writes`` bytes (``True``: half)
     as a visible, damaged blob, the way a non-atomic store can leave one, then raises.
+    ``reclaim_leftovers`` passes through, never failed and not counted.
     """
 
     def __init__(self, inner: BlobStorage, fail_on_call: dict[str, set[int]] | None = None,
