@@ -7,8 +7,10 @@ Steps, in order (a full run does all; ``quick`` skips the three that walk snapsh
 3. blob GC (full): delete packs no index entry points into that an earlier run found so too,
    record the newly found ones for a later run;
 4. pack rewrite (full): move live contents out of mostly dead or small packs;
-5. manifests: compact many small manifest blobs into one;
-6. housekeeping: delete stale probe blobs and dead session markers.
+5. checkpoints: forget those of dead backups that a later snapshot supersedes;
+6. manifests: compact many small manifest blobs into one;
+7. housekeeping: delete stale probe blobs and dead session markers; reclaim what cut writes left
+   in the storage (temp files, empty shard directories, unfinished multipart uploads).
 No step takes a lock. Two runs at once may repeat work; the rules keep either from losing data.
 """
 
@@ -23,11 +25,11 @@ from repo_format.safety import SAFETY_FULL, SafetyParameters, safety_of
 from repo_format.session import live_sessions
 from repo_format.storage.base import BlobStorage
 
-from kdist.gc import history
+from kdist.gc import DEFAULT_MEMORY_LIMIT, history
 from kdist.gc.blob_gc import Rules as BlobRules
 from kdist.gc.blob_gc import confirmation_margin, execute_blob_gc, plan_from
+from kdist.gc.checkpoints import execute_checkpoints, plan_checkpoints
 from kdist.gc.clock_guard import StorageClock
-from kdist.gc import DEFAULT_MEMORY_LIMIT
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
 from kdist.gc.pack_rewrite import execute_rewrite, plan_rewrite
@@ -48,6 +50,7 @@ class Rules:
     live_session: bool = True
     pause_revalidation: bool = True
     two_phase_delete: bool = True
+    checkpoint_session: bool = True
 
 
 @dataclass
@@ -163,9 +166,17 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
             report.steps["pack_rewrite"] = execute_rewrite(repo.contents, rplan, clock)
             yield "pack-rewrite executed"
 
-    if not options.dry_run:  # 5. manifests, 6. housekeeping
+    cplan = plan_checkpoints(repo.manifests, storage, clock.now(), safety, rules.checkpoint_session)
+    report.plans.append(cplan.describe())  # 5. checkpoints of dead backups
+    if not options.dry_run:
+        report.steps["checkpoints_forgotten"] = execute_checkpoints(repo.manifests, cplan)
+
+    if not options.dry_run:  # 6. manifests, 7. housekeeping
         report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle)
         report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
+        # what cut writes leave (temp files, emptied shard directories, multipart uploads), once
+        # older than any put can take: a pack younger than pack_age is never judged either
+        report.steps["leftovers"] = storage.reclaim_leftovers(clock.now(), safety.pack_age)
         record.end = clock.now()
         record.steps = report.steps
         history.write_record(repo.manifests, record)

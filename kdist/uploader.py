@@ -584,7 +584,10 @@ class Uploader:
             tags=list(self.options.tags), description=self.options.description, checkpoint=checkpoint,
             errors=errors, run=self._run_id,
         )
-        rec = self.repo.manifests.put(snap.labels(), snap.payload())
+        labels = snap.labels()
+        if checkpoint:  # maintenance forgets a dead backup's checkpoints, never a live one's (kdist.gc.checkpoints)
+            labels["session"] = self.repo.session
+        rec = self.repo.manifests.put(labels, snap.payload())
         snap.id, snap.ts = rec.id, rec.ts
         try:
             self.repo.contents.confirm_published()

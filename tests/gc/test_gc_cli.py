@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -77,3 +78,41 @@ def test_index_rebuild_recovers_lost_index_blobs(repo, tmp_path):
     assert "not in the index" in out and "wrote" in out
     run("snapshot", "restore", "--repo", repo, "latest", tmp_path / "fixed")
     assert (tmp_path / "fixed" / "f0").read_bytes() == (tmp_path / "src" / "f0").read_bytes()
+
+
+def _du(path) -> tuple[int, int]:
+    """What ``du`` counts: blocks of every file and directory, and the number of directories."""
+    blocks = dirs = 0
+    for p in [path, *path.rglob("*")]:
+        blocks += p.lstat().st_blocks
+        dirs += p.is_dir()
+    return blocks, dirs
+
+
+def _age(path, days: float = 2) -> None:
+    old = time.time() - days * 86400
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (old, old), follow_symlinks=False)
+
+
+def test_du_falls_when_maintenance_reclaims_space(repo, tmp_path):
+    (repo / "abc" / "def").mkdir(parents=True)  # left by deleted blobs
+    stale = repo / "xt1" / "234"
+    stale.mkdir(parents=True)
+    (stale / ".tmp-0123456789abcdef").write_bytes(os.urandom(300_000))  # a put cut by a kill
+    snaps = json.loads(run("snapshot", "list", "--repo", repo, "--json").stdout)
+    run("snapshot", "forget", "--repo", repo, *[a for s in snaps for a in ("--id", s["id"])])
+    before = _du(repo)
+    reclaimed = []
+    while not reclaimed or not reclaimed[-1]["blob_gc"]["deleted_packs"]:  # mark, settle, drop, two phases
+        assert len(reclaimed) < 8, json.dumps(reclaimed)
+        _age(repo)  # --safety none refuses a repository written to in the last minutes
+        reclaimed.append(json.loads(run("gc", "run", "--repo", repo, "--safety", "none", "--json").stdout)["steps"])
+    after = _du(repo)
+    assert not (stale / ".tmp-0123456789abcdef").exists() and not (repo / "abc").exists()
+    assert reclaimed[0]["leftovers"]["temp_bytes"] == 300_000
+    assert reclaimed[-1]["leftovers"]["directories"]  # the deleted packs' shard directories
+    assert after[0] < before[0] - 300_000 // 512
+    empty = [d for d in repo.rglob("*") if d.is_dir() and not any(d.iterdir())]
+    assert all(d.stat().st_mtime > time.time() - 3600 for d in empty)  # only the last run's own probes'
+    run("repo", "check", "--repo", repo)

@@ -104,7 +104,7 @@ def profile(name: str) -> dict:
 
 
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
-             "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped")
+             "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped", "checkpoint_session")
 
 # Local caches (repo_format/local_cache.py): one directory per World, shared by the processes
 # that use one, like processes on one host. Their choices and the events below draw from a
@@ -423,7 +423,10 @@ class World:
 
     # ---- actors ----------------------------------------------------------------------------
     def writer(self, actor: Actor, crash_at: int | None, files: list[bytes] | None = None,
-               cache: bool | None = None):
+               cache: bool | None = None, host: str | None = None, reuse: dict | None = None, idle: int = 0):
+        """``reuse``: name -> (entry, digest) of unchanged files taken from an earlier snapshot's
+        tree without reading them (only a checkpoint protects them, writer rule 6); ``idle``:
+        publish a checkpoint after the files, then heartbeat for that many steps first."""
         st = ActorStorage(self, crash_at)
         repo = actor.repo = self.open(st, cache=self.uses_cache("writer") if cache is None else cache)
         if self.mutation == "view_staleness":
@@ -450,6 +453,21 @@ class World:
                 _heartbeat(repo, marker)
                 repo.flush()
                 yield "flushed"
+        source = Source(host or actor.name, "sim", "/data")
+        for name, (entry, digest) in (reuse or {}).items():
+            entries.append(replace(entry, name=name))
+            expected[name] = digest
+        if idle:
+            _heartbeat(repo, marker)
+            croot = repo.objects.write_bytes(encode_directory(entries), metadata=True)
+            repo.flush()
+            repo.contents.revalidate()
+            cp = Snapshot(source=source, root=croot, start=0, end=self.t, checkpoint=True)
+            repo.manifests.put({**cp.labels(), "session": repo.session}, cp.payload())
+            yield "checkpointed"
+            for _ in range(idle):
+                _heartbeat(repo, marker)
+                yield "idle"
         _heartbeat(repo, marker)
         root = repo.objects.write_bytes(encode_directory(entries), metadata=True)
         repo.flush()
@@ -457,7 +475,7 @@ class World:
         _heartbeat(repo, marker)
         repo.contents.revalidate()
         yield "revalidated"
-        snap = Snapshot(source=Source(actor.name, "sim", "/data"), root=root, start=0, end=self.t)
+        snap = Snapshot(source=source, root=root, start=0, end=self.t)
         rec = repo.manifests.put(snap.labels(), snap.payload())
         try:
             repo.contents.confirm_published()  # paused between revalidating and publishing?
@@ -473,7 +491,8 @@ class World:
         st = ActorStorage(self, crash_at, actor, stop_at, stop_for)
         repo = self.open(st, cache=self.uses_cache("maintenance") if cache is None else cache)
         rules = Rules()
-        if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation"):
+        if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation",
+                             "checkpoint_session"):
             setattr(rules, self.mutation, False)
         gc_clock = None
         if self.mutation == "storage_clock":
@@ -706,11 +725,13 @@ class Director:
         world._steps, world._step_no = 10**6, 0
         self.n = 0
 
-    def spawn(self, kind: str, files=None, full=True, stop_at=None, stop_for=0.0, cache: bool | None = None) -> Actor:
-        """``cache``: open with the World's cache (None: as random schedules choose)."""
+    def spawn(self, kind: str, files=None, full=True, stop_at=None, stop_for=0.0, cache: bool | None = None,
+              **writer) -> Actor:
+        """``cache``: open with the World's cache (None: as random schedules choose); ``writer``:
+        the writer's other options (host, reuse, idle)."""
         self.n += 1
         a = Actor(f"{kind}{self.n}", kind, None, skew=0.0, wake_at=self.w.t, last_step=self.w.t)
-        a.gen = (self.w.writer(a, None, files=files, cache=cache) if kind == "writer"
+        a.gen = (self.w.writer(a, None, files=files, cache=cache, **writer) if kind == "writer"
                  else self.w.maintenance(a, None, stop_at, stop_for, full=full, cache=cache))
         self.w._actors.append(a)
         return a
@@ -923,6 +944,33 @@ def scenario_reauthenticate_mapped(world: World) -> None:
         d.run(d.spawn("maintenance", full=False, cache=False))
 
 
+def scenario_checkpoint_session(world: World) -> None:
+    """A long backup reuses an unchanged file of snapshot P (it names the file's contents without
+    reading them: only its checkpoint protects them, writer rule 6), publishes a checkpoint and
+    runs on, heartbeating. P is forgotten, and a later backup of the same source finishes, which
+    supersedes the checkpoint as the next night's backup would. Only the liveness rule keeps
+    maintenance from taking the checkpoint for a dead backup's: without it the checkpoint is
+    forgotten, content GC marks the file's contents, a merge two cycles later drops them, and the
+    long backup's snapshot does not restore."""
+    d = Director(world)
+    f = world.rng.randbytes(3000)
+    d.run(d.spawn("writer", files=[f], host="h"))
+    [p] = list(world.published)
+    reader = world.open(ActorStorage(world, None))
+    rec = next(r for r in reader.manifests.find(type="snapshot") if r.id == p)
+    [old] = read_directory(reader.objects, Snapshot.from_record(rec).root)
+    w = d.spawn("writer", files=[world.rng.randbytes(500)], host="h", idle=60,
+                reuse={"unchanged": (old, hashlib.sha256(f).hexdigest())})
+    d.run(w, until="checkpointed")
+    d.forget([p])
+    d.run(d.spawn("writer", files=[world.rng.randbytes(500)], host="h"))  # supersedes the checkpoint
+    for hour in range(50):  # maintenance hourly, GC every other hour; the backup heartbeats between
+        d.wait(1)
+        d.run(w, until="idle")
+        d.run(d.spawn("maintenance", full=hour % 2 == 0))
+    d.run(w)  # publishes: its tree names the reused file
+
+
 def _snapshot_contents(world: World, sid: str) -> set[bytes]:
     """The content ids a published snapshot reaches (its tree's files' chunks)."""
     reader = world.open(ActorStorage(world, None))
@@ -940,7 +988,8 @@ SCENARIOS = {"pause_revalidation": scenario_pause_revalidation, "pack_age": scen
              "two_cycle_drop": scenario_two_cycle_drop, "content_age": scenario_content_age,
              "manifest_compaction_pause": scenario_manifest_compaction_pause,
              "listing_decides": scenario_listing_decides,
-             "reauthenticate_mapped": scenario_reauthenticate_mapped}
+             "reauthenticate_mapped": scenario_reauthenticate_mapped,
+             "checkpoint_session": scenario_checkpoint_session}
 OPEN_BUGS: tuple[str, ...] = ()
 
 
