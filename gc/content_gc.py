@@ -113,28 +113,41 @@ def reach_snapshots(repo: Repository, reach: ReachableKeys) -> int:
 
 
 def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_content_age: float,
-                    memory_limit: int = DEFAULT_MEMORY_LIMIT) -> ContentGCPlan:
+                    memory_limit: int = DEFAULT_MEMORY_LIMIT, pool=None) -> ContentGCPlan:
     """``index`` must be loaded before the snapshots are listed (a content written after the
-    listing of the index cannot be marked: it is not in the index)."""
+    listing of the index cannot be marked: it is not in the index). ``pool``: Ray actors that
+    share the walk and the ranges out (``kdist.gc.ray_pool``); the plan is the same."""
     plan = ContentGCPlan(now=now, memory_limit=memory_limit)
     with ReachableKeys(buffer_bytes=memory_limit // 4) as reach:
-        plan.snapshots = reach_snapshots(repo, reach)
+        plan.snapshots = pool.reach(repo, reach) if pool is not None else reach_snapshots(repo, reach)
         scan = index.scan(memory_limit // 2)
         plan.packs, plan.key_ranges = scan.packs, scan.ranges_count
-        listed = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in repo.storage.list(p)}
-        written = np.array([listed.get(p, np.nan) for p in scan.packs], dtype=np.float64)
-        for w in scan:
-            reached = reach.between(w.lo, w.hi)
-            plan.live += len(reached)
-            hit = _members(w.keys, reached)
-            deleted = w.deleted
-            with np.errstate(invalid="ignore"):
-                old = now - written[w.pack] >= min_content_age  # an unlisted pack (nan) is never old
-            unreached_live = ~deleted & ~hit
-            plan.too_young += int((unreached_live & ~old).sum())
-            plan.store(w.lo, w.hi, w.rows[unreached_live & old], w.rows[deleted & hit])
+        written = pack_times(repo.storage, scan.packs)
+        ranges = (pool.plan_ranges(index, scan, reach, written, now, min_content_age) if pool is not None
+                  else (plan_range(w, reach.between(w.lo, w.hi), written, now, min_content_age) for w in scan))
+        for lo, hi, marks, undeletes, live, too_young in ranges:
+            plan.live += live
+            plan.too_young += too_young
+            plan.store(lo, hi, marks, undeletes)
         plan.spilled_runs = reach.runs
     return plan
+
+
+def pack_times(storage, packs: list[str]) -> np.ndarray:
+    """When each pack was written (storage clock), nan for a pack not listed."""
+    listed = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in storage.list(p)}
+    return np.array([listed.get(p, np.nan) for p in packs], dtype=np.float64)
+
+
+def plan_range(w: Winners, reached: np.ndarray, written: np.ndarray, now: float, min_content_age: float) -> tuple:
+    """One key range's part of the plan: ``(lo, hi, marks, undeletes, live, too_young)``."""
+    hit = _members(w.keys, reached)
+    deleted = w.deleted
+    with np.errstate(invalid="ignore"):
+        old = now - written[w.pack] >= min_content_age  # an unlisted pack (nan) is never old
+    unreached_live = ~deleted & ~hit
+    return (w.lo, w.hi, w.rows[unreached_live & old], w.rows[deleted & hit], len(reached),
+            int((unreached_live & ~old).sum()))
 
 
 def _members(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -37,6 +37,14 @@ class ReachableKeys:
         if len(self._buffer) >= self._limit:
             self._spill()
 
+    def add_keys(self, keys: np.ndarray) -> None:
+        """Keys another process collected (sorted or not), as a run of their own."""
+        self._spill()
+        keys = np.unique(np.asarray(keys, dtype=np.uint64))
+        self.added += len(keys)
+        if len(keys):
+            self._write_run(keys)
+
     def update(self, cids: Iterable[bytes]) -> None:
         for c in cids:
             self.add(c)
@@ -46,9 +54,11 @@ class ReachableKeys:
             return
         keys = np.unique(np.frombuffer(self._buffer, dtype=">u8").astype(np.uint64))
         self._buffer = bytearray()
+        self._write_run(keys)
+
+    def _write_run(self, keys: np.ndarray) -> None:
         path = os.path.join(self._dir.name, f"run{len(self._runs)}.npy")
         np.save(path, keys)
-        del keys
         self._runs.append(np.load(path, mmap_mode="r"))
 
     @property

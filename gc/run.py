@@ -60,6 +60,7 @@ class MaintenanceOptions:
     safety: SafetyParameters | None = None  # None: the repository's own
     rules: Rules = field(default_factory=Rules)
     memory_limit: int = DEFAULT_MEMORY_LIMIT  # what the plans hold at once (the index is mapped, not counted)
+    pool: object = None  # Ray actors sharing content GC's walk and plan (kdist.gc.ray_pool.RayPool)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     if options.full:  # 1. content GC
         index = epochs.load_index()
         plan = plan_content_gc(repo, index, now, safety.min_content_age if rules.content_age else 0.0,
-                               options.memory_limit)
+                               options.memory_limit, options.pool)
         del index
         report.plans.append(plan.describe())
         report.steps["content_gc"] = {"marked": plan.marked, "undeleted": plan.undeleted, "live": plan.live,

@@ -19,6 +19,7 @@ storage failing as a whole always stops the walk.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -115,6 +116,33 @@ class TreeWalker:
                     stack.append(Directory(d.child_path(e.name), e.oid, d.depth + 1, d))
 
 
+    def split(self, roots: list[str], width: int) -> tuple[list[Directory], list[str]]:
+        """Breadth first from ``roots`` until at least ``width`` directories wait (or none do),
+        for walks shared out among processes: the directories read here, and the object ids of
+        those waiting (each once, none visited: other walkers take them)."""
+        queue = collections.deque(Directory("", r, 0, None) for r in roots)
+        read: list[Directory] = []
+        while queue and len(queue) < width:
+            for d in self.walk_one(queue.popleft()):
+                read.append(d)
+                queue.extend(Directory(d.child_path(e.name), e.oid, d.depth + 1, d)
+                             for e in d.entries or () if e.type == TYPE_DIR)
+        waiting = {_visit_key(d.oid): d.oid for d in queue if _visit_key(d.oid) not in self._seen}
+        return read, list(waiting.values())
+
+    def walk_one(self, d: Directory) -> Iterator[Directory]:
+        """``d`` alone: read it (unless visited), without its subdirectories."""
+        if self.once:
+            key = _visit_key(d.oid)
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        if self.max_depth is not None and d.depth > self.max_depth:
+            raise TooDeep(f"directory nesting deeper than {self.max_depth} at {d.path or '/'!r}")
+        d.entries = self._read(d)
+        yield d
+
+
 def object_contents(objects: ObjectStore, oid: str) -> list[bytes]:
     """Every content an object reaches: its own, and for an indirect object its chunks'."""
     indirect, cid = parse_object_id(oid)
@@ -127,9 +155,14 @@ def reached_contents(walker: TreeWalker, objects: ObjectStore, root: str) -> Ite
     """The contents one snapshot tree reaches (directories the walker visited before excluded,
     with what they reach: a ``once`` walker over many snapshots yields each directory's once)."""
     for d in walker.walk(root):
-        if d.repeat:
-            continue
-        yield from object_contents(objects, d.oid)
-        for e in d.entries or ():
-            if e.type == TYPE_FILE and e.oid:
-                yield from object_contents(objects, e.oid)
+        if not d.repeat:
+            yield from directory_contents(objects, d)
+
+
+def directory_contents(objects: ObjectStore, d: Directory) -> Iterator[bytes]:
+    """What one directory reaches by itself: its object's contents and its files' (not its
+    subdirectories')."""
+    yield from object_contents(objects, d.oid)
+    for e in d.entries or ():
+        if e.type == TYPE_FILE and e.oid:
+            yield from object_contents(objects, e.oid)

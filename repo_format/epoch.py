@@ -230,7 +230,7 @@ class EpochManager:
                 self._loaded = dict(zip(names, blobs))
             if self.cache is not None:
                 self.cache.retain_index(set(names))
-            return MergedIndex(blobs)
+            return MergedIndex(blobs, names)
         raise StaleView("the index kept changing while it was being read; try again")
 
     def loaded_names(self) -> set[str]:

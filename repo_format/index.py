@@ -359,8 +359,9 @@ class MergedIndex:
 
     DICT_LIMIT = 200_000
 
-    def __init__(self, blobs: Iterable[IndexBlob] = ()):
+    def __init__(self, blobs: Iterable[IndexBlob] = (), names: list[str] | None = None):
         self._blobs: list[IndexBlob] = list(blobs)
+        self.names = names  # the blobs' names, when an assembly made it (another process can read the same)
         self._count = sum(b.count for b in self._blobs)  # the blobs never change
         self._overlay: dict[bytes, IndexEntry] = {}
         self._winners: dict[bytes, IndexEntry] | None = None

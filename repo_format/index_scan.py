@@ -100,6 +100,7 @@ class IndexScan:
         number = {p: i for i, p in enumerate(self.packs)}
         self._to_scan = [np.array([number[p] for p in b.packs], dtype=">u4") for b in self.blobs]
         self._keys = [np.asarray(b.keys) if b.keys is not None else None for b in self.blobs]
+        self.memory_limit = memory_limit
         per_range = max(1, memory_limit // ROW_BYTES)
         self.ranges_count = max(1, -(-self.count // per_range))
 

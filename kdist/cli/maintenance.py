@@ -60,14 +60,46 @@ def memory_option(fn):
                              "local cache's mapped files.")(fn)
 
 
+def ray_options(fn):
+    fn = click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True,
+                      help="With --ray: how many actors walk and plan.")(fn)
+    fn = click.option("--address", default=None, metavar="ADDRESS",
+                      help="With --ray: the Ray cluster (default: RAY_ADDRESS, else a new local Ray).")(fn)
+    fn = click.option("--ray", "use_ray", is_flag=True,
+                      help="Share content GC's walk and plan out among Ray actors (the same plan). Each actor "
+                           "reads the password on its node: KDIST_PASSWORD or the --password-file path.")(fn)
+    return fn
+
+
+def _pool(use_ray: bool, address: str | None, actors: int):
+    """The Ray actors for ``--ray`` (Ray is imported only then), opening the repository as the
+    command did: same location, endpoint and password source."""
+    if not use_ray:
+        return None
+    from kdist.distributed.workers import PasswordSource
+    from kdist.gc.ray_pool import RayPool
+
+    p = click.get_current_context().params
+    password = PasswordSource(env="KDIST_PASSWORD", file=p.get("password_file"))
+    return RayPool(p["repo_location"], p.get("endpoint_url"), password, actors=actors, address=address)
+
+
 def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool,
-         memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+         memory_limit: int = DEFAULT_MEMORY_LIMIT, use_ray: bool = False, address: str | None = None,
+         actors: int = 2) -> None:
     from kdist.gc.run import MaintenanceOptions, run_maintenance  # the planners import numpy: only here
 
+    pool = _pool(use_ray and full, address, actors)
     opts = MaintenanceOptions(full=full, dry_run=dry_run, safety=PRESETS[safety] if safety else None,
-                              memory_limit=memory_limit)
+                              memory_limit=memory_limit, pool=pool)
     before = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
-    report = run_maintenance(repo, opts)
+    try:
+        report = run_maintenance(repo, opts)
+        if pool is not None:
+            report.steps["ray"] = {"actors": actors, "walked": pool.walked}
+    finally:
+        if pool is not None:
+            pool.close()
     after = repo.storage.counts() if hasattr(repo.storage, "counts") else {}
     requests = {k: {"calls": v["calls"] - before.get(k, {}).get("calls", 0),
                     "bytes": v["bytes"] - before.get(k, {}).get("bytes", 0)} for k, v in after.items()}
@@ -85,11 +117,12 @@ def gc_group():
               help="Safety preset (default: the repository's own margins); 'none' is for tests only.")
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
+@ray_options
 @with_repository()
-def gc_run(repo, dry_run, safety, as_json, memory_limit):
+def gc_run(repo, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
     """Mark unreachable contents, drop old deleted ones, delete unreferenced packs (in two runs),
     rewrite mostly dead packs."""
-    _run(repo, True, dry_run, safety, as_json, memory_limit)
+    _run(repo, True, dry_run, safety, as_json, memory_limit, use_ray, address, actors)
 
 
 @click.group("maintenance")
@@ -104,10 +137,11 @@ def maintenance_group():
 @click.option("--safety", type=click.Choice(sorted(PRESETS)), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
+@ray_options
 @with_repository()
-def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit):
+def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
     """Run maintenance; safe to run while backups run, and twice at once."""
-    _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit)
+    _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit, use_ray, address, actors)
 
 
 @maintenance_group.command("status")

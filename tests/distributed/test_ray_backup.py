@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import threading
 import uuid
@@ -378,3 +379,73 @@ def _wait_for_checkpoint_and_orphans(location, host: str, backup: threading.Thre
                 return session
         ev.wait(0.05)
     raise AssertionError(f"{host} never checkpointed with unindexed packs in flight")
+
+
+def _wide_tree(root, dirs: int, seed: int) -> None:
+    """``dirs`` directories of a few small files under two levels: enough subtrees to share out."""
+    rng = random.Random(seed)
+    for d in range(dirs):
+        sub = root / f"a{d % 7}" / f"b{d}"
+        sub.mkdir(parents=True)
+        for f in range(3):
+            (sub / f"f{f}").write_bytes(rng.randbytes(rng.choice([700, 5000])))
+
+
+def test_gc_on_ray_plans_what_a_single_process_plans(cluster, tmp_path):
+    from kdist.gc.content_gc import plan_content_gc
+    from kdist.gc.ray_pool import RayPool
+    from repo_format.index_scan import ROW_BYTES
+
+    location = str(tmp_path / "repo")
+    _create(location)
+    for i in range(3):  # nightly backups sharing most directories, then the first forgotten
+        src = tmp_path / f"src{i}"
+        _wide_tree(src, 60, seed=1)
+        _wide_tree(src / "new", 5, seed=10 + i)
+        repo = _open(location)
+        Uploader(repo, BackupOptions()).backup(str(src))
+        repo.close()
+    repo = _open(location)
+    repo.manifests.delete([list_snapshots(repo.manifests)[0].id])
+    repo = _open(location)
+    index = repo.contents.epochs.load_index()
+    now = 2e9  # every pack is old enough
+    tiny = 60 * ROW_BYTES * 4  # several key ranges, so several planning requests
+    alone = plan_content_gc(repo, index, now, 0.0, tiny)
+    pool = RayPool(location, None, PasswordSource(), actors=2)
+    try:
+        shared = plan_content_gc(repo, index, now, 0.0, tiny, pool=pool)
+        walked = pool.walked
+    finally:
+        pool.close()
+    assert alone.key_ranges >= 4 and alone.marked > 0 and alone.live > 0
+    assert (shared.snapshots, shared.live, shared.marked, shared.undeleted, shared.too_young) == \
+        (alone.snapshots, alone.live, alone.marked, alone.undeleted, alone.too_young)
+    assert [set(x) for x in shared.entries()] == [set(x) for x in alone.entries()]
+    assert len(walked) == 2 and all(w["keys"] > 0 and not w["error"] for w in walked)
+    assert len({w["pid"] for w in walked}) == 2  # two actors walked, in two processes
+
+
+def test_gc_run_with_ray_prints_the_same_plan(cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from kdist.cli.main import cli
+
+    location = str(tmp_path / "repo")
+    _create(location)
+    src = tmp_path / "src"
+    _wide_tree(src, 40, seed=3)
+    repo = _open(location)
+    Uploader(repo, BackupOptions()).backup(str(src))
+    repo.close()
+
+    def plans(*extra):
+        r = CliRunner().invoke(cli, ["gc", "run", "--repo", location, "--dry-run", "--json", *extra],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    alone, shared = plans(), plans("--ray", "--actors", "2")
+    assert shared["plans"] == alone["plans"], (shared["plans"], alone["plans"])
+    assert {**shared["steps"]["content_gc"], "spilled_runs": 0} == {**alone["steps"]["content_gc"], "spilled_runs": 0}
+    assert shared["steps"]["ray"]["actors"] == 2 and len(shared["steps"]["ray"]["walked"]) == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -116,3 +118,14 @@ def test_du_falls_when_maintenance_reclaims_space(repo, tmp_path):
     empty = [d for d in repo.rglob("*") if d.is_dir() and not any(d.iterdir())]
     assert all(d.stat().st_mtime > time.time() - 3600 for d in empty)  # only the last run's own probes'
     run("repo", "check", "--repo", repo)
+
+
+def test_gc_without_ray_never_imports_ray(repo):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['kdist', 'gc', 'run', '--repo', {str(repo)!r}, '--json']\n"
+            "try:\n    runpy.run_module('kdist.cli.main', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('ray' in sys.modules, 'kdist.gc.ray_pool' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False False"
