@@ -27,6 +27,7 @@ from kdist.snapshot import (
     MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections,
     read_directory,
 )
+from kdist.tree import Directory, TooDeep, TreeWalker
 
 OVERWRITE_POLICIES = ("never", "always", "if-changed")
 MAX_DEPTH = MAX_TREE_DEPTH  # one limit for restore and browsing (ls, diff, verify)
@@ -90,6 +91,7 @@ class Restorer:
         self._progress = progress
         self._owner = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._fatal: BaseException | None = None
+        self._walker = TreeWalker.over(repo.objects, max_depth=MAX_DEPTH, once=False, errors="report")
 
     def restore(self, snap: Snapshot, target: str, subpath: str | None = None) -> RestoreStats:
         if sys.getrecursionlimit() < _FRAMES_NEEDED:  # raised once for the process, never lowered
@@ -123,17 +125,16 @@ class Restorer:
                 self.stats.error_list.append({"path": path, "error": message})
 
     def _restore_dir_contents(self, dir_fd: int, entry: Entry, path: str, depth: int) -> None:
-        if depth > MAX_DEPTH:
-            self._error(path, f"directory nesting deeper than {MAX_DEPTH}: not restored below here")
-            return
-        try:
-            children = read_directory(self.repo.objects, entry.oid)
+        try:  # the walkers' rules: the depth limit, damage reported, an outage stops the restore
+            d = self._walker.read(Directory(path, entry.oid, depth, None))
         except KdistError as exc:
-            if is_outage(exc):
-                self._fatal = exc
-            else:
-                self._error(path, f"cannot read directory from the repository: {exc}")
+            self._fatal = exc
             return
+        if d.error is not None:
+            self._error(path, str(d.error) if isinstance(d.error, TooDeep)
+                        else f"cannot read directory from the repository: {d.error}")
+            return
+        children = d.entries
         futures = []
         for child in children:
             if self._fatal is not None:

@@ -4,7 +4,9 @@ A snapshot *reaches* its root directory object, and for every directory it reach
 directory and file objects its entries name; an object reaches its own content and, for an
 indirect object, every content of its chunk list (``object_contents``). Content GC keeps what
 some snapshot reaches and check reports what a snapshot reaches and cannot read: both decide it
-here, so they cannot disagree. ``ls -r``, ``verify`` and repair's checks walk with the same rules.
+here, so they cannot disagree. ``ls -r``, ``verify`` and repair's checks walk with the same rules,
+and restore reads each directory through ``TreeWalker.read`` in an order of its own (it keeps a
+directory open while it writes the children). ``diff`` walks two trees in step, on its own.
 
 The walker goes depth first (one stack, no recursion: a deep tree cannot exhaust the
 interpreter's), refuses to follow a directory deeper than ``max_depth`` below its start (GC and
@@ -57,6 +59,10 @@ class Directory:
     def child_path(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}" if self.path else name
 
+    def child(self, e: Entry, path: str | None = None) -> "Directory":
+        """The subdirectory ``e`` names, not read yet."""
+        return Directory(self.child_path(e.name) if path is None else path, e.oid, self.depth + 1, self)
+
 
 def _visit_key(oid: str) -> bytes:
     indirect, cid = parse_object_id(oid)  # 33 bytes a directory instead of a 65-character str
@@ -93,28 +99,32 @@ class TreeWalker:
         that stops iterating stops the walk."""
         stack = [Directory(path, root, 0, None)]
         while stack:
-            d = stack.pop()
-            if self.once:
-                key = _visit_key(d.oid)
-                if key in self._seen:
-                    d.repeat = True
-                    yield d
-                    continue
-                self._seen.add(key)
-            try:
-                if self.max_depth is not None and d.depth > self.max_depth:
-                    raise TooDeep(f"directory nesting deeper than {self.max_depth} at {d.path or '/'!r}: "
-                                  "not followed further")
-                d.entries = self._read(d)
-            except KdistError as exc:
-                if self.errors == "raise" or is_outage(exc):
-                    raise
-                d.error = exc
+            d = self.read(stack.pop())
             yield d
             for e in d.entries or ():
                 if e.type == TYPE_DIR:
-                    stack.append(Directory(d.child_path(e.name), e.oid, d.depth + 1, d))
+                    stack.append(d.child(e))
 
+    def read(self, d: Directory) -> Directory:
+        """Read one directory under the walker's rules (visited once, depth limit, error policy)
+        and return it; for callers that walk in an order of their own (restore, which keeps a
+        directory open while it writes its children)."""
+        if self.once:
+            key = _visit_key(d.oid)
+            if key in self._seen:
+                d.repeat = True
+                return d
+            self._seen.add(key)
+        try:
+            if self.max_depth is not None and d.depth > self.max_depth:
+                raise TooDeep(f"directory nesting deeper than {self.max_depth} at {d.path or '/'!r}: "
+                              "not followed further")
+            d.entries = self._read(d)
+        except KdistError as exc:
+            if self.errors == "raise" or is_outage(exc):
+                raise
+            d.error = exc
+        return d
 
     def split(self, roots: list[str], width: int) -> tuple[list[Directory], list[str]]:
         """Breadth first from ``roots`` until at least ``width`` directories wait (or none do),
@@ -123,24 +133,13 @@ class TreeWalker:
         queue = collections.deque(Directory("", r, 0, None) for r in roots)
         read: list[Directory] = []
         while queue and len(queue) < width:
-            for d in self.walk_one(queue.popleft()):
-                read.append(d)
-                queue.extend(Directory(d.child_path(e.name), e.oid, d.depth + 1, d)
-                             for e in d.entries or () if e.type == TYPE_DIR)
+            d = self.read(queue.popleft())
+            if d.repeat:
+                continue
+            read.append(d)
+            queue.extend(d.child(e) for e in d.entries or () if e.type == TYPE_DIR)
         waiting = {_visit_key(d.oid): d.oid for d in queue if _visit_key(d.oid) not in self._seen}
         return read, list(waiting.values())
-
-    def walk_one(self, d: Directory) -> Iterator[Directory]:
-        """``d`` alone: read it (unless visited), without its subdirectories."""
-        if self.once:
-            key = _visit_key(d.oid)
-            if key in self._seen:
-                return
-            self._seen.add(key)
-        if self.max_depth is not None and d.depth > self.max_depth:
-            raise TooDeep(f"directory nesting deeper than {self.max_depth} at {d.path or '/'!r}")
-        d.entries = self._read(d)
-        yield d
 
 
 def object_contents(objects: ObjectStore, oid: str) -> list[bytes]:
