@@ -84,3 +84,39 @@ def confirmed_pack_candidates(history: list[RunRecord], now: float, margin: floa
     unreferenced, old and of no live session: blob GC may delete those still deletable now."""
     return {(name, size) for r in history if r.end > 0 and now - r.end >= margin
             for name, size in r.pack_candidates}
+
+
+def droppable_entries(history: list[RunRecord], watermark: float) -> int:
+    """What a range merge would drop now that the last one did not: deletions marked by runs that
+    started after that merge's watermark and ended before the current one, and the old entries
+    of contents that pack rewrites moved since that merge's run."""
+    merges = [r for r in history if isinstance(r.steps.get("index"), dict)
+              and isinstance(r.steps["index"].get("range"), dict)]
+    last = merges[-1] if merges else None
+    last_w = last.steps["index"]["range"].get("watermark", 0.0) if last else 0.0
+    last_w = last_w if type(last_w) in (int, float) else 0.0
+    total = 0
+    for r in history:
+        gc = r.steps.get("content_gc") if isinstance(r.steps.get("content_gc"), dict) else {}
+        rw = r.steps.get("pack_rewrite") if isinstance(r.steps.get("pack_rewrite"), dict) else {}
+        marked, moved = gc.get("marked", 0), rw.get("moved", 0)
+        if r.content_gc_completed and type(marked) is int and last_w <= r.start and 0 < r.end <= watermark:
+            total += marked
+        if type(moved) is int and (last is None or r.start >= last.start):
+            total += moved
+    return total
+
+
+def set_merges(history: list[RunRecord], now: float, margin: float) -> list[tuple[list[str], list[str], bool]]:
+    """(sources, copies, confirmed) of every recorded set merge; confirmed when its run ended at
+    least ``margin`` before ``now`` (its sources may then go, once its copies are all listed)."""
+    out = []
+    for r in history:
+        merged = r.steps.get("index", {}).get("merged") if isinstance(r.steps.get("index"), dict) else None
+        if r.end <= 0 or not isinstance(merged, dict):
+            continue
+        sources, copies = merged.get("sources"), merged.get("copies")
+        if (isinstance(sources, list) and isinstance(copies, list) and copies
+                and all(type(n) is str for n in sources + copies)):
+            out.append((sources, copies, now - r.end >= margin))
+    return out

@@ -9,17 +9,31 @@ whose timestamp is below the deletion watermark.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from repo_format import constants as C
-from repo_format.epoch import EpochManager, EpochView
+from repo_format.epoch import EpochManager, EpochView, IndexSet
 from repo_format.errors import BlobNotFound
-from repo_format.index_scan import merge_into_set
+from repo_format.index_scan import merge_into_set, merged_plaintexts
 from repo_format.storage.base import BlobMeta
 
 from kdist.gc.clock_guard import StorageClock
 
-RANGE_EVERY = 4  # merge everything into a range set once this many settled epochs are not in one
+_RAW_EPOCH = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_")
+
+# Levels: the range set (epochs 0..E) is rewritten only when the entries above it reach
+# RANGE_RATIO of its own, or when the deletions the watermark has passed since it was written
+# reach DROP_RATIO of it; the epochs' xs sets above it are merged TIER_FANOUT at a time when as
+# many hold entries of the same order (tier), into raw blobs of the current epoch, which its own
+# compaction takes on. So an entry is rewritten a bounded number of times per level, not once
+# per run: what a run rewrites follows what was added (amortised), not the repository's size.
+RANGE_RATIO = 0.25
+DROP_RATIO = 0.02
+TIER_FANOUT = 4
+TIER_BASE = 1000  # entries: sets smaller than this are all of tier 0
+MAX_MERGED_SETS = 16
 
 
 @dataclass
@@ -27,6 +41,7 @@ class IndexPlan:
     now: float
     advance_to: int | None = None
     compact: list[int] = field(default_factory=list)
+    merge_sets: list[int] = field(default_factory=list)  # epochs whose xs sets are merged forward
     range_to: int | None = None
     delete: list[BlobMeta] = field(default_factory=list)
 
@@ -36,13 +51,29 @@ class IndexPlan:
             parts.append(f"advance to epoch {self.advance_to}")
         if self.compact:
             parts.append(f"compact epochs {self.compact}")
+        if self.merge_sets:
+            parts.append(f"merge the sets of epochs {self.merge_sets} into the current epoch")
         if self.range_to is not None:
             parts.append(f"merge epochs 0..{self.range_to} into a range set")
         parts.append(f"delete {len(self.delete)} superseded index blobs")
         return "index: " + ", ".join(parts)
 
 
-def plan_index(epochs: EpochManager, view: EpochView, now: float) -> IndexPlan:
+def _entries(st: IndexSet) -> int:
+    """About how many entries a set holds (from its members' sizes: no read)."""
+    return sum(m.length for m in st.members.values()) // C.INDEX_ENTRY.size
+
+
+def _tier(entries: int) -> int:
+    return int(math.log(max(entries, TIER_BASE) / TIER_BASE, TIER_FANOUT))
+
+
+def plan_index(epochs: EpochManager, view: EpochView, now: float, droppable: int = 0,
+               merged: list[tuple[list[str], list[str], bool]] = ()) -> IndexPlan:
+    """``droppable``: entries a range merge would drop now that the last one kept (marks the
+    watermark has passed since, losers of pack rewrites: ``history.droppable_entries``).
+    ``merged``: (sources, copies, confirmed) of recorded set merges: a set merged already is not
+    merged again, and the sources of a confirmed one go once every copy is in the index."""
     s = epochs.safety
     plan = IndexPlan(now=now)
     if epochs.should_advance(view, now):
@@ -51,13 +82,47 @@ def plan_index(epochs: EpochManager, view: EpochView, now: float) -> IndexPlan:
     plan.compact = [e for e in settled if view.raw.get(e) and view.complete_set(C.COMPACTED_PREFIX, e) is None
                     and not _in_range(view, e)]
     rng = view.best_range()
-    outside = settled[-1] - (rng.epoch if rng else -1) if settled else 0
-    # Merge when enough epochs are outside the range, or (at most once per drop margin) to drop
-    # deleted entries that the watermark has passed since the last merge.
-    if settled and (outside >= RANGE_EVERY or rng is None or now - rng.newest >= s.drop_margin):
+    pending = {n for sources, _copies, _confirmed in merged for n in sources}
+    above = {e: st for e in settled if not _in_range(view, e) and not view.raw.get(e)
+             and (st := view.complete_set(C.COMPACTED_PREFIX, e)) is not None}
+    mergeable = {e: st for e, st in above.items() if not pending.intersection(st.names())}
+    range_entries = _entries(rng) if rng else 0
+    if settled and (rng is None or sum(_entries(st) for st in above.values()) >= RANGE_RATIO * range_entries
+                    or droppable >= DROP_RATIO * range_entries):
         plan.range_to = settled[-1]
-    plan.delete = superseded(view, now, s.cleanup_margin)
+    else:
+        tiers: dict[int, list[int]] = {}
+        for e, st in sorted(mergeable.items()):
+            tiers.setdefault(_tier(_entries(st)), []).append(e)
+        full = [epochs_ for _t, epochs_ in sorted(tiers.items()) if len(epochs_) >= TIER_FANOUT]
+        if full:
+            plan.merge_sets = full[0][:MAX_MERGED_SETS]
+    plan.delete = superseded(view, now, s.cleanup_margin) + merged_sources(view, [(a, b) for a, b, ok in merged if ok])
     return plan
+
+
+def merged_sources(view: EpochView, merged) -> list[BlobMeta]:
+    """The members still listed of sets whose recorded copies are all in the index: listed as
+    raw blobs, or in a complete xs set of their epoch, or under the range set. Only ``xs``
+    members: a record naming anything else (a range set, a raw blob) deletes nothing of it."""
+    listed = {m.name: m for blobs in view.raw.values() for m in blobs}
+    for sets in view.sets.values():
+        listed.update((m.name, m) for st in sets for m in st.members.values())
+    rng = view.best_range()
+    out: list[BlobMeta] = []
+    for sources, copies in merged:
+        if all(_covered(view, rng, listed, name) for name in copies):
+            out += [listed[n] for n in sources if n in listed and n.startswith(C.COMPACTED_PREFIX)]
+    return out
+
+
+def _covered(view: EpochView, rng, listed: dict, name: str) -> bool:
+    m = _RAW_EPOCH.match(name)
+    if m is None:
+        return False
+    epoch = int(m.group(1))
+    return (name in listed or view.complete_set(C.COMPACTED_PREFIX, epoch) is not None
+            or (rng is not None and epoch <= rng.epoch))
 
 
 def _in_range(view: EpochView, epoch: int) -> bool:
@@ -88,13 +153,33 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
     return out
 
 
+def _merge_forward(epochs: EpochManager, view: EpochView, merge: list[int], memory_limit: int,
+                   copies_first: bool = True) -> dict:
+    """Write the winners of the chosen sets of epochs ``merge`` into the current epoch as raw
+    blobs (as a writer writes: ``write_index``, which follows the epoch if it advances). The
+    sources are deleted by a later run, once the run's record is a cleanup margin old and every
+    copy is in the index (``merged_sources``): never before the copies exist."""
+    sets = [st for e in merge if (st := view.complete_set(C.COMPACTED_PREFIX, e)) is not None]
+    sources = [n for st in sets for n in st.names()]
+    blobs = epochs.read_blobs(sources)
+    if not copies_first:  # the simulator's mutation: the sources go before their copies exist
+        for n in sources:
+            epochs.storage.delete(n)
+    copies, written = [], 0
+    for plaintext in merged_plaintexts(blobs, memory_limit):
+        name = epochs.write_plaintext(plaintext)
+        copies.append(name)
+        written += len(plaintext)
+    return {"epochs": [st.epoch for st in sets], "sources": sources, "copies": copies, "bytes": written}
+
+
 def _written(epochs: EpochManager, s) -> int:
     """The bytes of a set just put (what compaction rewrote, for the report)."""
     return sum(m.length for m in s.members.values())
 
 
 def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock,
-                  memory_limit: int = 256 * 2**20) -> dict:
+                  memory_limit: int = 256 * 2**20, copies_first: bool = True) -> dict:
     """Compactions and merges go range by range through the winners (``merge_into_set``), so
     they hold ``memory_limit`` whatever the index's size."""
     done = {"advanced": False, "compacted": [], "range": None, "deleted": 0, "written_bytes": 0}
@@ -110,6 +195,9 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
                                                 memory_limit=memory_limit)
             done["compacted"].append(e)
             done["written_bytes"] += _written(epochs, s)
+        if plan.merge_sets:
+            done["merged"] = _merge_forward(epochs, view, plan.merge_sets, memory_limit, copies_first)
+            done["written_bytes"] += done["merged"].pop("bytes", 0)
         if plan.range_to is not None:
             view = epochs.refresh()
             blobs = epochs.read_blobs(view.assembly(up_to=plan.range_to))
@@ -121,7 +209,7 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
                 epochs, C.RANGE_PREFIX, plan.range_to, blobs, keep, memory_limit,
                 # the watermark was derived at the run's start
                 before_put=lambda: clock.check(plan.now, "writing a range set"))
-            done["range"] = {"to": plan.range_to, "entries": kept, "dropped": dropped}
+            done["range"] = {"to": plan.range_to, "entries": kept, "dropped": dropped, "watermark": watermark_us / 1e6}
             done["written_bytes"] += _written(epochs, s)
     except BlobNotFound:
         # a concurrent maintenance run cleaned up a source after our listing: it has done (or

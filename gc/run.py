@@ -51,6 +51,8 @@ class Rules:
     pause_revalidation: bool = True
     two_phase_delete: bool = True
     checkpoint_session: bool = True
+    merge_copies_first: bool = True
+    spent_tombstones: bool = True
 
 
 @dataclass
@@ -122,7 +124,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         del index
         report.plans.append(plan.describe())
         report.steps["content_gc"] = {"marked": plan.marked, "undeleted": plan.undeleted, "live": plan.live,
-                                      "key_ranges": plan.key_ranges, "spilled_runs": plan.spilled_runs}
+                                      "key_ranges": plan.key_ranges, "spilled_runs": plan.spilled_runs,
+                                      "walk_seconds": plan.walk_seconds}
         yield "content-gc planned"
         if not options.dry_run:
             execute_content_gc(repo, plan, clock, compensate_late=rules.pause_revalidation)
@@ -131,11 +134,13 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         plan.close()
 
     view = epochs.refresh()  # 2. index
-    iplan = plan_index(epochs, view, now)
+    iplan = plan_index(epochs, view, now, history.droppable_entries(past, watermark),
+                       history.set_merges(past, now, safety.cleanup_margin))
     report.plans.append(iplan.describe())
     yield "index planned"
     if not options.dry_run:
-        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2)
+        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2,
+                                              copies_first=rules.merge_copies_first)
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
@@ -173,7 +178,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         report.steps["checkpoints_forgotten"] = execute_checkpoints(repo.manifests, cplan)
 
     if not options.dry_run:  # 6. manifests, 7. housekeeping
-        report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle)
+        report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle,
+                                                                  tombstone_rule=rules.spent_tombstones)
         report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
         # what cut writes leave (temp files, emptied shard directories, multipart uploads), once
         # older than any put can take: a pack younger than pack_age is never judged either

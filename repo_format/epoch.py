@@ -259,7 +259,10 @@ class EpochManager:
     # ---- writing -------------------------------------------------------------------------
     def write_index(self, entries: list[IndexEntry]) -> str:
         """Write entries into the current epoch; rewrite them if the epoch settled meanwhile."""
-        plaintext = encode_index(entries)
+        return self.write_plaintext(encode_index(entries))
+
+    def write_plaintext(self, plaintext: bytes) -> str:
+        """``write_index`` for an encoded blob (maintenance's merges encode rows themselves)."""
         epoch = self.fresh_view().current
         while True:
             name = self._raw_name(plaintext, epoch)

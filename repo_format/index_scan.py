@@ -184,6 +184,40 @@ def encode_rows(rows: np.ndarray, packs: list[str]) -> bytes:
     return C.INDEX_HEADER.pack(C.INDEX_MAGIC, C.INDEX_VERSION, 0, 0, len(out), len(used)) + table + out.tobytes()
 
 
+def winner_blobs(blobs: list[IndexBlob], keep: Callable[[Winners], np.ndarray] | None = None,
+                memory_limit: int = 256 * 2**20, per: int = C.INDEX_BLOB_MAX_ENTRIES,
+                counts: list | None = None) -> Iterator[bytes]:
+    """The winners of ``blobs`` (those ``keep`` selects), encoded as blobs of ``per`` entries
+    (the last one fewer; one empty blob for nothing), in id order. ``counts`` gets [kept, dropped]."""
+    scan = IndexScan(blobs, memory_limit=memory_limit)
+    kept = dropped = 0
+    pending: list[np.ndarray] = []
+    held = 0
+    emitted = False
+    for w in scan:
+        rows = w.rows if keep is None else w.rows[keep(w)]
+        kept += len(rows)
+        dropped += len(w) - len(rows)
+        pending.append(rows)
+        held += len(rows)
+        while held >= per:
+            joined = np.concatenate(pending)
+            yield encode_rows(joined[:per], scan.packs)
+            emitted = True
+            pending, held = [joined[per:]], held - per
+    if counts is not None:
+        counts[:] = [kept, dropped]
+    if held or not emitted:
+        yield encode_rows(np.concatenate(pending) if pending else np.zeros((0, ROW), np.uint8), scan.packs)
+
+
+def merged_plaintexts(blobs: list[IndexBlob], memory_limit: int = 256 * 2**20) -> Iterator[bytes]:
+    """Every winner of ``blobs``, as index blob plaintexts of at most 200,000 entries."""
+    for plaintext in winner_blobs(blobs, memory_limit=memory_limit):
+        if C.INDEX_HEADER.unpack_from(plaintext)[4]:  # (no empty blob for nothing)
+            yield plaintext
+
+
 def merge_into_set(epochs: "EpochManager", kind: str, epoch: int, blobs: list[IndexBlob],
                    keep: Callable[[Winners], np.ndarray] | None = None, memory_limit: int = 256 * 2**20,
                    before_put: Callable[[], None] | None = None) -> tuple["IndexSet", int, int]:
@@ -192,32 +226,14 @@ def merge_into_set(epochs: "EpochManager", kind: str, epoch: int, blobs: list[In
     range and full members wait in temporary files until their number is known. ``before_put``
     runs before the first member is put (maintenance's storage-clock check). Returns the set,
     the entries kept and the entries dropped."""
-    scan = IndexScan(blobs, memory_limit=memory_limit)
-    per = C.INDEX_BLOB_MAX_ENTRIES
-    kept = dropped = 0
+    counts = [0, 0]
     with tempfile.TemporaryDirectory(prefix="kdist-merge-") as tmp:
         files: list[str] = []
-        pending: list[np.ndarray] = []
-        held = 0
-
-        def spill(rows: np.ndarray) -> None:
+        for plaintext in winner_blobs(blobs, keep, memory_limit, counts=counts):
             path = os.path.join(tmp, f"{len(files)}.bin")
             with open(path, "wb") as f:
-                f.write(encode_rows(rows, scan.packs))
+                f.write(plaintext)
             files.append(path)
-
-        for w in scan:
-            rows = w.rows if keep is None else w.rows[keep(w)]
-            kept += len(rows)
-            dropped += len(w) - len(rows)
-            pending.append(rows)
-            held += len(rows)
-            while held >= per:
-                joined = np.concatenate(pending)
-                spill(joined[:per])
-                pending, held = [joined[per:]], held - per
-        if held or not files:
-            spill(np.concatenate(pending) if pending else np.zeros((0, ROW), np.uint8))
         if before_put is not None:
             before_put()
 
@@ -227,4 +243,4 @@ def merge_into_set(epochs: "EpochManager", kind: str, epoch: int, blobs: list[In
                     return f.read()
             return read
 
-        return epochs.put_set(kind, epoch, [member(p) for p in files]), kept, dropped
+        return epochs.put_set(kind, epoch, [member(p) for p in files]), counts[0], counts[1]

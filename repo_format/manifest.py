@@ -89,11 +89,15 @@ class ManifestStore:
         return rec
 
     def delete(self, manifest_ids: list[str]) -> None:
-        """Write one tombstone blob for the given ids."""
+        """Write one tombstone blob for the given ids. Each tombstone is timestamped after the
+        record it deletes, whatever this client's clock says: newer records win, and a forget
+        from a host whose clock is behind the snapshot's writer's must not be a no-op."""
         if not manifest_ids:
             return
-        ts = int(clock.now() * 1e6)
-        self.write_records([ManifestRecord(i, {}, ts, deleted=True) for i in manifest_ids])
+        best, _ = self._current()
+        now = int(clock.now() * 1e6)
+        self.write_records([ManifestRecord(i, {}, max(now, best[i].ts + 1) if i in best else now, deleted=True)
+                            for i in manifest_ids])
 
     def read_blob(self, name: str) -> list[ManifestRecord]:
         doc = self._read_doc(name)
@@ -135,10 +139,11 @@ class ManifestStore:
         read_at = doc.get("read_at")
         return float(read_at) if isinstance(read_at, (int, float)) else meta.timestamp
 
-    def _current(self) -> tuple[dict[str, ManifestRecord], list[str]]:
+    def _current(self, live_ids: set | None = None) -> tuple[dict[str, ManifestRecord], list[str]]:
         """Every id's winning record. If a listed blob vanishes before it is read (a concurrent
         compaction merged it), list again: the merged blob is then in the listing. Never return
-        a view that silently lacks records: maintenance decides what is live from it."""
+        a view that silently lacks records: maintenance decides what is live from it.
+        ``live_ids`` gets every id a live (not tombstone) record of some listed blob has."""
         for _ in range(5):
             names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
             try:
@@ -150,6 +155,8 @@ class ManifestStore:
             best: dict[str, ManifestRecord] = {}
             for records in blobs:
                 for r in records:
+                    if live_ids is not None and not r.deleted:
+                        live_ids.add(r.id)
                     cur = best.get(r.id)
                     if cur is None or newer(r, cur):
                         best[r.id] = r
@@ -162,7 +169,7 @@ class ManifestStore:
         out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
         return sorted(out, key=lambda r: (r.ts, r.id))
 
-    def compact(self, now: float, settle: float, min_blobs: int = 16) -> int:
+    def compact(self, now: float, settle: float, min_blobs: int = 16, tombstone_rule: bool = True) -> int:
         """Merge manifest blobs, in two phases so that no listing ever misses a record.
 
         A blob is deleted only when a compacted blob whose writer started reading more than
@@ -170,7 +177,8 @@ class ManifestStore:
         listed for ``settle``. The compacted blob records that start (``read_at``, ``now`` given by
         the caller before anything is read), not its put time: a writer paused between reading and
         putting must not cover what was published during the pause.
-        A new compacted blob is written when at least ``min_blobs`` blobs would remain.
+        A new compacted blob is written when at least ``min_blobs`` blobs would remain; it leaves
+        out the tombstones that nothing needs any more (``_without_spent_tombstones``).
         ``now`` is the storage's time. Returns the number of blobs deleted."""
         metas = list(self.storage.list(C.MANIFEST_PREFIX))
         merged = [(m, self._read_at(m)) for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
@@ -182,10 +190,26 @@ class ManifestStore:
 
         deletable = [b for b in metas if covered(b)]
         if len(metas) - len(deletable) >= min_blobs:
-            best, _ = self._current()
+            live_ids: set[str] = set()
+            best, _ = self._current(live_ids)
+            if tombstone_rule:
+                best = _without_spent_tombstones(best, live_ids, {m.name: m.timestamp for m in metas}, now, settle)
+            else:  # the simulator's mutation: every tombstone dropped
+                best = {i: r for i, r in best.items() if not r.deleted}
             name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{self.session}"
             plain = msgpack.packb({"v": 1, "read_at": now, "records": [r.to_wire() for r in best.values()]})
             self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
         for b in deletable:
             self.storage.delete(b.name)
         return len(deletable)
+
+
+def _without_spent_tombstones(best: dict[str, ManifestRecord], live_ids: set[str], listed: dict[str, float],
+                              now: float, settle: float) -> dict[str, ManifestRecord]:
+    """``best`` less the tombstones that no longer hide anything: no listed blob holds a live
+    record of their id (``live_ids``), and the blob they were read from has been listed for
+    ``settle``. A record a tombstone deletes was written before it, so a blob still holding one
+    was written earlier still and is in the listing; once no blob holds one, nothing brings the
+    record back, and readers that still see the tombstone and those that no longer do agree."""
+    return {i: r for i, r in best.items()
+            if not (r.deleted and i not in live_ids and now - listed.get(r.blob, now) >= settle)}

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from repo_format import clock
 from repo_format import constants as C
 from repo_format.content import load_committed_index
 from repo_format.errors import ContentNotFound, StorageError
@@ -303,3 +304,54 @@ def test_fewer_collections_restores_the_thresholds_after_overlapping_users():
     assert gc.get_threshold()[0] == max(before[0], 100_000)
     inner.__exit__(None, None, None)
     assert gc.get_threshold() == before
+
+
+def test_manifest_compaction_drops_tombstones_once_no_blob_holds_what_they_deleted():
+    from repo_format.clock import ManualClock
+    from repo_format.crypto import KdfParams
+    from repo_format.manifest import ManifestStore
+    from repo_format.storage.memory import MemoryStorage
+
+    t = ManualClock()
+    storage = MemoryStorage(clock=t)
+    repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
+    ms = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
+    ids = [ms.put({"type": "snapshot", "n": str(i)}, b"payload%d" % i).id for i in range(20)]
+    ms.delete(ids[:3])
+
+    def tombstones() -> set[str]:
+        return {r.id for m in storage.list("m") for r in ms.read_blob(m.name) if r.deleted}
+
+    t.advance(10)
+    ms.compact(t(), settle=5.0, min_blobs=16)  # the deleted records are still in their blobs: kept
+    assert tombstones() == set(ids[:3]) and len([m for m in storage.list("m_")]) == 1
+    t.advance(10)
+    assert ms.compact(t(), settle=5.0, min_blobs=16) == 21  # the blobs holding them go
+    assert tombstones() == set(ids[:3])  # (in the compacted blob)
+    t.advance(10)
+    ms.compact(t(), settle=5.0, min_blobs=1)  # nothing holds what they deleted: the new blob drops them
+    newest = max(storage.list("m_"), key=lambda m: m.timestamp)
+    assert not {r.id for r in ms.read_blob(newest.name) if r.deleted}
+    assert {r.id for r in ms.find(type="snapshot")} == set(ids[3:])
+    t.advance(10)
+    ms.compact(t(), settle=5.0, min_blobs=1)
+    assert tombstones() == set() and {r.id for r in ms.find(type="snapshot")} == set(ids[3:])
+
+
+def test_a_forget_from_a_host_whose_clock_is_behind_still_deletes():
+    from repo_format.crypto import KdfParams
+    from repo_format.manifest import ManifestStore
+    from repo_format.storage.memory import MemoryStorage
+
+    storage = MemoryStorage()
+    repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
+    fast = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
+    slow = ManifestStore(storage, repo.format.keys.manifest_aead(), "fedcba9876543210")
+    try:
+        clock.set_clock(lambda: 1_800_003_600.0)
+        rec = fast.put({"type": "snapshot"}, b"x")
+        clock.set_clock(lambda: 1_800_000_000.0)  # the forgetting host's clock is an hour behind
+        slow.delete([rec.id])
+    finally:
+        clock.set_clock(None)
+    assert fast.find(type="snapshot") == []

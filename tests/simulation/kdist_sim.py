@@ -21,7 +21,9 @@ requests (``--no-cache`` runs the same schedule without).
 
 Invariants, checked after every step:
 1. every snapshot that was published and not forgotten restores completely, every content
-   authenticating (checked through a freshly opened reader);
+   authenticating (checked through a freshly opened reader), and no forgotten one that was no
+   longer listed is listed again (manifest compaction drops tombstones only once nothing holds
+   what they deleted);
 2. a writer that was never paused past its session expiry and did not crash publishes its
    snapshot (maintenance must not take contents from under a live backup);
 3. (scenario ``content_age``) maintenance never marks a running backup's new contents deleted:
@@ -53,7 +55,7 @@ from repo_format.content import ContentLost  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.errors import ContentNotFound, KdistError  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
-from repo_format.index import MergedIndex  # noqa: E402
+from repo_format.index import IndexEntry, MergedIndex  # noqa: E402
 from repo_format.local_cache import CONTENTS_DIR, INDEX_DIR, CacheSettings  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.safety import SAFETY_FULL  # noqa: E402
@@ -104,7 +106,8 @@ def profile(name: str) -> dict:
 
 
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
-             "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped", "checkpoint_session")
+             "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped", "checkpoint_session",
+             "merge_copies_first", "spent_tombstones")
 
 # Local caches (repo_format/local_cache.py): one directory per World, shared by the processes
 # that use one, like processes on one host. Their choices and the events below draw from a
@@ -143,8 +146,9 @@ class ActorStorage(BlobStorage):
 
     def _write(self, name: str):
         self.writes += 1
-        if self.crash_at_write is not None and self.writes >= self.crash_at_write:
-            raise Crash(f"crash at write {self.writes}")
+        crash = self.crash_at_write
+        if crash is not None and (self.writes >= crash if isinstance(crash, int) else name.startswith(crash)):
+            raise Crash(f"crash at write {self.writes} ({name[:2]})")
         stop = self.stop_at_write
         if stop is not None and (self.writes == stop if isinstance(stop, int) else name.startswith(stop)):
             self.stop_at_write = None  # stopped once
@@ -219,6 +223,7 @@ class World:
     log: list = field(default_factory=list)
     published: dict = field(default_factory=dict)  # snapshot id -> {name: sha256}
     forgotten: set = field(default_factory=set)
+    gone: set = field(default_factory=set)  # forgotten, and seen no longer listed
     created: dict = field(default_factory=dict)  # blob name -> when it was created (listing lag)
     lag_by_prefix: dict = field(default_factory=dict)  # directed scenarios: some kinds of blob list later
     on_stop: object = None  # directed scenarios: what happens while an actor is stopped (sigstop)
@@ -492,7 +497,7 @@ class World:
         repo = self.open(st, cache=self.uses_cache("maintenance") if cache is None else cache)
         rules = Rules()
         if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation",
-                             "checkpoint_session"):
+                             "checkpoint_session", "merge_copies_first", "spent_tombstones"):
             setattr(rules, self.mutation, False)
         gc_clock = None
         if self.mutation == "storage_clock":
@@ -533,6 +538,12 @@ class World:
             self._manifests_read = self.manifest_version
             self._records = {r.id: r for r in reader.manifests.find(type="snapshot")}
         records = self._records
+        back = [sid[:8] for sid in self.gone if sid in records]
+        if back:  # a tombstone dropped while a blob still held the record it deleted
+            raise Violation(f"forgotten snapshots {back} are listed again")
+        # a forget takes effect when its tombstone is newer than the record: not at once for one
+        # whose listing lagged behind the snapshot and whose clock is behind its writer's
+        self.gone.update(sid for sid in self.forgotten if sid not in records)
         for sid, expected in self.published.items():
             if sid in self.forgotten:
                 continue
@@ -726,13 +737,13 @@ class Director:
         self.n = 0
 
     def spawn(self, kind: str, files=None, full=True, stop_at=None, stop_for=0.0, cache: bool | None = None,
-              **writer) -> Actor:
+              crash_at=None, **writer) -> Actor:
         """``cache``: open with the World's cache (None: as random schedules choose); ``writer``:
         the writer's other options (host, reuse, idle)."""
         self.n += 1
         a = Actor(f"{kind}{self.n}", kind, None, skew=0.0, wake_at=self.w.t, last_step=self.w.t)
         a.gen = (self.w.writer(a, None, files=files, cache=cache, **writer) if kind == "writer"
-                 else self.w.maintenance(a, None, stop_at, stop_for, full=full, cache=cache))
+                 else self.w.maintenance(a, crash_at, stop_at, stop_for, full=full, cache=cache))
         self.w._actors.append(a)
         return a
 
@@ -971,6 +982,98 @@ def scenario_checkpoint_session(world: World) -> None:
     d.run(w)  # publishes: its tree names the reused file
 
 
+def scenario_merge_copies_first(world: World) -> None:
+    """Leveled compaction: the xs sets of four epochs above the range set are merged forward into
+    the current epoch. They hold the only entries of published snapshots' contents (the epochs'
+    raw blobs are long cleaned up), and the run that merges them crashes at its first copy's put.
+    Only the order keeps that crash from losing them: copies first, and the sources deleted by a
+    later run once every copy is in the index. With the mutation the run deletes the sources
+    before it writes the copies."""
+    d = Director(world)
+    _sets_to_merge(world, d)
+    d.run(d.spawn("maintenance", full=False, crash_at=C.INDEX_PREFIX))  # the merging run
+    if "crash at" not in world.log[-1]:
+        raise AssertionError("the scenario did not reach a set merge")
+    for _ in range(6):  # then ordinary runs
+        d.wait(1)
+        d.run(d.spawn("maintenance", full=False))
+
+
+def scenario_merge_paused_and_racing(world: World) -> None:
+    """Every rule on: a run merging the sets of four epochs forward is stopped (3 H) at its first
+    copy's put; meanwhile another run merges the same sets, later runs delete the sources, and
+    backups go on. The stopped run then puts its copies (of blobs read before it stopped) and
+    records its merge. Nothing may be lost, and no set merged twice may make readers miss an
+    entry."""
+    d = Director(world)
+    _sets_to_merge(world, d)
+
+    def meanwhile(stopped: Actor, end: float) -> None:
+        for _ in range(2):
+            d.run(d.spawn("writer", files=[world.rng.randbytes(1500)]))
+            for _ in range(3):
+                d.wait(0.5)
+                d.run(d.spawn("maintenance", full=False))
+        d.wait(end - world.t)
+
+    world.on_stop = meanwhile
+    d.run(d.spawn("maintenance", full=False, stop_at=C.INDEX_PREFIX, stop_for=3 * H))
+    world.on_stop = None
+    if not any("merge the sets" in line or "'merged'" in line for line in world.log):
+        raise AssertionError("the scenario did not reach a set merge")
+    for _ in range(8):
+        d.wait(1)
+        d.run(d.spawn("maintenance", full=False))
+
+
+def _sets_to_merge(world: World, d: Director) -> None:
+    """A large range set (synthetic entries), then backups one an epoch until four epochs'
+    compacted sets above it wait to be merged forward (the next quick run merges them)."""
+    repo = world.open(ActorStorage(world, None))
+    rng = random.Random(5)
+    repo.contents.epochs.write_index([IndexEntry(rng.randbytes(32), "p" + "0" * 63, 0, 1, 1, 0, 1)
+                                      for _ in range(3000)])
+    for _ in range(6):
+        d.wait(1)
+        d.run(d.spawn("maintenance", full=False))
+    while True:
+        d.run(d.spawn("writer", files=[world.rng.randbytes(2000)]))
+        for _ in range(4):
+            d.wait(1)
+            view = world.open(ActorStorage(world, None)).contents.epochs.refresh()
+            above = [e for (k, e), sets in view.sets.items() if k == C.COMPACTED_PREFIX and not view.raw.get(e)
+                     and e > 0 and any(st.complete for st in sets)]
+            if len(above) >= 4:
+                return
+            d.run(d.spawn("maintenance", full=False))
+
+
+def scenario_spent_tombstones(world: World) -> None:
+    """Manifest compaction drops a tombstone only once no listed blob holds a live record of its
+    id. A quick run reads the records and is stopped (2 H) before it puts its compacted blob;
+    meanwhile a snapshot is forgotten and other runs compact (dropping the tombstone, with the
+    mutation) and delete the blobs their compacted blob covers. The stopped run then puts a blob
+    holding the snapshot's live record, which nothing hides any more: it is listed again."""
+    d = Director(world)
+    for _ in range(16):  # enough manifest blobs for a compaction
+        d.run(d.spawn("writer", files=[world.rng.randbytes(500)]))
+    victim = next(iter(world.published))
+
+    def meanwhile(stopped: Actor, end: float) -> None:
+        d.forget([victim])
+        for _ in range(3):
+            d.wait(0.5)
+            d.run(d.spawn("maintenance", full=False))
+        d.wait(end - world.t)
+
+    world.on_stop = meanwhile
+    d.run(d.spawn("maintenance", full=False, stop_at=C.MANIFEST_COMPACTED_PREFIX, stop_for=2 * H))
+    world.on_stop = None
+    for _ in range(3):
+        d.wait(0.5)
+        d.run(d.spawn("maintenance", full=False))
+
+
 def _snapshot_contents(world: World, sid: str) -> set[bytes]:
     """The content ids a published snapshot reaches (its tree's files' chunks)."""
     reader = world.open(ActorStorage(world, None))
@@ -989,7 +1092,10 @@ SCENARIOS = {"pause_revalidation": scenario_pause_revalidation, "pack_age": scen
              "manifest_compaction_pause": scenario_manifest_compaction_pause,
              "listing_decides": scenario_listing_decides,
              "reauthenticate_mapped": scenario_reauthenticate_mapped,
-             "checkpoint_session": scenario_checkpoint_session}
+             "checkpoint_session": scenario_checkpoint_session,
+             "merge_copies_first": scenario_merge_copies_first,
+             "spent_tombstones": scenario_spent_tombstones,
+             "merge_paused_and_racing": scenario_merge_paused_and_racing}
 OPEN_BUGS: tuple[str, ...] = ()
 
 
