@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from repo_format import clock
 from repo_format import constants as C
 from repo_format.errors import KdistError
 from repo_format.index import IndexEntry, MergedIndex
-from repo_format.index_scan import PACK_AT, PLEN_AT, Winners, column, entries_of
+from repo_format.index_scan import FLAGS_AT, PACK_AT, PLEN_AT, TS_AT, Winners, column, encode_rows, entries_of
 from repo_format.repository import Repository
 
 from kdist.gc import DEFAULT_MEMORY_LIMIT
@@ -54,6 +55,7 @@ class ContentGCPlan:
     too_young: int = 0
     key_ranges: int = 0  # how many ranges the index was read in (the memory limit decides)
     spilled_runs: int = 0  # sorted runs of reached keys written to disk
+    walk_seconds: float = 0.0
     packs: list[str] = field(default_factory=list)  # what the rows' pack numbers name
     ranges: list[tuple[int, int]] = field(default_factory=list)  # key ranges that plan something
     spill: tempfile.TemporaryDirectory | None = None
@@ -119,7 +121,9 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
     share the walk and the ranges out (``kdist.gc.ray_pool``); the plan is the same."""
     plan = ContentGCPlan(now=now, memory_limit=memory_limit)
     with ReachableKeys(buffer_bytes=memory_limit // 4) as reach:
+        started = clock.monotonic()
         plan.snapshots = pool.reach(repo, reach) if pool is not None else reach_snapshots(repo, reach)
+        plan.walk_seconds = round(clock.monotonic() - started, 3)
         scan = index.scan(memory_limit // 2)
         plan.packs, plan.key_ranges = scan.packs, scan.ranges_count
         written = pack_times(repo.storage, scan.packs)
@@ -173,6 +177,25 @@ def _still_winning(rows: np.ndarray, fresh: Winners, renumber: np.ndarray) -> np
     return rows[same]
 
 
+WRITE_BATCH = C.INDEX_BLOB_MAX_ENTRIES  # marks and undeletes an index blob holds
+
+
+def _restamped(rows: np.ndarray, deleted: bool, at_least: int = 0) -> np.ndarray:
+    """The rows as marks (``deleted``) or undeletes of the entries they are: the flag set or
+    cleared, the timestamp one microsecond after theirs, and at least ``at_least``."""
+    out = rows.copy()
+    ts = np.maximum(column(out, TS_AT, ">i8").astype(np.int64) + 1, at_least)
+    out[:, TS_AT:TS_AT + 8] = ts.astype(">i8").view(np.uint8).reshape(-1, 8)
+    flags = out[:, FLAGS_AT]
+    out[:, FLAGS_AT] = (flags | C.INDEX_FLAG_DELETED) if deleted else (flags & ~np.uint8(C.INDEX_FLAG_DELETED))
+    return out
+
+
+def _by_id(rows: np.ndarray) -> np.ndarray:
+    ids = np.ascontiguousarray(rows[:, :C.CONTENT_ID_SIZE]).view(f"S{C.CONTENT_ID_SIZE}").ravel()
+    return rows[np.argsort(ids, kind="stable")]
+
+
 def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_late: bool = True) -> list[str]:
     """Write the marks and undeletes that still apply; returns the index blobs written.
 
@@ -189,30 +212,31 @@ def execute_content_gc(repo: Repository, plan: ContentGCPlan, clock, compensate_
     number = fresh.pack_number()
     renumber = np.array([number.get(p, -1) for p in plan.packs] or [-1], dtype=np.int64)
     written: list[str] = []
-    marks: list[IndexEntry] = []
-    undeletes: list[IndexEntry] = []
+    marks: list[np.ndarray] = []  # rows, numbered as the fresh scan, in key order
+    undeletes: list[np.ndarray] = []
 
     def write() -> None:
         marked_at = clock.now()
-        stamp = int(marked_at * 1e6)
-        new = [replace(e, deleted=True, timestamp_us=max(e.timestamp_us + 1, stamp)) for e in marks]
-        new += [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in undeletes]
-        name = epochs.write_index(new)
+        m = _restamped(np.concatenate(marks), deleted=True, at_least=int(marked_at * 1e6))
+        rows = np.concatenate([m, _restamped(np.concatenate(undeletes), deleted=False)])
+        name = epochs.write_plaintext(encode_rows(_by_id(rows), fresh.packs))
         written.append(name)
-        if marks and compensate_late and repo.storage.stat(name).timestamp - marked_at > clock.max_pause:
-            withdrawn = [replace(m, deleted=False, timestamp_us=m.timestamp_us + 1) for m in new if m.deleted]
-            written.append(epochs.write_index(withdrawn))
+        if len(m) and compensate_late and repo.storage.stat(name).timestamp - marked_at > clock.max_pause:
+            written.append(epochs.write_plaintext(encode_rows(_restamped(m, deleted=False), fresh.packs)))
         marks.clear()
         undeletes.clear()
 
     try:
+        held = 0
         for lo, hi, m, u in plan.planned():
             winners = fresh.winners(lo, hi)
-            marks.extend(entries_of(_still_winning(m, winners, renumber), fresh.packs))
-            undeletes.extend(entries_of(_still_winning(u, winners, renumber), fresh.packs))
-            if len(marks) + len(undeletes) >= C.INDEX_BLOB_MAX_ENTRIES:
+            marks.append(_still_winning(m, winners, renumber))
+            undeletes.append(_still_winning(u, winners, renumber))
+            held += len(marks[-1]) + len(undeletes[-1])
+            if held >= WRITE_BATCH:
                 write()
-        if marks or undeletes:
+                held = 0
+        if held:
             write()
     finally:
         plan.close()

@@ -12,6 +12,7 @@ every reader picks the same entry.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 from dataclasses import dataclass
@@ -194,6 +195,16 @@ class IndexBlob:
         blob._buf, blob._start, blob.count, blob.packs, blob.keys = memoryview(buf), start, count, packs, keys
         blob.source = source
         return blob
+
+    def release_pages(self) -> None:
+        """Let go of a mapped blob's pages (they stay in the page cache, and come back on the next
+        read): a scan over a whole index otherwise ends with all of it in this process's RSS."""
+        mm = getattr(self.source, "obj", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # closed, or not supported here: only memory
+                pass
 
     def pack_name_offsets(self) -> bytes:
         """Where each pack name of the table starts (its 2-byte length), as little-endian u32s:

@@ -134,6 +134,7 @@ class IndexScan:
             part[:, PACK_AT:PACK_AT + 4] = self._to_scan[i][column(part, PACK_AT, ">u4")].view(np.uint8).reshape(-1, 4)
             rows.append(part)
             keys.append(np.asarray(k[a:z], dtype=np.uint64))
+            b.release_pages()  # what this range read is copied: the mapping need not stay resident
         if not rows:
             return np.zeros((0, ROW), np.uint8), np.zeros(0, np.uint64)
         return np.concatenate(rows), np.concatenate(keys)

@@ -312,6 +312,8 @@ class LocalCache:
         if verify and not hmac.compare_digest(self._mac(name, bytes(view[:FILE_HEADER.size]), view[FILE_HEADER.size:]), mac):
             self._discard(path, "failed authentication (damaged, or from another repository)")
             return None
+        if verify and hasattr(mmap, "MADV_DONTNEED"):  # the MAC read every page: let them go until used
+            mm.madvise(mmap.MADV_DONTNEED)
         plaintext = view[FILE_HEADER.size:FILE_HEADER.size + plen]
         packs = MappedPackTable(plaintext, _little_endian(view[offsets_at:offsets_at + 4 * npacks], "I"))
         keys = _little_endian(view[keys_at:keys_at + 8 * count], "Q")
@@ -324,6 +326,7 @@ class LocalCache:
         view = blob.source
         mac = bytes(view[_MAC_AT:FILE_HEADER.size])
         if hmac.compare_digest(self._mac(name, bytes(view[:FILE_HEADER.size]), view[FILE_HEADER.size:]), mac):
+            blob.release_pages()  # (the MAC read every page)
             return True
         self._discard(self._index_path(name), "changed after it was mapped")
         return False

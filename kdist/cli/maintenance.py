@@ -55,7 +55,7 @@ def _memory_limit(ctx, param, value: str | None) -> int:
 def memory_option(fn):
     return click.option("--memory-limit", envvar="KDIST_GC_MEMORY_LIMIT", default=None, metavar="SIZE",
                         callback=_memory_limit,
-                        help="What the GC plan may hold in memory at once, e.g. 1GiB (default 512MiB); the rest "
+                        help="What the GC plan may hold in memory at once, e.g. 1GiB (default 256MiB); the rest "
                              "is spilled to the temporary directory. The index itself is read through the "
                              "local cache's mapped files.")(fn)
 
