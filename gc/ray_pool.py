@@ -59,6 +59,14 @@ class MaintenanceWorker:
             self._walker = TreeWalker.over(self._repo.objects, max_depth=None)
         return self._repo
 
+    def open(self) -> str:
+        """Open the repository and load the index now (while the driver lists and reads)."""
+        try:
+            self._open().contents.refresh_index()
+            return ""
+        except KdistError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     def walk(self, subtrees: list[str]) -> dict:
         """The keys of every content the subtrees reach (this actor walks each directory once)."""
         try:
@@ -120,6 +128,7 @@ class RayPool:
             self._started = True
         remote = ray.remote(num_cpus=self.cpus_per_actor)(MaintenanceWorker)
         self._workers = [remote.remote(self.location, self.endpoint_url, self.password) for _ in range(self.actors)]
+        self._opened = [w.open.remote() for w in self._workers]  # meanwhile the driver loads its index
         self.walked: list[dict] = []
 
     # ---- the walk ------------------------------------------------------------------------------
@@ -134,6 +143,9 @@ class RayPool:
                 reach.update(directory_contents(repo.objects, d))
         except KdistError as exc:
             raise IncompleteWalk(f"the snapshots cannot be walked ({exc}); refusing to collect garbage") from exc
+        for error in self._ray.get(self._opened):
+            if error:
+                raise IncompleteWalk(f"an actor could not open the repository ({error}); refusing to collect garbage")
         shares = [waiting[i::len(self._workers)] for i in range(len(self._workers))]
         refs = [w.walk.remote(share) for w, share in zip(self._workers, shares) if share]
         self.walked = []

@@ -127,19 +127,24 @@ class TreeWalker:
         return d
 
     def split(self, roots: list[str], width: int) -> tuple[list[Directory], list[str]]:
-        """Breadth first from ``roots`` until at least ``width`` directories wait (or none do),
-        for walks shared out among processes: the directories read here, and the object ids of
-        those waiting (each once, none visited: other walkers take them)."""
+        """Breadth first from ``roots`` (all of them read here) until at least ``width``
+        directories wait (or none do), for walks shared out among processes: the directories
+        read here, and the object ids of those waiting (each once, none visited: other walkers
+        take them)."""
         queue = collections.deque(Directory("", r, 0, None) for r in roots)
+        queued = {_visit_key(r) for r in roots}
         read: list[Directory] = []
-        while queue and len(queue) < width:
+        # every root is read here, so that snapshots sharing subtrees hand out each one once
+        while queue and (len(queue) < width or queue[0].depth == 0):
             d = self.read(queue.popleft())
             if d.repeat:
                 continue
             read.append(d)
-            queue.extend(d.child(e) for e in d.entries or () if e.type == TYPE_DIR)
-        waiting = {_visit_key(d.oid): d.oid for d in queue if _visit_key(d.oid) not in self._seen}
-        return read, list(waiting.values())
+            for e in d.entries or ():
+                if e.type == TYPE_DIR and (key := _visit_key(e.oid)) not in queued and key not in self._seen:
+                    queued.add(key)
+                    queue.append(d.child(e))
+        return read, [d.oid for d in queue]
 
 
 def object_contents(objects: ObjectStore, oid: str) -> list[bytes]:

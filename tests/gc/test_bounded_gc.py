@@ -179,3 +179,23 @@ def test_reached_keys_spill_to_sorted_runs():
         assert reach.between(0, 2**64).tolist() == keys
         lo, hi = keys[100], keys[400]
         assert reach.between(lo, hi).tolist() == keys[100:400]
+
+
+def test_a_split_walk_hands_out_each_shared_subtree_once_and_reaches_the_same(world):
+    from kdist.tree import TreeWalker, directory_contents, reached_contents
+
+    storage, t = world
+    _random_repository(storage, t, 11)
+    repo = _open(storage)
+    roots = [Snapshot.from_record(r).root for r in repo.manifests.find(type="snapshot")]
+    driver = TreeWalker.over(repo.objects, max_depth=None)
+    read, waiting = driver.split(roots, width=2)
+    assert {d.oid for d in read} >= set(roots)  # every root read by the driver
+    assert len(waiting) == len(set(waiting)) and not {d.oid for d in read} & set(waiting)
+    reached = {c for d in read for c in directory_contents(repo.objects, d)}
+    for i in range(2):  # two "actors", each with its own walker
+        actor = TreeWalker.over(repo.objects, max_depth=None)
+        reached |= {c for oid in waiting[i::2] for c in reached_contents(actor, repo.objects, oid)}
+    with ReachableKeys() as reach:
+        reach_snapshots(repo, reach)
+        assert {int.from_bytes(c[:8], "big") for c in reached} == set(reach.between(0, 2**64).tolist())
