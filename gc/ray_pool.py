@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from repo_format import clock
 from repo_format.errors import KdistError
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
@@ -72,12 +73,14 @@ class MaintenanceWorker:
         try:
             repo = self._open()
             repo.contents.refresh_index()  # at least as new as the driver's, which listed the snapshots first
+            started = clock.monotonic()
             raw = bytearray()  # 8 bytes a content, not a bytes object
             for oid in subtrees:
                 for c in reached_contents(self._walker, repo.objects, oid):
                     raw += c[:KEY_BYTES]
             keys = np.unique(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
-            return {"keys": keys, "error": "", "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+            return {"keys": keys, "error": "", "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(),
+                    "subtrees": len(subtrees), "seconds": round(clock.monotonic() - started, 3)}
         except KdistError as exc:
             return {"keys": np.zeros(0, np.uint64), "error": f"{type(exc).__name__}: {exc}"}
 
