@@ -124,25 +124,30 @@ def pack_table(pack_numbers: np.ndarray, salt: int) -> bytes:
 
 
 def index_plaintext(rng: np.random.Generator, lo: int, hi: int, count: int, epoch: int, now_us: int,
-                    total_packs: int | None = None, salt: int = 0) -> bytes:
+                    total_packs: int | None = None, salt: int = 0, on_blob=None) -> bytes:
     """An encoded index (``encode_index``'s format) of ``count`` uniform ids in [lo, hi).
 
     Without ``total_packs`` the entries name a handful of packs of their own; with it, the
     contents are spread over the repository's ``total_packs`` packs, so the blob's pack table
     names every pack one of its entries lies in (a compacted blob covers a slice of the id
     space, and every pack holds ids from all over it: nearly every pack, when there are fewer
-    packs than entries)."""
+    packs than entries).
+
+    ``on_blob(entries, numbers, table)``, if given, is shown what was generated: the entry
+    array (``ENTRY_DTYPE``, sorted by id; the first 32 bytes of each row are the content id),
+    the repository-wide number of each pack in the blob's table (``entries["pack"]`` indexes
+    it) and the table's bytes."""
     e = np.zeros(count, dtype=ENTRY_DTYPE)
     e["key"] = _unique_keys(rng, lo, hi, count)
     e["rest"] = np.frombuffer(rng.bytes(24 * count), dtype="V24")
     if total_packs is None:
         npacks = max(1, min(PACKS_PER_BLOB, count))  # the format allows at most count + 1
-        table = pack_table(rng.integers(0, 2**62, size=npacks, dtype=np.uint64), salt)
+        numbers = rng.integers(0, 2**62, size=npacks, dtype=np.uint64)
         e["pack"] = rng.integers(0, npacks, size=count, dtype=np.uint32)
     else:
-        used, e["pack"] = np.unique(rng.integers(0, total_packs, size=count, dtype=np.uint64), return_inverse=True)
-        npacks = len(used)
-        table = pack_table(used, salt)
+        numbers, e["pack"] = np.unique(rng.integers(0, total_packs, size=count, dtype=np.uint64), return_inverse=True)
+        npacks = len(numbers)
+    table = pack_table(numbers, salt)
     e["offset"] = rng.integers(0, 30 * MIB, size=count, dtype=np.uint32)
     packed = rng.integers(512, 64 * 1024, size=count, dtype=np.uint32)
     e["packed"] = packed
@@ -151,6 +156,8 @@ def index_plaintext(rng: np.random.Generator, lo: int, hi: int, count: int, epoc
     # written in the week this epoch stands for, the newest epoch ending a day ago
     end = now_us - 86400 * 10**6 - (CURRENT_EPOCH - epoch) * WEEK_US
     e["timestamp"] = end - rng.integers(0, WEEK_US, size=count, dtype=np.int64)
+    if on_blob is not None:
+        on_blob(e, numbers, table)
     head = C.INDEX_HEADER.pack(C.INDEX_MAGIC, C.INDEX_VERSION, 0, 0, count, npacks)
     return head + table + e.tobytes()
 
@@ -175,40 +182,51 @@ def plan_index(n: int, rng: np.random.Generator, raw_entries: int | None = None)
     return {"xr": (RANGE_EPOCH, n_range), "xs": xs, "xn": list(zip(raw_epochs, raw))}
 
 
+def write_raw_blob(storage: FilesystemStorage, fmt, plaintext: bytes, epoch: int) -> tuple[str, int]:
+    """Seal and put one raw index blob ``xn<epoch>_...`` as a backup of a session of its own
+    names it; returns its name and sealed size."""
+    name = index_blob_name(fmt.keys.name_hasher(), plaintext, epoch, secrets.token_hex(C.SESSION_ID_BYTES))
+    sealed = seal_index(fmt.keys.index_aead(), name, plaintext)
+    storage.put(name, sealed)
+    return name, len(sealed)
+
+
 def write_synthetic_index(storage: FilesystemStorage, fmt, n: int, seed: int = 1, raw_entries: int | None = None,
-                          contents_per_pack: int | None = None) -> dict:
+                          contents_per_pack: int | None = None, on_blob=None) -> dict:
     """Write N index entries as a maintained repository holds them; returns what was written.
-    ``contents_per_pack``: the repository has N / that many packs (else a handful per blob)."""
+    ``contents_per_pack``: the repository has N / that many packs (else a handful per blob).
+    ``on_blob``: shown every blob's entries (see ``index_plaintext``)."""
     rng = np.random.default_rng(seed)
     total_packs = max(1, -(-n // contents_per_pack)) if contents_per_pack else None
     salt = int(rng.integers(0, 2**63))
-    aead, hasher = fmt.keys.index_aead(), fmt.keys.name_hasher()
+    aead = fmt.keys.index_aead()
     now_us = int(time.time() * 1e6)
     plan = plan_index(n, rng, raw_entries)
     written = {"entries": 0, "blobs": 0, "bytes": 0, "raw_entries": sum(c for _e, c in plan["xn"])}
 
-    def put(name: str, plaintext: bytes, count: int) -> None:
-        sealed = seal_index(aead, name, plaintext)
-        storage.put(name, sealed)
-        written["entries"] += count
+    def count(entries: int, size: int) -> None:
+        written["entries"] += entries
         written["blobs"] += 1
-        written["bytes"] += len(sealed)
+        written["bytes"] += size
 
-    def write_set(kind: str, epoch: int, count: int) -> None:
+    def write_set(kind: str, epoch: int, entries: int) -> None:
         """Members cover consecutive slices of the 64-bit key space: disjoint, in increasing order."""
-        members = max(1, -(-count // C.INDEX_BLOB_MAX_ENTRIES))
+        members = max(1, -(-entries // C.INDEX_BLOB_MAX_ENTRIES))
         set_id = secrets.token_hex(8)
         bounds = [i * 2**64 // members for i in range(members + 1)]
-        for i, c in enumerate(_split(count, members)):
-            put(f"{kind}{epoch}_{set_id}_{i}of{members}",
-                index_plaintext(rng, bounds[i], bounds[i + 1], c, epoch, now_us, total_packs, salt), c)
+        for i, c in enumerate(_split(entries, members)):
+            name = f"{kind}{epoch}_{set_id}_{i}of{members}"
+            sealed = seal_index(aead, name, index_plaintext(rng, bounds[i], bounds[i + 1], c, epoch, now_us,
+                                                            total_packs, salt, on_blob))
+            storage.put(name, sealed)
+            count(c, len(sealed))
 
     write_set("xr", *plan["xr"])
-    for epoch, count in plan["xs"].items():
-        write_set("xs", epoch, count)
-    for epoch, count in plan["xn"]:
-        plaintext = index_plaintext(rng, 0, 2**64, count, epoch, now_us, total_packs, salt)
-        put(index_blob_name(hasher, plaintext, epoch, secrets.token_hex(C.SESSION_ID_BYTES)), plaintext, count)
+    for epoch, entries in plan["xs"].items():
+        write_set("xs", epoch, entries)
+    for epoch, entries in plan["xn"]:
+        plaintext = index_plaintext(rng, 0, 2**64, entries, epoch, now_us, total_packs, salt, on_blob)
+        count(entries, write_raw_blob(storage, fmt, plaintext, epoch)[1])
     return written
 
 
@@ -468,11 +486,42 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for h, _f in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def table(rows: list[dict], columns: list = COLUMNS) -> str:
+    lines = ["| " + " | ".join(h for h, _f in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(f(r) for _h, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(f(r) for _h, f in columns) + " |")
     return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_sizes(sizes: list[int], workdir: str | None, keep: bool, as_json: bool, prefix: str, run) -> tuple[list, bool]:
+    """``run(n, base)`` for each N in a fresh directory ``<workdir>/n<N>`` (default workdir: a new
+    one under /tmp named ``prefix...``), each row printed as a line of JSON if ``as_json``; what
+    a run made is removed unless ``keep`` (a failed one's logs stay). Returns (rows, any failed)."""
+    root = workdir or tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.makedirs(root, exist_ok=True)
+    rows, failed = [], False
+    for n in sizes:
+        base = os.path.join(root, f"n{n}")
+        shutil.rmtree(base, ignore_errors=True)
+        log(f"N={n:,} in {base}")
+        try:
+            row = run(n, base)
+        except CommandFailed as exc:
+            log(f"  failed: {exc} (logs kept in {base}/logs)")
+            failed = True
+            continue
+        rows.append(row)
+        if as_json:
+            print(json.dumps(row), flush=True)
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    if not keep and not workdir and not failed:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows, failed
 
 
 def main(argv=None) -> int:
@@ -495,31 +544,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object per N (one a line), no table")
     args = ap.parse_args(argv)
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="kdist-fleet-", dir="/tmp")
-    os.makedirs(workdir, exist_ok=True)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    rows, failed = [], False
-    for n in args.contents:
-        base = os.path.join(workdir, f"n{n}")
-        shutil.rmtree(base, ignore_errors=True)
-        log(f"N={n:,} in {base}")
-        try:
-            row = run_one(n, base, args.files, args.changed, args.hosts, not args.full_kdf, args.raw_entries,
-                          args.contents_per_pack or None, log)
-        except CommandFailed as exc:
-            log(f"  failed: {exc} (logs kept in {base}/logs)")
-            failed = True
-            continue
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
-    if not args.keep and not args.workdir and not failed:
-        shutil.rmtree(workdir, ignore_errors=True)
+    rows, failed = run_sizes(args.contents, args.workdir, args.keep, args.json, "kdist-fleet-", lambda n, base: run_one(
+        n, base, args.files, args.changed, args.hosts, not args.full_kdf, args.raw_entries,
+        args.contents_per_pack or None, log))
     if not args.json and rows:
         print(table(rows))
         print("RssAnon, RssFile, VmHWM: peaks in MiB (sampled every 10 ms); GET: calls and bytes the command "
