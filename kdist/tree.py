@@ -11,8 +11,7 @@ directory open while it writes the children). ``diff`` walks two trees in step, 
 The walker goes depth first (one stack, no recursion: a deep tree cannot exhaust the
 interpreter's), refuses to follow a directory deeper than ``max_depth`` below its start (GC and
 check pass ``None``: they must see all a snapshot holds, and a stack has no depth to exhaust),
-and with
-``once`` visits each directory object at most once for its whole life, across every tree it walks
+and with ``once`` visits each directory object at most once for its whole life, across every tree it walks
 (nightly snapshots share most of their directories). What it does with a directory that cannot be
 read is the caller's policy: ``errors="raise"`` stops the walk (GC never decides on a partial
 walk); ``errors="report"`` yields the directory with its error and goes on with the others. The
@@ -109,13 +108,13 @@ class TreeWalker:
         """Read one directory under the walker's rules (visited once, depth limit, error policy)
         and return it; for callers that walk in an order of their own (restore, which keeps a
         directory open while it writes its children)."""
-        if self.once:
-            key = _visit_key(d.oid)
-            if key in self._seen:
-                d.repeat = True
-                return d
-            self._seen.add(key)
         try:
+            if self.once:
+                key = _visit_key(d.oid)  # (a malformed id is damage like any other)
+                if key in self._seen:
+                    d.repeat = True
+                    return d
+                self._seen.add(key)
             if self.max_depth is not None and d.depth > self.max_depth:
                 raise TooDeep(f"directory nesting deeper than {self.max_depth} at {d.path or '/'!r}: "
                               "not followed further")

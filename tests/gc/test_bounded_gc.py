@@ -199,3 +199,29 @@ def test_a_split_walk_hands_out_each_shared_subtree_once_and_reaches_the_same(wo
     with ReachableKeys() as reach:
         reach_snapshots(repo, reach)
         assert {int.from_bytes(c[:8], "big") for c in reached} == set(reach.between(0, 2**64).tolist())
+
+
+def test_the_walkers_policies():
+    from repo_format.errors import CorruptionError, StorageUnreachable
+    from kdist.tree import Directory, TooDeep, TreeWalker
+
+    sub = "ab" * 32
+    tree = {"cd" * 32: [Entry(name="a", type=TYPE_DIR, oid=sub), Entry(name="b", type=TYPE_DIR, oid=sub),
+                        Entry(name="bad", type=TYPE_DIR, oid="zz")], sub: []}
+
+    def read(d):
+        if d.oid == "ef" * 32:
+            raise StorageUnreachable("down")
+        return tree[d.oid]
+
+    report = TreeWalker(read, errors="report")
+    seen = {d.path: d for d in report.walk("cd" * 32)}
+    assert sorted([seen["a"].repeat, seen["b"].repeat]) == [False, True]  # a shared subtree once
+    assert [seen[p].entries for p in "ab" if not seen[p].repeat] == [[]]
+    assert isinstance(seen["bad"].error, CorruptionError)  # a malformed id is damage, reported
+    with pytest.raises(CorruptionError):
+        list(TreeWalker(read, errors="raise").walk("cd" * 32))
+    shallow = TreeWalker(read, max_depth=0, errors="report", once=False)
+    assert [type(d.error) for d in shallow.walk("cd" * 32)][1:] == [TooDeep] * 3
+    with pytest.raises(StorageUnreachable):  # an outage stops even a reporting walk
+        report.read(Directory("", "ef" * 32, 0, None))
