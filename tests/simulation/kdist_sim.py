@@ -68,6 +68,7 @@ from kdist.gc.run import MaintenanceOptions, Rules, maintenance_steps  # noqa: E
 from kdist.snapshot import Entry, Snapshot, Source, TYPE_FILE, encode_directory, read_directory  # noqa: E402
 
 T0 = 1_800_000_000.0  # the virtual clock's start
+SIM_MEMORY_LIMIT = 16 * 240  # bytes: key ranges of ~8 index entries, runs of 60 reached keys
 H = 1.0  # one simulated hour; the repository's safety margins are the full preset in hours
 SAFETY = SAFETY_FULL.scaled(1 / 3600)  # e.g. pack_age 24 H, drop_margin 4 H, session_expiry 2 H
 PASSWORD = "sim"
@@ -504,7 +505,10 @@ class World:
             gc_clock = _ClientClock(st, repo.session, SAFETY.max_pause, lambda: self.t + actor.skew)
         if full is None:
             full = self.rng.random() < 0.5  # half of the runs are `maintenance run --quick`
-        return (yield from maintenance_steps(repo, MaintenanceOptions(full=full, rules=rules), clock=gc_clock))
+        # a memory limit this small splits the simulator's small indexes into several key ranges
+        # and spills the reached keys in several runs: the bounded-memory plan, not one range
+        options = MaintenanceOptions(full=full, rules=rules, memory_limit=SIM_MEMORY_LIMIT)
+        return (yield from maintenance_steps(repo, options, clock=gc_clock))
 
     def forgetter(self, actor: Actor):
         st = ActorStorage(self, None)
