@@ -227,16 +227,23 @@ def test_deleted_entry_is_not_deduplicated_against(repo):
     assert repo.contents.read(cid) == data
 
 
-def test_manifest_compaction_keeps_every_newer_record_and_deletes_in_a_later_run():
-    from repo_format.clock import ManualClock
+def _manifest_stores(storage_clock=None):
+    """A repository in memory and two manifest stores of it (two writers' sessions)."""
     from repo_format.crypto import KdfParams
     from repo_format.manifest import ManifestStore
     from repo_format.storage.memory import MemoryStorage
 
-    t = ManualClock()
-    storage = MemoryStorage(clock=t)
+    storage = MemoryStorage(clock=storage_clock) if storage_clock else MemoryStorage()
     repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
-    ms = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
+    aead = repo.format.keys.manifest_aead()
+    return storage, ManifestStore(storage, aead, "0123456789abcdef"), ManifestStore(storage, aead, "fedcba9876543210")
+
+
+def test_manifest_compaction_keeps_every_newer_record_and_deletes_in_a_later_run():
+    from repo_format.clock import ManualClock
+
+    t = ManualClock()
+    storage, ms, _other = _manifest_stores(t)
     ids = [ms.put({"type": "snapshot", "n": str(i)}, b"payload%d" % i).id for i in range(20)]
     ms.delete(ids[:3])
     before = {r.id: r.payload for r in ms.find(type="snapshot")}
@@ -308,14 +315,9 @@ def test_fewer_collections_restores_the_thresholds_after_overlapping_users():
 
 def test_manifest_compaction_drops_tombstones_once_no_blob_holds_what_they_deleted():
     from repo_format.clock import ManualClock
-    from repo_format.crypto import KdfParams
-    from repo_format.manifest import ManifestStore
-    from repo_format.storage.memory import MemoryStorage
 
     t = ManualClock()
-    storage = MemoryStorage(clock=t)
-    repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
-    ms = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
+    storage, ms, _other = _manifest_stores(t)
     ids = [ms.put({"type": "snapshot", "n": str(i)}, b"payload%d" % i).id for i in range(20)]
     ms.delete(ids[:3])
 
@@ -339,14 +341,7 @@ def test_manifest_compaction_drops_tombstones_once_no_blob_holds_what_they_delet
 
 
 def test_a_forget_from_a_host_whose_clock_is_behind_still_deletes():
-    from repo_format.crypto import KdfParams
-    from repo_format.manifest import ManifestStore
-    from repo_format.storage.memory import MemoryStorage
-
-    storage = MemoryStorage()
-    repo = Repository.create(storage, "pw", kdf=KdfParams.weak_for_tests())
-    fast = ManifestStore(storage, repo.format.keys.manifest_aead(), "0123456789abcdef")
-    slow = ManifestStore(storage, repo.format.keys.manifest_aead(), "fedcba9876543210")
+    _storage, fast, slow = _manifest_stores()
     try:
         clock.set_clock(lambda: 1_800_003_600.0)
         rec = fast.put({"type": "snapshot"}, b"x")

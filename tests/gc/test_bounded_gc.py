@@ -13,13 +13,10 @@ import pytest
 
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
-from repo_format import clock  # noqa: E402
 from repo_format import constants as C  # noqa: E402
-from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.index_scan import ROW_BYTES  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
-from repo_format.storage.memory import MemoryStorage  # noqa: E402
 
 from kdist.check import Checker  # noqa: E402
 from kdist.gc.clock_guard import StorageClock  # noqa: E402
@@ -33,15 +30,8 @@ TINY = 40 * ROW_BYTES  # 20 entries a key range, 150 reached keys a spilled run
 
 
 @pytest.fixture
-def world():
-    t = [1_800_000_000.0]
-    storage = MemoryStorage(clock=lambda: t[0])
-    clock.set_clock(lambda: t[0])
-    clock.set_monotonic(lambda: t[0])
-    Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests()).close()
-    yield storage, t
-    clock.set_clock(None)
-    clock.set_monotonic(None)
+def world(virtual_time, memory_repository):
+    return memory_repository(PARAMS), virtual_time
 
 
 def _open(storage) -> Repository:

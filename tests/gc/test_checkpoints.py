@@ -13,11 +13,9 @@ import pytest
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
 from repo_format import clock  # noqa: E402
-from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.safety import SAFETY_FULL  # noqa: E402
-from repo_format.storage.memory import MemoryStorage  # noqa: E402
 
 from kdist.gc.run import MaintenanceOptions, run_maintenance  # noqa: E402
 from kdist.snapshot import Source, list_snapshots  # noqa: E402
@@ -33,25 +31,20 @@ class Killed(Exception):
 
 
 @pytest.fixture
-def world(tmp_path):
-    t = [1_800_000_000.0]
-    storage = MemoryStorage(clock=lambda: t[0])
+def world(tmp_path, virtual_time, memory_repository):
     ticks = [0.0]
 
     def monotonic():  # moves on by itself too, so a backup's checkpoint interval passes
         ticks[0] += 1e-4
-        return t[0] + ticks[0]
+        return virtual_time[0] + ticks[0]
 
-    clock.set_clock(lambda: t[0])
-    clock.set_monotonic(monotonic)
-    Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests()).close()
+    clock.set_monotonic(monotonic)  # (virtual_time puts the real one back)
+    storage = memory_repository(PARAMS)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(os.urandom(9000))
-    yield storage, t, src
-    clock.set_clock(None)
-    clock.set_monotonic(None)
+    return storage, virtual_time, src
 
 
 def _open(storage) -> Repository:

@@ -765,6 +765,24 @@ class Director:
     def wait(self, hours: float) -> None:
         self.w._advance(hours * H, self.w._actors)
 
+    def while_stopped(self, stop_at: str, hours: float, meanwhile) -> None:
+        """A quick maintenance run stopped (SIGSTOP) for ``hours`` just before its first write
+        of a name starting with ``stop_at``; ``meanwhile()`` runs during the stop."""
+
+        def on_stop(stopped: Actor, end: float) -> None:
+            meanwhile()
+            self.wait(end - self.w.t)
+
+        self.w.on_stop = on_stop
+        self.run(self.spawn("maintenance", full=False, stop_at=stop_at, stop_for=hours * H))
+        self.w.on_stop = None
+
+    def quick_runs(self, count: int, every: float) -> None:
+        """``count`` quick maintenance runs, ``every`` hours apart (the first after one wait)."""
+        for _ in range(count):
+            self.wait(every)
+            self.run(self.spawn("maintenance", full=False))
+
     def forget(self, ids) -> None:
         repo = self.w.open(ActorStorage(self.w, None))
         repo.manifests.delete(list(ids))
@@ -851,16 +869,9 @@ def scenario_manifest_compaction_pause(world: World) -> None:
     for _ in range(16):  # enough manifest blobs for a compaction
         d.run(d.spawn("writer", files=[world.rng.randbytes(500)]))
 
-    def meanwhile(stopped: Actor, end: float) -> None:
-        d.run(d.spawn("writer", files=[world.rng.randbytes(500)]))
-        d.wait(end - world.t)
-
-    world.on_stop = meanwhile
-    d.run(d.spawn("maintenance", full=False, stop_at=C.MANIFEST_COMPACTED_PREFIX, stop_for=2 * H))
-    world.on_stop = None
-    for _ in range(3):
-        d.wait(0.5)
-        d.run(d.spawn("maintenance", full=False))
+    d.while_stopped(C.MANIFEST_COMPACTED_PREFIX, 2,
+                    lambda: d.run(d.spawn("writer", files=[world.rng.randbytes(500)])))
+    d.quick_runs(3, 0.5)
 
 
 def scenario_content_age(world: World) -> None:
@@ -998,9 +1009,7 @@ def scenario_merge_copies_first(world: World) -> None:
     d.run(d.spawn("maintenance", full=False, crash_at=C.INDEX_PREFIX))  # the merging run
     if "crash at" not in world.log[-1]:
         raise AssertionError("the scenario did not reach a set merge")
-    for _ in range(6):  # then ordinary runs
-        d.wait(1)
-        d.run(d.spawn("maintenance", full=False))
+    d.quick_runs(6, 1)  # then ordinary runs
 
 
 def scenario_merge_paused_and_racing(world: World) -> None:
@@ -1012,22 +1021,15 @@ def scenario_merge_paused_and_racing(world: World) -> None:
     d = Director(world)
     _sets_to_merge(world, d)
 
-    def meanwhile(stopped: Actor, end: float) -> None:
+    def meanwhile() -> None:
         for _ in range(2):
             d.run(d.spawn("writer", files=[world.rng.randbytes(1500)]))
-            for _ in range(3):
-                d.wait(0.5)
-                d.run(d.spawn("maintenance", full=False))
-        d.wait(end - world.t)
+            d.quick_runs(3, 0.5)
 
-    world.on_stop = meanwhile
-    d.run(d.spawn("maintenance", full=False, stop_at=C.INDEX_PREFIX, stop_for=3 * H))
-    world.on_stop = None
+    d.while_stopped(C.INDEX_PREFIX, 3, meanwhile)
     if not any("merge the sets" in line or "'merged'" in line for line in world.log):
         raise AssertionError("the scenario did not reach a set merge")
-    for _ in range(8):
-        d.wait(1)
-        d.run(d.spawn("maintenance", full=False))
+    d.quick_runs(8, 1)
 
 
 def _sets_to_merge(world: World, d: Director) -> None:
@@ -1037,9 +1039,7 @@ def _sets_to_merge(world: World, d: Director) -> None:
     rng = random.Random(5)
     repo.contents.epochs.write_index([IndexEntry(rng.randbytes(32), "p" + "0" * 63, 0, 1, 1, 0, 1)
                                       for _ in range(3000)])
-    for _ in range(6):
-        d.wait(1)
-        d.run(d.spawn("maintenance", full=False))
+    d.quick_runs(6, 1)
     while True:
         d.run(d.spawn("writer", files=[world.rng.randbytes(2000)]))
         for _ in range(4):
@@ -1063,19 +1063,12 @@ def scenario_spent_tombstones(world: World) -> None:
         d.run(d.spawn("writer", files=[world.rng.randbytes(500)]))
     victim = next(iter(world.published))
 
-    def meanwhile(stopped: Actor, end: float) -> None:
+    def meanwhile() -> None:
         d.forget([victim])
-        for _ in range(3):
-            d.wait(0.5)
-            d.run(d.spawn("maintenance", full=False))
-        d.wait(end - world.t)
+        d.quick_runs(3, 0.5)
 
-    world.on_stop = meanwhile
-    d.run(d.spawn("maintenance", full=False, stop_at=C.MANIFEST_COMPACTED_PREFIX, stop_for=2 * H))
-    world.on_stop = None
-    for _ in range(3):
-        d.wait(0.5)
-        d.run(d.spawn("maintenance", full=False))
+    d.while_stopped(C.MANIFEST_COMPACTED_PREFIX, 2, meanwhile)
+    d.quick_runs(3, 0.5)
 
 
 def _snapshot_contents(world: World, sid: str) -> set[bytes]:
