@@ -2,9 +2,14 @@
 
 For each data set (large files, small files) and each tool, in a fresh repository per round, on
 the same disk as the data: a first backup, an unchanged second backup, for the large set a nightly
-backup (a few files rewritten in place, one added), then a full restore of the latest snapshot
-into an empty directory, checked (file count, total size, sample hashes). Tools are interleaved
-within every round (kdist, restic, borg, kdist, ...) so a noisy moment hits all of them; the page
+backup (a few files rewritten in place, one added), then two full restores of the latest snapshot,
+each checked (file count, total size, sample hashes): ``restore`` into a never-used directory, and
+``restore-reused`` into the same path again after that first restore was deleted (shutil.rmtree),
+the disk state after a mass deletion in which creating files can be several times slower (ext4).
+Tools are interleaved within every round (kdist, restic, borg, kdist, ...) so a noisy moment hits
+all of them, and each tool's reused target is prepared the same way (its own restore, deleted).
+``--kdist-processes 1,2,4`` adds, for the small set, kdist's first and second backups with
+``snapshot create --processes N`` as extra rows (``kdist-pN``) and a scaling table. The page
 cache holds the source (or, for a restore, the repository) before every measured command.
 Measured per command: wall time, the tool process's peak RSS, the repository size on disk after
 it, and kdist's storage requests when its JSON reports them. ``--s3`` adds kdist runs against an
@@ -24,11 +29,15 @@ from dataclasses import dataclass
 from benchmarks import datasets, report
 from benchmarks.datasets import DataSet
 from benchmarks.measure import disk_usage, run_measured, run_quiet, settle
-from benchmarks.peers import TOOLS, Kdist, Tool, setup_tools
+from benchmarks.peers import TOOLS, Kdist, Tool, kdist_process_tools, setup_tools
 
 DEFAULT_DATA_DIR = "/var/tmp/kdist-bench"
 DEFAULT_SEED = 6
-PHASES = {"large": ("first", "second", "nightly", "restore"), "small": ("first", "second", "restore")}
+PHASES = {"large": ("first", "second", "nightly", "restore", "restore-reused"),
+          "small": ("first", "second", "restore", "restore-reused")}
+RESTORE_PHASES = ("restore", "restore-reused")
+PROCESSES_DATASET = "small"  # --kdist-processes: the data set and phases of the kdist-pN rows
+PROCESSES_PHASES = ("first", "second")
 
 
 @dataclass
@@ -79,9 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="raw per-run results as JSON (default DATA_DIR/results.json)")
     run.add_argument("--tools", default="kdist,restic,borg", help="comma-separated, from " + ",".join(TOOLS))
     run.add_argument("--s3", action="store_true", help="also run kdist against a moto S3 server (request counts)")
+    run.add_argument("--kdist-processes", type=_process_counts, default=[], metavar="N[,N...]",
+                     help="for the small data set, also run kdist's first and second backups with "
+                          "`snapshot create --processes N` for each N, as rows kdist-pN (e.g. 1,2,4)")
     run.add_argument("--seed", type=int, default=DEFAULT_SEED)
     run.add_argument("--weak-kdf-for-tests", action="store_true", help=argparse.SUPPRESS)  # the smoke test's speed-up
     return ap
+
+
+def _process_counts(text: str) -> list[int]:
+    """``1,2,4`` -> [1, 2, 4]: distinct positive counts, in the order given."""
+    counts: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of processes: {part!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"processes must be at least 1, not {n}")
+        if n not in counts:
+            counts.append(n)
+    if not counts:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers of processes, e.g. 1,2,4")
+    return counts
 
 
 def _sizes(args) -> datasets.Sizes:
@@ -130,12 +161,15 @@ class Runner:
         self.target = os.path.join(ws.work, "restore")
         self.label = ""
 
-    def run_case(self, tool: Tool, case: Case, round_no: int) -> list[dict]:
+    def run_case(self, tool: Tool, case: Case, round_no: int, phases: tuple[str, ...] | None = None) -> list[dict]:
+        """Every phase of ``case`` (or only ``phases``) for ``tool``, one record each, in order."""
         backend = "s3" if self.s3 else "local"
         tag = f"{round_no}-{case.name}-{tool.name}-{backend}"
         repo, bucket_prefix = self._new_repo(tag)
-        # A fresh restore directory per case: restoring into a path whose 100,000 files were just
-        # deleted was up to 6x slower on this ext4 disk, for whichever tool came next.
+        # A never-used restore directory per case for "restore": restoring into a path whose 100,000
+        # files were just deleted was up to 6x slower on this ext4 disk, for whichever tool came
+        # next. "restore-reused" then measures exactly that state, the same for every tool: the
+        # same path again, right after this tool's own verified "restore" there was deleted.
         self.target = os.path.join(self.ws.work, f"restore-{tag}")
         env = tool.env(self.cache)
         if case.nightly:
@@ -146,7 +180,9 @@ class Runner:
             self.say(report.progress_line(rec))
             return [rec]
         records: list[dict] = []
-        for phase in PHASES[case.name]:
+        if phases is None:  # on S3 the second restore would only repeat the first one's request counts
+            phases = tuple(p for p in PHASES[case.name] if not (self.s3 and p == "restore-reused"))
+        for phase in phases:
             rec = _record(case, tool, backend, round_no, phase, ok=True)
             self._run_phase(rec, tool, case, repo, env, f"{tag}-{phase}")
             if self.s3:
@@ -168,9 +204,11 @@ class Runner:
         phase = rec["phase"]
         if phase == "nightly":
             datasets.apply_nightly(case.src, case.nightly)
-        if phase == "restore":
-            shutil.rmtree(self.target, ignore_errors=True)
-            os.makedirs(self.target)
+        if phase in RESTORE_PHASES:
+            rec["target"], problem = self._prepare_target(phase)
+            if problem:
+                rec.update(ok=False, error=problem)
+                return
             if not self.s3:
                 datasets.warm(repo)
             cmd, cwd = tool.restore(repo, self.target, self.label)
@@ -187,15 +225,34 @@ class Runner:
                    source_files=files, source_bytes=size,
                    mb_per_s=size / m.wall_s / 1e6 if m.wall_s else 0.0,
                    files_per_s=files / m.wall_s if m.wall_s else 0.0,
-                   requests=requests_from_output(m.stdout) if tool.name == "kdist" else None)
+                   requests=requests_from_output(m.stdout) if isinstance(tool, Kdist) else None)
         if m.exit_code != 0:
             rec.update(ok=False, error=f"exit {m.exit_code}: {m.stderr.strip()[-300:]}")
-        elif phase == "restore":
+        elif phase in RESTORE_PHASES:
             restored = tool.restored_root(self.target, case.src)
             ok, detail = datasets.verify_tree(restored, files, size, case.restore_hashes())
             rec["verify"] = {"ok": ok, "detail": detail}
             if not ok:
                 rec.update(ok=False, error=f"restore differs: {detail}")
+
+    def _prepare_target(self, phase: str) -> tuple[dict, str | None]:
+        """Make ``self.target`` an empty directory for a restore phase: what was there before, and
+        what is wrong with it (None: as the phase needs it).
+
+        "restore": the path must be new (never used in this run). "restore-reused": the path holds
+        this case's own full, verified "restore", which is deleted here (then ``settle`` syncs the
+        deletion before the clock starts), so every tool restores into the same kind of disk state.
+        """
+        before = {"path": self.target, "existed": os.path.lexists(self.target), "files": 0, "bytes": 0}
+        if before["existed"]:
+            before["files"], before["bytes"] = datasets.tree_stats(self.target)
+            shutil.rmtree(self.target)
+        os.makedirs(self.target)
+        if phase == "restore" and before["existed"]:
+            return before, f"restore target {self.target} was used before: a fresh restore needs a new path"
+        if phase == "restore-reused" and not before["files"]:
+            return before, f"restore target {self.target} held no earlier restore to delete"
+        return before, None
 
     def _new_repo(self, tag: str) -> tuple[str, tuple[str, str] | None]:
         if not self.s3:
@@ -209,8 +266,11 @@ class Runner:
 
 def _record(case: Case, tool: Tool, backend: str, round_no: int, phase: str, ok: bool,
             error: str | None = None) -> dict:
-    return {"dataset": case.name, "phase": phase, "tool": tool.name, "backend": backend, "round": round_no,
-            "ok": ok, "error": error}
+    rec = {"dataset": case.name, "phase": phase, "tool": tool.name, "backend": backend, "round": round_no,
+           "ok": ok, "error": error}
+    if getattr(tool, "processes", None) is not None:
+        rec["processes"] = tool.processes
+    return rec
 
 
 def run_s3(ws: Workspace, cases: list[Case], say, weak_kdf: bool) -> list[dict]:
@@ -248,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     tools, skipped = setup_tools(names, say, weak_kdf=args.weak_kdf_for_tests)
-    info = report.run_info(argv, ws.root, sizes, rounds, tools, skipped)
+    process_tools, process_skipped = kdist_process_tools(args.kdist_processes, say, weak_kdf=args.weak_kdf_for_tests)
+    skipped.update(process_skipped)
+    info = report.run_info(argv, ws.root, sizes, rounds, tools + process_tools, skipped)
     for line in report.header_lines(info):
         say(line)
     cases = prepare_cases(ws, sizes, args.seed, say)
@@ -258,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for tool in tools:  # interleaved: kdist, restic, borg, kdist, ...
                 runs += runner.run_case(tool, case, round_no)
+            if case.name == PROCESSES_DATASET:  # then kdist-p1, kdist-p2, ...: backups only
+                for tool in process_tools:
+                    runs += runner.run_case(tool, case, round_no, phases=PROCESSES_PHASES)
     if args.s3:
         runs += run_s3(ws, cases, say, args.weak_kdf_for_tests)
     shutil.rmtree(ws.work, ignore_errors=True)
     with open(out_path, "w") as f:
         json.dump({"info": info, "runs": runs}, f, indent=1)
     say("")
-    tables = report.results_table(runs, info, rounds) + report.s3_table(runs) + report.notes(info, runs)
+    tables = (report.results_table(runs, info, rounds) + report.processes_table(runs, info)
+              + report.s3_table(runs) + report.notes(info, runs))
     for line in tables:
         say(line)
     say(f"raw results: {out_path}")

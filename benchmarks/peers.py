@@ -3,8 +3,10 @@
 A tool knows its commands (create a repository, back up, restore), the environment that carries
 its password (never an argument), where a restore puts the tree, and how its version reads.
 ``setup_tools`` installs missing peers from the distribution (apt) and skips, with one line, those
-it cannot. Every tool runs encrypted with its recommended compression: kdist zstd (its default),
-restic ``--compression auto`` (repository format 2, restic >= 0.14), borg ``zstd``.
+it cannot. ``kdist_process_tools`` makes the kdist variants ``kdist-pN`` that back up with
+``snapshot create --processes N`` (skipped while the CLI has no such option). Every tool runs
+encrypted with its recommended compression: kdist zstd (its default), restic ``--compression
+auto`` (repository format 2, restic >= 0.14), borg ``zstd``.
 This module times nothing (compare.py does).
 """
 
@@ -34,6 +36,11 @@ class Tool:
         """The name the result table shows (with a caveat, if one changes what is compared)."""
         return self.name
 
+    @property
+    def variant_of(self) -> str | None:
+        """The tool this one is a setting of (kdist-p2 of kdist), or None for a tool of its own."""
+        return None
+
     def env(self, cache_dir: str) -> dict[str, str]:
         return dict(os.environ)
 
@@ -59,16 +66,18 @@ class Tool:
 class Kdist(Tool):
     WEAK_KDF_ENV = "KDIST_ALLOW_WEAK_KDF_FOR_TESTS"
 
-    def __init__(self, endpoint_url: str | None = None, weak_kdf: bool = False):
-        super().__init__("kdist")
+    def __init__(self, endpoint_url: str | None = None, weak_kdf: bool = False, processes: int | None = None):
+        super().__init__("kdist" if processes is None else f"kdist-p{processes}")
         self.endpoint_url = endpoint_url
+        self.processes = processes  # None: the CLI's default (--processes auto once it has the option)
         self.weak_kdf = weak_kdf  # the smoke test's setting only: numbers are then not a user's
         if weak_kdf:
             self.notes.append("kdist repositories use the test-only weak KDF (--weak-kdf-for-tests): "
                               "not a user's numbers")
 
     def env(self, cache_dir):
-        env = dict(os.environ, KDIST_PASSWORD=PASSWORD)
+        # its local cache lives and dies with the case, as restic's and borg's do
+        env = dict(os.environ, KDIST_PASSWORD=PASSWORD, KDIST_CACHE_DIR=os.path.join(cache_dir, "kdist"))
         env.pop(self.WEAK_KDF_ENV, None)  # full-strength scrypt, as a user gets, even if the shell sets it
         if self.weak_kdf:
             env[self.WEAK_KDF_ENV] = "1"
@@ -84,8 +93,13 @@ class Kdist(Tool):
     def init(self, repo):
         return ["kdist", "repo", "create", *self._repo_args(repo)]
 
+    @property
+    def variant_of(self):
+        return None if self.processes is None else "kdist"
+
     def backup(self, repo, src, label):
-        return ["kdist", "snapshot", "create", *self._repo_args(repo), "--json", src]
+        processes = [] if self.processes is None else ["--processes", str(self.processes)]
+        return ["kdist", "snapshot", "create", *self._repo_args(repo), *processes, "--json", src]
 
     def restore(self, repo, target, label):
         return ["kdist", "snapshot", "restore", *self._repo_args(repo), "--json", "latest", target], None
@@ -102,6 +116,12 @@ class Kdist(Tool):
         rev = run_quiet(["git", "-C", checkout, "describe", "--always", "--dirty"])
         if rev.returncode == 0:
             self.version += f" (git {rev.stdout.strip()})"
+        if self.processes is not None:
+            usage = run_quiet(["kdist", "snapshot", "create", "--help"])
+            if usage.returncode != 0:
+                return f"`kdist snapshot create --help` failed: {(usage.stderr or usage.stdout).strip()[-200:]}"
+            if not re.search(r"--processes\b", usage.stdout):
+                return "`kdist snapshot create` has no --processes option (yet)"
         return None
 
 
@@ -192,6 +212,19 @@ def _apt_install(packages: list[str]) -> str | None:
         lines = (result.stderr or result.stdout).strip().splitlines()
         return f"apt-get install {' '.join(packages)} failed: {lines[-1] if lines else result.returncode}"
     return None
+
+
+def kdist_process_tools(counts: list[int], say, weak_kdf: bool = False) -> tuple[list[Tool], dict[str, str]]:
+    """kdist-pN for each N of ``counts`` (``snapshot create --processes N``), and {name: why skipped}."""
+    tools, skipped = [], {}
+    for n in counts:
+        tool = Kdist(weak_kdf=weak_kdf, processes=n)
+        if (why := tool.probe()) is not None:
+            skipped[tool.name] = why
+            say(f"{tool.name}: skipped ({why})")
+        else:
+            tools.append(tool)
+    return tools, skipped
 
 
 def setup_tools(names: list[str], say, weak_kdf: bool = False) -> tuple[list[Tool], dict[str, str]]:

@@ -60,14 +60,26 @@ def run_info(argv, data_dir, sizes, rounds, tools, skipped) -> dict:
                     "data_dir": data_dir, "filesystem": _filesystem(data_dir)},
         "sizes": {"large_files": sizes.large_files, "large_mib": sizes.large_mib, "small_files": sizes.small_files},
         "rounds": rounds,
-        "tools": {t.name: {"version": t.version, "label": t.label, "notes": t.notes} for t in tools},
+        "tools": {t.name: {"version": t.version, "label": t.label, "notes": t.notes, "variant_of": t.variant_of,
+                           "processes": getattr(t, "processes", None)} for t in tools},
         "skipped": skipped,
     }
 
 
+def _variants(info: dict) -> dict[str, dict]:
+    """The tools that are settings of another (kdist-pN), by name."""
+    return {name: t for name, t in info["tools"].items() if t.get("variant_of")}
+
+
+def _tool_notes(info: dict) -> list[str]:
+    """Every tool's notes, each once (kdist's variants share kdist's)."""
+    return list(dict.fromkeys(note for t in info["tools"].values() for note in t["notes"]))
+
+
 def header_lines(info: dict) -> list[str]:
     m, s = info["machine"], info["sizes"]
-    versions = ", ".join(f"{name} {t['version']}" for name, t in info["tools"].items())
+    variants = _variants(info)
+    versions = ", ".join(f"{name} {t['version']}" for name, t in info["tools"].items() if name not in variants)
     lines = [
         f"kdist side-by-side benchmark, {info['date']}",
         f"command: {info['command']}",
@@ -78,15 +90,20 @@ def header_lines(info: dict) -> list[str]:
         "earlier blocks); nightly: a few files rewritten in place + 1 added;",
         f"small: {s['small_files']:,} files x 1 KiB random",
         f"rounds: {info['rounds']}, fresh repositories each round, tools interleaved, page cache warm",
+        "restore: into a never-used directory; restore-reused: into the same path right after that restore "
+        "was deleted (rm -rf, synced)",
     ]
-    for name, t in info["tools"].items():
-        lines += [f"note: {note}" for note in t["notes"]]
+    if variants:
+        lines.append(f"kdist processes: {', '.join(variants)} = `kdist snapshot create --processes "
+                     f"{', '.join(str(t['processes']) for t in variants.values())}` (small set: first and "
+                     "second backups only)")
+    lines += [f"note: {note}" for note in _tool_notes(info)]
     lines += [f"{name}: skipped ({why})" for name, why in info["skipped"].items()]
     return lines
 
 
 def progress_line(rec: dict) -> str:
-    head = f"  round {rec['round']} {rec['dataset']:<5} {rec['tool']:<6} {rec['backend']:<5} {rec['phase']:<8}"
+    head = f"  round {rec['round']} {rec['dataset']:<5} {rec['tool']:<8} {rec['backend']:<5} {rec['phase']:<14}"
     if "wall_s" not in rec:
         return f"{head} FAILED: {rec['error']}"
     text = (f"{head} {rec['wall_s']:7.2f} s  {_throughput(rec)}  RSS {rec['peak_rss_kib'] / 1024:6.0f} MiB  "
@@ -148,6 +165,8 @@ def results_table(runs: list[dict], info: dict, rounds: int) -> list[str]:
         "(nightly included), files/s for small; a restore's is of the restored tree.",
         "Repository: size on disk (du) after the phase. speed = peer time / kdist time (>1: kdist faster); "
         "size = peer repository / kdist repository (>1: kdist's is smaller).",
+        "restore: into a never-used directory; restore-reused: into the same path right after that full restore "
+        "was deleted (rm -rf, synced), for every tool alike.",
         "kdist requests: storage requests by kind as kdist reports them (n/a: not reported). ok: runs that "
         "succeeded (restores: and reproduced the data) / runs.",
         "",
@@ -162,14 +181,47 @@ def results_table(runs: list[dict], info: dict, rounds: int) -> list[str]:
             if not rows:
                 continue
             wall, repo, rss = (_median(rows, key) for key in ("wall_s", "repo_bytes", "peak_rss_kib"))
-            peer = tool != "kdist"
+            peer = tool != "kdist" and not t.get("variant_of")  # kdist-pN rows are kdist, not peers
+            kdist_like = not peer
             cells = [
                 dataset, phase, t["label"], _num(wall, ".2f"), f"{_num(_median(rows, rate_key), rate_fmt)} {unit}",
                 _num(rss and rss / 1024, ".0f"), _num(repo and repo / MIB, ".1f"),
                 _ratio(wall, k_time) if peer else "-", _ratio(repo, k_repo) if peer else "-",
-                "" if peer else format_requests(rows[0].get("requests"), with_bytes=False),
+                format_requests(rows[0].get("requests"), with_bytes=False) if kdist_like else "",
                 f"{sum(r['ok'] for r in rows)}/{len(rows)}",
             ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def processes_table(runs: list[dict], info: dict) -> list[str]:
+    """kdist's small-file backups by ``--processes``: medians and the speed-up over the fewest processes."""
+    variants = _variants(info)
+    if not variants:
+        return []
+    names = (["kdist"] if "kdist" in info["tools"] else []) + sorted(variants, key=lambda n: variants[n]["processes"])
+    base_name = min(variants, key=lambda n: variants[n]["processes"])
+    lines = [
+        "",
+        f"kdist backup scaling with processes (small set; speed-up = {base_name} time / this time; peak RSS: "
+        "the largest single process, not the sum over processes):",
+        "",
+        "| phase | tool | processes | time s | throughput | peak RSS MiB | speed-up | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups = _groups(runs, "local")
+    for (dataset, phase), by_tool in groups.items():
+        if dataset != "small" or not any(by_tool.get(n) for n in variants):
+            continue
+        base = _median(by_tool.get(base_name, []), "wall_s")
+        for name in names:
+            rows = by_tool.get(name)
+            if not rows:
+                continue
+            wall, rate, rss = (_median(rows, key) for key in ("wall_s", "files_per_s", "peak_rss_kib"))
+            processes = variants[name]["processes"] if name in variants else "default"
+            cells = [phase, name, str(processes), _num(wall, ".2f"), f"{_num(rate, '.0f')} files/s",
+                     _num(rss and rss / 1024, ".0f"), _ratio(base, wall), f"{sum(r['ok'] for r in rows)}/{len(rows)}"]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -200,13 +252,12 @@ def notes(info: dict, runs: list[dict]) -> list[str]:
     lines = [""]
     for name, why in info["skipped"].items():
         lines.append(f"{name}: skipped ({why})")
-    for name, t in info["tools"].items():
-        lines += [f"note: {note}" for note in t["notes"]]
+    lines += [f"note: {note}" for note in _tool_notes(info)]
     for r in runs:
         if not r["ok"]:
             where = f"round {r['round']} {r['dataset']} {r['tool']} {r['backend']} {r['phase']}"
             lines.append(f"FAILED: {where}: {r['error']}")
-    if any(r["tool"] == "kdist" and "wall_s" in r and r.get("requests") is None for r in runs):
+    if any(r["tool"].startswith("kdist") and "wall_s" in r and r.get("requests") is None for r in runs):
         lines.append("kdist requests n/a: `kdist snapshot create --json` and `snapshot restore --json` "
                      "do not report their storage requests (yet)")
     return lines
