@@ -118,8 +118,14 @@ class ContentStore:
     def contains(self, content_id: bytes) -> bool:
         return self.index.contains(content_id)
 
+    def contains_many(self, content_ids: list[bytes]) -> list[bool]:
+        return self.index.contains_many(content_ids)
+
     def note_reference(self, content_id: bytes) -> None:
         self.index.note_reference(content_id)
+
+    def note_references(self, content_ids: list[bytes]) -> None:
+        self.index.note_references(content_ids)
 
     def revalidate(self) -> int:
         return self.index.revalidate()

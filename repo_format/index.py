@@ -25,6 +25,7 @@ from repo_format.storage.base import validate_name
 
 _ENTRY = C.INDEX_ENTRY
 _ID = C.CONTENT_ID_SIZE
+_FLAGS_AT = _ID + 4 * 4 + 1  # the flags byte of an entry (after compression)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +166,10 @@ class IndexBlob:
     so a lookup can search it without building one over every blob.
     """
 
-    __slots__ = ("packs", "_buf", "_start", "count", "keys", "source")
+    __slots__ = ("packs", "_buf", "_start", "count", "keys", "source", "_search_keys")
 
     def __init__(self, data):
+        self._search_keys = None
         self._buf = memoryview(data)
         self.packs, self._start, self.count = _decode_tables(self._buf)
         self.keys = None
@@ -193,7 +195,7 @@ class IndexBlob:
         or checked here."""
         blob = cls.__new__(cls)
         blob._buf, blob._start, blob.count, blob.packs, blob.keys = memoryview(buf), start, count, packs, keys
-        blob.source = source
+        blob.source, blob._search_keys = source, None
         return blob
 
     def release_pages(self) -> None:
@@ -233,6 +235,34 @@ class IndexBlob:
         rows = np.frombuffer(self._buf, dtype=np.uint8, count=self.count * _ENTRY.size,
                              offset=self._start).reshape(self.count, _ENTRY.size)
         return np.ascontiguousarray(rows[:, :8]).view(">u8").ravel().astype("<u8")
+
+    def live_hits(self, keys, ids):
+        """Which of the ids (``ids``: an (n, 32) uint8 array; ``keys``: their first 8 bytes as
+        little-endian u64s) this blob holds: ``(held, deleted, unsure)`` boolean arrays, one
+        search for all of them. ``unsure``: the key matches an entry whose id differs (a shared
+        64-bit prefix); only an exact ``lookup`` can tell."""
+        import numpy as np
+
+        n = len(keys)
+        if self.count == 0:
+            return (np.zeros(n, bool),) * 3
+        if self._search_keys is None:
+            self._search_keys = np.asarray(self.keys) if self.keys is not None else self.entry_keys()
+        sk = self._search_keys
+        pos = np.minimum(np.searchsorted(sk, keys), self.count - 1)
+        same_key = sk[pos] == keys
+        rows = np.frombuffer(self._buf, dtype=np.uint8, count=self.count * _ENTRY.size,
+                             offset=self._start).reshape(self.count, _ENTRY.size)
+        picked = rows[pos]
+        held = same_key & np.all(picked[:, :_ID] == ids, axis=1)
+        deleted = held & ((picked[:, _FLAGS_AT] & C.INDEX_FLAG_DELETED) != 0)
+        return held, deleted, same_key & ~held
+
+    def ids(self) -> list[bytes]:
+        """Every entry's id, in order."""
+        size = _ENTRY.size
+        data = bytes(self._buf[self._start:self._start + self.count * size])
+        return [data[off:off + _ID] for off in range(0, len(data), size)]
 
     def _id_at(self, i: int) -> bytes:
         off = self._start + i * _ENTRY.size
@@ -375,7 +405,8 @@ class MergedIndex:
         self.names = names  # the blobs' names, when an assembly made it (another process can read the same)
         self._count = sum(b.count for b in self._blobs)  # the blobs never change
         self._overlay: dict[bytes, IndexEntry] = {}
-        self._winners: dict[bytes, IndexEntry] | None = None
+        # id -> the winning entry, or where it is (``_ref``) while no other entry competes with it
+        self._winners: dict[bytes, IndexEntry | int] | None = None
         self._runs: _Runs | None = None
         self._lock = threading.Lock()  # lookups come from many threads while entries are added
 
@@ -389,7 +420,7 @@ class MergedIndex:
             if cur is None or wins(e, cur):
                 self._overlay[e.content_id] = e
             if self._winners is not None:
-                w = self._winners.get(e.content_id)
+                w = self._entry(self._winners.get(e.content_id))
                 if w is None or wins(e, w):
                     self._winners[e.content_id] = e
 
@@ -401,13 +432,51 @@ class MergedIndex:
                     self._winners = self._winning_entries()
                 winners = self._winners
         if winners is not None:
-            return winners.get(content_id)
+            return self._entry(winners.get(content_id))
         if self._runs is None:
             with self._lock:
                 if self._runs is None:
                     self._runs = _Runs(self._blobs)
         candidates = self._runs.find(content_id)
         candidates.append(self._overlay.get(content_id))
+        return pick(c for c in candidates if c is not None)
+
+    def live_many(self, content_ids: list[bytes]) -> list[bool]:
+        """``[e is not None and not e.deleted for e in map(self.lookup, content_ids)]``, without
+        building a dict of every winner (a second per 200,000 entries) or searching once per id:
+        one vectorised search per blob. An id whose every entry (in the blobs and the overlay) is
+        undeleted is live whatever the conflict rule picks; the few that have a deleted entry, or
+        share a key with another id, are looked up exactly."""
+        if not content_ids:
+            return []
+        import numpy as np
+
+        ids = np.frombuffer(b"".join(content_ids), dtype=np.uint8).reshape(len(content_ids), _ID)
+        keys = np.ascontiguousarray(ids[:, :8]).view(">u8").ravel().astype("<u8")
+        held = np.zeros(len(content_ids), bool)
+        doubt = np.zeros(len(content_ids), bool)
+        for b in self._blobs:
+            h, deleted, unsure = b.live_hits(keys, ids)
+            held |= h
+            doubt |= deleted | unsure
+        with self._lock:
+            overlay = self._overlay
+            if overlay:
+                found = [overlay.get(c) for c in content_ids]
+                held |= np.fromiter((e is not None for e in found), bool, len(found))
+                doubt |= np.fromiter((e is not None and e.deleted for e in found), bool, len(found))
+        live = held & ~doubt
+        for i in np.flatnonzero(doubt):
+            e = self.lookup_exact(content_ids[i])
+            live[i] = e is not None and not e.deleted
+        return live.tolist()
+
+    def lookup_exact(self, content_id: bytes) -> IndexEntry | None:
+        """``lookup`` by one binary search per blob, for a few ids (what ``live_many`` is unsure
+        of): the first ``lookup`` of a small index builds a dict of every winner."""
+        with self._lock:
+            candidates = [self._overlay.get(content_id)]
+        candidates += [b.lookup(content_id) for b in self._blobs]
         return pick(c for c in candidates if c is not None)
 
     def referenced_packs(self) -> set[str]:
@@ -435,17 +504,37 @@ class MergedIndex:
             overlay = list(self._overlay.values())
         return IndexScan(self._blobs, overlay, memory_limit)
 
-    def _winning_entries(self) -> dict[bytes, IndexEntry]:
-        best: dict[bytes, IndexEntry] = dict(self._overlay)
-        for b in self._blobs:
-            for e in b:
-                cur = best.get(e.content_id)
-                if cur is None or wins(e, cur):
-                    best[e.content_id] = e
+    def _winning_entries(self) -> dict[bytes, IndexEntry | int]:
+        """id -> winner, as ``_ref(blob, row)`` for an id that one entry alone holds (an entry is
+        made only when looked up: making all of them cost a second per 200,000), else the entry
+        the conflict rule picks."""
+        best: dict[bytes, IndexEntry | int] = {}
+        contested: list[tuple[bytes, int]] = []
+        for bno, b in enumerate(self._blobs):
+            ref = bno << 32
+            for cid in b.ids():
+                if cid in best:
+                    contested.append((cid, ref))
+                else:
+                    best[cid] = ref
+                ref += 1
+        for cid, ref in contested:
+            e, cur = self._entry(ref), self._entry(best[cid])
+            best[cid] = e if wins(e, cur) else cur
+        for cid, e in self._overlay.items():
+            cur = self._entry(best.get(cid))
+            if cur is None or wins(e, cur):
+                best[cid] = e
         return best
+
+    def _entry(self, w: IndexEntry | int | None) -> IndexEntry | None:
+        """A ``_winners`` value as an entry."""
+        if type(w) is int:
+            return self._blobs[w >> 32]._entry_at(w & 0xFFFFFFFF)
+        return w
 
     def __iter__(self) -> Iterator[IndexEntry]:
         """Every winning entry (deleted ones included), in no particular order."""
         with self._lock:
             winners = self._winners if self._winners is not None else self._winning_entries()
-            return iter(list(winners.values()))
+            return iter([self._entry(w) for w in winners.values()])

@@ -87,11 +87,23 @@ class IndexView:
         e = self.current().lookup(content_id)
         return e is not None and not e.deleted
 
+    def contains_many(self, content_ids: list[bytes]) -> list[bool]:
+        """``contains`` for many ids at once (``MergedIndex.live_many``)."""
+        with self._lock:
+            pending = [c in self._pending for c in content_ids]
+        rest = [c for c, p in zip(content_ids, pending) if not p]
+        live = iter(self.current().live_many(rest))
+        return [True if p else next(live) for p in pending]
+
     # ---- what the writer tells the view ---------------------------------------------------
     def note_reference(self, content_id: bytes) -> None:
         """Record that what is about to be published refers to this content (reused files)."""
         with self._lock:
             self.add_reference_locked(content_id)
+
+    def note_references(self, content_ids: Iterable[bytes]) -> None:
+        with self._lock:
+            self._referenced.update(content_ids)
 
     def add_reference_locked(self, content_id: bytes) -> None:
         """``note_reference`` for a caller that holds the shared lock."""
@@ -155,8 +167,10 @@ class IndexView:
         with self._lock:
             refs = [c for c in self._referenced if c not in self._pending]
         undelete, lost = [], []
-        for cid in refs:
-            e = index.lookup(cid)
+        for cid, live in zip(refs, index.live_many(refs)):
+            if live:
+                continue
+            e = index.lookup_exact(cid)
             if e is None:
                 lost.append(cid)
             elif e.deleted:

@@ -50,3 +50,21 @@ def test_referenced_packs_include_losers():
     assert scan.referenced_packs() == {"pold", "pnew"}
     [w] = list(scan)
     assert w.entries(scan.packs) == [new]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_live_many_equals_lookups(seed):
+    """``MergedIndex.live_many`` (one vectorised search per blob, the backup's reuse decision and
+    its revalidation) says exactly what a lookup of each id says: ties, shared 64-bit keys, deleted
+    entries in some blobs, an overlay that deletes or undeletes, and ids in no blob."""
+    rng = random.Random(seed)
+    blobs, cids = _random_index(rng, 400, 5)
+    merged = MergedIndex(blobs)
+    merged.add_entries([IndexEntry(c, "pextra", 0, 1, 1, 0, rng.randrange(4), rng.random() < 0.5)
+                        for c in rng.sample(cids, 60)])
+    absent = [c[:8] + rng.randbytes(24) for c in rng.sample(cids, 20)] + [rng.randbytes(32) for _ in range(20)]
+    asked = rng.sample(cids, len(cids)) + absent
+    expected = [e is not None and not e.deleted for e in map(merged.lookup, asked)]
+    assert merged.live_many(asked) == expected
+    assert 0 < sum(expected) < len(expected)
+    assert MergedIndex(blobs).live_many(asked) == [e is not None and not e.deleted for e in map(MergedIndex(blobs).lookup, asked)]
