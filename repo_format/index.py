@@ -399,6 +399,9 @@ class MergedIndex:
     """
 
     DICT_LIMIT = 200_000
+    # live_many below this many entries and ids: one lookup each (importing numpy costs a small
+    # command a tenth of a second)
+    LIVE_SCALAR_LIMIT = 20_000
 
     def __init__(self, blobs: Iterable[IndexBlob] = (), names: list[str] | None = None):
         self._blobs: list[IndexBlob] = list(blobs)
@@ -449,6 +452,8 @@ class MergedIndex:
         share a key with another id, are looked up exactly."""
         if not content_ids:
             return []
+        if self._count + len(content_ids) <= self.LIVE_SCALAR_LIMIT:  # small: no numpy to import
+            return [e is not None and not e.deleted for e in map(self.lookup, content_ids)]
         import numpy as np
 
         ids = np.frombuffer(b"".join(content_ids), dtype=np.uint8).reshape(len(content_ids), _ID)

@@ -53,10 +53,13 @@ def test_referenced_packs_include_losers():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_live_many_equals_lookups(seed):
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_live_many_equals_lookups(seed, vectorised, monkeypatch):
     """``MergedIndex.live_many`` (one vectorised search per blob, the backup's reuse decision and
     its revalidation) says exactly what a lookup of each id says: ties, shared 64-bit keys, deleted
     entries in some blobs, an overlay that deletes or undeletes, and ids in no blob."""
+    if vectorised:
+        monkeypatch.setattr(MergedIndex, "LIVE_SCALAR_LIMIT", 0)
     rng = random.Random(seed)
     blobs, cids = _random_index(rng, 400, 5)
     merged = MergedIndex(blobs)
