@@ -11,14 +11,16 @@ from __future__ import annotations
 import bisect
 import io
 import threading
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgpack
-import pyfastcdc
 
 from repo_format import constants as C
 from repo_format.content import ContentStore
 from repo_format.errors import CorruptionError
+
+if TYPE_CHECKING:
+    import pyfastcdc
 
 _READ_BLOCK = 8 * 1024 * 1024
 
@@ -42,6 +44,8 @@ class Splitter:
     def _cdc(self) -> pyfastcdc.FastCDC:
         cdc = getattr(self._local, "cdc", None)
         if cdc is None:
+            import pyfastcdc  # only writers chunk: reading commands do not load it (start-up time)
+
             avg, mn, mx, seed = self._args
             cdc = self._local.cdc = pyfastcdc.FastCDC(avg, min_size=mn, max_size=mx, seed=seed)
         return cdc

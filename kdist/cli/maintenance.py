@@ -8,13 +8,12 @@ import json
 import click
 
 from repo_format import clock
-from repo_format.index_rebuild import entries_from_packs, entries_to_write
 from repo_format.local_cache import parse_size
 from repo_format.safety import PRESETS
 
 from kdist.cli.context import with_repository
 from kdist.cli.progress import human_bytes
-from kdist.gc import DEFAULT_MEMORY_LIMIT, history
+from kdist.gc import DEFAULT_MEMORY_LIMIT
 
 
 def _print_report(report, as_json: bool, requests: dict) -> None:
@@ -149,6 +148,8 @@ def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit, use_ray,
 @with_repository(read_only=True)
 def maintenance_status(repo, as_json):
     """Show the history of maintenance runs."""
+    from kdist.gc import history
+
     runs = history.read_history(repo.manifests)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in runs], indent=2, default=str))
@@ -177,6 +178,8 @@ def index_compact(repo):
 @with_repository()
 def index_rebuild(repo, dry_run):
     """Recreate index entries from the packs' own indexes (adds entries; deletes nothing)."""
+    from repo_format.index_rebuild import entries_from_packs, entries_to_write
+
     result = entries_from_packs(repo.storage, repo.format)
     for name, problem in sorted(result.damaged_packs.items()):
         click.echo(f"  damaged pack {name}: {problem}", err=True)

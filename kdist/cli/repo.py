@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,11 +16,12 @@ from repo_format.errors import KdistError
 from repo_format.format_blob import RepositoryParameters
 from repo_format.safety import SAFETY_FULL, safety_of
 
-from kdist.check import CheckReport, check_repository
 from kdist.cli import exit_codes
 from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
 from kdist.cli.progress import human_bytes
-from kdist.repair import repair_repository
+
+if TYPE_CHECKING:
+    from kdist.check import CheckReport
 
 
 @click.group("repo")
@@ -166,6 +168,8 @@ def _print_problems(report: CheckReport) -> None:
 def check(repo_location, endpoint_url, password_file, read_data, seed, as_json):
     """Check the repository's structure (and with --read-data its contents); never writes.
     Exits 13 when it finds a problem."""
+    from kdist.check import check_repository  # imported by the commands that check, not by every command
+
     report = _on_format(repo_location, endpoint_url, password_file, True,
                         lambda storage, fmt: check_repository(storage, fmt, read_data, seed))
     if as_json:
@@ -190,6 +194,8 @@ def check(repo_location, endpoint_url, password_file, read_data, seed, as_json):
 def repair(repo_location, endpoint_url, password_file, source, dry_run, as_json):
     """Rebuild missing index entries from the packs and re-upload missing contents from --source.
     Deletes nothing. Exits 0 only when nothing is missing afterwards (13 otherwise)."""
+    from kdist.repair import repair_repository
+
     r = _on_format(repo_location, endpoint_url, password_file, dry_run,
                    lambda storage, fmt: repair_repository(storage, fmt, source, dry_run))
     if as_json:
