@@ -6,6 +6,7 @@ a task never waits on another task of this pool, so it cannot deadlock.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
@@ -26,3 +27,12 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kdist-io")
     return list(_pool.map(fn, items))
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of the pool's threads: it makes a pool of its own if it needs one."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

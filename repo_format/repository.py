@@ -35,6 +35,7 @@ class Repository:
         self.storage = storage
         self.format = fmt
         self.session = session or new_session_id()
+        self.cache_settings = cache
         self.cache = LocalCache.for_repository(fmt, cache) if cache is not None else None
         self.contents = ContentStore(storage, fmt, self.session, committed=committed,
                                      heartbeat_thread=heartbeat_thread, cache=self.cache)

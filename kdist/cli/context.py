@@ -18,7 +18,7 @@ from repo_format.errors import KdistError, RepositoryNotFound
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage
+from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage, counting_storage
 
 from kdist.cli.exit_codes import exit_code_for
 
@@ -74,10 +74,8 @@ def make_storage(location: str, endpoint_url: str | None, create: bool = False, 
 
 def storage_requests(repo: Repository) -> dict[str, dict[str, int]]:
     """Storage requests this command made so far, by kind: ``{"GET": {"calls", "bytes"}, ...}``."""
-    storage = repo.storage
-    while not hasattr(storage, "counts") and hasattr(storage, "inner"):
-        storage = storage.inner  # under ReadOnlyStorage
-    return storage.counts() if hasattr(storage, "counts") else {}
+    counting = counting_storage(repo.storage)
+    return counting.counts() if counting is not None else {}
 
 
 def fail(exc: BaseException) -> None:

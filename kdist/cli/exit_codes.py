@@ -14,7 +14,7 @@
 | 15 | unsupported format version |
 | 16 | snapshot or path not found, or an ambiguous snapshot id |
 | 17 | the backup source or restore target cannot be used (missing source, full disk) |
-| 18 | a distributed backup (`cluster/backup.py`) finished, but some node or shard failed |
+| 18 | a distributed backup (`cluster/backup.py`) finished, but some node or shard failed; a process of a multi-process backup (`snapshot create --processes`) died |
 """
 
 from repo_format import errors as E
@@ -36,6 +36,7 @@ DISTRIBUTED_FAILED = 18
 
 def exit_code_for(exc: BaseException) -> int:
     # imported here: the CLI layer knows the library, never the other way round
+    from kdist.processes import BackupProcessDied
     from kdist.restore import RestoreError, TargetFull, TargetUnusable
     from kdist.snapshot import SnapshotNotFound
     from kdist.uploader import SourceError
@@ -54,6 +55,7 @@ def exit_code_for(exc: BaseException) -> int:
         (TargetUnusable, SOURCE_OR_TARGET),
         (SourceError, SOURCE_OR_TARGET),
         (RestoreError, NOT_FOUND),
+        (BackupProcessDied, DISTRIBUTED_FAILED),
     ]
     for cls, code in table:
         if isinstance(exc, cls):

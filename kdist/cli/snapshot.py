@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
+from dataclasses import replace
 
 import click
 
@@ -38,6 +40,18 @@ def _snapshot_json(s: Snapshot) -> dict:
     }
 
 
+def _processes(ctx, param, value):
+    if value in (None, "auto"):
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise click.BadParameter(f"{value!r}: give a number of processes from 1 to 256, or auto")
+    return n
+
+
 @snapshot_group.command("create")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--exclude", "excludes", multiple=True, help="Glob of names or relative paths to leave out (repeatable).")
@@ -47,36 +61,53 @@ def _snapshot_json(s: Snapshot) -> dict:
 @click.option("--checkpoint-interval", type=float, default=1800.0, show_default=True,
               help="Seconds between checkpoint manifests during a long backup (0: none).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Reader threads (default: cores, at least 2).")
+@click.option("--processes", default="auto", callback=_processes, show_default=True, metavar="N|auto",
+              help="Back up a tree with N processes; auto: one per core for a tree of at least "
+                   "20,000 entries per process (kdist.processes.AUTO_MIN_ENTRIES), else one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @with_repository()
-def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, as_json):
+def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
+           as_json):
     """Back up each PATH (a directory) as one snapshot."""
-    results, partial, requests = [], False, [{}]
-    for path in paths:
-        if results:
-            requests.append(storage_requests(repo))
-        opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
-                             one_file_system=one_file_system, checkpoint_interval=checkpoint_interval)
-        if workers:
-            opts.workers = workers
-        progress = ProgressLine()
-        up = Uploader(repo, opts, progress=lambda st, _l: progress.update(st.files_read, st.bytes_read, "reading: "))
-        try:
-            snap = up.backup(path)
-        finally:
-            progress.close()
-        results.append(snap)
-        partial = partial or snap.totals["errors"] > 0
-        if not as_json:
-            t = snap.totals
-            click.echo(f"snapshot {snap.short_id} of {snap.source.path}: {t['files']} files, {t['dirs']} dirs, "
-                       f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
-                       f"reused {t['files_reused']}, new data {human_bytes(t['new_bytes'])}, "
-                       f"{snap.end - snap.start:.1f} s")
-            for err in snap.errors:
-                click.echo(f"  warning: {err['path']}: {err['error']}", err=True)
-            if t["errors"]:
-                click.echo(f"  {t['errors']} file(s) or directories could not be backed up completely", err=True)
+    from kdist.processes import ProcessPool, auto_processes, measure
+
+    opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
+                         one_file_system=one_file_system, checkpoint_interval=checkpoint_interval)
+    if workers:
+        opts.workers = workers
+    # Several processes fork before this process starts a thread, so the trees are measured first.
+    measured, auto = {}, not processes
+    if processes != 1 and repo.storage.shared_between_processes:
+        measured = {path: measure(path, opts) for path in paths}
+        if auto:
+            processes = max(auto_processes(m.entries) for m in measured.values())
+    pool = ProcessPool.fork(repo, processes) if processes > 1 and measured else None
+    with pool or contextlib.nullcontext():
+        results, partial, requests = [], False, [{}]
+        for path in paths:
+            if results:
+                requests.append(storage_requests(repo))
+            progress = ProgressLine()
+            show = lambda st, _l: progress.update(st.files_read, st.bytes_read, "reading: ")  # noqa: E731
+            try:
+                if pool is not None and (not auto or auto_processes(measured[path].entries) > 1):
+                    snap = pool.backup(path, opts, measured[path], progress=show)
+                else:
+                    snap = Uploader(repo, replace(opts), progress=show).backup(path)
+            finally:
+                progress.close()
+            results.append(snap)
+            partial = partial or snap.totals["errors"] > 0
+            if not as_json:
+                t = snap.totals
+                click.echo(f"snapshot {snap.short_id} of {snap.source.path}: {t['files']} files, {t['dirs']} dirs, "
+                           f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
+                           f"reused {t['files_reused']}, new data {human_bytes(t['new_bytes'])}, "
+                           f"{snap.end - snap.start:.1f} s")
+                for err in snap.errors:
+                    click.echo(f"  warning: {err['path']}: {err['error']}", err=True)
+                if t["errors"]:
+                    click.echo(f"  {t['errors']} file(s) or directories could not be backed up completely", err=True)
     if as_json:
         repo.close()  # the session marker's retirement counts too (closing again later is a no-op)
         requests.append(storage_requests(repo))

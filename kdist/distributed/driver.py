@@ -15,7 +15,6 @@ code of the error that stopped the driver (kdist/cli/exit_codes.py).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import sys
@@ -32,10 +31,10 @@ from repo_format.storage.wrappers import CountingStorage, RetryingStorage
 
 from kdist.allocator import tune_process
 from kdist.cli import exit_codes
-from kdist.distributed.plan import assemble, plan_tree
+from kdist.distributed.plan import parts_totals, plan_tree, publish_parts
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
-from kdist.snapshot import SNAPSHOT_LABEL, Source, list_snapshots
-from kdist.uploader import BackupOptions, BackupStats, Uploader, stat_source
+from kdist.snapshot import Source, list_snapshots
+from kdist.uploader import BackupOptions, stat_source
 
 IN_FLIGHT = 2  # parts queued on one actor at a time: one running, one ready
 MAX_ATTEMPTS = 3  # a part that failed (not its actor) this many times fails the backup
@@ -159,6 +158,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     summary = Summary(mode="shard")
+    started = clock.now()
     root_path, st = stat_source(root)
     storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
     repo = Repository.open(storage, password.read(), cache=CacheSettings.from_environment())
@@ -187,12 +187,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
                                         min(workers, len(plan.parts)), display)
         summary.nodes = [{k: v for k, v in r.items() if k not in ("entries", "error_list")}
                          for r in [results[i] for i in sorted(results)] + failures]
-        stats = BackupStats()
-        errors = list(plan.errors)
-        for r in results.values():
-            for k, v in r["stats"].items():
-                setattr(stats, k, getattr(stats, k) + v)
-            errors += r["error_list"]
+        stats, _ = parts_totals(plan, results)
         summary.totals = {"files": stats.files, "bytes_read": stats.bytes_read, "new_bytes": stats.new_bytes,
                           "errors": stats.errors + len(plan.errors), "parts": len(plan.parts),
                           "requeued": requeued}
@@ -203,11 +198,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
             return summary
         for r in results.values():
             r["entries"] = entries_from_wire(r["entries"])
-        tree = assemble(plan.root, {i: r["entries"] for i, r in results.items()}, plan.parts)
-        stats.dirs += _count_dirs(plan.root)
-        snap = Uploader(repo, options).publish_tree(source, tree, stats, errors)
-        checkpoints = [r.id for r in repo.manifests.find(type=SNAPSHOT_LABEL, run=run)]
-        repo.manifests.delete(checkpoints)  # the snapshot supersedes the parts' checkpoints
+        snap = publish_parts(repo, options, source, plan, results, run, started)
         summary.snapshots = [{"path": root_path, "id": snap.id, "root": snap.root, **{
             k: snap.totals.get(k, 0) for k in ("files", "bytes_read", "new_bytes", "errors")}}]
         summary.totals["new_bytes"] = snap.totals.get("new_bytes", 0)
@@ -216,10 +207,6 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
         return summary
     finally:
         repo.close()
-
-
-def _count_dirs(split) -> int:
-    return 1 + sum(_count_dirs(d) for d in split.dirs)
 
 
 def _pull_parts(spawn, parts, part_args, pool_size: int, display: Display):

@@ -122,6 +122,14 @@ class BlobStorage(ABC):
         """
         return {}
 
+    # Whether processes forked from the one that made this storage see the same blobs through
+    # their copies of it (a directory or a bucket: yes; memory: no). ``kdist.processes`` needs it.
+    shared_between_processes = True
+
+    def after_fork(self) -> None:
+        """Called in a forked child before it uses its copy of this storage: drop what must not
+        be shared with the parent (connections, locks another thread may have held)."""
+
     def close(self) -> None:
         """Release connections or handles; the storage is not used afterwards."""
 

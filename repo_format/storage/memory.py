@@ -16,6 +16,7 @@ from repo_format.storage.base import BlobMeta, BlobStorage, check_range, validat
 
 class MemoryStorage(BlobStorage):
     atomic_create_only = True
+    shared_between_processes = False  # a forked child's writes would land in its own copy
 
     def __init__(self, clock: Callable[[], float] | None = None):
         self._clock = clock or clock_module.now

@@ -84,7 +84,8 @@ class S3Storage(BlobStorage):
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         self._reached = False  # has any request succeeded? (see the module docstring)
-        self._client = _make_client(endpoint_url, region_name, max_attempts, connect_timeout, read_timeout)
+        self._client_args = (endpoint_url, region_name, max_attempts, connect_timeout, read_timeout)
+        self._client = _make_client(*self._client_args)
         self.endpoint = self._client.meta.endpoint_url
 
     def _key(self, name: str) -> str:
@@ -247,6 +248,13 @@ class S3Storage(BlobStorage):
         return 1
 
     # ---- misc
+
+    def after_fork(self) -> None:
+        """A client of its own: the parent's connection pool's sockets must not carry two
+        processes' requests (botocore clients are not fork-safe)."""
+        global _session, _session_lock
+        _session, _session_lock = None, threading.Lock()
+        self._client = _make_client(*self._client_args)
 
     def close(self) -> None:
         self._client.close()

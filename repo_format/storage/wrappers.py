@@ -25,6 +25,12 @@ class StorageWrapper(BlobStorage):
     def __init__(self, inner: BlobStorage):
         self.inner = inner
         self.atomic_create_only = inner.atomic_create_only
+        self.shared_between_processes = inner.shared_between_processes
+
+    def after_fork(self) -> None:
+        if hasattr(self, "_lock"):
+            self._lock = threading.Lock()
+        self.inner.after_fork()
 
     def put(self, name, data) -> None:
         self.inner.put(name, data)
@@ -163,6 +169,10 @@ class CountingStorage(StorageWrapper):
         self._lock = threading.Lock()
         self.reset()
 
+    def after_fork(self) -> None:
+        super().after_fork()
+        self.reset()  # a child counts its own requests; the parent adds them up
+
     def reset(self) -> None:
         with self._lock:
             self._counts = {kind: {"calls": 0, "bytes": 0} for kind in KINDS}
@@ -170,6 +180,11 @@ class CountingStorage(StorageWrapper):
     def counts(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {kind: dict(c) for kind, c in self._counts.items()}
+
+    def absorb(self, counts: dict[str, dict[str, int]]) -> None:
+        """Add requests made elsewhere on this client's behalf (a multi-process backup's children)."""
+        for kind, c in counts.items():
+            self._add(kind, c.get("calls", 0), c.get("bytes", 0))
 
     def _add(self, kind: str, calls: int = 0, nbytes: int = 0) -> None:
         with self._lock:
@@ -290,3 +305,10 @@ class FaultInjectingStorage(StorageWrapper):
     def delete(self, name) -> None:
         self._check("DELETE")
         self.inner.delete(name)
+
+
+def counting_storage(storage: BlobStorage) -> CountingStorage | None:
+    """The ``CountingStorage`` in ``storage``'s chain of wrappers, if there is one."""
+    while not isinstance(storage, CountingStorage) and isinstance(storage, StorageWrapper):
+        storage = storage.inner
+    return storage if isinstance(storage, CountingStorage) else None

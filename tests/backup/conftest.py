@@ -29,3 +29,14 @@ def repo(storage):
     return Repository.create(storage, PASSWORD, SMALL, KdfParams.weak_for_tests())
 
 
+@pytest.fixture
+def dir_repo(tmp_path):
+    """A repository in the directory ``tmp_path / "repo"``, which other processes can share."""
+    from repo_format.storage import open_storage
+    from repo_format.storage.wrappers import CountingStorage
+
+    repo = Repository.create(CountingStorage(open_storage(str(tmp_path / "repo"), create=True)), PASSWORD, SMALL,
+                             KdfParams.weak_for_tests())
+    yield repo
+    repo.close()
+
