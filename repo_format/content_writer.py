@@ -266,7 +266,7 @@ class ContentWriter:
                 self._uploaded[:0] = entries
             raise
         with self._lock:  # the view learns them in the same critical section as they leave pending
-            self._view.note_published_locked(entries)
+            self._view.note_published_locked(entries, name)
             for e in entries:
                 if self._pending.get(e.content_id) is e:
                     del self._pending[e.content_id]

@@ -45,9 +45,10 @@ class IndexView:
         self._committed_at = clock.monotonic()
         self._refresh_lock = threading.Lock()  # one reload at a time (never held by the writer)
         self._referenced: set[bytes] = set()  # ids this client wrote or deduplicated against
-        # what this client published, with when: kept on top of reloaded indexes until a listing
-        # is sure to show it (listing_settle), so a lagging listing never hides our own entries
-        self._committed_overlay: list[tuple[float, IndexEntry]] = []
+        # what this client published, with when and in which index blob: kept on top of reloaded
+        # indexes until a listing is sure to show it (listing_settle), so a lagging listing never
+        # hides our own entries; dropped as soon as a reload assembled the blob itself
+        self._committed_overlay: list[tuple[float, str, list[IndexEntry]]] = []
         self.revalidated_at = float("-inf")
 
     @property
@@ -109,15 +110,14 @@ class IndexView:
         """``note_reference`` for a caller that holds the shared lock."""
         self._referenced.add(content_id)
 
-    def note_published_locked(self, entries: Iterable[IndexEntry]) -> None:
-        """The writer published these in an index blob (shared lock held). Before the first load
-        there is nothing to add them to (the load lists them, and the overlay has them): the
-        ``committed`` property would load here, under the lock a reload takes."""
+    def note_published_locked(self, entries: Iterable[IndexEntry], blob: str) -> None:
+        """The writer published these in the index blob ``blob`` (shared lock held). Before the
+        first load there is nothing to add them to (the load lists them, and the overlay has
+        them): the ``committed`` property would load here, under the lock a reload takes."""
         entries = list(entries)
         if self._committed is not None:
             self._committed.add_entries(entries)
-        now = clock.monotonic()
-        self._committed_overlay.extend((now, e) for e in entries)
+        self._committed_overlay.append((clock.monotonic(), blob, entries))
 
     # ---- reloading ------------------------------------------------------------------------
     def refresh_index(self) -> MergedIndex:
@@ -154,8 +154,11 @@ class IndexView:
         fresh = self.epochs.load_index()
         with self._lock:
             settled = started - self.safety.listing_settle
-            self._committed_overlay = [(t, e) for t, e in self._committed_overlay if t >= settled]
-            fresh.add_entries(e for _, e in self._committed_overlay)
+            assembled = set(fresh.names or ())  # blobs whose entries the fresh index holds itself
+            self._committed_overlay = [(t, blob, es) for t, blob, es in self._committed_overlay
+                                       if t >= settled and blob not in assembled]
+            for _, _, es in self._committed_overlay:
+                fresh.add_entries(es)
             self._committed = fresh
             self._committed_at = clock.monotonic()
         return fresh
@@ -184,9 +187,8 @@ class IndexView:
             # blob GC counts on it, gc/README.md), so decide again from a fresh one
             return self._undelete_referenced(self._reload(), raise_lost)
         if undelete:
-            self.epochs.write_index(undelete)
+            blob = self.epochs.write_index(undelete)
             with self._lock:
                 index.add_entries(undelete)
-                now = clock.monotonic()
-                self._committed_overlay.extend((now, e) for e in undelete)
+                self._committed_overlay.append((clock.monotonic(), blob, undelete))
         return len(undelete)
