@@ -49,6 +49,10 @@ from kdist.uploader import BackupOptions, BackupStats, SourceError, Uploader, st
 # this many entries.
 AUTO_MIN_ENTRIES = 20_000
 AUTO_MAX_PROCESSES = 16
+# Parts per process: each part ends with a flush, an index reload and a checkpoint, so fewer
+# than Ray's (whose nodes differ more in speed); two still let a process that is done early
+# take over the other's second part.
+PARTS_PER_PROCESS = 2
 
 
 class BackupProcessDied(KdistError):
@@ -108,7 +112,7 @@ class ProcessPool:
             if options.reuse_previous else []
         measured = measured or measure(root_path, options)
         plan = plan_tree(root_path, list(options.excludes), self.size, options.one_file_system,
-                         previous[-1].root if previous else None, self.repo.objects, measured=measured)
+                         previous[-1].root if previous else None, self.repo.objects, PARTS_PER_PROCESS, measured)
         run = secrets.token_hex(8)
         threads = max(2, (os.cpu_count() or 2) // self.size)
         part_options = replace(options, workers=min(options.workers, threads))
@@ -197,6 +201,9 @@ def _serve(conn: Connection, parent_repo: Repository) -> None:
             up = Uploader(repo, options)
             out["entries"], out["checkpoint"] = up.backup_part(part, source, root_dev, run)
             out["stats"], out["error_list"] = up.stats.as_dict(), up.error_list
+            # the part's checkpoint protects what it refers to until the snapshot is published:
+            # the next part's revalidation checks only its own references, not every part's so far
+            repo.contents.forget_references()
         except KdistError as exc:
             out["error"] = _portable(exc)
         conn.send(out)

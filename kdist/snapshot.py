@@ -71,13 +71,13 @@ class Entry:
     summary: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
-        # not dataclasses.asdict, which deep-copies: this runs once per file backed up
-        d = {k: v for k, v in zip(_ENTRY_FIELDS, _entry_values(self)) if v not in ("", 0, {})}
+        # one pass, in field order as always, empty values left out (name and type never): this
+        # runs once per entry written; not dataclasses.asdict, which deep-copies
+        d = {k: v for k, v in zip(ENTRY_FIELDS, _entry_values(self)) if v or k in _ALWAYS_ON_WIRE}
         d["name"] = _wire_str(self.name)  # names that are not UTF-8 travel as raw bytes
-        d["type"] = self.type
         if self.target:
             d["target"] = _wire_str(self.target)
-        return {k: d[k] for k in _ENTRY_FIELDS if k in d}  # in field order, as always
+        return d
 
     @classmethod
     def from_wire(cls, d: dict) -> "Entry":
@@ -156,8 +156,9 @@ def fewer_collections(gen0: int = 100_000):
                 gc.set_threshold(*_collections_saved)
 
 
-_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
-_entry_values = operator.attrgetter(*_ENTRY_FIELDS)
+ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_entry_values = operator.attrgetter(*ENTRY_FIELDS)
+_ALWAYS_ON_WIRE = ("name", "type")
 
 
 def encode_directory(entries: list[Entry]) -> bytes:

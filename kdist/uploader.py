@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import operator
 import os
 import stat as statmod
 import threading
@@ -29,7 +30,7 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, fewer_collections,
+    ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, fewer_collections,
     list_snapshots, read_directory,
 )
 
@@ -129,10 +130,15 @@ class BackupStats:
 @dataclass
 class DirNode:
     """A directory being built: its entry, and its children in name order (entries, futures of
-    entries, or directories being built)."""
+    entries, or directories being built). ``same``: the walk found exactly the previous
+    snapshot's children, each with the same metadata (files still to be confirmed reusable):
+    if they all are, the previous directory object is this one (``reused``), not written again."""
 
     entry: Entry
     children: list = field(default_factory=list)  # Entry | DirNode | PENDING (Entry | None)
+    prev_oid: str | None = None
+    same: bool = False
+    reused: bool = False
 
 
 class _Batch:
@@ -180,6 +186,13 @@ class _Reuse:
 
 
 PENDING = (Future, _Slot, _Reuse)  # children of a DirNode still being read or decided
+
+# every field of an entry but what is computed from its contents (object id, directory summary)
+_metadata = operator.attrgetter(*(f for f in ENTRY_FIELDS if f not in ("oid", "summary")))
+
+
+def _same_metadata(entry: Entry, old: Entry | None) -> bool:
+    return old is not None and _metadata(entry) == _metadata(old)
 
 
 def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
@@ -392,6 +405,8 @@ class Uploader:
             return
         patterns = patterns + ignore_patterns(path, self._error)
         prev = self._previous_entries(prev_oid)
+        same, matched = prev is not None, 0
+        prev = prev or {}
         for d in dirents:
             child_path = os.path.join(path, d.name)
             if is_excluded(child_path, d.name, self._source.path, patterns):
@@ -401,10 +416,13 @@ class Uploader:
             except OSError as exc:
                 self._error(child_path, f"cannot stat: {exc.strerror}")
                 continue
-            self._add_child(node, child_path, d.name, st, prev.get(d.name), patterns)
+            old = prev.get(d.name)
+            matched += old is not None
+            same = self._add_child(node, child_path, d.name, st, old, patterns) and same
+        node.prev_oid, node.same = prev_oid, same and matched == len(prev)
 
     def _add_names(self, part: "TreePart") -> None:
-        prev = self._previous_entries(part.prev_oid)
+        prev = self._previous_entries(part.prev_oid) or {}
         for name in part.names:
             child_path = os.path.join(part.path, name)
             try:
@@ -415,33 +433,44 @@ class Uploader:
             self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns))
 
     def _add_child(self, node: DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
-                   patterns: list[str]) -> None:
+                   patterns: list[str]) -> bool:
+        """Add one child; returns whether it looks as it did in the previous snapshot (``DirNode.same``)."""
+        same = False
         if statmod.S_ISDIR(st.st_mode):
             if self.options.one_file_system and st.st_dev != self._root_dev:
-                return
+                return False
             old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
             child = DirNode(_entry_from_stat(name, st, TYPE_DIR))
             node.children.append(child)
             self._walk(child_path, child, old_oid, patterns)
+            same = child.same and _same_metadata(child.entry, old)
         elif statmod.S_ISREG(st.st_mode):
-            node.children.append(self._file(child_path, _entry_from_stat(name, st, TYPE_FILE), old))
+            entry = _entry_from_stat(name, st, TYPE_FILE)
+            got = self._file(child_path, entry, old)
+            node.children.append(got)
+            same = isinstance(got, _Reuse) and _same_metadata(entry, old)
         elif statmod.S_ISLNK(st.st_mode):
-            node.children.append(self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK)))
+            got = self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK))
+            node.children.append(got)
+            same = got is not None and got == old
         else:
             with self._lock:
                 self.stats.skipped += 1
             self._error(child_path, "skipped: special file (device, fifo or socket) is not backed up")
         self._maybe_checkpoint()
+        return same
 
-    def _previous_entries(self, prev_oid: str | None) -> dict[str, Entry]:
+    def _previous_entries(self, prev_oid: str | None) -> dict[str, Entry] | None:
+        """The previous snapshot's entries of a directory by name; None if there are none to
+        compare with (no previous directory, or a damaged one)."""
         if not prev_oid:
-            return {}
+            return None
         try:
             return {e.name: e for e in read_directory(self.repo.objects, prev_oid)}
         except KdistError as exc:  # a damaged previous snapshot only costs re-reading
             if is_outage(exc):  # the storage failing is not damage: stop with its error
                 raise
-            return {}
+            return None
 
     def _symlink(self, path: str, entry: Entry) -> Entry | None:
         try:
@@ -578,13 +607,16 @@ class Uploader:
     def _write_tree(self, node: DirNode, final: bool) -> Entry:
         entries = []
         summary = {"files": 0, "dirs": 0, "bytes": 0}
+        reuse = final and node.same  # every child must turn out as it was, too
         for child in node.children:
             if isinstance(child, PENDING):
                 if not final and not child.done():
                     continue
+                reuse = reuse and isinstance(child, _Reuse) and child.value is not None
                 child = child.result()
             elif isinstance(child, DirNode):
-                child = self._write_tree(child, final)
+                sub, child = child, self._write_tree(child, final)
+                reuse = reuse and sub.reused
             if child is None:
                 continue
             entries.append(child)
@@ -596,9 +628,24 @@ class Uploader:
                 summary["files"] += 1
                 summary["bytes"] += child.size
         entry = node.entry
-        entry.oid = self.repo.objects.write_bytes(encode_directory(entries), metadata=True)
+        if reuse and self._still_stored(node.prev_oid):
+            entry.oid, node.reused = node.prev_oid, True  # the same entries encode to the same object
+        else:
+            entry.oid = self.repo.objects.write_bytes(encode_directory(entries), metadata=True)
         entry.summary = summary
         return entry
+
+    def _still_stored(self, oid: str) -> bool:
+        """Whether a previous directory object can be referred to as it is: one chunk whose content
+        the index holds live (noted as referenced: revalidated before publishing)."""
+        try:
+            indirect, cid = parse_object_id(oid)
+        except KdistError:
+            return False
+        if indirect or not self.repo.contents.contains(cid):
+            return False
+        self.repo.contents.note_reference(cid)
+        return True
 
     def _checkpoint_wait(self) -> float | None:
         iv = self.options.checkpoint_interval

@@ -127,6 +127,9 @@ class ContentStore:
     def note_references(self, content_ids: list[bytes]) -> None:
         self.index.note_references(content_ids)
 
+    def forget_references(self) -> None:
+        self.index.forget_references()
+
     def revalidate(self) -> int:
         return self.index.revalidate()
 

@@ -106,6 +106,13 @@ class IndexView:
         with self._lock:
             self._referenced.update(content_ids)
 
+    def forget_references(self) -> None:
+        """What this client referred to is published (a part of a sharded backup, in its own
+        checkpoint): from here on it is protected as every published tree is, as if this
+        client had ended, and later revalidations need not check it again."""
+        with self._lock:
+            self._referenced.clear()
+
     def add_reference_locked(self, content_id: bytes) -> None:
         """``note_reference`` for a caller that holds the shared lock."""
         self._referenced.add(content_id)

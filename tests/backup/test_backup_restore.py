@@ -51,6 +51,35 @@ def test_unchanged_second_backup_reads_nothing_and_stores_no_data_pack(repo, sto
     assert second.root == first.root
 
 
+def test_unchanged_directories_are_not_written_again(repo, storage, tmp_path, monkeypatch):
+    """An unchanged directory's object is the previous one, reused without encoding it; a change
+    deep down rewrites exactly the directories on the path to it, and the tree equals a fresh
+    backup's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tree(str(src))
+    first = backup(repo, src)
+    encoded = []
+    real_encode = uploader_module.encode_directory
+    monkeypatch.setattr(uploader_module, "encode_directory", lambda es: (encoded.append(len(es)), real_encode(es))[1])
+    second = backup(reopen(storage), src)
+    assert encoded == [] and second.root == first.root
+    (src / "docs" / "deep" / "er" / "new.txt").write_text("new")
+    third = backup(reopen(storage), src)
+    assert len(encoded) == 4  # er, deep, docs and the root
+    fresh = Uploader(reopen(storage), BackupOptions(reuse_previous=False)).backup(str(src))
+    assert third.root == fresh.root != first.root
+    os.chmod(src / "docs", 0o700)  # metadata of a directory: its parent (the root) changes
+    encoded.clear()
+    fourth = backup(reopen(storage), src)
+    assert len(encoded) == 1 and fourth.root != third.root
+    os.remove(src / "docs" / "deep" / "er" / "new.txt")  # a child less: er, deep, docs, root
+    encoded.clear()
+    fifth = backup(reopen(storage), src)
+    assert len(encoded) == 4
+    assert fifth.root == Uploader(reopen(storage), BackupOptions(reuse_previous=False)).backup(str(src)).root
+
+
 def test_one_file_change_stores_only_that_files_new_chunks(repo, storage, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
