@@ -88,6 +88,7 @@ class ProcessPool:
         if threading.active_count() > 1:
             # a thread of ours could hold a lock the child needs: fork before any thread starts
             raise RuntimeError("a multi-process backup must fork before the process starts threads")
+        import numpy  # noqa: F401  every process searches the index with it: import it once, not in each
         ctx = multiprocessing.get_context("fork")
         children = []
         for _ in range(processes):

@@ -195,6 +195,15 @@ def _same_metadata(entry: Entry, old: Entry | None) -> bool:
     return old is not None and _metadata(entry) == _metadata(old)
 
 
+def _same_file(st: os.stat_result, old: Entry) -> bool:
+    """Whether a file's stat gives exactly the previous entry's metadata (what ``_entry_from_stat``
+    would make of it), without making an entry: the unchanged re-run's common case."""
+    return (old.type == TYPE_FILE and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns
+            and old.ctime_ns == st.st_ctime_ns and old.inode == st.st_ino and old.mode == statmod.S_IMODE(st.st_mode)
+            and old.uid == st.st_uid and old.gid == st.st_gid and old.nlink == st.st_nlink
+            and old.user == _user(st.st_uid) and old.group == _group(st.st_gid))
+
+
 def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
     return Entry(
         name=name, type=etype, mode=statmod.S_IMODE(st.st_mode), size=st.st_size if etype == TYPE_FILE else 0,
@@ -445,10 +454,12 @@ class Uploader:
             self._walk(child_path, child, old_oid, patterns)
             same = child.same and _same_metadata(child.entry, old)
         elif statmod.S_ISREG(st.st_mode):
-            entry = _entry_from_stat(name, st, TYPE_FILE)
-            got = self._file(child_path, entry, old)
+            if old is not None and _same_file(st, old):  # the previous entry is this one, as it is
+                got, same = self._file(child_path, old, old), True
+            else:
+                got, same = self._file(child_path, _entry_from_stat(name, st, TYPE_FILE), old), False
             node.children.append(got)
-            same = isinstance(got, _Reuse) and _same_metadata(entry, old)
+            same = same and isinstance(got, _Reuse)
         elif statmod.S_ISLNK(st.st_mode):
             got = self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK))
             node.children.append(got)
