@@ -61,27 +61,32 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_source(path: str) -> int:
+_EUID = os.geteuid() if hasattr(os, "geteuid") else -1
+
+
+def open_source(path: str, owner: int | None = None) -> int:
     """A descriptor for reading ``path``, never through a symlink and, where allowed, without
-    updating its access time."""
-    try:
-        return os.open(path, _OPEN_FLAGS | _NOATIME)
-    except PermissionError:  # O_NOATIME needs ownership; retry without it
-        pass
-    except OSError as exc:
-        raise ReadFailed(f"cannot read file: {exc.strerror}") from None
+    updating its access time. O_NOATIME needs ownership (or root's CAP_FOWNER): for a file the
+    walk saw owned by ``owner``, someone else's, it is not tried (a failed open per file)."""
+    if _NOATIME and (owner is None or _EUID in (0, owner)):
+        try:
+            return os.open(path, _OPEN_FLAGS | _NOATIME)
+        except PermissionError:  # not allowed after all (another owner, no capability): retry without
+            pass
+        except OSError as exc:
+            raise ReadFailed(f"cannot read file: {exc.strerror}") from None
     try:
         return os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         raise ReadFailed(f"cannot read file: {exc.strerror}") from None
 
 
-def read_whole(path: str, size: int) -> tuple[bytes, os.stat_result] | None:
+def read_whole(path: str, size: int, owner: int | None = None) -> tuple[bytes, os.stat_result] | None:
     """The bytes of a file the walk saw ``size`` bytes long and its stat after the read, or None
     if it has grown since. Reads of at most ``size + 1`` bytes in all (a larger buffer than
     needed costs an mmap per file): one, unless the file system returns short reads (NFS, FUSE,
     a signal), when it reads on to the end."""
-    fd = open_source(path)
+    fd = open_source(path, owner)
     try:
         data = os.read(fd, size + 1)
         while 0 < len(data) <= size:  # usually one read: a short one may just be short
@@ -564,7 +569,7 @@ class Uploader:
         """A file the walk saw no larger than one chunk: read whole (``read_whole``); grown
         since the walk, it is read as a stream, like a large file."""
         try:
-            got = read_whole(path, entry.size)
+            got = read_whole(path, entry.size, entry.uid)
         except ReadFailed as exc:
             self._error(path, str(exc))
             return None
@@ -588,7 +593,7 @@ class Uploader:
 
     def _read_file(self, path: str, entry: Entry) -> Entry | None:
         try:
-            fd = open_source(path)
+            fd = open_source(path, entry.uid)
         except ReadFailed as exc:
             self._error(path, str(exc))
             return None

@@ -151,6 +151,27 @@ def test_unreadable_file_and_directory_are_reported_and_skipped(repo, tmp_path, 
     assert (dst / "ok.txt").read_text() == "fine" and not (dst / "locked.txt").exists()
 
 
+def test_noatime_is_tried_only_where_it_can_work(repo, tmp_path, monkeypatch):
+    """O_NOATIME needs the file's ownership (or root): for someone else's files the first open
+    would fail every time, so it is not tried."""
+    if not uploader_module._NOATIME:
+        pytest.skip("this system has no O_NOATIME")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(100 + i))
+    (src / "big").write_bytes(os.urandom(200_000))  # read as a stream, through the same open
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(uploader_module.os, "open", lambda p, f, *a, **k: (flags.append(f), real_open(p, f, *a, **k))[1])
+    backup(repo, src)
+    assert len(flags) == 4 and all(f & uploader_module._NOATIME for f in flags)  # ours (or root): tried
+    flags.clear()
+    monkeypatch.setattr(uploader_module, "_EUID", os.stat(src / "f0").st_uid + 1)  # someone else's files
+    backup(repo, src, reuse_previous=False)
+    assert len(flags) == 4 and not any(f & uploader_module._NOATIME for f in flags)
+
+
 @pytest.mark.parametrize("lane", ["batched", "pool"])
 def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monkeypatch, lane):
     """Files within one chunk are read whole, in batches by one thread (up to BATCH_FILE_SIZE)
@@ -165,7 +186,7 @@ def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monke
     (src / "outgrown").write_bytes(b"small")  # small when walked, a stream when read
     real_open = uploader_module.open_source
 
-    def meddle(path):
+    def meddle(path, *owner):
         if path.endswith("vanishing"):
             os.unlink(path)
         if path.endswith("outgrown") and os.path.getsize(path) == 5:
@@ -175,7 +196,7 @@ def test_file_deleted_or_changed_during_backup_is_reported(repo, tmp_path, monke
             with open(path, "r+b") as f:
                 f.write(b"more")
             os.utime(path, ns=(0, 10**9))
-        return real_open(path)
+        return real_open(path, *owner)
 
     real_write_stream = repo.objects.write_stream
 
