@@ -138,18 +138,23 @@ class ProcessPool:
         return publish_parts(self.repo, options, source, plan, results, run, started)
 
     def close(self) -> None:
-        """Let every process flush and retire its session, then end; add up their requests."""
+        """Let every process flush and retire its session, then end; add up their requests. The
+        first process that fails to close raises, once every one has ended."""
+        failed: KdistError | None = None
         for proc, conn in self._children:
             try:
                 conn.send(None)
                 r = self._receive(conn, "closing")
                 _absorb_requests(self.repo.storage, r["requests"])
-                if r["error"] is not None:
-                    raise r["error"]
+                failed = failed or r["error"]
+            except KdistError as exc:
+                failed = failed or exc
             finally:
                 conn.close()
                 proc.join()
         self._children = []
+        if failed is not None:
+            raise failed
 
     def terminate(self) -> None:
         """Stop every process now (the backup failed or was interrupted)."""

@@ -174,6 +174,9 @@ class BackupWorker:
             entries, checkpoint = up.backup_part(part, source, root_dev, run)
             out["entries"] = [e.to_wire() for e in entries]
             out["checkpoint"] = checkpoint
+            # the part's checkpoint protects what it refers to until the driver publishes: the
+            # actor's next part revalidates only its own references (kdist.processes does the same)
+            self.repo.contents.forget_references()
         except KdistError as exc:
             out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
         out["stats"] = up.stats.as_dict() if up is not None else {}

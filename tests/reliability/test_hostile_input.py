@@ -523,23 +523,33 @@ def test_directory_chain_10000_deep_ls_verify_diff_refuse_cleanly_and_gc_walks_i
     assert diff(repo, snap.root, snap.root) == []
 
 
-def test_deep_directory_chains_restore_without_recursion_error(fs_repo, tmp_path):
+@pytest.fixture
+def deep_dirs(tmp_path):
+    """Where a test restores directory chains up to MAX_DEPTH deep; removed with ``rm -rf``
+    afterwards: pytest's own clean-up of ``tmp_path`` recurses once per level and fails on them."""
+    where = tmp_path / "restores"
+    where.mkdir()
+    yield where
+    subprocess.run(["rm", "-rf", str(where)], check=False)
+
+
+def test_deep_directory_chains_restore_without_recursion_error(fs_repo, deep_dirs):
     repo, _ = fs_repo
     within = resolve_snapshot(repo.manifests, _chain(repo, 600))
-    stats = Restorer(repo).restore(within, str(tmp_path / "within"))
-    assert stats.errors == 0 and (tmp_path / "within" / "/".join(["d"] * 600) / "leaf").read_bytes() == b"owned"
+    stats = Restorer(repo).restore(within, str(deep_dirs / "within"))
+    assert stats.errors == 0 and (deep_dirs / "within" / "/".join(["d"] * 600) / "leaf").read_bytes() == b"owned"
     deep = resolve_snapshot(repo.manifests, _chain(repo, 10_000))
-    stats = Restorer(repo).restore(deep, str(tmp_path / "deep"))
+    stats = Restorer(repo).restore(deep, str(deep_dirs / "deep"))
     assert stats.errors >= 1 and f"deeper than {MAX_DEPTH}" in stats.error_list[0]["error"]
-    assert not (tmp_path / "deep" / "/".join(["d"] * (MAX_DEPTH + 2))).exists()
+    assert not (deep_dirs / "deep" / "/".join(["d"] * (MAX_DEPTH + 2))).exists()
 
 
-def test_cli_restore_of_a_deep_chain_prints_no_traceback(fs_repo, tmp_path):
+def test_cli_restore_of_a_deep_chain_prints_no_traceback(fs_repo, deep_dirs):
     """Through ``main()``: whatever the restorer does with 10,000 levels, the user sees one line
     and an exit code, not a Python traceback."""
     repo, where = fs_repo
     sid = _chain(repo, 10_000)
-    p = kdist_process("snapshot", "restore", "--repo", where, sid[:8], tmp_path / "dst")
+    p = kdist_process("snapshot", "restore", "--repo", where, sid[:8], deep_dirs / "dst")
     assert p.returncode in CLEAN_REFUSALS | {exit_codes.FAILURE}, p.stderr
     assert p.stderr.startswith("kdist:") or "could not be restored" in p.stderr
 
