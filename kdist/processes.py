@@ -41,7 +41,7 @@ from repo_format.repository import Repository
 from repo_format.storage.wrappers import counting_storage
 
 from kdist.distributed.plan import MeasuredTree, measure_tree, parts_totals, plan_tree, publish_parts
-from kdist.snapshot import Snapshot, Source, list_snapshots
+from kdist.snapshot import Snapshot, Source, previous_root
 from kdist.uploader import BackupOptions, BackupStats, SourceError, Uploader, stat_source
 
 # ``--processes auto``: a tree of fewer entries than this is backed up by one process (forking,
@@ -109,11 +109,10 @@ class ProcessPool:
         started = clock.now()
         root_path, st = stat_source(path)
         source = Source.local(root_path)
-        previous = list_snapshots(self.repo.manifests, host=source.host, user=source.user, path=source.path) \
-            if options.reuse_previous else []
+        previous = previous_root(self.repo.manifests, source) if options.reuse_previous else None
         measured = measured or measure(root_path, options)
-        plan = plan_tree(root_path, list(options.excludes), self.size, options.one_file_system,
-                         previous[-1].root if previous else None, self.repo.objects, PARTS_PER_PROCESS, measured)
+        plan = plan_tree(root_path, list(options.excludes), self.size, options.one_file_system, previous,
+                         self.repo.objects, PARTS_PER_PROCESS, measured)
         run = secrets.token_hex(8)
         threads = max(2, (os.cpu_count() or 2) // self.size)
         part_options = replace(options, workers=min(options.workers, threads))

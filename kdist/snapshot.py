@@ -297,6 +297,13 @@ def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> li
     return [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)]
 
 
+def previous_root(manifests, source: Source) -> str | None:
+    """The root of the newest complete snapshot of ``source`` (host, user and path): what a new
+    backup of it compares its files with, to reuse the unchanged ones."""
+    snaps = list_snapshots(manifests, host=source.host, user=source.user, path=source.path)
+    return snaps[-1].root if snaps else None
+
+
 class SnapshotNotFound(KdistError):
     """No snapshot matches, or a prefix matches more than one."""
 

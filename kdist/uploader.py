@@ -31,7 +31,7 @@ from repo_format.repository import Repository
 
 from kdist.snapshot import (
     ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, fewer_collections,
-    list_snapshots, read_directory,
+    previous_root, read_directory,
 )
 
 IGNORE_FILE = ".kdistignore"
@@ -398,9 +398,7 @@ class Uploader:
     def _previous_root(self) -> str | None:
         if not self.options.reuse_previous:
             return None
-        src = self._source
-        snaps = list_snapshots(self.repo.manifests, host=src.host, user=src.user, path=src.path)
-        return snaps[-1].root if snaps else None
+        return previous_root(self.repo.manifests, self._source)
 
     def _error(self, path: str, message: str) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ from kdist.allocator import tune_process
 from kdist.cli import exit_codes
 from kdist.distributed.plan import parts_totals, plan_tree, publish_parts
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
-from kdist.snapshot import Source, list_snapshots
+from kdist.snapshot import Source, previous_root
 from kdist.uploader import BackupOptions, stat_source
 
 IN_FLIGHT = 2  # parts queued on one actor at a time: one running, one ready
@@ -164,13 +164,13 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     repo = Repository.open(storage, password.read(), cache=CacheSettings.from_environment())
     try:
         source = Source(host, Source.local(root_path).user, root_path)
-        previous = list_snapshots(repo.manifests, host=source.host, user=source.user, path=source.path)
+        previous = previous_root(repo.manifests, source) if options.reuse_previous else None
         # one actor per node by default: threads inside a process share its index and move no data
         # between processes (shared/MEASURED.md), so a node needs no second copy of the index
         nodes = [n for n in alive_nodes({}) if n["Resources"].get("CPU", 0) >= cpus]
         workers = parallelism or max(1, len(nodes))
         plan = plan_tree(root_path, list(options.excludes), workers, options.one_file_system,
-                         previous[-1].root if previous and options.reuse_previous else None, repo.objects)
+                         previous, repo.objects)
         run = secrets.token_hex(8)
         board = progress_board()
         display = Display(board, show)
