@@ -11,7 +11,7 @@ from repo_format import constants as C
 from kdist import uploader as uploader_module
 from kdist.browse import diff, verify
 from kdist.restore import Restorer
-from kdist.snapshot import Entry, Snapshot, Source, list_snapshots, resolve_snapshot, SnapshotNotFound
+from kdist.snapshot import Snapshot, Source, list_snapshots, resolve_snapshot, SnapshotNotFound
 from kdist.uploader import BackupOptions, SourceError, Uploader
 
 from kdist_trees import build_tree, reopen, tree_state
