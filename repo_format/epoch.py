@@ -266,7 +266,9 @@ class EpochManager:
         epoch = self.fresh_view().current
         while True:
             name = self._raw_name(plaintext, epoch)
-            self.storage.put(name, seal_index(self._aead, name, plaintext))
+            # create-only: a taken name holds these very entries (it is a keyed hash of them,
+            # written by this session), and writers never replace a blob
+            self.storage.put_if_absent(name, seal_index(self._aead, name, plaintext))
             current = self.refresh().current
             if current <= epoch:
                 return name

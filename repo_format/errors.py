@@ -46,6 +46,11 @@ class ReadOnlyStorage(StorageError):
     """A write was attempted through a read-only storage."""
 
 
+class AppendOnlyViolation(ReadOnlyStorage):
+    """A delete, or a put over an existing name, was attempted through an append-only storage
+    (the backup path, and every client holding a host key, may only add blobs)."""
+
+
 def is_outage(exc: BaseException) -> bool:
     """The storage failing as a whole (unreachable, erroring after retries), as opposed to one
     blob being missing or malformed: a reader stops on it instead of reporting damage."""

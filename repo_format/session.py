@@ -1,10 +1,13 @@
 """Sessions and the storage clock.
 
-A writing client publishes ``s<session>`` and rewrites it every ``session_heartbeat`` seconds
-while it runs, and deletes it when it finishes. Maintenance never deletes a pack whose name
-carries a live session (a marker younger than ``session_expiry`` on the storage's clock). A
-writer that could not refresh its marker for longer than the expiry (it was paused or cut off)
-refuses to publish index blobs: maintenance may have collected its unindexed packs meanwhile.
+A writing client adds a heartbeat blob ``s<session>-<beat>`` every ``session_heartbeat`` seconds
+while it runs, and an end blob ``s<session>-end`` when it finishes: it never replaces or deletes
+one (writers are append-only; maintenance's housekeeping collects markers older than twice the
+expiry). A session is live while it has a heartbeat younger than ``session_expiry`` on the
+storage's clock and no end blob (markers of older kdist, ``s<session>``, count as heartbeats).
+Maintenance never deletes a pack whose name carries a live session. A writer that could not
+refresh its marker for longer than the expiry (it was paused or cut off) refuses to publish
+index blobs: maintenance may have collected its unindexed packs meanwhile.
 
 ``storage_now`` reads the storage's clock by writing a probe blob and reading its timestamp:
 the only clock that safety margins are measured on.
@@ -44,8 +47,29 @@ def session_of(blob_name: str) -> str | None:
     return tail if sep and len(tail) == 2 * C.SESSION_ID_BYTES else None
 
 
+SESSION_END = "end"
+
+
+def marker_session(name: str) -> tuple[str, str]:
+    """(session, beat or ``SESSION_END``) of a session marker's name; beat "" for older markers."""
+    session, _, beat = name[len(C.SESSION_PREFIX):].partition("-")
+    return session, beat
+
+
 def live_sessions(markers: list[BlobMeta], now: float, expiry: float) -> set[str]:
-    return {m.name[len(C.SESSION_PREFIX):] for m in markers if now - m.timestamp < expiry}
+    beating, ended = set(), set()
+    for m in markers:
+        session, beat = marker_session(m.name)
+        if beat == SESSION_END:
+            ended.add(session)
+        elif now - m.timestamp < expiry:
+            beating.add(session)
+    return beating - ended
+
+
+def unended_sessions(storage: BlobStorage) -> set[str]:
+    """Sessions with a marker and no end blob, however old (a writer that did not retire)."""
+    return live_sessions(list(storage.list(C.SESSION_PREFIX)), 0.0, float("inf"))
 
 
 class SessionMarker:
@@ -54,6 +78,9 @@ class SessionMarker:
         self.storage = storage
         self.session = session
         self.name = C.SESSION_PREFIX + session
+        self._beats = 0
+        self._ended = False  # its end blob is written: a marker is never started again
+        self._beat_lock = threading.Lock()  # the heartbeat thread and check_alive both refresh
         self._aead = aead
         self._heartbeat = heartbeat
         self._expiry = expiry
@@ -65,6 +92,8 @@ class SessionMarker:
         self.on_beat = None  # also run on every beat (the content store refreshes its index view)
 
     def start(self) -> None:
+        if self._ended:
+            raise KdistError(f"session {self.session} has ended; a new one must be started (kdist bug)")
         self.refresh()
         if self._auto:
             self._thread = threading.Thread(target=self._run, name=f"kdist-session-{self.session}", daemon=True)
@@ -83,9 +112,15 @@ class SessionMarker:
         started = clock.monotonic()
         if self._last_ok is not None and self._expiry > 0 and started - self._last_ok >= self._expiry * 0.8:
             self._lapsed = True  # paused or cut off past the expiry: refreshing now cannot undo that
-        body = msgpack.packb({"session": self.session, "at": clock.now()})
-        self.storage.put(self.name, self._aead.seal(body, self.name.encode()))
+        with self._beat_lock:
+            beat, self._beats = self._beats, self._beats + 1
+        self._put(f"{beat:08x}")
         self._last_ok = started
+
+    def _put(self, beat: str) -> None:
+        name = f"{self.name}-{beat}"
+        body = msgpack.packb({"session": self.session, "at": clock.now(), "beat": beat})
+        self.storage.put(name, self._aead.seal(body, name.encode()))
 
     def check_alive(self) -> None:
         """Raise ``SessionExpired`` if the marker may have lapsed; refresh it if it is due."""
@@ -105,4 +140,6 @@ class SessionMarker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.storage.delete(self.name)
+        if self._last_ok is not None and not self._ended:
+            self._ended = True
+            self._put(SESSION_END)

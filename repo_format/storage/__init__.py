@@ -15,11 +15,11 @@ from repo_format.storage.base import BlobMeta, BlobStorage, validate_name
 from repo_format.storage.filesystem import FilesystemStorage
 from repo_format.storage.memory import MemoryStorage
 from repo_format.storage.s3 import S3Storage, parse_s3_url
-from repo_format.storage.wrappers import (CountingStorage, FaultInjectingStorage, ReadOnlyStorage,
+from repo_format.storage.wrappers import (AppendOnlyStorage, CountingStorage, FaultInjectingStorage, ReadOnlyStorage,
                                           RetryingStorage, StorageWrapper)
 
 __all__ = [
-    "BlobMeta", "BlobStorage", "CountingStorage", "FaultInjectingStorage", "FilesystemStorage",
+    "AppendOnlyStorage", "BlobMeta", "BlobStorage", "CountingStorage", "FaultInjectingStorage", "FilesystemStorage",
     "MemoryStorage", "ReadOnlyStorage", "RetryingStorage", "S3Storage", "StorageWrapper",
     "open_storage", "parse_s3_url", "validate_name", "wrappers",
 ]

@@ -156,6 +156,41 @@ class ReadOnlyStorage(StorageWrapper):
         raise errors.ReadOnlyStorage(f"cannot reclaim leftovers: {self.describe()} is opened read-only")
 
 
+class AppendOnlyStorage(StorageWrapper):
+    """Only adds blobs: every put is create-only (``put_if_absent``; a taken name raises
+    ``errors.AppendOnlyViolation``), and deletes and reclaims are refused.
+
+    The backup path runs through it whatever key it holds (it never needs to delete or replace
+    anything), so a bug that would delete is an error here before storage policy (no
+    ``s3:DeleteObject``, ``s3:if-none-match`` on puts, Object Lock) refuses it there.
+    """
+
+    def _refuse(self, what: str, name: str):
+        raise errors.AppendOnlyViolation(f"cannot {what} blob {name!r}: this client may only add blobs to "
+                                         f"{self.describe()} (append-only)")
+
+    def put(self, name, data) -> None:
+        if not self.inner.put_if_absent(name, data):
+            self._refuse("replace", name)
+
+    def delete(self, name) -> None:
+        self._refuse("delete", name)
+
+    def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
+        raise errors.AppendOnlyViolation(f"cannot reclaim leftovers: this client may only add blobs to "
+                                         f"{self.describe()} (append-only)")
+
+
+def append_only(storage: BlobStorage) -> BlobStorage:
+    """``storage`` behind an ``AppendOnlyStorage``, unless it already is one."""
+    s = storage
+    while isinstance(s, StorageWrapper):
+        if isinstance(s, AppendOnlyStorage):
+            return storage
+        s = s.inner
+    return AppendOnlyStorage(storage)
+
+
 class CountingStorage(StorageWrapper):
     """Counts calls and bytes per kind of request (PUT, GET, LIST, DELETE, STAT); thread-safe.
 

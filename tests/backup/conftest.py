@@ -12,6 +12,7 @@ from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
+from repo_format.storage.wrappers import AppendOnlyStorage  # noqa: E402
 
 # Small packs and chunks so that small trees still span many packs and chunks.
 SMALL = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024,
@@ -24,9 +25,14 @@ def storage():
     return MemoryStorage()
 
 
+# Writers are append-only (gc/README.md, writer rules; SECURITY.md): every backup test writes
+# through a storage that refuses deletes and replacements, as a host's storage policy does.
+# Tests that play maintenance use ``storage``, the storage underneath.
+
+
 @pytest.fixture
 def repo(storage):
-    return Repository.create(storage, PASSWORD, SMALL, KdfParams.weak_for_tests())
+    return Repository.create(AppendOnlyStorage(storage), PASSWORD, SMALL, KdfParams.weak_for_tests())
 
 
 @pytest.fixture
@@ -35,8 +41,8 @@ def dir_repo(tmp_path):
     from repo_format.storage import open_storage
     from repo_format.storage.wrappers import CountingStorage
 
-    repo = Repository.create(CountingStorage(open_storage(str(tmp_path / "repo"), create=True)), PASSWORD, SMALL,
-                             KdfParams.weak_for_tests())
+    repo = Repository.create(AppendOnlyStorage(CountingStorage(open_storage(str(tmp_path / "repo"), create=True))),
+                             PASSWORD, SMALL, KdfParams.weak_for_tests())
     yield repo
     repo.close()
 

@@ -43,8 +43,9 @@ def check_roundtrip(repo_args, src, dst):
     out = run("snapshot", "create", *repo_args, src, "--json")
     created = json.loads(out.stdout)
     assert created[0]["totals"]["errors"] == 0
-    made = created[0]["requests"]  # storage requests by kind: packs, index blob, manifest, session marker
-    assert made["PUT"]["calls"] >= 4 and made["PUT"]["bytes"] > 0 and made["DELETE"]["calls"] == 1
+    made = created[0]["requests"]  # storage requests by kind: packs, index blob, manifest, session markers
+    assert made["PUT"]["calls"] >= 4 and made["PUT"]["bytes"] > 0
+    assert made["DELETE"]["calls"] == 0  # a backup only adds blobs (its session ends with an end marker)
     listed = json.loads(run("snapshot", "list", *repo_args, "--json").stdout)
     assert [s["id"] for s in listed] == [created[0]["id"]]
     assert listed[0]["source"]["path"] == str(src)

@@ -24,6 +24,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from kdist_trees import PASSWORD, build_tree, tree_state  # noqa: E402
 from repo_format import constants as C  # noqa: E402
+from repo_format.session import unended_sessions  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
@@ -147,7 +148,7 @@ def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket, caps
     assert all(n["requests"].get("PUT", 0) > 0 for n in summary.nodes)
 
     repo = _open(location, endpoint)
-    assert not list(repo.storage.list(C.SESSION_PREFIX))  # every node retired its session
+    assert not unended_sessions(repo.storage)  # every node retired its session (an end marker each)
     snaps = list_snapshots(repo.manifests)
     assert sorted(s.source.host for s in snaps) == sorted(HOSTS)
     for s in snaps:
@@ -182,7 +183,7 @@ def test_sharded_backup_equals_single_process(cluster, tmp_path):
     assert len(gets) == summary.totals["parts"] and sum(gets) <= 3 * len(gets), gets
     assert len({p["node_id"] for p in summary.nodes}) >= 2  # the parts really were spread
     repo = _open(location)
-    assert not list(repo.storage.list(C.SESSION_PREFIX))  # the driver and every actor retired theirs
+    assert not unended_sessions(repo.storage)  # the driver and every actor retired theirs (an end marker each)
     sharded = [s for s in list_snapshots(repo.manifests, include_checkpoints=True)]
     assert len(sharded) == 1 and not sharded[0].checkpoint  # the parts' checkpoints are gone
 

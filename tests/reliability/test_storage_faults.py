@@ -76,10 +76,13 @@ class Outage(StorageWrapper):
         super().__init__(inner)
         self.stored, self.injected = 0, inner.injected
     def put(self, name, data):
-        self.inner.put(name, data)
+        self.put_if_absent(name, data)
+    def put_if_absent(self, name, data):  # the backup path's puts are create-only
+        created = self.inner.put_if_absent(name, data)
         self.stored += len(data)
         if self.stored >= spec["outage_after_bytes"]:
             self.inner.fail_probability = 1.0
+        return created
 
 class PackFaults(StorageWrapper):
     def __init__(self, inner):
@@ -94,6 +97,9 @@ class PackFaults(StorageWrapper):
     def put(self, name, data):
         self._check("PUT", name)
         self.inner.put(name, data)
+    def put_if_absent(self, name, data):
+        self._check("PUT", name)
+        return self.inner.put_if_absent(name, data)
     def get(self, name, offset=0, length=-1):
         self._check("GET", name)
         return self.inner.get(name, offset, length)

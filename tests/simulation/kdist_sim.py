@@ -820,21 +820,22 @@ def scenario_pause_revalidation(world: World) -> None:
 
 def scenario_pack_age(world: World) -> None:
     """A listing that shows every new blob within listing_settle, in no particular order: here
-    session markers, index blobs and manifests show up late (0.08 H), packs at once. A backup uploads a full
-    pack at its start; a blob-GC run lists the pack but not yet the session marker (phase one:
-    a candidate). The backup runs for an hour, indexes the pack, publishes, and retires its
-    marker; a blob-GC run right then lists the pack but not yet the index blob naming it, and no
-    live session: phase two deletes it. Only the pack age protects a pack this young."""
+    index blobs and manifests show up late (0.08 H), session markers sooner (0.03 H), packs at
+    once. A backup uploads a full pack at its start; a blob-GC run lists the pack but not yet the
+    session's first heartbeat (phase one: a candidate). The backup runs for an hour, indexes the
+    pack, publishes, and ends its session (an end blob); a blob-GC run 0.04 H later lists the
+    pack and the end blob but not yet the index blob naming it: no live session, and phase two
+    deletes it. Only the pack age protects a pack this young."""
     d = Director(world)
-    world.lag_by_prefix = {C.SESSION_PREFIX: 0.08 * H, C.INDEX_PREFIX: 0.08 * H, C.MANIFEST_PREFIX: 0.08 * H}
+    world.lag_by_prefix = {C.SESSION_PREFIX: 0.03 * H, C.INDEX_PREFIX: 0.08 * H, C.MANIFEST_PREFIX: 0.08 * H}
     big = world.rng.randbytes(PARAMS.pack_size + 16 * 1024)  # fills a pack: uploaded before any index names it
     w = d.spawn("writer", files=[big, world.rng.randbytes(2000)])
     d.run(w, until="wrote f0")
-    d.wait(0.02)
+    d.wait(0.005)
     d.run(d.spawn("maintenance", full=True))  # R1: the pack, without its (not yet listed) session
     d.wait(SAFETY.cleanup_margin + 0.1)  # the backup reads on (its heartbeat keeps it live)
-    d.run(w)  # index blob, manifest, marker retired
-    d.wait(0.02)
+    d.run(w)  # index blob, manifest, session ended
+    d.wait(0.04)
     d.run(d.spawn("maintenance", full=True))  # R2: the pack, without the (not yet listed) index blob
 
 
