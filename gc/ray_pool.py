@@ -56,7 +56,8 @@ class MaintenanceWorker:
         if self._repo is None:
             location, endpoint_url, password = self._args
             storage = RetryingStorage(open_storage(location, endpoint_url=endpoint_url))
-            self._repo = Repository.open(storage, password.read(), cache=CacheSettings.from_environment())
+            self._repo = Repository.open(storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
+                                         cache=CacheSettings.from_environment())
             self._walker = TreeWalker.over(self._repo.objects, max_depth=None)
         return self._repo
 

@@ -250,22 +250,45 @@ class Checker:
 
     # ---- manifests and trees -----------------------------------------------------------------
     def read_snapshots(self) -> list[Snapshot]:
-        """Every live snapshot and checkpoint; a blob or record that does not parse is reported."""
+        """Every live snapshot and checkpoint; a blob or record that does not parse is reported,
+        and so is every record a signed repository does not honour (a forgery, a removed key's)."""
         store = self.repo.manifests
-        best = {}
+        every, compacted = [], []
         for m in self.storage.list(C.MANIFEST_PREFIX):
             self.report.counts["manifest_blobs"] += 1
             try:
-                records = store.read_blob(m.name)
+                records, extra = store._read_blob(m.name)
             except BlobNotFound:
                 self.report.notes.append(f"manifest blob {m.name} vanished while checked (a concurrent compaction)")
                 continue
             except KdistError as exc:
                 self._problem("manifest", _naming(f"manifest blob {m.name}", exc), blob=m.name)
                 continue
-            for r in records:
-                if r.id not in best or newer(r, best[r.id]):
-                    best[r.id] = r
+            every += records
+            if extra:
+                compacted.append((m.name, extra))
+        if store.trust is not None:
+            keys = store.trust.registry(every)
+            every, refused = store.trust.judge(every)
+            signed = {(r.id, r.ts, r.deleted) for r in every}
+            resigned = 0
+            for r, why in refused:
+                if not r.signer and (r.id, r.ts, r.deleted) in signed:
+                    resigned += 1  # from before `repo upgrade`, which signed a copy
+                    continue
+                self._problem("forgery", f"manifest record {r.id} in blob {r.blob} does not count: {why}",
+                              record=r.id, blob=r.blob, reason=why)
+            if resigned:
+                self.report.notes.append(f"{resigned} unsigned manifest record(s) from before the upgrade to key "
+                                         "slots have signed copies (maintenance's manifest compaction drops them)")
+            for name, extra in compacted:
+                if not store._trusted_compaction(name, extra, keys):
+                    self._problem("forgery", f"compacted manifest blob {name} is not signed by the root or a "
+                                  f"maintenance key (signer {extra['signer']}): maintenance ignores it", blob=name)
+        best = {}
+        for r in every:
+            if r.id not in best or newer(r, best[r.id]):
+                best[r.id] = r
         snapshots = []
         for r in sorted(best.values(), key=lambda r: (r.ts, r.id)):
             if r.deleted or r.labels.get("type") != SNAPSHOT_LABEL:

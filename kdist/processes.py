@@ -108,7 +108,7 @@ class ProcessPool:
         """Back up the tree at ``path`` as one snapshot, as ``Uploader.backup`` would."""
         started = clock.now()
         root_path, st = stat_source(path)
-        source = Source.local(root_path)
+        source = Source.local(root_path, options.host)
         previous = previous_root(self.repo.manifests, source) if options.reuse_previous else None
         measured = measured or measure(root_path, options)
         plan = plan_tree(root_path, list(options.excludes), self.size, options.one_file_system, previous,

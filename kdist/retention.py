@@ -176,6 +176,23 @@ def apply_policy(
     return Decision(keep, forget, reasons)
 
 
+MAX_BACKUP_SPAN = 24 * 3600.0  # seconds: how long before its manifest is stored a host's snapshot may be dated
+
+
+def storage_bounded_time(snap, trusted_writer: bool, span: float = MAX_BACKUP_SPAN) -> float:
+    """The time retention judges a snapshot by: its end, bounded by when its manifest reached
+    the storage (``snap.stored``, the storage's clock, which no writer sets). No snapshot is
+    later than that, so a future-dated one cannot outlive real ones; a host's snapshot is also
+    no earlier than ``span`` before it, so a past-dated one can take at most the buckets of the
+    last ``span`` of its own host and source. Admin and maintenance records (a repository
+    upgrade re-signs old snapshots) keep their earlier times."""
+    if not snap.stored:
+        return snap.end
+    if trusted_writer:
+        return min(snap.end, snap.stored)
+    return min(max(snap.end, snap.stored - span), snap.stored)
+
+
 def group_by_source(
     snapshots: Iterable[T],
     key: Callable[[T], K] = lambda s: (s.source.host, s.source.user, s.source.path),

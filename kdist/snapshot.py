@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import msgpack
 
 from repo_format.errors import CorruptionError, KdistError
+from repo_format.keyslots import ADMIN, HOST, MAINTENANCE, PermissionRefused
 from repo_format.manifest import ManifestRecord
 from repo_format.objects import ObjectStore, parse_object_id
 
@@ -191,12 +192,14 @@ class Source:
     path: str
 
     @classmethod
-    def local(cls, path: str) -> "Source":
+    def local(cls, path: str, host: str = "") -> "Source":
+        """``path`` on this machine, as this user; ``host`` overrides the machine's name (a host
+        key's host, ``--host``)."""
         try:
             user = getpass.getuser()
         except Exception:  # no passwd entry (containers)
             user = "unknown"
-        return cls(socket.gethostname(), user, path)
+        return cls(host or socket.gethostname(), user, path)
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.path}"
@@ -218,6 +221,8 @@ class Snapshot:
     run: str = ""  # a sharded backup's run id, on the checkpoints of its parts (kdist.distributed)
     id: str = ""
     ts: int = 0
+    stored: float = 0.0  # when its manifest was first stored, on the storage's clock (0: unknown)
+    signer: str = ""  # the key id that signed its manifest ("" in a version-1 repository)
 
     def labels(self) -> dict:
         return {
@@ -233,6 +238,8 @@ class Snapshot:
         d = asdict(self)
         d.pop("id")
         d.pop("ts")
+        d.pop("stored")
+        d.pop("signer")
         return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
@@ -246,7 +253,7 @@ class Snapshot:
         bad = _malformed_snapshot_field(snap)
         if bad:
             raise CorruptionError(f"snapshot manifest {rec.id} is malformed ({bad})")
-        snap.id, snap.ts = rec.id, rec.ts
+        snap.id, snap.ts, snap.stored, snap.signer = rec.id, rec.ts, rec.stored, rec.signer
         return snap
 
     @property
@@ -290,11 +297,42 @@ def _malformed_snapshot_field(snap: Snapshot) -> str:
     return ""
 
 
+def backup_host(identity, asked: str = "") -> str:
+    """The host name a backup is published under: a host key's own host (a host key may not
+    publish under another name: readers would refuse it), else ``asked`` ("" = this machine)."""
+    if identity.role == HOST:
+        if asked and asked != identity.host:
+            raise PermissionRefused(f"this host key belongs to host {identity.host!r}; it cannot back up as {asked!r}")
+        return identity.host
+    return asked
+
+
+def visible_labels(identity) -> dict:
+    """The labels of the snapshots a key lists and restores: a host key sees its own host's."""
+    return {"host": identity.host} if identity.role == HOST else {}
+
+
 def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> list[Snapshot]:
     """Snapshots, oldest first; checkpoints only when asked."""
     if not include_checkpoints:
         labels["checkpoint"] = "0"
     return [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)]
+
+
+def plan_forget(manifests, policy) -> tuple[list[Snapshot], list[Snapshot]]:
+    """(kept, forgotten) snapshots under a retention policy, applied per source (host, user,
+    path) on storage-bounded times (``kdist.retention.storage_bounded_time``)."""
+    from kdist.retention import apply_policy, group_by_source, storage_bounded_time
+
+    def time_of(s: Snapshot) -> float:
+        return storage_bounded_time(s, manifests.signer_role(s.signer) in (ADMIN, MAINTENANCE))
+
+    kept, forget = [], []
+    for _source, snaps in group_by_source(list_snapshots(manifests)).items():
+        decision = apply_policy(snaps, policy, time_of=time_of)
+        kept += decision.keep
+        forget += decision.forget
+    return kept, forget
 
 
 def previous_root(manifests, source: Source) -> str | None:
@@ -308,9 +346,10 @@ class SnapshotNotFound(KdistError):
     """No snapshot matches, or a prefix matches more than one."""
 
 
-def resolve_snapshot(manifests, ref: str, source_path: str | None = None) -> Snapshot:
-    """Find a snapshot by unique id prefix or ``latest`` (optionally of one source path)."""
-    snaps = list_snapshots(manifests, include_checkpoints=True)
+def resolve_snapshot(manifests, ref: str, source_path: str | None = None, **labels) -> Snapshot:
+    """Find a snapshot by unique id prefix or ``latest`` (optionally of one source path), among
+    those whose labels include ``labels`` (a host key sees its own host's)."""
+    snaps = list_snapshots(manifests, include_checkpoints=True, **labels)
     if ref == "latest":
         finals = [s for s in snaps if not s.checkpoint and (source_path is None or s.source.path == source_path)]
         if not finals:

@@ -30,8 +30,8 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, encode_directory, fewer_collections,
-    previous_root, read_directory,
+    ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host, encode_directory,
+    fewer_collections, previous_root, read_directory,
 )
 
 IGNORE_FILE = ".kdistignore"
@@ -112,6 +112,7 @@ class BackupOptions:
     tags: list[str] = field(default_factory=list)
     description: str = ""
     reuse_previous: bool = True
+    host: str = ""  # the snapshot's host name; "" is this machine's (a host key's host: its own)
 
 
 @dataclass
@@ -302,7 +303,7 @@ class Uploader:
     # ---- public --------------------------------------------------------------------------
     def backup(self, path: str, source: Source | None = None) -> Snapshot:
         root_path, st = stat_source(path)
-        self._begin(source or Source.local(root_path), st.st_dev)
+        self._begin(source or Source.local(root_path, self.options.host), st.st_dev)
         previous = self._previous_root()
         self._root = DirNode(_entry_from_stat("", st, TYPE_DIR))
         # the previous snapshot's directory objects lie together in metadata packs: read ahead
@@ -362,6 +363,7 @@ class Uploader:
 
     # ---- walking -------------------------------------------------------------------------
     def _begin(self, source: Source, root_dev: int, run: str = "") -> None:
+        backup_host(self.repo.identity, source.host)  # a host key publishes only as its own host
         # Maintenance assumes a checkpoint at least every safety.checkpoint_interval (gc/README.md):
         # reused files are protected by being in a published tree, so never checkpoint less often.
         limit = self.repo.contents.safety.checkpoint_interval

@@ -9,7 +9,8 @@ import struct
 # --- the format blob -----------------------------------------------------------------------
 FORMAT_BLOB_NAME = "kdist.repository"
 FORMAT_MAGIC = b"KDISTREP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this kdist writes: 2 adds the root signing key and key slots
+FORMAT_VERSIONS_READ = (1, 2)  # 1: one password, unsigned manifests (kdist repo upgrade makes it 2)
 # magic(8) | version u16 | header length u32 ; then header (msgpack), then checksum (32)
 FORMAT_PREAMBLE = struct.Struct(">8sHI")
 FORMAT_CHECKSUM_SIZE = 32  # BLAKE3 (unkeyed) of everything before it: tells damage from a wrong password
@@ -49,6 +50,7 @@ INDEX_PREFIX = "xn"
 SESSION_PREFIX = "s"
 MANIFEST_PREFIX = "m"
 MANIFEST_COMPACTED_PREFIX = "m_"  # a manifest blob written by compaction
+KEY_SLOT_PREFIX = "ks"  # ks<key id> (not "k": the format blob is "kdist.repository"): one password's sealed keys and role (format version 2)
 PACK_PREFIXES = (DATA_PACK_PREFIX, METADATA_PACK_PREFIX)  # every pack is one or the other
 SESSION_ID_BYTES = 8
 PACK_RANDOM_BYTES = 16

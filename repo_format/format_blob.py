@@ -2,15 +2,16 @@
 
 Layout (see SPEC.md): ``magic | version | header length | header (msgpack) | checksum``. The header
 holds the unique id, the KDF parameters, and the sealed payload: the master key, the hash secret
-and every tunable, encrypted with AES-256-GCM under the password-derived key. It is the only blob
-ever overwritten (password change rewrites it with the same payload under a new wrapping).
+and every tunable (version 2: also the root signing key), encrypted with AES-256-GCM under the
+password-derived key. It is rewritten only by a password change and by ``upgrade``. Other
+passwords open key slots (``repo_format.keyslots``): ``read`` tries the format blob, then them.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import msgpack
 
@@ -19,11 +20,14 @@ from repo_format.crypto import Aead, KdfParams, RepositoryKeys, unkeyed_checksum
 from repo_format.errors import (
     BlobNotFound,
     CorruptionError,
+    KdistError,
     RepositoryExists,
     RepositoryNotFound,
     UnsupportedVersion,
     WrongPassword,
 )
+from repo_format.keyslots import (ADMIN, Identity, PermissionRefused, certify, encode_slot, find_slot, identity_of,
+                                  new_key_id, new_signing_key, public_key, root_identity)
 from repo_format.storage.base import BlobStorage
 
 MAX_FORMAT_BLOB_SIZE = 64 * 1024
@@ -83,37 +87,51 @@ class RepositoryParameters:
 
 @dataclass(frozen=True)
 class FormatBlob:
-    """An opened format blob: everything a client needs to read and write the repository."""
+    """An opened format blob (or key slot): everything a client needs to read and write the
+    repository, and who it is. ``identity`` is None in a version-1 repository (one password,
+    unsigned manifests); ``signing_key`` is the root's, held by admins only."""
 
     unique_id: bytes
     kdf: KdfParams
     keys: RepositoryKeys
     parameters: RepositoryParameters
+    version: int = 1
+    identity: Identity | None = None
+
+    @property
+    def signed(self) -> bool:
+        return self.identity is not None
 
 
-def _aad(unique_id: bytes) -> bytes:
-    return C.FORMAT_MAGIC + C.FORMAT_VERSION.to_bytes(2, "big") + unique_id
+def _aad(unique_id: bytes, version: int = 1) -> bytes:
+    return C.FORMAT_MAGIC + version.to_bytes(2, "big") + unique_id
+
+
+def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters) -> dict:
+    return {"master_key": keys.master_key, "hash_secret": keys.hash_secret, "parameters": parameters.to_dict()}
 
 
 def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys,
-           parameters: RepositoryParameters, nonce: bytes | None = None) -> bytes:
-    """Serialise and seal a format blob (``nonce`` only for golden test vectors)."""
-    payload = msgpack.packb({
-        "master_key": keys.master_key,
-        "hash_secret": keys.hash_secret,
-        "parameters": parameters.to_dict(),
-    })
+           parameters: RepositoryParameters, nonce: bytes | None = None, version: int = 1,
+           signing_key: bytes | None = None) -> bytes:
+    """Serialise and seal a format blob (``nonce`` only for golden test vectors). Version 2
+    also seals the root signing key."""
+    secret = _secrets(keys, parameters)
+    if version >= 2:
+        if signing_key is None:
+            raise ValueError("a version-2 format blob holds the root signing key")
+        secret["signing_key"] = signing_key
     wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
     header = msgpack.packb({
         "unique_id": unique_id,
         "kdf": kdf.to_dict(),
-        "sealed": wrapping.seal(payload, _aad(unique_id), nonce=nonce),
+        "sealed": wrapping.seal(msgpack.packb(secret), _aad(unique_id, version), nonce=nonce),
     })
-    body = C.FORMAT_PREAMBLE.pack(C.FORMAT_MAGIC, C.FORMAT_VERSION, len(header)) + header
+    body = C.FORMAT_PREAMBLE.pack(C.FORMAT_MAGIC, version, len(header)) + header
     return body + unkeyed_checksum(body)
 
 
-def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes]:
+def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes, int]:
     """The unencrypted header: unique id, KDF parameters, sealed payload; typed errors for damage."""
     pre = C.FORMAT_PREAMBLE.size
     if len(blob) < pre + C.FORMAT_CHECKSUM_SIZE or len(blob) > MAX_FORMAT_BLOB_SIZE:
@@ -121,10 +139,10 @@ def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes]:
     magic, version, header_len = C.FORMAT_PREAMBLE.unpack_from(blob)
     if magic != C.FORMAT_MAGIC:
         raise CorruptionError("this is not a kdist format blob (bad magic)")
-    if version != C.FORMAT_VERSION:
+    if version not in C.FORMAT_VERSIONS_READ:
         raise UnsupportedVersion(
             f"repository format version {version} is not supported by this kdist "
-            f"(it reads version {C.FORMAT_VERSION}); upgrade kdist"
+            f"(it reads versions {', '.join(map(str, C.FORMAT_VERSIONS_READ))}); upgrade kdist"
         )
     body_end = pre + header_len
     if body_end + C.FORMAT_CHECKSUM_SIZE != len(blob):
@@ -139,41 +157,59 @@ def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes]:
             raise TypeError("field types")
     except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
         raise CorruptionError("the format blob's header is malformed") from exc
-    return unique_id, kdf, sealed
+    return unique_id, kdf, sealed, version
 
 
-def decode(blob: bytes, password: str) -> FormatBlob:
-    """Open a format blob; typed errors for damage, unknown versions and a wrong password."""
-    unique_id, kdf, sealed = _decode_header(blob)
-    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
+def _opened(unique_id: bytes, kdf: KdfParams, p: dict, version: int, identity: Identity | None,
+            what: str) -> FormatBlob:
     try:
-        payload = wrapping.open(sealed, _aad(unique_id))
-    except CorruptionError:
-        raise WrongPassword("wrong password for this repository") from None
-    try:
-        p = msgpack.unpackb(payload, raw=False)
         parameters = RepositoryParameters.from_dict(p["parameters"])
         keys = RepositoryKeys(p["master_key"], p["hash_secret"], parameters.aead)
         if not (type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE
                 and type(keys.hash_secret) is bytes and len(keys.hash_secret) == C.HASH_SECRET_SIZE):
             raise ValueError("key sizes")
     except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptionError(f"{what}'s sealed payload is malformed") from exc
+    return FormatBlob(unique_id, kdf, keys, parameters, version, identity)
+
+
+def decode(blob: bytes, password: str) -> FormatBlob:
+    """Open a format blob with the admin password; typed errors for damage, unknown versions
+    and a wrong password (which may still open a key slot: ``read``)."""
+    unique_id, kdf, sealed, version = _decode_header(blob)
+    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
+    try:
+        payload = wrapping.open(sealed, _aad(unique_id, version))
+    except CorruptionError:
+        raise WrongPassword("wrong password for this repository") from None
+    try:
+        p = msgpack.unpackb(payload, raw=False)
+        identity = None
+        if version >= 2:
+            sk = p["signing_key"]
+            if type(sk) is not bytes or len(sk) != 32:
+                raise ValueError("signing key")
+            identity = root_identity(sk)
+    except (ValueError, KeyError, TypeError) as exc:
         raise CorruptionError("the format blob's sealed payload is malformed") from exc
-    return FormatBlob(unique_id, kdf, keys, parameters)
+    return _opened(unique_id, kdf, p, version, identity, "the format blob")
 
 
 def create(storage: BlobStorage, password: str, parameters: RepositoryParameters | None = None,
-           kdf: KdfParams | None = None) -> FormatBlob:
-    """Write a new format blob; refuses to touch an existing repository."""
+           kdf: KdfParams | None = None, version: int = C.FORMAT_VERSION) -> FormatBlob:
+    """Write a new format blob (the admin's password and the root key); refuses to touch an
+    existing repository. ``version=1`` only for tests of older repositories."""
     parameters = parameters or RepositoryParameters()
     parameters.validate()
     kdf = kdf or KdfParams.strong()
     keys = RepositoryKeys.generate(parameters.aead)
     unique_id = secrets.token_bytes(16)
-    blob = encode(unique_id, kdf, password, keys, parameters)
+    signing_key = new_signing_key() if version >= 2 else None
+    blob = encode(unique_id, kdf, password, keys, parameters, version=version, signing_key=signing_key)
     if not storage.put_if_absent(C.FORMAT_BLOB_NAME, blob):
         raise RepositoryExists(f"a kdist repository already exists at {storage.describe()}")
-    return FormatBlob(unique_id, kdf, keys, parameters)
+    identity = root_identity(signing_key) if signing_key else None
+    return FormatBlob(unique_id, kdf, keys, parameters, version, identity)
 
 
 def _get(storage: BlobStorage) -> bytes:
@@ -183,21 +219,78 @@ def _get(storage: BlobStorage) -> bytes:
         raise RepositoryNotFound(f"no kdist repository at {storage.describe()}") from None
 
 
-def read(storage: BlobStorage, password: str) -> FormatBlob:
-    return decode(_get(storage), password)
+def read(storage: BlobStorage, password: str, key_id: str | None = None) -> FormatBlob:
+    """Open the repository with ``password``: the format blob's (the admin's), or else a key
+    slot's (``key_id`` names it; without it every slot is tried, one scrypt each)."""
+    blob = _get(storage)
+    unique_id, kdf, _sealed, version = _decode_header(blob)
+    if key_id is None:
+        try:
+            return decode(blob, password)
+        except WrongPassword:
+            if version < 2:
+                raise
+    elif version < 2:
+        raise WrongPassword("this repository has no key slots (format version 1): give no key id")
+    p = find_slot(storage, unique_id, password, key_id)
+    return _opened(unique_id, kdf, p, version, identity_of(p), f"key slot {p.get('key_id')}")
+
+
+def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, host: str = "",
+             kdf: KdfParams | None = None) -> Identity:
+    """Add a key slot for ``password`` with ``role`` (a host key names its host); returns its
+    identity (the caller registers it with a root-signed key record)."""
+    if admin.identity is None or admin.identity.role != ADMIN:
+        raise PermissionRefused("only an admin key may add keys")
+    key_id = new_key_id(storage)
+    root = admin.identity
+    if role == ADMIN:  # admins sign as the root
+        identity = replace(root, slot=key_id)
+    else:
+        signing_key = new_signing_key()
+        cert, cert_sig = certify(root, admin.unique_id, key_id, role, host, public_key(signing_key))
+        identity = Identity(role, key_id, signing_key, root.root_public, host, key_id, cert, cert_sig)
+    kdf = kdf or KdfParams(admin.kdf.n, admin.kdf.r, admin.kdf.p, os.urandom(16))
+    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters))
+    if not storage.put_if_absent(name, blob):
+        raise KdistError(f"key slot {name} already exists; try again")
+    return identity
 
 
 def change_password(storage: BlobStorage, old_password: str, new_password: str,
                     kdf: KdfParams | None = None) -> FormatBlob:
-    """Re-wrap the same keys and parameters under a new password; rewrites only the format blob."""
-    current = read(storage, old_password)
+    """Re-wrap the same keys and parameters under a new password; rewrites only the format blob
+    (the admin's password; other keys are replaced with ``key add`` and ``key remove``)."""
+    current = decode(_get(storage), old_password)
     kdf = kdf or KdfParams(current.kdf.n, current.kdf.r, current.kdf.p, os.urandom(16))
-    blob = encode(current.unique_id, kdf, new_password, current.keys, current.parameters)
+    sk = current.identity.signing_key if current.identity else None
+    blob = encode(current.unique_id, kdf, new_password, current.keys, current.parameters, version=current.version,
+                  signing_key=sk)
     storage.put(C.FORMAT_BLOB_NAME, blob)
-    return FormatBlob(current.unique_id, kdf, current.keys, current.parameters)
+    return replace(current, kdf=kdf)
+
+
+def upgrade(storage: BlobStorage, password: str, signing_key: bytes) -> FormatBlob:
+    """Make a version-1 format blob version 2: the same keys and parameters, plus the root
+    signing key (``kdist.keys.upgrade_repository`` signs the existing manifests with it first)."""
+    current = decode(_get(storage), password)
+    if current.version >= 2:
+        raise KdistError("the repository is at format version 2 already")
+    storage.put(C.FORMAT_BLOB_NAME, encode(current.unique_id, current.kdf, password, current.keys,
+                                           current.parameters, version=2, signing_key=signing_key))
+    return replace(current, version=2, identity=root_identity(signing_key))
+
+
+def read_blob(storage: BlobStorage) -> bytes:
+    """The format blob's bytes (``decode`` opens them)."""
+    return _get(storage)
 
 
 def read_unique_id(storage: BlobStorage) -> bytes:
     """The repository's unique id, from the format blob's unencrypted header (no password: for
     finding its local cache; nothing read this way is trusted for anything else)."""
     return _decode_header(_get(storage))[0]
+
+
+def version_of(storage: BlobStorage) -> int:
+    return _decode_header(_get(storage))[3]

@@ -11,7 +11,7 @@ and no reader (maintenance's walk included) ever lists neither the old blobs nor
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -20,10 +20,12 @@ from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
+from repo_format.keyslots import ADMIN, COMPACTED_DOMAIN, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign, verify
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage
 
 if TYPE_CHECKING:
+    from repo_format.keyslots import Identity
     from repo_format.local_cache import LocalCache
 
 MAX_MANIFEST_BLOB = 256 * 1024 * 1024
@@ -37,15 +39,40 @@ class ManifestRecord:
     payload: bytes = b""
     deleted: bool = False
     blob: str = field(default="", compare=False)
+    # version-2 records: the signer's key id, its Ed25519 signature, and the signed bytes
+    signer: str = field(default="", compare=False)
+    sig: bytes = field(default=b"", compare=False, repr=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    cert: bytes = field(default=b"", compare=False, repr=False)  # the signer's root-signed certificate
+    cert_sig: bytes = field(default=b"", compare=False, repr=False)
+    # when the record was first stored, on the storage's clock (the listing's timestamp of its
+    # blob, or what a trusted compaction carried over); 0.0 when not known
+    stored: float = field(default=0.0, compare=False)
 
-    def to_wire(self) -> dict:
+    def fields_wire(self) -> dict:
         return {"id": self.id, "labels": self.labels, "ts": self.ts, "payload": self.payload, "deleted": self.deleted}
 
+    def to_wire(self) -> dict:
+        """The record as a blob of its version holds it (a signed one exactly as it was signed)."""
+        if self.signer:
+            wire = {"r": self.raw, "k": self.signer, "s": self.sig}
+            if self.cert:
+                wire.update(c=self.cert, cs=self.cert_sig)
+            return wire
+        return self.fields_wire()
 
-def _record(r: dict, blob: str) -> ManifestRecord:
+
+def _record(r: dict, blob: str, version: int = 1) -> ManifestRecord:
     """One decoded record, its field types checked exactly: a conversion such as ``bytes(n)``
     or ``int(inf)`` of a hostile value would allocate without bound or raise untyped errors."""
-    rec = ManifestRecord(r["id"], r["labels"], r["ts"], r["payload"], r["deleted"], blob)
+    signer, sig, raw, cert, cert_sig = "", b"", b"", b"", b""
+    if version >= 2:
+        signer, sig, raw, cert, cert_sig = r["k"], r["s"], r["r"], r.get("c", b""), r.get("cs", b"")
+        if not all(type(x) is bytes for x in (sig, raw, cert, cert_sig)) or type(signer) is not str:
+            raise TypeError("signed manifest record field types")
+        r = msgpack.unpackb(raw, raw=False)
+    rec = ManifestRecord(r["id"], r["labels"], r["ts"], r["payload"], r["deleted"], blob, signer, sig, raw,
+                         cert, cert_sig)
     if not (type(rec.id) is str and type(rec.labels) is dict and type(rec.ts) is int
             and type(rec.payload) is bytes and type(rec.deleted) is bool):
         raise TypeError("manifest record field types")
@@ -65,18 +92,48 @@ def new_manifest_id() -> str:
 
 
 class ManifestStore:
-    def __init__(self, storage: BlobStorage, aead: Aead, session: str, cache: "LocalCache | None" = None):
+    """Manifest blobs of one repository. With an ``identity`` (format version 2) every record
+    written is signed with it, and readers honour only the records ``Trust`` accepts: the
+    others are left out of every view and listed in ``refused`` for ``repo check``."""
+
+    def __init__(self, storage: BlobStorage, aead: Aead, session: str, cache: "LocalCache | None" = None,
+                 identity: "Identity | None" = None, unique_id: bytes = b""):
         self.storage = storage
         self._aead = aead
         self.session = session
         self.cache = cache  # copies of manifest blobs (immutable; authenticated when read)
+        self.identity = identity
+        self.unique_id = unique_id
+        self.trust = Trust(unique_id, identity.root_public) if identity is not None else None
+        self.refused: list[tuple[ManifestRecord, str]] = []  # what the last full read did not honour
+        self.keys: dict = {}  # the registry of keys the last full read found
+
+    def signer_role(self, signer: str) -> str:
+        """The role of the key that signed a record (as the last full read found the keys); a
+        version-1 repository's one password, and the root, are admin."""
+        if self.trust is None or signer == ROOT_KEY_ID:
+            return ADMIN
+        key = self.keys.get(signer)
+        return key.role if key is not None else ""
 
     def _blob_name(self) -> str:
         return f"{C.MANIFEST_PREFIX}{secrets.token_hex(12)}-{self.session}"
 
+    def new_id(self) -> str:
+        return self.identity.new_record_id() if self.identity is not None else new_manifest_id()
+
+    def _signed(self, rec: ManifestRecord) -> ManifestRecord:
+        if self.identity is None or rec.signer:
+            return rec
+        raw = msgpack.packb(rec.fields_wire())
+        sig = sign(self.identity, RECORD_DOMAIN, self.unique_id, raw)
+        return replace(rec, signer=self.identity.key_id, sig=sig, raw=raw, cert=self.identity.cert,
+                       cert_sig=self.identity.cert_sig)
+
     def write_records(self, records: list[ManifestRecord]) -> str:
         name = self._blob_name()
-        plain = msgpack.packb({"v": 1, "records": [r.to_wire() for r in records]})
+        records = [self._signed(r) for r in records]
+        plain = msgpack.packb({"v": 2 if self.identity else 1, "records": [r.to_wire() for r in records]})
         sealed = self._aead.seal(plain, name.encode("ascii"))
         self.storage.put(name, sealed)
         if self.cache is not None:
@@ -84,7 +141,7 @@ class ManifestStore:
         return name
 
     def put(self, labels: dict, payload: bytes, manifest_id: str | None = None) -> ManifestRecord:
-        rec = ManifestRecord(manifest_id or new_manifest_id(), dict(labels), int(clock.now() * 1e6), payload)
+        rec = self._signed(ManifestRecord(manifest_id or self.new_id(), dict(labels), int(clock.now() * 1e6), payload))
         self.write_records([rec])
         return rec
 
@@ -100,12 +157,33 @@ class ManifestStore:
                             for i in manifest_ids])
 
     def read_blob(self, name: str) -> list[ManifestRecord]:
-        doc = self._read_doc(name)
+        return self._read_blob(name)[0]
+
+    def _read_blob(self, name: str) -> tuple[list[ManifestRecord], dict]:
+        return self._parse(name, self._read_doc(name))
+
+    def _parse(self, name: str, doc: dict) -> tuple[list[ManifestRecord], dict]:
+        """The blob's records, and for a compacted version-2 blob its signed body (``read_at``,
+        ``stored``, ``signer``, ``sig``, ``body``); the records' ``stored`` is not set here."""
+        extra = {}
         try:
-            records = [_record(r, name) for r in doc["records"]]
+            version = doc["v"]
+            if "body" in doc:  # a compacted version-2 blob: its body is signed by its compactor
+                body, signer, sig = doc["body"], doc["k"], doc["s"]
+                if not (type(body) is bytes and type(signer) is str and type(sig) is bytes):
+                    raise TypeError("compacted manifest field types")
+                inner = msgpack.unpackb(body, raw=False)
+                extra = {"read_at": inner["read_at"], "stored": inner["stored"], "signer": signer, "sig": sig,
+                         "body": body, "cert": doc.get("c", b""), "cert_sig": doc.get("cs", b"")}
+                wires = inner["records"]
+                if type(extra["stored"]) is not list or len(extra["stored"]) != len(wires):
+                    raise TypeError("compacted manifest stored times")
+            else:
+                wires = doc["records"]
+            records = [_record(r, name, version) for r in wires]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
-        return records
+        return records, extra
 
     def _read_doc(self, name: str, cached: bool = True) -> dict:
         plain = None
@@ -123,43 +201,83 @@ class ManifestStore:
                 self.cache.store_blob(name, sealed)
         try:
             doc = msgpack.unpackb(plain, raw=False)
-            if not isinstance(doc, dict) or doc["v"] != 1:
+            if not isinstance(doc, dict) or doc["v"] not in (1, 2):
                 raise CorruptionError(f"manifest blob {name} has an unknown version")
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"manifest blob {name} is malformed") from exc
         return doc
 
-    def _read_at(self, meta) -> float | None:
+    def _trusted_compaction(self, name: str, extra: dict, keys: dict | None) -> bool:
+        """Whether a compacted version-2 blob was signed by the root or a maintenance key: only
+        then do its ``read_at`` (which lets compaction delete the blobs it covers) and its
+        records' first-stored times count. Legacy repositories trust every blob."""
+        if self.trust is None:
+            return True
+        if not extra:
+            return False
+        signer = extra["signer"]
+        if signer == ROOT_KEY_ID:
+            public = self.trust.root_public
+        else:
+            key = self.trust.signer_key(signer, extra.get("cert", b""), extra.get("cert_sig", b""), keys or {})
+            if isinstance(key, str) or key.role != MAINTENANCE or key.revoked:
+                return False
+            public = key.public
+        return verify(public, extra["sig"], COMPACTED_DOMAIN, self.unique_id, name.encode("ascii") + extra["body"])
+
+    def _read_at(self, meta, keys: dict | None) -> float | None:
         """When a compacted blob's writer started reading the records it holds (storage clock);
-        blobs from before this field: their put time. None if it is gone meanwhile."""
+        blobs from before this field: their put time. None if it is gone meanwhile, or, in a
+        signed repository, unless a trusted compactor signed it (a forged ``read_at`` must never
+        let compaction delete a blob)."""
         try:
             doc = self._read_doc(meta.name, cached=False)  # whether it is still there matters here
         except BlobNotFound:
+            return None
+        if "body" in doc:
+            extra = self._parse(meta.name, doc)[1]
+            return float(extra["read_at"]) if self._trusted_compaction(meta.name, extra, keys) else None
+        if self.trust is not None:
             return None
         read_at = doc.get("read_at")
         return float(read_at) if isinstance(read_at, (int, float)) else meta.timestamp
 
     def _current(self, live_ids: set | None = None) -> tuple[dict[str, ManifestRecord], list[str]]:
-        """Every id's winning record. If a listed blob vanishes before it is read (a concurrent
-        compaction merged it), list again: the merged blob is then in the listing. Never return
-        a view that silently lacks records: maintenance decides what is live from it.
-        ``live_ids`` gets every id a live (not tombstone) record of some listed blob has."""
+        """Every id's winning record among those that count. If a listed blob vanishes before
+        it is read (a concurrent compaction merged it), list again: the merged blob is then in
+        the listing. Never return a view that silently lacks records: maintenance decides what
+        is live from it. ``live_ids`` gets every id a live (not tombstone) record of some listed
+        blob has. Each record's ``stored`` is its blob's listing time, or the earlier time a
+        trusted compaction carried over."""
         for _ in range(5):
-            names = [m.name for m in self.storage.list(C.MANIFEST_PREFIX)]
+            metas = list(self.storage.list(C.MANIFEST_PREFIX))
+            names = [m.name for m in metas]
             try:
-                blobs = parallel_map(self.read_blob, names)
+                blobs = parallel_map(self._read_blob, names)
             except BlobNotFound:
                 continue
             if self.cache is not None:
                 self.cache.retain_blobs(C.MANIFEST_PREFIX, set(names))
+            every = [r for records, _ in blobs for r in records]
+            keys = self.trust.registry(every) if self.trust is not None else None
+            records = []
+            for m, (recs, extra) in zip(metas, blobs):
+                carried = extra["stored"] if extra and self._trusted_compaction(m.name, extra, keys) else None
+                for i, r in enumerate(recs):
+                    t = m.timestamp
+                    if carried is not None and isinstance(carried[i], (int, float)):
+                        t = min(t, float(carried[i]))
+                    records.append(replace(r, stored=t))
+            if live_ids is not None:
+                live_ids.update(r.id for r in records if not r.deleted)
+            if self.trust is not None:
+                records, self.refused = self.trust.judge(records)
+            self.keys = keys or {}
             best: dict[str, ManifestRecord] = {}
-            for records in blobs:
-                for r in records:
-                    if live_ids is not None and not r.deleted:
-                        live_ids.add(r.id)
-                    cur = best.get(r.id)
-                    if cur is None or newer(r, cur):
-                        best[r.id] = r
+            for r in records:
+                cur = best.get(r.id)
+                if cur is None or newer(r, cur):
+                    best[r.id] = r
             return best, names
         raise KdistError("the manifests kept changing while they were being read; try again")
 
@@ -180,8 +298,12 @@ class ManifestStore:
         A new compacted blob is written when at least ``min_blobs`` blobs would remain; it leaves
         out the tombstones that nothing needs any more (``_without_spent_tombstones``).
         ``now`` is the storage's time. Returns the number of blobs deleted."""
+        keys = None
+        if self.trust is not None:
+            self._current()  # the registry of keys, to know which compactors to trust
+            keys = self.keys
         metas = list(self.storage.list(C.MANIFEST_PREFIX))
-        merged = [(m, self._read_at(m)) for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
+        merged = [(m, self._read_at(m, keys)) for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
         merged = [(m, t) for m, t in merged if t is not None]
 
         def covered(b) -> bool:
@@ -197,11 +319,23 @@ class ManifestStore:
             else:  # the simulator's mutation: every tombstone dropped
                 best = {i: r for i, r in best.items() if not r.deleted}
             name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{self.session}"
-            plain = msgpack.packb({"v": 1, "read_at": now, "records": [r.to_wire() for r in best.values()]})
-            self.storage.put(name, self._aead.seal(plain, name.encode("ascii")))
+            self.storage.put(name, self._aead.seal(self._compacted_doc(name, now, list(best.values())),
+                                                   name.encode("ascii")))
         for b in deletable:
             self.storage.delete(b.name)
         return len(deletable)
+
+
+    def _compacted_doc(self, name: str, read_at: float, records: list[ManifestRecord]) -> bytes:
+        if self.identity is None:
+            return msgpack.packb({"v": 1, "read_at": read_at, "records": [r.to_wire() for r in records]})
+        body = msgpack.packb({"read_at": read_at, "records": [r.to_wire() for r in records],
+                              "stored": [r.stored for r in records]})
+        sig = sign(self.identity, COMPACTED_DOMAIN, self.unique_id, name.encode("ascii") + body)
+        doc = {"v": 2, "body": body, "k": self.identity.key_id, "s": sig}
+        if self.identity.cert:
+            doc.update(c=self.identity.cert, cs=self.identity.cert_sig)
+        return msgpack.packb(doc)
 
 
 def _without_spent_tombstones(best: dict[str, ManifestRecord], live_ids: set[str], listed: dict[str, float],

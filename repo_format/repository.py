@@ -14,10 +14,14 @@ from repo_format.content import ContentStore
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
 from repo_format.index import MergedIndex
+from repo_format.keyslots import ADMIN, ROOT_KEY_ID, Identity
 from repo_format.local_cache import CacheSettings, LocalCache
 from repo_format.manifest import ManifestStore
 from repo_format.objects import ObjectStore, Splitter
 from repo_format.storage.base import BlobStorage
+
+
+LEGACY_ADMIN = Identity(ADMIN, ROOT_KEY_ID, b"", b"")  # the one password of a version-1 repository
 
 
 def new_session_id() -> str:
@@ -39,7 +43,8 @@ class Repository:
         self.cache = LocalCache.for_repository(fmt, cache) if cache is not None else None
         self.contents = ContentStore(storage, fmt, self.session, committed=committed,
                                      heartbeat_thread=heartbeat_thread, cache=self.cache)
-        self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session, self.cache)
+        self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session, self.cache,
+                                       identity=fmt.identity, unique_id=fmt.unique_id)
         p = fmt.parameters
         self.objects = ObjectStore(
             self.contents, Splitter(p.chunk_avg, p.chunk_min, p.chunk_max, fmt.keys.chunker_seed())
@@ -47,16 +52,26 @@ class Repository:
 
     @classmethod
     def create(cls, storage: BlobStorage, password: str, parameters: RepositoryParameters | None = None,
-               kdf: KdfParams | None = None) -> "Repository":
-        return cls(storage, format_blob.create(storage, password, parameters, kdf))
+               kdf: KdfParams | None = None, version: int = C.FORMAT_VERSION) -> "Repository":
+        return cls(storage, format_blob.create(storage, password, parameters, kdf, version))
 
     @classmethod
-    def open(cls, storage: BlobStorage, password: str, **kwargs) -> "Repository":
-        return cls(storage, format_blob.read(storage, password), **kwargs)
+    def open(cls, storage: BlobStorage, password: str, key_id: str | None = None, **kwargs) -> "Repository":
+        """Open with the admin's password or a key slot's (``key_id`` names the slot)."""
+        return cls(storage, format_blob.read(storage, password, key_id), **kwargs)
 
     @property
     def parameters(self) -> RepositoryParameters:
         return self.format.parameters
+
+    @property
+    def identity(self) -> Identity:
+        """Who this client is: its role and key; a version-1 repository's one password is admin."""
+        return self.format.identity or LEGACY_ADMIN
+
+    def require(self, *roles: str, what: str) -> None:
+        """Refuse (``PermissionRefused``) unless this client's key has one of ``roles``."""
+        self.identity.require(*roles, what=what)
 
     def flush(self) -> str | None:
         return self.contents.flush()

@@ -18,7 +18,8 @@ from repo_format.errors import KdistError, RepositoryNotFound
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, ReadOnlyStorage, RetryingStorage, counting_storage
+from repo_format.storage.wrappers import (AppendOnlyStorage, CountingStorage, ReadOnlyStorage, RetryingStorage,
+                                          counting_storage)
 
 from kdist.cli.exit_codes import exit_code_for
 
@@ -65,11 +66,17 @@ def read_password(password_file: str | None, confirm: bool = False, prompt: str 
     return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
 
 
-def make_storage(location: str, endpoint_url: str | None, create: bool = False, read_only: bool = False):
+def make_storage(location: str, endpoint_url: str | None, create: bool = False, read_only: bool = False,
+                 append_only: bool = False):
+    """The storage stack of a command: counted, retried; read-only, or append-only for the
+    backup path (it never deletes or replaces a blob, so it is refused here before storage
+    policy refuses it there)."""
     if not create and "://" not in location and not os.path.isdir(os.path.expanduser(location)):
         raise RepositoryNotFound(f"no kdist repository at {location} (no such directory)")
     storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url, create=create)))
-    return ReadOnlyStorage(storage) if read_only else storage
+    if read_only:
+        return ReadOnlyStorage(storage)
+    return AppendOnlyStorage(storage) if append_only else storage
 
 
 def storage_requests(repo: Repository) -> dict[str, dict[str, int]]:
@@ -83,18 +90,30 @@ def fail(exc: BaseException) -> None:
     sys.exit(exit_code_for(exc))
 
 
-def with_repository(read_only: bool = False):
-    """Open the repository named by the options and pass it as ``repo``; map errors to exit codes."""
+def key_option(fn):
+    return click.option("--key-id", envvar="KDIST_KEY_ID", default=None, metavar="ID",
+                        help="The key slot the password opens (env KDIST_KEY_ID; `kdist key list`); "
+                             "without it the admin password, then every key slot, is tried.")(fn)
+
+
+def with_repository(read_only: bool = False, append_only: bool = False, roles: tuple = (), what: str = ""):
+    """Open the repository named by the options and pass it as ``repo``; map errors to exit codes.
+
+    ``roles``: the key roles that may run the command (``what`` names it in the refusal), checked
+    before it runs; empty: every role."""
 
     def decorate(fn):
         @repo_options
+        @key_option
         @cache_options
         @functools.wraps(fn)
-        def wrapper(repo_location, endpoint_url, password_file, cache_dir, no_cache, cache_limit, **kwargs):
+        def wrapper(repo_location, endpoint_url, password_file, key_id, cache_dir, no_cache, cache_limit, **kwargs):
             try:
                 cache = cache_settings(cache_dir, no_cache, cache_limit)
-                storage = make_storage(repo_location, endpoint_url, read_only=read_only)
-                repo = Repository.open(storage, read_password(password_file), cache=cache)
+                storage = make_storage(repo_location, endpoint_url, read_only=read_only, append_only=append_only)
+                repo = Repository.open(storage, read_password(password_file), key_id=key_id, cache=cache)
+                if roles:
+                    repo.require(*roles, what=what or fn.__name__.replace("_", " "))
                 try:
                     result = fn(repo=repo, **kwargs)
                 except BaseException:

@@ -28,6 +28,7 @@ _GROUPS = {
     "maintenance": ("kdist.cli.maintenance", "maintenance_group"),
     "index": ("kdist.cli.maintenance", "index_group"),
     "cache": ("kdist.cli.cache", "cache_group"),
+    "key": ("kdist.cli.key", "key_group"),
 }
 
 

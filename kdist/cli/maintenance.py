@@ -8,6 +8,7 @@ import json
 import click
 
 from repo_format import clock
+from repo_format.keyslots import ADMIN, MAINTENANCE
 from repo_format.local_cache import parse_size
 from repo_format.safety import PRESETS
 
@@ -117,7 +118,7 @@ def gc_group():
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
 @ray_options
-@with_repository()
+@with_repository(roles=(ADMIN, MAINTENANCE), what="run garbage collection")
 def gc_run(repo, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
     """Mark unreachable contents, drop old deleted ones, delete unreferenced packs (in two runs),
     rewrite mostly dead packs."""
@@ -137,7 +138,7 @@ def maintenance_group():
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
 @ray_options
-@with_repository()
+@with_repository(roles=(ADMIN, MAINTENANCE), what="run maintenance")
 def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
     """Run maintenance; safe to run while backups run, and twice at once."""
     _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit, use_ray, address, actors)
@@ -167,7 +168,7 @@ def index_group():
 
 
 @index_group.command("compact")
-@with_repository()
+@with_repository(roles=(ADMIN, MAINTENANCE), what="compact the index")
 def index_compact(repo):
     """Advance and compact epochs now (the index part of `maintenance run --quick`)."""
     _run(repo, False, False, None, False)
@@ -175,7 +176,7 @@ def index_compact(repo):
 
 @index_group.command("rebuild")
 @click.option("--dry-run", is_flag=True)
-@with_repository()
+@with_repository(roles=(ADMIN, MAINTENANCE), what="rebuild the index")
 def index_rebuild(repo, dry_run):
     """Recreate index entries from the packs' own indexes (adds entries; deletes nothing)."""
     from repo_format.index_rebuild import entries_from_packs, entries_to_write

@@ -14,10 +14,11 @@ from repo_format import format_blob
 from repo_format.crypto import WEAK_KDF_ENV, KdfParams
 from repo_format.errors import KdistError
 from repo_format.format_blob import RepositoryParameters
+from repo_format.keyslots import ADMIN, MAINTENANCE
 from repo_format.safety import SAFETY_FULL, safety_of
 
 from kdist.cli import exit_codes
-from kdist.cli.context import fail, make_storage, read_password, repo_options, with_repository
+from kdist.cli.context import fail, key_option, make_storage, read_password, repo_options, with_repository
 from kdist.cli.progress import human_bytes
 
 if TYPE_CHECKING:
@@ -79,7 +80,8 @@ def status(repo, as_json):
     info = {
         "unique_id": repo.format.unique_id.hex(),
         "location": repo.storage.describe(),
-        "format_version": C.FORMAT_VERSION,
+        "format_version": repo.format.version,
+        "key": {"role": repo.identity.role, "id": repo.identity.slot or None, "host": repo.identity.host or None},
         "encryption": p.aead,
         "hash": p.hash,
         "compression": f"zstd-{p.zstd_level}" if p.zstd_level else "none",
@@ -124,6 +126,26 @@ def change_password(repo_location, endpoint_url, password_file, new_password_fil
     click.echo("password changed")
 
 
+@repo_group.command("upgrade")
+@repo_options
+def upgrade(repo_location, endpoint_url, password_file):
+    """Give a repository made before key slots (format version 1) its root key, so that `kdist
+    key add` can add keys and manifests are signed. Stop every backup and maintenance first."""
+    from kdist.keys import upgrade_repository
+    from repo_format.session import storage_now
+
+    try:
+        storage = make_storage(repo_location, endpoint_url)
+        password = read_password(password_file)
+        fmt = format_blob.read(storage, password)
+        signed = upgrade_repository(storage, password, storage_now(storage, "upgrade"),
+                                    safety_of(fmt.parameters).session_expiry)
+    except KdistError as exc:
+        fail(exc)
+    click.echo(f"upgraded the repository to format version {C.FORMAT_VERSION}: {signed} manifest record(s) "
+               "signed with its new root key; add keys with `kdist key add`")
+
+
 class _Percent(click.ParamType):
     """A share in percent, ``10`` or ``10%``, above 0 and at most 100."""
 
@@ -139,14 +161,18 @@ class _Percent(click.ParamType):
         return share
 
 
-def _on_format(repo_location, endpoint_url, password_file, read_only: bool, call):
+def _on_format(repo_location, endpoint_url, password_file, read_only: bool, call, key_id=None, roles=(),
+               what=""):
     """``call(storage, format blob)``: the check and the repair open the repository themselves
     with an index they assemble past damaged index blobs (``Repository(committed=...)``) and
     without the local cache (they judge what the repository holds). Library errors become exit
     codes."""
     try:
         storage = make_storage(repo_location, endpoint_url, read_only=read_only)
-        return call(storage, format_blob.read(storage, read_password(password_file)))
+        fmt = format_blob.read(storage, read_password(password_file), key_id)
+        if roles and fmt.identity is not None:
+            fmt.identity.require(*roles, what=what)
+        return call(storage, fmt)
     except KdistError as exc:
         fail(exc)
 
@@ -160,18 +186,19 @@ def _print_problems(report: CheckReport) -> None:
 
 @repo_group.command("check")
 @repo_options
+@key_option
 @click.option("--read-data", type=_Percent(), is_flag=False, flag_value="100", default=None, metavar="[PERCENT]",
               help="Also fetch and authenticate every content, or those of a random PERCENT of the packs "
                    "(--read-data=10).")
 @click.option("--seed", type=int, default=None, help="Seed of the --read-data sample (default: random, printed).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check(repo_location, endpoint_url, password_file, read_data, seed, as_json):
+def check(repo_location, endpoint_url, password_file, key_id, read_data, seed, as_json):
     """Check the repository's structure (and with --read-data its contents); never writes.
     Exits 13 when it finds a problem."""
     from kdist.check import check_repository  # imported by the commands that check, not by every command
 
     report = _on_format(repo_location, endpoint_url, password_file, True,
-                        lambda storage, fmt: check_repository(storage, fmt, read_data, seed))
+                        lambda storage, fmt: check_repository(storage, fmt, read_data, seed), key_id)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -187,17 +214,19 @@ def check(repo_location, endpoint_url, password_file, read_data, seed, as_json):
 
 @repo_group.command("repair")
 @repo_options
+@key_option
 @click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
               help="A tree holding the original files: re-upload missing contents found in it.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be repaired; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def repair(repo_location, endpoint_url, password_file, source, dry_run, as_json):
+def repair(repo_location, endpoint_url, password_file, key_id, source, dry_run, as_json):
     """Rebuild missing index entries from the packs and re-upload missing contents from --source.
     Deletes nothing. Exits 0 only when nothing is missing afterwards (13 otherwise)."""
     from kdist.repair import repair_repository
 
     r = _on_format(repo_location, endpoint_url, password_file, dry_run,
-                   lambda storage, fmt: repair_repository(storage, fmt, source, dry_run))
+                   lambda storage, fmt: repair_repository(storage, fmt, source, dry_run), key_id,
+                   roles=(ADMIN, MAINTENANCE), what="repair the repository")
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
     else:

@@ -11,10 +11,12 @@ from dataclasses import replace
 import click
 
 from kdist.cli import exit_codes
+from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
+
 from kdist.cli.context import storage_requests, with_repository
 from kdist.cli.progress import ProgressLine, human_bytes
 from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
-from kdist.snapshot import TYPE_DIR, Snapshot, list_snapshots, resolve_snapshot
+from kdist.snapshot import TYPE_DIR, Snapshot, backup_host, list_snapshots, resolve_snapshot, visible_labels
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -65,14 +67,17 @@ def _processes(ctx, param, value):
               help="Back up a tree with N processes; auto: one per core for a tree of at least "
                    "20,000 entries per process (kdist.processes.AUTO_MIN_ENTRIES), else one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@with_repository()
+@click.option("--host", default="", help="Publish the snapshots under this host name (default: this machine's; "
+                                        "a host key's own host, which it cannot change).")
+@with_repository(append_only=True, roles=(ADMIN, HOST), what="back up")
 def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
-           as_json):
+           as_json, host):
     """Back up each PATH (a directory) as one snapshot."""
     from kdist.processes import ProcessPool, auto_processes, measure
 
     opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
-                         one_file_system=one_file_system, checkpoint_interval=checkpoint_interval)
+                         one_file_system=one_file_system, checkpoint_interval=checkpoint_interval,
+                         host=backup_host(repo.identity, host))
     if workers:
         opts.workers = workers
     # Several processes fork before this process starts a thread, so the trees are measured first.
@@ -128,6 +133,7 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
 def list_(repo, source_path, host, tag, include_checkpoints, as_json):
     """List snapshots, oldest first."""
     labels = {k: v for k, v in (("path", source_path), ("host", host)) if v}
+    labels.update(visible_labels(repo.identity))  # a host key lists its own host's
     snaps = list_snapshots(repo.manifests, include_checkpoints=include_checkpoints, **labels)
     if tag:
         snaps = [s for s in snaps if tag in s.tags]
@@ -156,7 +162,7 @@ def list_(repo, source_path, host, tag, include_checkpoints, as_json):
 @with_repository(read_only=True)
 def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
     """Restore SNAPSHOT (id prefix or 'latest') into TARGET."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
     progress = ProgressLine(total_bytes=snap.totals.get("bytes"))
     try:
         stats = Restorer(repo, overwrite=overwrite,
@@ -185,7 +191,7 @@ def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
 @with_repository(read_only=True)
 def ls(repo, snapshot_ref, path, recursive, as_json):
     """List the entries of a directory in a snapshot."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
     start = find_subtree(repo, snap, path)
     rows = browse.walk(repo, start, (path or "").strip("/"), recursive)
     if as_json:
@@ -203,7 +209,7 @@ def ls(repo, snapshot_ref, path, recursive, as_json):
 @with_repository(read_only=True)
 def cat(repo, snapshot_ref, path):
     """Write one file of a snapshot to standard output."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
     entry = find_subtree(repo, snap, path)
     if entry.type != "f":
         raise click.UsageError(f"{path} is not a file in the snapshot")
@@ -221,7 +227,8 @@ def cat(repo, snapshot_ref, path):
 @with_repository(read_only=True)
 def diff(repo, first, second, as_json):
     """Show what was added (+), removed (-) and modified (M) between two snapshots."""
-    a, b = resolve_snapshot(repo.manifests, first), resolve_snapshot(repo.manifests, second)
+    seen = visible_labels(repo.identity)
+    a, b = resolve_snapshot(repo.manifests, first, **seen), resolve_snapshot(repo.manifests, second, **seen)
     changes = browse.diff(repo, a.root, b.root)
     if as_json:
         click.echo(json.dumps([{"change": c, "path": p} for c, p in changes], indent=2))
@@ -240,7 +247,7 @@ def diff(repo, first, second, as_json):
 def verify(repo, snapshot_ref, percent, as_json):
     """Re-read and authenticate every content of a snapshot (or a random share)."""
     repo.contents.cache_contents = False  # verify what the repository holds, not the local copies
-    snap = resolve_snapshot(repo.manifests, snapshot_ref)
+    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
     report = browse.verify(repo, snap.root, percent)
     if as_json:
         click.echo(json.dumps({"snapshot": snap.id, **report.as_dict()}, indent=2))
@@ -264,11 +271,12 @@ def verify(repo, snapshot_ref, percent, as_json):
 @click.option("--id", "ids", multiple=True, help="Forget exactly this snapshot (id prefix); repeatable.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be forgotten.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@with_repository()
+@with_repository(roles=(ADMIN, MAINTENANCE), what="forget snapshots")
 def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags, ids,
            dry_run, as_json):
     """Forget snapshots by retention policy (per source) or by id. Data is freed later by `kdist gc run`."""
-    from kdist.retention import RetentionPolicy, apply_policy, group_by_source
+    from kdist.retention import RetentionPolicy
+    from kdist.snapshot import plan_forget
 
     policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tags))
     if ids:
@@ -277,11 +285,7 @@ def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, 
     else:
         if policy.is_empty():
             raise click.UsageError("give a --keep-* policy or --id; refusing to forget every snapshot")
-        to_forget, kept = [], []
-        for _source, snaps in group_by_source(list_snapshots(repo.manifests)).items():
-            decision = apply_policy(snaps, policy)
-            to_forget += decision.forget
-            kept += decision.keep
+        kept, to_forget = plan_forget(repo.manifests, policy)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "forget": [s.id for s in to_forget], "keep": [s.id for s in kept]}, indent=2))
     else:

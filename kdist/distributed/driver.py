@@ -15,6 +15,7 @@ code of the error that stopped the driver (kdist/cli/exit_codes.py).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import sys
@@ -27,13 +28,13 @@ from repo_format.errors import KdistError
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, RetryingStorage
+from repo_format.storage.wrappers import CountingStorage, RetryingStorage, append_only
 
 from kdist.allocator import tune_process
 from kdist.cli import exit_codes
 from kdist.distributed.plan import parts_totals, plan_tree, publish_parts
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
-from kdist.snapshot import Source, previous_root
+from kdist.snapshot import Source, backup_host, previous_root
 from kdist.uploader import BackupOptions, stat_source
 
 IN_FLIGHT = 2  # parts queued on one actor at a time: one running, one ready
@@ -160,10 +161,11 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     summary = Summary(mode="shard")
     started = clock.now()
     root_path, st = stat_source(root)
-    storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
-    repo = Repository.open(storage, password.read(), cache=CacheSettings.from_environment())
+    storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
+    repo = Repository.open(storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
+                           cache=CacheSettings.from_environment())
     try:
-        source = Source(host, Source.local(root_path).user, root_path)
+        source = Source(backup_host(repo.identity, "") or host, Source.local(root_path).user, root_path)
         previous = previous_root(repo.manifests, source) if options.reuse_previous else None
         # one actor per node by default: threads inside a process share its index and move no data
         # between processes (shared/MEASURED.md), so a node needs no second copy of the index

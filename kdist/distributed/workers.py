@@ -21,10 +21,10 @@ from repo_format.errors import KdistError
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, RetryingStorage
+from repo_format.storage.wrappers import CountingStorage, RetryingStorage, append_only, counting_storage
 
 from kdist.allocator import tune_process
-from kdist.snapshot import Entry, Source
+from kdist.snapshot import Entry, Source, backup_host
 from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
 
 NODE_CONFIG_ENV = "KDIST_NODE_CONFIG"
@@ -113,11 +113,12 @@ class BackupWorker:
         reports that as its failure (a constructor error would look like a dead actor)."""
         if self.repo is None:
             location, endpoint_url, password = self._open_args
-            self.storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url)))
-            self.repo = Repository.open(self.storage, password.read(), cache=CacheSettings.from_environment())
+            self.storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
+            self.repo = Repository.open(self.storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
+                                        cache=CacheSettings.from_environment())
 
     def _counts(self) -> dict:
-        return self.storage.counts() if self.storage is not None else {}
+        return counting_storage(self.storage).counts() if self.storage is not None else {}
 
     def where(self) -> dict:
         import ray
@@ -137,6 +138,7 @@ class BackupWorker:
             if not paths:
                 raise NodeSetupError(f"nothing to back up on {host}: no paths given and no node config")
             excludes = list(request.excludes) + list(cfg.get("excludes", []))
+            host = backup_host(self.repo.identity, "") or host  # a host key backs up as its own host
             for path in paths:
                 options = BackupOptions(excludes=excludes, tags=list(request.tags) + ["fleet"],
                                         workers=node_threads(request.workers))

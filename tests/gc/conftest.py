@@ -1,4 +1,5 @@
-"""Shared by the maintenance tests: the library's clock on a virtual time the test moves."""
+"""Shared by the maintenance tests: repositories in memory on the virtual clock (`virtual_time`,
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,9 @@ import pytest
 
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
-from repo_format import clock  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
-
-
-@pytest.fixture
-def virtual_time():
-    """``t``: a one-item list holding the time (storage and library clocks read ``t[0]``)."""
-    t = [1_800_000_000.0]
-    clock.set_clock(lambda: t[0])
-    clock.set_monotonic(lambda: t[0])
-    yield t
-    clock.set_clock(None)
-    clock.set_monotonic(None)
 
 
 @pytest.fixture

@@ -375,10 +375,14 @@ def _record(**change):
     {"v": 1, "records": [_record(deleted="no")]},
     {"v": 1, "records": [_record(), 5]},
     {"v": 1, "records": {"a": 1}},
-    {"v": 2, "records": []},
+    {"v": 3, "records": []},
+    {"v": 2, "records": [{"r": 5, "k": "root", "s": b""}]},
+    {"v": 2, "records": [{"r": msgpack.packb(_record(payload=2**63)), "k": "root", "s": b""}]},
+    {"v": 2, "body": 5, "k": "root", "s": b""},
     [1, {"v": 1}],
 ], ids=["payload 2^31", "payload 2^63", "payload str", "ts inf", "ts str", "labels list", "id list",
-        "deleted str", "record int", "records map", "version 2", "not a map"])
+        "deleted str", "record int", "records map", "version 3", "signed record not bytes",
+        "signed record payload 2^63", "compacted body not bytes", "not a map"])
 def test_forged_manifest_records_are_corruption_without_allocating(mem_repo, doc):
     repo = mem_repo
     name = Insider(repo).manifest_blob(doc)

@@ -103,7 +103,8 @@ def test_no_command_line_option_takes_the_password_itself():
     come from KDIST_PASSWORD, a file or a prompt, or for Ray nodes from a named variable."""
     from kdist.distributed.driver import main as cluster_backup
 
-    allowed = {"password_file", "new_password_file", "password_env"}
+    allowed = {"password_file", "new_password_file", "password_env",
+               "key_id"}  # which key slot the password opens: an id from `key list`, no secret
     commands = list(_commands(cli)) + [("cluster/backup.py", cluster_backup)]
     assert len(commands) >= 15
     seen = set()

@@ -1121,7 +1121,7 @@ class _SeededSecrets:
 
 
 _SECRETS_USERS = ("repo_format.repository", "repo_format.crypto", "repo_format.pack", "repo_format.epoch",
-                  "repo_format.format_blob", "repo_format.session", "repo_format.manifest")
+                  "repo_format.format_blob", "repo_format.session", "repo_format.manifest", "repo_format.keyslots")
 
 
 _SERIAL_USERS = ("repo_format.epoch", "repo_format.manifest")

@@ -1,0 +1,85 @@
+"""``kdist key``: one password per admin, maintenance job and host (SECURITY.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+from repo_format.keyslots import ADMIN, HOST, ROLES
+
+from kdist.cli.context import with_repository
+
+
+def read_new_password(new_password_file: str | None) -> str:
+    """The new key's password: ``KDIST_NEW_PASSWORD``, the file, or a prompt (never argv)."""
+    new = os.environ.get("KDIST_NEW_PASSWORD")
+    if new is None and new_password_file:
+        try:
+            with open(new_password_file, encoding="utf-8") as f:
+                new = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise click.UsageError(f"cannot read new password file {new_password_file}: {exc.strerror}")
+    if new is None:
+        new = click.prompt("Password of the new key", hide_input=True, confirmation_prompt=True)
+    if not new:
+        raise click.UsageError("the password must not be empty")
+    return new
+
+
+@click.group("key")
+def key_group():
+    """Keys: a password per admin, maintenance job and host, each with its role."""
+
+
+@key_group.command("add")
+@click.option("--role", type=click.Choice(ROLES), required=True,
+              help="admin: everything; maintenance: gc, forget, check; host: back up as --host, "
+                   "list and restore that host's snapshots, never delete.")
+@click.option("--host", default="", help="The host a host key backs up as (required for --role host).")
+@click.option("--new-password-file", type=click.Path(dir_okay=False), envvar="KDIST_NEW_PASSWORD_FILE",
+              help="Read the new key's password from this file (or set KDIST_NEW_PASSWORD).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(roles=(ADMIN,), what="add keys")
+def add(repo, role, host, new_password_file, as_json):
+    """Add a key (a password with a role); prints its id, which its holder passes as --key-id."""
+    from kdist.keys import add_key
+
+    if role == HOST and not host:
+        raise click.UsageError("a host key needs --host NAME")
+    identity = add_key(repo, read_new_password(new_password_file), role, host)
+    if as_json:
+        click.echo(json.dumps({"key_id": identity.slot, "role": role, "host": host}))
+        return
+    click.echo(f"added {role} key {identity.slot}" + (f" for host {host}" if host else ""))
+    click.echo(f"its holder opens the repository with KDIST_KEY_ID={identity.slot} and its password")
+
+
+@key_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True, roles=(ADMIN,), what="list keys")
+def list_(repo, as_json):
+    """List the keys: id, role, host, state (active or removed); * marks the one in use."""
+    from kdist.keys import list_keys
+
+    rows = list_keys(repo)
+    if as_json:
+        click.echo(json.dumps([vars(r) for r in rows], indent=2))
+        return
+    click.echo(f"  {'ID':<10}{'role':<13}{'state':<10}host")
+    click.echo(f"{'*' if not repo.identity.slot else ' '} {'(format)':<10}{'admin':<13}{'active':<10}"
+               "the repository's own password")
+    for r in rows:
+        click.echo(f"{'*' if r.current else ' '} {r.key_id:<10}{r.role:<13}{r.state:<10}{r.host}")
+
+
+@key_group.command("remove")
+@click.argument("removed", metavar="KEY_ID")
+@with_repository(roles=(ADMIN,), what="remove keys")
+def remove(repo, removed):
+    """Remove a key: its password opens nothing any more, and whatever it writes from now on is
+    ignored (and reported by `kdist repo check`); what it wrote before stays."""
+    from kdist.keys import remove_key
+
+    kept = remove_key(repo, removed)
+    click.echo(f"removed key {removed}; {kept} record(s) it wrote before stay valid")

@@ -1,0 +1,318 @@
+"""Key slots and roles: who a password makes you, and whose manifest records count.
+
+Owns: the key slot blobs ``ks<key id>`` (one per password besides the format blob's), the
+``Identity`` a password opens (role, host, key id, Ed25519 signing key, the root's public key),
+signing and verifying manifest records, and ``Trust``: which signer's record a reader honours.
+Never logs, prints or puts a key or password into an exception message.
+
+Roles (SECURITY.md): ``admin`` signs with the repository's root key (kept in the format blob and
+in admin slots) and may write anything; ``maintenance`` signs with its own key and may write any
+record but a key record; ``host`` signs with its own key and may write only records that carry
+its host name and whose id ends with its key id, and tombstones of its own records. A key is
+registered by a root-signed record of type ``key``; a removed key's record lists the records it
+signed before removal, and nothing else it signs counts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from repo_format import constants as C
+from repo_format.crypto import Aead, KdfParams
+from repo_format.errors import BlobNotFound, CorruptionError, KdistError, WrongPassword
+from repo_format.storage.base import BlobStorage
+
+ADMIN, MAINTENANCE, HOST = "admin", "maintenance", "host"
+ROLES = (ADMIN, MAINTENANCE, HOST)
+ROOT_KEY_ID = "root"  # admins share the root key; its public half is in every slot
+KEY_RECORD_TYPE = "key"
+KEY_ID_BYTES = 4
+MAX_SLOT_SIZE = 64 * 1024
+
+
+class PermissionRefused(KdistError):
+    """This key's role may not do what was asked (e.g. a host key running maintenance)."""
+
+
+def public_key(private: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def new_signing_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def root_identity(signing_key: bytes) -> "Identity":
+    return Identity(ADMIN, ROOT_KEY_ID, signing_key, public_key(signing_key))
+
+
+def new_root_identity() -> "Identity":
+    return root_identity(new_signing_key())
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an opened password is: its role, the key id it signs as (admins: the root), its
+    host (host keys), signing key, and the slot it came from ("" for the format blob)."""
+
+    role: str
+    key_id: str
+    signing_key: bytes = field(repr=False)
+    root_public: bytes = field(repr=False)
+    host: str = ""
+    slot: str = ""
+    # the root's certificate of this key (key id, role, host, public key) and its signature;
+    # every record this key signs carries them, so a reader needs no registry to trust it
+    cert: bytes = field(default=b"", repr=False)
+    cert_sig: bytes = field(default=b"", repr=False)
+
+    def require(self, *roles: str, what: str) -> None:
+        if self.role not in roles:
+            raise PermissionRefused(f"a {self.role} key may not {what} (it needs a key of role "
+                                    f"{' or '.join(roles)}; see SECURITY.md)")
+
+    def new_record_id(self) -> str:
+        """A fresh manifest id: random, ending with this key's id (a host may only write its own)."""
+        suffix = "" if self.key_id == ROOT_KEY_ID else self.key_id
+        return secrets.token_hex(16 - len(suffix) // 2) + suffix
+
+
+# ---- signatures -----------------------------------------------------------------------------
+RECORD_DOMAIN = b"kdist/v2/manifest-record\x00"
+COMPACTED_DOMAIN = b"kdist/v2/compacted-manifest\x00"
+CERT_DOMAIN = b"kdist/v2/key-certificate\x00"
+
+
+def sign(identity: Identity, domain: bytes, unique_id: bytes, message: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(identity.signing_key).sign(domain + unique_id + message)
+
+
+def verify(public: bytes, signature: bytes, domain: bytes, unique_id: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, domain + unique_id + message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    role: str
+    host: str
+    public: bytes
+    revoked: bool = False
+    keep: frozenset = frozenset()  # (record id, ts) a removed key signed before its removal
+
+
+def certify(root: "Identity", unique_id: bytes, key_id: str, role: str, host: str, public: bytes) -> tuple[bytes, bytes]:
+    """The root's certificate of a key: (its bytes, the root's signature over them)."""
+    cert = msgpack.packb({"key": key_id, "role": role, "host": host, "public": public})
+    return cert, sign(root, CERT_DOMAIN, unique_id, cert)
+
+
+def key_record_labels(key_id: str, role: str, host: str, revoked: bool = False) -> dict:
+    labels = {"type": KEY_RECORD_TYPE, "key": key_id, "role": role, "host": host}
+    if revoked:
+        labels["revoked"] = "1"
+    return labels
+
+
+def key_record_payload(public: bytes, keep: list | None = None) -> bytes:
+    return msgpack.packb({"public": public, "keep": keep or []})
+
+
+class Trust:
+    """Which manifest records a reader honours in a signed repository.
+
+    A record counts when the root signed it, or when a key signed it whose root-signed
+    certificate it carries and whose role allows what it says (a host: its own host's records
+    and ids). Nothing else is looked up, so a genuine record counts in every listing, whatever
+    its order. The only registry is of removals: root-signed key records that mark a key
+    removed, listing what it signed before; its other records do not count.
+    ``judge(records)`` returns those that count and, for ``repo check``, the others with the
+    reason each was refused."""
+
+    def __init__(self, unique_id: bytes, root_public: bytes):
+        self.unique_id = unique_id
+        self.root_public = root_public
+        self._verified: dict[tuple, bool] = {}  # (domain, signer public key, signature) -> valid
+        self._certs: dict[tuple, KeyInfo | None] = {}
+
+    def _verify(self, domain: bytes, public: bytes, sig: bytes, message: bytes) -> bool:
+        k = (domain, public, sig)
+        ok = self._verified.get(k)
+        if ok is None:
+            ok = self._verified[k] = bool(sig) and verify(public, sig, domain, self.unique_id, message)
+        return ok
+
+    def _valid(self, public: bytes, rec) -> bool:
+        return self._verify(RECORD_DOMAIN, public, rec.sig, rec.raw)
+
+    def certificate(self, cert: bytes, cert_sig: bytes) -> KeyInfo | None:
+        """The key a root-signed certificate describes, or None if the root did not sign it."""
+        k = (cert, cert_sig)
+        if k not in self._certs:
+            info = None
+            if type(cert) is bytes and type(cert_sig) is bytes and self._verify(CERT_DOMAIN, self.root_public,
+                                                                                 cert_sig, cert):
+                try:
+                    c = msgpack.unpackb(cert, raw=False)
+                    info = KeyInfo(c["key"], c["role"], c["host"], bytes(c["public"]))
+                    if info.role not in ROLES or type(info.key_id) is not str or type(info.host) is not str:
+                        info = None
+                except (ValueError, KeyError, TypeError):
+                    info = None
+            self._certs[k] = info
+        return self._certs[k]
+
+    def registry(self, records) -> dict[str, KeyInfo]:
+        """Every key record the root signed (newest per key): what ``key list`` shows and which
+        keys are removed."""
+        keys: dict[str, tuple[int, KeyInfo]] = {}
+        for r in records:
+            if r.labels.get("type") != KEY_RECORD_TYPE or r.deleted or r.signer != ROOT_KEY_ID:
+                continue
+            if not self._valid(self.root_public, r):
+                continue
+            try:
+                body = msgpack.unpackb(r.payload, raw=False)
+                info = KeyInfo(r.labels["key"], r.labels["role"], r.labels.get("host", ""), bytes(body["public"]),
+                               r.labels.get("revoked") == "1", frozenset((i, t) for i, t in body.get("keep", [])))
+                if info.role not in ROLES or type(info.key_id) is not str:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue
+            cur = keys.get(info.key_id)
+            if cur is None or (r.ts, info.revoked) > (cur[0], cur[1].revoked):
+                keys[info.key_id] = (r.ts, info)
+        return {k: v for k, (_, v) in keys.items()}
+
+    def judge(self, records) -> tuple[list, list]:
+        """(records that count, [(record, reason)] of those that do not)."""
+        keys = self.registry(records)
+        good, bad = [], []
+        for r in records:
+            reason = self._refusal(r, keys)
+            if reason is None:
+                good.append(r)
+            else:
+                bad.append((r, reason))
+        return good, bad
+
+    def signer_key(self, signer: str, cert: bytes, cert_sig: bytes, keys: dict[str, KeyInfo]) -> KeyInfo | str:
+        """The certified, not removed key ``signer``, or why there is none."""
+        key = self.certificate(cert, cert_sig)
+        if key is None:
+            return f"key {signer} has no certificate from the root"
+        if key.key_id != signer:
+            return f"key {signer} carries the certificate of key {key.key_id}"
+        reg = keys.get(signer)
+        if reg is not None and reg.revoked:
+            return KeyInfo(key.key_id, key.role, key.host, key.public, True, reg.keep)
+        return key
+
+    def _refusal(self, r, keys: dict[str, KeyInfo]) -> str | None:
+        if not r.signer:
+            return "unsigned"
+        if r.signer == ROOT_KEY_ID:
+            return None if self._valid(self.root_public, r) else "bad signature (root)"
+        key = self.signer_key(r.signer, r.cert, r.cert_sig, keys)
+        if isinstance(key, str):
+            return key
+        if not self._valid(key.public, r):
+            return f"bad signature (key {r.signer})"
+        if r.labels.get("type") == KEY_RECORD_TYPE:
+            return f"key record signed by {key.role} key {r.signer} (only the root may)"
+        if key.revoked and (r.id, r.ts) not in key.keep:
+            return f"written by removed key {r.signer}"
+        if key.role == HOST:
+            if not r.id.endswith(r.signer):
+                return f"host key {r.signer} ({key.host}) wrote a record of another writer's id"
+            if not r.deleted and r.labels.get("host") != key.host:
+                return f"host key {r.signer} ({key.host}) wrote a record for host {r.labels.get('host')!r}"
+        return None
+
+
+# ---- key slots ------------------------------------------------------------------------------
+def slot_name(key_id: str) -> str:
+    return f"{C.KEY_SLOT_PREFIX}{key_id}"
+
+
+def _slot_aad(unique_id: bytes, name: str) -> bytes:
+    return b"kdist/v2/key-slot\x00" + unique_id + name.encode("ascii")
+
+
+def encode_slot(unique_id: bytes, kdf: KdfParams, password: str, identity: Identity, secrets_payload: dict) -> tuple[str, bytes]:
+    """A key slot blob: ``{key id, kdf}`` in clear, the rest sealed under the password (scrypt,
+    then AES-256-GCM bound to the repository and the slot's name)."""
+    name = slot_name(identity.slot)
+    payload = msgpack.packb({**secrets_payload, "role": identity.role, "key_id": identity.key_id, "host": identity.host,
+                             "signing_key": identity.signing_key, "root_public": identity.root_public,
+                             "slot": identity.slot, "cert": identity.cert, "cert_sig": identity.cert_sig})
+    sealed = Aead(C.AEAD_AES_256_GCM, kdf.derive(password)).seal(payload, _slot_aad(unique_id, name))
+    return name, msgpack.packb({"v": 1, "key_id": identity.slot, "kdf": kdf.to_dict(), "sealed": sealed})
+
+
+def open_slot(unique_id: bytes, name: str, blob: bytes, password: str) -> dict | None:
+    """The slot's sealed payload, or None if the password is not this slot's."""
+    if len(blob) > MAX_SLOT_SIZE:
+        raise CorruptionError(f"key slot {name} is implausibly large")
+    try:
+        doc = msgpack.unpackb(blob, raw=False)
+        kdf = KdfParams.from_dict(doc["kdf"])
+        sealed = doc["sealed"]
+        if doc.get("v") != 1 or type(sealed) is not bytes or slot_name(doc["key_id"]) != name:
+            raise ValueError("slot fields")
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
+        raise CorruptionError(f"key slot {name} is malformed") from exc
+    try:
+        plain = Aead(C.AEAD_AES_256_GCM, kdf.derive(password)).open(sealed, _slot_aad(unique_id, name))
+    except CorruptionError:
+        return None
+    try:
+        p = msgpack.unpackb(plain, raw=False)
+        if p["role"] not in ROLES or type(p["signing_key"]) is not bytes or len(p["signing_key"]) != 32:
+            raise ValueError("slot payload")
+        return p
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptionError(f"key slot {name}'s sealed payload is malformed") from exc
+
+
+def identity_of(payload: dict) -> Identity:
+    return Identity(payload["role"], payload["key_id"], payload["signing_key"], payload["root_public"],
+                    payload.get("host") or "", payload["slot"], payload.get("cert", b""), payload.get("cert_sig", b""))
+
+
+def find_slot(storage: BlobStorage, unique_id: bytes, password: str, key_id: str | None = None) -> dict:
+    """The payload of the slot this password opens: the slot ``key_id`` names (one scrypt), or
+    else each slot in turn (one scrypt each: give the key id to a fleet of many keys)."""
+    if key_id is not None:
+        names = [slot_name(key_id)]
+    else:
+        names = sorted(m.name for m in storage.list(C.KEY_SLOT_PREFIX))
+    for name in names:
+        try:
+            blob = storage.get(name, 0, MAX_SLOT_SIZE + 1)
+        except BlobNotFound:
+            if key_id is not None:
+                raise WrongPassword(f"no key {key_id} in this repository (removed, or a wrong key id)") from None
+            continue
+        payload = open_slot(unique_id, name, blob, password)
+        if payload is not None:
+            return payload
+    raise WrongPassword("wrong password for this repository" + (f" (key {key_id})" if key_id else ""))
+
+
+def new_key_id(storage: BlobStorage) -> str:
+    taken = {m.name for m in storage.list(C.KEY_SLOT_PREFIX)}
+    while True:
+        key_id = secrets.token_hex(KEY_ID_BYTES)
+        if slot_name(key_id) not in taken:
+            return key_id

@@ -1,0 +1,129 @@
+"""Writers only add blobs: the append-only storage, session markers that are never replaced or
+deleted, and a backup under a host's IAM policy (no s3:DeleteObject) on an IAM-enforcing S3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdist.cli import exit_codes
+from kdist_trees import build_tree, cli_env, run_cli, tree_state
+from repo_format import constants as C
+from repo_format.errors import AppendOnlyViolation
+from repo_format.session import SESSION_END, SessionMarker, live_sessions, marker_session, unended_sessions
+from repo_format.storage import open_storage
+from repo_format.storage.memory import MemoryStorage
+from repo_format.storage.wrappers import AppendOnlyStorage, append_only
+
+
+def test_append_only_storage_adds_and_refuses_everything_else():
+    inner = MemoryStorage()
+    s = AppendOnlyStorage(inner)
+    s.put("a", b"one")
+    assert s.put_if_absent("b", b"two") and not s.put_if_absent("b", b"other")
+    with pytest.raises(AppendOnlyViolation, match="may only add"):
+        s.put("a", b"replaced")
+    with pytest.raises(AppendOnlyViolation):
+        s.delete("a")
+    with pytest.raises(AppendOnlyViolation):
+        s.reclaim_leftovers(0.0, 0.0)
+    assert inner.get("a") == b"one" and inner.get("b") == b"two"  # nothing was replaced or removed
+    assert append_only(s) is s and isinstance(append_only(inner), AppendOnlyStorage)
+    assert exit_codes.exit_code_for(AppendOnlyViolation("x")) == exit_codes.STORAGE
+
+
+def test_session_markers_are_added_never_replaced_and_end_with_an_end_blob():
+    from repo_format.crypto import Aead
+
+    storage = AppendOnlyStorage(MemoryStorage())
+    aead = Aead(C.AEAD_AES_256_GCM, b"k" * 32)
+    marker = SessionMarker(storage, aead, "ab" * 8, heartbeat=0.0, expiry=3600.0, auto=False)
+    marker.start()
+    marker.refresh()
+    marker.refresh()
+    names = sorted(m.name for m in storage.list(C.SESSION_PREFIX))
+    assert len(names) == 3 and {marker_session(n)[0] for n in names} == {"ab" * 8}
+    now = max(m.timestamp for m in storage.list(C.SESSION_PREFIX))
+    assert live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0) == {"ab" * 8}
+    assert not live_sessions(list(storage.list(C.SESSION_PREFIX)), now + 3600.0, 3600.0)  # every beat expired
+    marker.stop()
+    assert marker_session(sorted(m.name for m in storage.list(C.SESSION_PREFIX))[-1])[1] == SESSION_END
+    assert not live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0)  # ended: not live however fresh
+    assert not unended_sessions(storage)
+    marker.stop()  # a second stop adds nothing (and is no replacement of the end blob)
+    assert len(list(storage.list(C.SESSION_PREFIX))) == 4
+    with pytest.raises(Exception, match="has ended"):
+        marker.start()
+
+
+def test_markers_of_older_kdist_still_count_as_heartbeats():
+    storage = MemoryStorage()
+    storage.put(C.SESSION_PREFIX + "cd" * 8, b"")
+    now = storage.stat(C.SESSION_PREFIX + "cd" * 8).timestamp
+    assert live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 60.0) == {"cd" * 8}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    cli_env(monkeypatch)
+
+
+def test_a_host_without_delete_rights_backs_up_and_maintenance_collects(iam_s3, env, monkeypatch, tmp_path):
+    """On an S3 that enforces IAM, the host policy of cluster/policies (no s3:DeleteObject, no
+    retention changes) is enough for backups; the host's credentials cannot delete a blob; the
+    maintenance policy is enough for maintenance; what was backed up restores byte for byte."""
+    from botocore.exceptions import ClientError
+
+    repo = ["--repo", f"s3://{iam_s3.bucket}/fleet", "--endpoint-url", iam_s3.endpoint]
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tree(str(src))
+    iam_s3.env(monkeypatch, "admin")
+    run_cli("repo", "create", *repo)
+
+    iam_s3.env(monkeypatch, "host")
+    for _ in range(2):
+        out = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)
+        assert out[0]["totals"]["errors"] == 0 and out[0]["requests"]["DELETE"]["calls"] == 0
+    host = iam_s3.client("host")
+    listed = host.list_objects_v2(Bucket=iam_s3.bucket, Prefix="fleet/")["Contents"]
+    victim = next(o["Key"] for o in listed if o["Key"].startswith("fleet/p"))
+    with pytest.raises(ClientError, match="AccessDenied"):
+        host.delete_object(Bucket=iam_s3.bucket, Key=victim)
+    run_cli("maintenance", "run", *repo, code=exit_codes.STORAGE)  # a host cannot run maintenance's deletes
+    host.head_object(Bucket=iam_s3.bucket, Key=victim)  # still there
+
+    iam_s3.env(monkeypatch, "maintenance")
+    run_cli("gc", "run", *repo)
+    run_cli("repo", "check", *repo)
+    iam_s3.env(monkeypatch, "host")
+    run_cli("snapshot", "restore", *repo, "latest", tmp_path / "dst")
+    assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
+
+
+def test_every_backup_opened_by_the_cli_is_append_only(env, tmp_path, monkeypatch):
+    """The CLI's backup path runs through AppendOnlyStorage whatever key it holds: a delete
+    slipped into it fails the backup instead of removing a blob."""
+    from repo_format.storage import wrappers
+
+    repo = ["--repo", tmp_path / "repo"]
+    run_cli("repo", "create", *repo)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 1000)
+    seen = []
+    real = wrappers.AppendOnlyStorage.delete
+
+    def spy(self, name):
+        seen.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(wrappers.AppendOnlyStorage, "delete", spy)
+    from repo_format.manifest import ManifestStore
+
+    monkeypatch.setattr(ManifestStore, "write_records",
+                        lambda self, records: self.storage.delete("kdist.repository"))
+    run_cli("snapshot", "create", *repo, src, code=exit_codes.STORAGE)
+    assert seen == ["kdist.repository"]
+    assert open_storage(str(tmp_path / "repo")).exists("kdist.repository")

@@ -1,0 +1,426 @@
+"""A compromised host attacks the fleet's repository with its own host key and append-only
+storage (SECURITY.md's threat model). After each attack maintenance runs several GC cycles on
+scaled margins; the other host's snapshot must still restore byte for byte, and ``repo check``
+must name the forgery.
+
+Each attack is a function returning what it forged; ``DEFENCES`` switches each defence off in
+turn (``test_each_defence_is_needed``) to show some attack then succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import msgpack
+import pytest
+
+os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
+
+from kdist_trees import build_tree, tree_state  # noqa: E402
+from repo_format import clock  # noqa: E402
+from repo_format import constants as C  # noqa: E402
+from repo_format import keyslots  # noqa: E402
+from repo_format.crypto import KdfParams  # noqa: E402
+from repo_format.errors import AppendOnlyViolation  # noqa: E402
+from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.keyslots import COMPACTED_DOMAIN, HOST, MAINTENANCE, sign  # noqa: E402
+from repo_format.manifest import ManifestRecord  # noqa: E402
+from repo_format.repository import Repository  # noqa: E402
+from repo_format.safety import SAFETY_FULL  # noqa: E402
+from repo_format.storage.memory import MemoryStorage  # noqa: E402
+from repo_format.storage.wrappers import AppendOnlyStorage  # noqa: E402
+
+from kdist import retention  # noqa: E402
+from kdist.check import check_repository  # noqa: E402
+from kdist.gc.run import MaintenanceOptions, run_maintenance  # noqa: E402
+from kdist.keys import add_key, remove_key  # noqa: E402
+from kdist.restore import Restorer  # noqa: E402
+from kdist.retention import RetentionPolicy  # noqa: E402
+from kdist.snapshot import SNAPSHOT_LABEL, list_snapshots, plan_forget  # noqa: E402
+from kdist.uploader import BackupOptions, Uploader  # noqa: E402
+
+SAFETY = SAFETY_FULL.scaled(1 / 3600)  # margins of seconds: GC cycles pass in virtual time
+PARAMS = RepositoryParameters(pack_size=64 * 1024, metadata_pack_size=64 * 1024, chunk_avg=1024, chunk_min=256,
+                              chunk_max=4096, extra={"safety": SAFETY.to_dict()})
+WEAK = KdfParams.weak_for_tests
+DAY = 86400.0
+
+
+class Fleet:
+    def __init__(self, tmp_path, t):
+        self.t = t
+        self.tmp = tmp_path
+        self.storage = MemoryStorage(clock=lambda: t[0])
+        self.admin = Repository.create(self.storage, "admin-pw", PARAMS, WEAK())
+        self.keys = {}
+        for name, role, host in (("alice", HOST, "alice"), ("bob", HOST, "bob"), ("maint", MAINTENANCE, "")):
+            self.keys[name] = add_key(self.admin, f"{name}-pw", role, host, kdf=WEAK()).slot
+        self.src = {}
+        for host in ("alice", "bob"):
+            self.src[host] = tmp_path / f"src-{host}"
+            self.src[host].mkdir()
+            build_tree(str(self.src[host]), big_size=20_000)
+        self.bob_snap = self.backup("bob")
+        self.alice_snap = self.backup("alice")
+
+    def open(self, who: str) -> Repository:
+        storage = AppendOnlyStorage(self.storage) if who in ("alice", "bob") else self.storage
+        return Repository.open(storage, f"{who}-pw", key_id=self.keys[who], heartbeat_thread=False)
+
+    def backup(self, host: str):
+        repo = self.open(host)
+        snap = Uploader(repo, BackupOptions(host=host)).backup(str(self.src[host]))
+        repo.close()
+        self.t[0] += 10
+        return snap
+
+    def gc_cycles(self, n: int = 4) -> None:
+        for _ in range(n):
+            self.t[0] += 3 * SAFETY.pack_age + SAFETY.drop_margin
+            repo = self.open("maint")
+            run_maintenance(repo, MaintenanceOptions(full=True))
+            repo.close()
+
+    def assert_intact(self) -> None:
+        """bob's snapshot is listed, is his `latest`, and restores byte for byte; alice's real
+        snapshot is still listed."""
+        from kdist.snapshot import resolve_snapshot
+
+        repo = self.open("maint")
+        ids = {s.id for s in list_snapshots(repo.manifests, host="bob")}
+        assert self.bob_snap.id in ids
+        assert resolve_snapshot(repo.manifests, "latest", host="bob").id == self.bob_snap.id
+        assert self.alice_snap.id in {s.id for s in list_snapshots(repo.manifests, host="alice")}
+        snap = next(s for s in list_snapshots(repo.manifests, host="bob") if s.id == self.bob_snap.id)
+        assert snap.root == self.bob_snap.root  # the very snapshot bob published
+        target = self.tmp / f"restore-{secrets.token_hex(4)}"
+        Restorer(repo).restore(snap, str(target))
+        assert tree_state(str(target)) == tree_state(str(self.src["bob"]))
+
+    def check_names(self, *fragments: str) -> list[str]:
+        admin = Repository.open(self.storage, "admin-pw", heartbeat_thread=False)
+        report = check_repository(self.storage, admin.format)
+        forgeries = [p.message for p in report.problems if p.kind == "forgery"]
+        for f in fragments:
+            assert any(f in m for m in forgeries), (f, forgeries)
+        return forgeries
+
+
+@pytest.fixture
+def fleet(tmp_path, virtual_time):
+    ticks = [0.0]
+
+    def monotonic():
+        ticks[0] += 1e-4
+        return virtual_time[0] + ticks[0]
+
+    clock.set_monotonic(monotonic)
+    return Fleet(tmp_path, virtual_time)
+
+
+# ---- the attacks: alice (a host key, append-only storage) against bob -----------------------
+def attack_forged_snapshot(fleet: Fleet) -> str:
+    """A snapshot in bob's name (newer than bob's, of alice's tree): bob's `latest` would restore it."""
+    alice = fleet.open("alice")
+    labels = dict(alice.manifests.find(type=SNAPSHOT_LABEL, host="bob")[0].labels)
+    payload = msgpack.unpackb(alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")[0].payload, raw=False)
+    payload["source"] = {**payload["source"], "host": "bob"}
+    payload["end"] += DAY
+    alice.manifests.put(labels, msgpack.packb(payload))
+    return "wrote a record for host 'bob'"
+
+
+def attack_signed_as_the_root(fleet: Fleet) -> str:
+    """A tombstone of bob's snapshot that claims the root (an admin) signed it."""
+    alice = fleet.open("alice")
+    raw = msgpack.packb(ManifestRecord(fleet.bob_snap.id, {}, 2**62, deleted=True).fields_wire())
+    forged = ManifestRecord(fleet.bob_snap.id, {}, 2**62, deleted=True, signer=keyslots.ROOT_KEY_ID,
+                            sig=os.urandom(64), raw=raw)
+    alice.manifests.write_records([forged])
+    return "bad signature (root)"
+
+
+def attack_tombstone_of_bobs_snapshot(fleet: Fleet) -> str:
+    alice = fleet.open("alice")
+    alice.manifests.delete([fleet.bob_snap.id])
+    return "wrote a record of another writer's id"
+
+
+def attack_record_over_bobs_id(fleet: Fleet) -> str:
+    """A newer record under bob's snapshot id (alice's own labels): it would replace bob's."""
+    alice = fleet.open("alice")
+    mine = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")[0]
+    alice.manifests.write_records([ManifestRecord(fleet.bob_snap.id, mine.labels, mine.ts + 10**12, mine.payload)])
+    return "wrote a record of another writer's id"
+
+
+def attack_self_certified_key(fleet: Fleet) -> str:
+    """alice makes a key of her own, certifies it as maintenance herself, and forgets bob's
+    snapshot with it."""
+    alice = fleet.open("alice")
+    sk = keyslots.new_signing_key()
+    cert = msgpack.packb({"key": "evil0001", "role": MAINTENANCE, "host": "", "public": keyslots.public_key(sk)})
+    cert_sig = sign(alice.identity, keyslots.CERT_DOMAIN, alice.format.unique_id, cert)
+    alice.manifests.identity = keyslots.Identity(MAINTENANCE, "evil0001", sk, alice.identity.root_public, "", "",
+                                                 cert, cert_sig)
+    alice.manifests.delete([fleet.bob_snap.id])
+    return "key evil0001 has no certificate from the root"
+
+
+def attack_forged_key_removal(fleet: Fleet) -> str:
+    """A key record (signed by alice) that says bob's key was removed before it wrote anything."""
+    alice = fleet.open("alice")
+    bob = fleet.keys["bob"]
+    alice.manifests.put(keyslots.key_record_labels(bob, HOST, "bob", revoked=True),
+                        keyslots.key_record_payload(b"\0" * 32, []), manifest_id="key-" + bob)
+    return f"key record signed by host key {fleet.keys['alice']}"
+
+
+def attack_unsigned_tombstone(fleet: Fleet) -> str:
+    """A version-1 (unsigned) blob with a tombstone of bob's snapshot."""
+    alice = fleet.open("alice")
+    alice.manifests.identity = None
+    alice.manifests.write_records([ManifestRecord(fleet.bob_snap.id, {}, 2**62, deleted=True)])
+    return "unsigned"
+
+
+def attack_forged_compaction(fleet: Fleet) -> str:
+    """A compacted blob, signed by alice, whose `read_at` claims it covers every blob (bob's
+    snapshot's too): a compaction that trusted it would delete them."""
+    alice = fleet.open("alice")
+    name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{alice.session}"
+    mine = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")
+    body = msgpack.packb({"read_at": 2.0**40, "records": [r.to_wire() for r in mine], "stored": [0.0] * len(mine)})
+    sig = sign(alice.identity, COMPACTED_DOMAIN, alice.format.unique_id, name.encode() + body)
+    doc = msgpack.packb({"v": 2, "body": body, "k": alice.identity.key_id, "s": sig})
+    alice.storage.put(name, alice.format.keys.manifest_aead().seal(doc, name.encode()))
+    return f"compacted manifest blob {name}"
+
+
+def attack_removed_key(fleet: Fleet) -> str:
+    """alice's key is removed; her client (which kept its keys) then forges a snapshot of her own
+    that would be bob's newest in... her own name: it must not count, what she wrote before must."""
+    alice = fleet.open("alice")
+    admin = Repository.open(fleet.storage, "admin-pw", heartbeat_thread=False)
+    assert remove_key(admin, fleet.keys["alice"]) >= 1
+    rec = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")[0]
+    alice.manifests.put(rec.labels, rec.payload)
+    alice.manifests.delete([fleet.alice_snap.id])
+    return "written by removed key"
+
+
+ATTACKS = [attack_signed_as_the_root, attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
+           attack_self_certified_key, attack_forged_key_removal, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
+
+
+def _defended(fleet: Fleet, attack) -> None:
+    named = attack(fleet)
+    fleet.gc_cycles()
+    fleet.assert_intact()
+    fleet.check_names(named)
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.__name__[len("attack_"):])
+def test_attack_is_defended(fleet, attack):
+    _defended(fleet, attack)
+
+
+def test_the_removed_keys_earlier_snapshot_still_counts(fleet):
+    attack_removed_key(fleet)
+    fleet.gc_cycles()
+    maint = fleet.open("maint")
+    alice = list_snapshots(maint.manifests, host="alice")
+    assert [s.id for s in alice] == [fleet.alice_snap.id]  # the later forgery and tombstone do not count
+
+
+def test_a_host_cannot_delete_or_replace_a_blob(fleet):
+    alice = fleet.open("alice")
+    victim = next(m.name for m in fleet.storage.list(C.MANIFEST_PREFIX))
+    with pytest.raises(AppendOnlyViolation):
+        alice.storage.delete(victim)
+    with pytest.raises(AppendOnlyViolation):
+        alice.storage.put(victim, b"garbage")
+    with pytest.raises(AppendOnlyViolation):
+        alice.storage.put(C.FORMAT_BLOB_NAME, b"garbage")
+    fleet.gc_cycles()
+    fleet.assert_intact()
+
+
+@pytest.mark.parametrize("ts", [1, 2**62], ids=["dated-in-the-past", "dated-in-the-future"])
+def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts):
+    """alice marks every content of the index deleted (bob's too): maintenance undeletes what a
+    snapshot reaches before any mark could be dropped, as it does a crashed writer's stale view.
+    (Index blobs are not signed yet: `repo check` cannot tell these marks from maintenance's.)"""
+    from dataclasses import replace
+
+    alice = fleet.open("alice")
+    entries = [replace(e, deleted=True, timestamp_us=ts) for e in alice.contents.index.current()]
+    assert entries
+    alice.contents.epochs.write_index(entries)
+    fleet.gc_cycles()
+    fleet.assert_intact()
+
+
+def test_a_host_key_cannot_back_up_as_another_host(fleet):
+    """Refused before anything is uploaded (readers would refuse the snapshot anyway), in the
+    uploader every backup path shares: the CLI, the process pool, Ray's fleet and shard workers."""
+    from repo_format.keyslots import PermissionRefused
+
+    alice = fleet.open("alice")
+    before = {m.name for m in fleet.storage.list()}
+    with pytest.raises(PermissionRefused, match="belongs to host 'alice'"):
+        Uploader(alice, BackupOptions(host="bob")).backup(str(fleet.src["alice"]))
+    assert {m.name for m in fleet.storage.list()} == before  # nothing uploaded, not even a session
+
+
+def test_a_host_lists_and_restores_only_its_own_snapshots(fleet):
+    from kdist.snapshot import SnapshotNotFound, resolve_snapshot, visible_labels
+
+    alice = fleet.open("alice")
+    seen = visible_labels(alice.identity)
+    assert {s.source.host for s in list_snapshots(alice.manifests, **seen)} == {"alice"}
+    with pytest.raises(SnapshotNotFound):
+        resolve_snapshot(alice.manifests, fleet.bob_snap.id, **seen)
+
+
+# ---- retention on the storage clock ----------------------------------------------------------
+def _daily_history(fleet: Fleet, host: str, days: int) -> list:
+    snaps = []
+    for _ in range(days):
+        fleet.t[0] += DAY
+        snaps.append(fleet.backup(host))
+    return snaps
+
+
+def _forged_flood(fleet: Fleet, count: int) -> None:
+    """alice publishes snapshots of her own dated in the future and in the past, and many."""
+    alice = fleet.open("alice")
+    rec = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice", checkpoint="0")[-1]
+    payload = msgpack.unpackb(rec.payload, raw=False)
+    for i in range(count):
+        when = fleet.t[0] + (100 * 365 * DAY if i % 3 == 0 else -(i + 2) * DAY)
+        alice.manifests.put(rec.labels, msgpack.packb({**payload, "start": when, "end": when + 1}))
+
+
+@pytest.mark.parametrize("policy", [RetentionPolicy(keep_daily=3), RetentionPolicy(keep_last=3),
+                                    RetentionPolicy(keep_weekly=1, keep_daily=2)], ids=str)
+def test_dated_and_mass_snapshots_change_no_other_hosts_retention(fleet, policy):
+    _daily_history(fleet, "bob", 4)
+    _daily_history(fleet, "alice", 4)
+    maint = fleet.open("maint")
+    kept_before, _ = plan_forget(maint.manifests, policy)
+    _forged_flood(fleet, 30)
+    maint = fleet.open("maint")
+    kept_after, _ = plan_forget(maint.manifests, policy)
+    bob = lambda snaps: sorted(s.id for s in snaps if s.source.host == "bob")  # noqa: E731
+    assert bob(kept_after) == bob(kept_before) and bob(kept_before)
+
+
+def test_past_and_future_dating_cannot_reach_a_hosts_older_daily_snapshots(fleet):
+    """keep-daily on storage-bounded times: alice's forgeries all land within the last
+    MAX_BACKUP_SPAN (future ones at their storage time, past ones at most the span earlier), so
+    they take at most the buckets her genuine backups of today and yesterday would have taken:
+    her real snapshots of the days before are kept as they would be."""
+    history = _daily_history(fleet, "alice", 5)
+    fleet.t[0] += 2 * DAY  # two days without a backup: keep-daily 4 keeps the last four real ones
+    _forged_flood(fleet, 30)
+    maint = fleet.open("maint")
+    kept = {s.id for s in plan_forget(maint.manifests, RetentionPolicy(keep_daily=4))[0]}
+    assert {history[-1].id, history[-2].id} <= kept  # a genuine daily backup yesterday and today would keep these
+
+
+# ---- mutation checks: each defence switched off lets some attack through ----------------------
+def _no_signature_check(monkeypatch):
+    monkeypatch.setattr(keyslots.Trust, "_valid", lambda self, public, rec: True)
+
+
+def _ignoring(refusal_text: str):
+    """A mutation: the refusals whose reason contains ``refusal_text`` are let through."""
+
+    def switch_off(monkeypatch):
+        real = keyslots.Trust._refusal
+
+        def refusal(self, r, keys):
+            why = real(self, r, keys)
+            return None if why and refusal_text in why else why
+
+        monkeypatch.setattr(keyslots.Trust, "_refusal", refusal)
+
+    return switch_off
+
+
+_no_host_binding = _ignoring("wrote a record for host")
+_no_id_binding = _ignoring("another writer's id")
+
+
+def _certificates_from_anyone(monkeypatch):
+    def certificate(self, cert, cert_sig):
+        c = msgpack.unpackb(cert, raw=False)
+        return keyslots.KeyInfo(c["key"], c["role"], c["host"], c["public"])
+
+    monkeypatch.setattr(keyslots.Trust, "certificate", certificate)
+
+
+def _key_records_from_anyone(monkeypatch):
+    real = keyslots.Trust.registry
+
+    def registry(self, records):
+        keys = real(self, records)
+        for r in records:
+            if r.labels.get("type") == keyslots.KEY_RECORD_TYPE and r.labels.get("revoked") == "1":
+                keys[r.labels["key"]] = keyslots.KeyInfo(r.labels["key"], r.labels["role"], r.labels["host"],
+                                                         b"", True, frozenset())
+        return keys
+
+    monkeypatch.setattr(keyslots.Trust, "registry", registry)
+
+
+def _removed_keys_still_count(monkeypatch):
+    real = keyslots.Trust.registry
+    monkeypatch.setattr(keyslots.Trust, "registry", lambda self, records: {
+        k: keyslots.KeyInfo(v.key_id, v.role, v.host, v.public) for k, v in real(self, records).items()})
+
+
+def _unsigned_records_count(monkeypatch):
+    real = keyslots.Trust._refusal
+    monkeypatch.setattr(keyslots.Trust, "_refusal", lambda self, r, keys: None if not r.signer else real(self, r, keys))
+
+
+def _any_compaction_trusted(monkeypatch):
+    from repo_format.manifest import ManifestStore
+
+    monkeypatch.setattr(ManifestStore, "_trusted_compaction", lambda self, name, extra, keys: True)
+
+
+def _no_storage_clock(monkeypatch):
+    monkeypatch.setattr(retention, "storage_bounded_time", lambda snap, trusted, span=0: snap.end)
+
+
+DEFENCES = {
+    "signatures": (_no_signature_check, attack_signed_as_the_root),
+    "host binding": (_no_host_binding, attack_forged_snapshot),
+    "id binding": (_no_id_binding, attack_record_over_bobs_id),
+    "certificates from the root only": (_certificates_from_anyone, attack_self_certified_key),
+    "key records from the root only": (_key_records_from_anyone, attack_forged_key_removal),
+    "removed keys": (_removed_keys_still_count, attack_removed_key),
+    "unsigned records": (_unsigned_records_count, attack_unsigned_tombstone),
+    "trusted compactors": (_any_compaction_trusted, attack_forged_compaction),
+}
+
+
+@pytest.mark.parametrize("defence", list(DEFENCES))
+def test_each_defence_is_needed(fleet, monkeypatch, defence):
+    """Without the defence the attack does its damage (not merely goes unreported)."""
+    switch_off, attack = DEFENCES[defence]
+    switch_off(monkeypatch)
+    attack(fleet)
+    fleet.gc_cycles()
+    with pytest.raises(AssertionError):
+        fleet.assert_intact()
+
+
+def test_the_storage_clock_bound_is_needed(fleet, monkeypatch):
+    _no_storage_clock(monkeypatch)
+    with pytest.raises(AssertionError):
+        test_past_and_future_dating_cannot_reach_a_hosts_older_daily_snapshots(fleet)

@@ -1,0 +1,106 @@
+"""`kdist key`, roles and `kdist repo upgrade` through the CLI, on a directory repository."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdist.cli import exit_codes
+from kdist_trees import PASSWORD, build_tree, cli_env, run_cli, tree_state
+from repo_format import constants as C
+from repo_format.crypto import KdfParams
+from repo_format.repository import Repository
+from repo_format.storage import open_storage
+
+
+@pytest.fixture
+def env(monkeypatch):
+    cli_env(monkeypatch)
+
+
+@pytest.fixture
+def src(tmp_path):
+    s = tmp_path / "src"
+    s.mkdir()
+    build_tree(str(s), big_size=30_000)
+    return s
+
+
+def as_key(monkeypatch, password: str, key_id: str | None) -> None:
+    monkeypatch.setenv("KDIST_PASSWORD", password)
+    if key_id:
+        monkeypatch.setenv("KDIST_KEY_ID", key_id)
+    else:
+        monkeypatch.delenv("KDIST_KEY_ID", raising=False)
+
+
+def add_key(repo, monkeypatch, role: str, password: str, host: str = "") -> str:
+    monkeypatch.setenv("KDIST_NEW_PASSWORD", password)
+    out = run_cli("key", "add", *repo, "--role", role, *(["--host", host] if host else []), "--json").stdout
+    return json.loads(out)["key_id"]
+
+
+def test_roles_through_the_cli(env, monkeypatch, tmp_path, src):
+    repo = ["--repo", tmp_path / "repo"]
+    run_cli("repo", "create", *repo)
+    web1 = add_key(repo, monkeypatch, "host", "web1-pw", "web1")
+    maint = add_key(repo, monkeypatch, "maintenance", "maint-pw")
+    listed = json.loads(run_cli("key", "list", *repo, "--json").stdout)
+    assert {(k["key_id"], k["role"], k["host"], k["state"]) for k in listed} == {
+        (web1, "host", "web1", "active"), (maint, "maintenance", "", "active")}
+
+    run_cli("snapshot", "create", *repo, src)  # the admin's own snapshot, as this machine
+    as_key(monkeypatch, "web1-pw", web1)
+    made = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)[0]
+    assert made["source"]["host"] == "web1"  # a host key backs up as its host
+    run_cli("snapshot", "create", *repo, src, "--host", "db1", code=exit_codes.PERMISSION)
+    shown = json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)
+    assert [s["id"] for s in shown] == [made["id"]]  # only its own host's
+    run_cli("snapshot", "restore", *repo, "latest", tmp_path / "dst")
+    assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
+    for cmd in (["snapshot", "forget", "--keep-last", "1"], ["gc", "run"], ["maintenance", "run"],
+                ["key", "add", "--role", "host", "--host", "x"], ["key", "list"], ["repo", "repair"]):
+        result = run_cli(*cmd[:2], *repo, *cmd[2:], code=exit_codes.PERMISSION)
+        assert "host key may not" in result.output
+
+    as_key(monkeypatch, "maint-pw", maint)
+    run_cli("snapshot", "create", *repo, src, code=exit_codes.PERMISSION)
+    run_cli("snapshot", "forget", *repo, "--keep-last", "1")  # per source: both snapshots stay
+    run_cli("gc", "run", *repo)
+    run_cli("repo", "check", *repo)
+    assert len(json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)) == 2
+
+    as_key(monkeypatch, "web1-pw", "00000000")
+    run_cli("snapshot", "list", *repo, code=exit_codes.WRONG_PASSWORD)
+    as_key(monkeypatch, "web1-pw", None)  # without the key id every slot is tried
+    run_cli("snapshot", "list", *repo)
+
+    as_key(monkeypatch, PASSWORD, None)
+    run_cli("key", "remove", *repo, web1)
+    listed = {k["key_id"]: k["state"] for k in json.loads(run_cli("key", "list", *repo, "--json").stdout)}
+    assert listed[web1] == "removed"
+    assert len(json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)) == 2  # its snapshot stays
+    as_key(monkeypatch, "web1-pw", web1)
+    run_cli("snapshot", "list", *repo, code=exit_codes.WRONG_PASSWORD)  # its password opens nothing now
+
+
+def test_upgrade_keeps_every_snapshot_and_enables_keys(env, monkeypatch, tmp_path, src):
+    storage = open_storage(str(tmp_path / "repo"), create=True)
+    Repository.create(storage, PASSWORD, kdf=KdfParams.weak_for_tests(), version=1).close()
+    repo = ["--repo", tmp_path / "repo"]
+    first = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)[0]
+    run_cli("snapshot", "forget", *repo, "--id", first["id"])
+    second = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)[0]
+    monkeypatch.setenv("KDIST_NEW_PASSWORD", "h-pw")
+    run_cli("key", "add", *repo, "--role", "host", "--host", "h", code=exit_codes.USAGE)  # no slots before
+    out = run_cli("repo", "upgrade", *repo).output
+    assert "upgraded" in out
+    assert Repository.open(storage, PASSWORD).format.version == C.FORMAT_VERSION
+    assert [s["id"] for s in json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)] == [second["id"]]
+    run_cli("repo", "check", *repo)  # the old unsigned records are superseded by signed copies
+    host = add_key(repo, monkeypatch, "host", "h-pw", "h")
+    as_key(monkeypatch, "h-pw", host)
+    run_cli("snapshot", "create", *repo, src)
+    as_key(monkeypatch, PASSWORD, None)
+    run_cli("repo", "upgrade", *repo, code=exit_codes.USAGE)  # once is enough
