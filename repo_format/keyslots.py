@@ -7,8 +7,8 @@ Never logs, prints or puts a key or password into an exception message.
 
 Roles (SECURITY.md): ``admin`` signs with the repository's root key (kept in the format blob and
 in admin slots) and may write anything; ``maintenance`` signs with its own key and may write any
-record but a key record; ``host`` signs with its own key and may write only records that carry
-its host name and whose id ends with its key id, and tombstones of its own records. A key is
+record but a key record; ``host`` signs with its own key and may write only snapshot records
+that carry its host name and whose id ends with its key id, and tombstones of its own records. A key is
 registered by a root-signed record of type ``key``; a removed key's record lists the records it
 signed before removal, and nothing else it signs counts.
 """
@@ -32,6 +32,9 @@ ADMIN, MAINTENANCE, HOST = "admin", "maintenance", "host"
 ROLES = (ADMIN, MAINTENANCE, HOST)
 ROOT_KEY_ID = "root"  # admins share the root key; its public half is in every slot
 KEY_RECORD_TYPE = "key"
+# the only records a host key may write (besides tombstones of its own): what maintenance trusts
+# from its own runs (history: watermarks, pack candidates, set merges) must never come from one
+HOST_RECORD_TYPES = ("snapshot",)
 KEY_ID_BYTES = 4
 MAX_SLOT_SIZE = 64 * 1024
 
@@ -235,6 +238,8 @@ class Trust:
         if key.role == HOST:
             if not r.id.endswith(r.signer):
                 return f"host key {r.signer} ({key.host}) wrote a record of another writer's id"
+            if not r.deleted and r.labels.get("type") not in HOST_RECORD_TYPES:
+                return f"host key {r.signer} ({key.host}) wrote a {r.labels.get('type')!r} record (hosts write snapshots)"
             if not r.deleted and r.labels.get("host") != key.host:
                 return f"host key {r.signer} ({key.host}) wrote a record for host {r.labels.get('host')!r}"
         return None

@@ -33,6 +33,7 @@ from repo_format.storage.wrappers import AppendOnlyStorage  # noqa: E402
 
 from kdist import retention  # noqa: E402
 from kdist.check import check_repository  # noqa: E402
+from kdist.gc import history  # noqa: E402
 from kdist.gc.run import MaintenanceOptions, run_maintenance  # noqa: E402
 from kdist.keys import add_key, remove_key  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
@@ -198,6 +199,16 @@ def attack_forged_compaction(fleet: Fleet) -> str:
     return f"compacted manifest blob {name}"
 
 
+def attack_forged_maintenance_record(fleet: Fleet) -> str:
+    """A maintenance run record (in alice's name, under her own id): maintenance reads its own
+    history for the deletion watermark, confirmed pack candidates and set merges to clean up."""
+    alice = fleet.open("alice")
+    packs = [[m.name, m.length] for m in fleet.storage.list(C.DATA_PACK_PREFIX)]
+    forged = history.RunRecord(start=1.0, end=2.0, content_gc_completed=True, pack_candidates=packs)
+    alice.manifests.put({"type": history.LABEL, "host": "alice"}, forged.payload())
+    return "wrote a 'maintenance-run' record"
+
+
 def attack_removed_key(fleet: Fleet) -> str:
     """alice's key is removed; her client (which kept its keys) then forges a snapshot of her own
     that would be bob's newest in... her own name: it must not count, what she wrote before must."""
@@ -211,7 +222,8 @@ def attack_removed_key(fleet: Fleet) -> str:
 
 
 ATTACKS = [attack_signed_as_the_root, attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
-           attack_self_certified_key, attack_forged_key_removal, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
+           attack_self_certified_key, attack_forged_key_removal, attack_forged_maintenance_record,
+           attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
 
 
 def _defended(fleet: Fleet, attack) -> None:
@@ -259,6 +271,33 @@ def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts
     assert entries
     alice.contents.epochs.write_index(entries)
     fleet.gc_cycles()
+    fleet.assert_intact()
+
+
+def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(fleet):
+    """The hardest time for a forged mark: right after maintenance's walk, dated in the past
+    (below any watermark), while maintenance is marking and merging what a forgotten snapshot
+    left. The mark lands in the current epoch, which is merged only once it settles, after
+    later walks have undone it (gc/README.md, argument 2)."""
+    from dataclasses import replace
+
+    from kdist.gc.run import maintenance_steps
+
+    (fleet.src["alice"] / "unique").write_bytes(os.urandom(50_000))
+    garbage = fleet.backup("alice")
+    Repository.open(fleet.storage, "admin-pw", heartbeat_thread=False).manifests.delete([garbage.id])
+    alice = fleet.open("alice")
+    entries = [replace(e, deleted=True, timestamp_us=1) for e in alice.contents.index.current()]
+    for _ in range(5):
+        fleet.t[0] += 3 * SAFETY.pack_age + SAFETY.drop_margin
+        repo = fleet.open("maint")
+        for step in maintenance_steps(repo, MaintenanceOptions(full=True)):
+            if step == "content-gc executed":
+                alice.contents.epochs.write_index(entries)
+        repo.close()
+    runs = history.read_history(fleet.open("maint").manifests)
+    assert sum(r.steps["content_gc"]["marked"] for r in runs if "content_gc" in r.steps) > 0  # real marks too
+    assert any(isinstance(r.steps.get("index", {}).get("range"), dict) for r in runs)  # and range merges
     fleet.assert_intact()
 
 
@@ -418,6 +457,18 @@ def test_each_defence_is_needed(fleet, monkeypatch, defence):
     fleet.gc_cycles()
     with pytest.raises(AssertionError):
         fleet.assert_intact()
+
+
+def test_maintenance_reads_no_history_a_host_wrote(fleet, monkeypatch):
+    """The rule that hosts write snapshot records only keeps forged runs out of what maintenance
+    computes its watermark, pack candidates and set clean-ups from."""
+    def forged_runs() -> list:
+        return [r for r in history.read_history(fleet.open("maint").manifests) if r.start == 1.0]
+
+    attack_forged_maintenance_record(fleet)
+    assert not forged_runs()
+    _ignoring("hosts write snapshots")(monkeypatch)
+    assert forged_runs()  # without the rule it would count
 
 
 def test_the_storage_clock_bound_is_needed(fleet, monkeypatch):
