@@ -148,7 +148,7 @@ class Trust:
         self._verified: dict[tuple, bool] = {}  # (domain, signer public key, signature) -> valid
         self._certs: dict[tuple, KeyInfo | None] = {}
 
-    def _verify(self, domain: bytes, public: bytes, sig: bytes, message: bytes) -> bool:
+    def verify_once(self, domain: bytes, public: bytes, sig: bytes, message: bytes) -> bool:
         k = (domain, public, sig)
         ok = self._verified.get(k)
         if ok is None:
@@ -156,14 +156,15 @@ class Trust:
         return ok
 
     def _valid(self, public: bytes, rec) -> bool:
-        return self._verify(RECORD_DOMAIN, public, rec.sig, rec.raw)
+        """The record's signature verifies under ``public``, or a trusted compaction vouches for it."""
+        return rec.vouched or self.verify_once(RECORD_DOMAIN, public, rec.sig, rec.raw)
 
     def certificate(self, cert: bytes, cert_sig: bytes) -> KeyInfo | None:
         """The key a root-signed certificate describes, or None if the root did not sign it."""
         k = (cert, cert_sig)
         if k not in self._certs:
             info = None
-            if type(cert) is bytes and type(cert_sig) is bytes and self._verify(CERT_DOMAIN, self.root_public,
+            if type(cert) is bytes and type(cert_sig) is bytes and self.verify_once(CERT_DOMAIN, self.root_public,
                                                                                  cert_sig, cert):
                 try:
                     c = msgpack.unpackb(cert, raw=False)

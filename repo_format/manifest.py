@@ -20,7 +20,7 @@ from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
-from repo_format.keyslots import ADMIN, COMPACTED_DOMAIN, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign, verify
+from repo_format.keyslots import ADMIN, COMPACTED_DOMAIN, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage
 
@@ -45,6 +45,7 @@ class ManifestRecord:
     raw: bytes = field(default=b"", compare=False, repr=False)
     cert: bytes = field(default=b"", compare=False, repr=False)  # the signer's root-signed certificate
     cert_sig: bytes = field(default=b"", compare=False, repr=False)
+    vouched: bool = field(default=False, compare=False)  # read from a compacted blob the root or maintenance signed
     # when the record was first stored, on the storage's clock (the listing's timestamp of its
     # blob, or what a trusted compaction carried over); 0.0 when not known
     stored: float = field(default=0.0, compare=False)
@@ -223,7 +224,7 @@ class ManifestStore:
             if isinstance(key, str) or key.role != MAINTENANCE or key.revoked:
                 return False
             public = key.public
-        return verify(public, extra["sig"], COMPACTED_DOMAIN, self.unique_id, name.encode("ascii") + extra["body"])
+        return self.trust.verify_once(COMPACTED_DOMAIN, public, extra["sig"], name.encode("ascii") + extra["body"])
 
     def _read_at(self, meta, keys: dict | None) -> float | None:
         """When a compacted blob's writer started reading the records it holds (storage clock);
@@ -263,11 +264,14 @@ class ManifestStore:
             records = []
             for m, (recs, extra) in zip(metas, blobs):
                 carried = extra["stored"] if extra and self._trusted_compaction(m.name, extra, keys) else None
+                # a trusted compactor judged each record it kept: their signatures are not checked
+                # again here (the rules of their signers' roles are); `repo check` checks them all
+                vouched = carried is not None and self.trust is not None
                 for i, r in enumerate(recs):
                     t = m.timestamp
                     if carried is not None and isinstance(carried[i], (int, float)):
                         t = min(t, float(carried[i]))
-                    records.append(replace(r, stored=t))
+                    records.append(replace(r, stored=t, vouched=vouched))
             if live_ids is not None:
                 live_ids.update(r.id for r in records if not r.deleted)
             if self.trust is not None:

@@ -188,10 +188,16 @@ def attack_unsigned_tombstone(fleet: Fleet) -> str:
 
 def attack_forged_compaction(fleet: Fleet) -> str:
     """A compacted blob, signed by alice, whose `read_at` claims it covers every blob (bob's
-    snapshot's too): a compaction that trusted it would delete them."""
+    snapshot's too): a compaction that trusted it would delete them. It also holds a tombstone
+    of bob's snapshot claiming the root's signature: a reader that trusted the blob would not
+    check it."""
     alice = fleet.open("alice")
     name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{alice.session}"
     mine = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")
+    raw = msgpack.packb(ManifestRecord(fleet.bob_snap.id, {}, 2**62, deleted=True).fields_wire())
+    root_claimed = ManifestRecord(fleet.bob_snap.id, {}, 2**62, deleted=True, signer=keyslots.ROOT_KEY_ID,
+                                  sig=os.urandom(64), raw=raw)  # would pass if the blob vouched for it
+    mine.append(root_claimed)
     body = msgpack.packb({"read_at": 2.0**40, "records": [r.to_wire() for r in mine], "stored": [0.0] * len(mine)})
     sig = sign(alice.identity, COMPACTED_DOMAIN, alice.format.unique_id, name.encode() + body)
     doc = msgpack.packb({"v": 2, "body": body, "k": alice.identity.key_id, "s": sig})
