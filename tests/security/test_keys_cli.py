@@ -104,3 +104,21 @@ def test_upgrade_keeps_every_snapshot_and_enables_keys(env, monkeypatch, tmp_pat
     run_cli("snapshot", "create", *repo, src)
     as_key(monkeypatch, PASSWORD, None)
     run_cli("repo", "upgrade", *repo, code=exit_codes.USAGE)  # once is enough
+
+
+def test_a_second_admin_key_is_an_admin_and_can_be_removed(env, monkeypatch, tmp_path, src):
+    repo = ["--repo", tmp_path / "repo"]
+    run_cli("repo", "create", *repo)
+    second = add_key(repo, monkeypatch, "admin", "second-admin-pw")
+    as_key(monkeypatch, "second-admin-pw", second)
+    status = json.loads(run_cli("repo", "status", *repo, "--json").stdout)
+    assert status["key"] == {"role": "admin", "id": second, "host": None}
+    host = add_key(repo, monkeypatch, "host", "h-pw", "h")  # an admin key adds keys
+    run_cli("key", "remove", *repo, second, code=exit_codes.USAGE)  # not the key in use
+    run_cli("snapshot", "forget", *repo, "--keep-last", "1")
+    as_key(monkeypatch, PASSWORD, None)
+    run_cli("key", "remove", *repo, second)
+    as_key(monkeypatch, "second-admin-pw", second)
+    run_cli("snapshot", "list", *repo, code=exit_codes.WRONG_PASSWORD)
+    as_key(monkeypatch, "h-pw", host)
+    run_cli("snapshot", "create", *repo, src)  # keys the removed admin added stay
