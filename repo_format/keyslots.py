@@ -18,6 +18,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+import blake3
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -145,11 +146,13 @@ class Trust:
     def __init__(self, unique_id: bytes, root_public: bytes):
         self.unique_id = unique_id
         self.root_public = root_public
-        self._verified: dict[tuple, bool] = {}  # (domain, signer public key, signature) -> valid
+        self._verified: dict[tuple, bool] = {}  # (domain, public key, signature, digest of the message) -> valid
         self._certs: dict[tuple, KeyInfo | None] = {}
 
     def verify_once(self, domain: bytes, public: bytes, sig: bytes, message: bytes) -> bool:
-        k = (domain, public, sig)
+        """``verify``, remembered: the message is part of what is remembered (a signature seen
+        once must not vouch for other bytes)."""
+        k = (domain, public, sig, blake3.blake3(message).digest())
         ok = self._verified.get(k)
         if ok is None:
             ok = self._verified[k] = bool(sig) and verify(public, sig, domain, self.unique_id, message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -121,6 +122,33 @@ def fleet(tmp_path, virtual_time):
 
 
 # ---- the attacks: alice (a host key, append-only storage) against bob -----------------------
+def attack_transplanted_signature(fleet: Fleet) -> str:
+    """bob's genuine record's signature, certificate and key id on other bytes: a tombstone of
+    his snapshot, in a blob listed after his (a reader that had checked the signature on bob's
+    record must not take it as checked for these bytes)."""
+    alice = fleet.open("alice")
+    real = next(r for r in alice.manifests.find(type=SNAPSHOT_LABEL, host="bob") if r.id == fleet.bob_snap.id)
+    raw = msgpack.packb(ManifestRecord(real.id, {}, 2**61, deleted=True).fields_wire())
+    forged = ManifestRecord(real.id, {}, 2**61, deleted=True, signer=real.signer, sig=real.sig, raw=raw,
+                            cert=real.cert, cert_sig=real.cert_sig)
+    name = f"mzzzz{secrets.token_hex(10)}-{alice.session}"
+    doc = msgpack.packb({"v": 2, "records": [forged.to_wire()]})
+    alice.storage.put(name, alice.format.keys.manifest_aead().seal(doc, name.encode()))
+    return f"bad signature (key {fleet.keys['bob']})"
+
+
+def attack_reencoded_certificate(fleet: Fleet) -> str:
+    """alice's certificate re-encoded with role maintenance, under the root's signature of the
+    real one; then she forgets bob's snapshot as maintenance."""
+    alice = fleet.open("alice")
+    c = msgpack.unpackb(alice.identity.cert, raw=False)
+    cert = msgpack.packb({**c, "role": MAINTENANCE})
+    alice.manifests.identity = replace(alice.identity, role=MAINTENANCE, cert=cert)
+    alice.manifests.find(type=SNAPSHOT_LABEL)  # the reader has checked alice's real certificate by now
+    alice.manifests.delete([fleet.bob_snap.id])
+    return "has no certificate from the root"
+
+
 def attack_forged_snapshot(fleet: Fleet) -> str:
     """A snapshot in bob's name (newer than bob's, of alice's tree): bob's `latest` would restore it."""
     alice = fleet.open("alice")
@@ -227,7 +255,8 @@ def attack_removed_key(fleet: Fleet) -> str:
     return "written by removed key"
 
 
-ATTACKS = [attack_signed_as_the_root, attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
+ATTACKS = [attack_signed_as_the_root, attack_transplanted_signature, attack_reencoded_certificate,
+           attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
            attack_self_certified_key, attack_forged_key_removal, attack_forged_maintenance_record,
            attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
 
@@ -270,8 +299,6 @@ def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts
     """alice marks every content of the index deleted (bob's too): maintenance undeletes what a
     snapshot reaches before any mark could be dropped, as it does a crashed writer's stale view.
     (Index blobs are not signed yet: `repo check` cannot tell these marks from maintenance's.)"""
-    from dataclasses import replace
-
     alice = fleet.open("alice")
     entries = [replace(e, deleted=True, timestamp_us=ts) for e in alice.contents.index.current()]
     assert entries
@@ -285,7 +312,6 @@ def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(
     (below any watermark), while maintenance is marking and merging what a forgotten snapshot
     left. The mark lands in the current epoch, which is merged only once it settles, after
     later walks have undone it (gc/README.md, argument 2)."""
-    from dataclasses import replace
 
     from kdist.gc.run import maintenance_steps
 
@@ -399,6 +425,16 @@ _no_host_binding = _ignoring("wrote a record for host")
 _no_id_binding = _ignoring("another writer's id")
 
 
+def _signature_memory_without_the_message(monkeypatch):
+    def verify_once(self, domain, public, sig, message):
+        k = (domain, public, sig)
+        if k not in self._verified:
+            self._verified[k] = bool(sig) and keyslots.verify(public, sig, domain, self.unique_id, message)
+        return self._verified[k]
+
+    monkeypatch.setattr(keyslots.Trust, "verify_once", verify_once)
+
+
 def _certificates_from_anyone(monkeypatch):
     def certificate(self, cert, cert_sig):
         c = msgpack.unpackb(cert, raw=False)
@@ -444,6 +480,10 @@ def _no_storage_clock(monkeypatch):
 
 DEFENCES = {
     "signatures": (_no_signature_check, attack_signed_as_the_root),
+    "signatures remembered with their message": (_signature_memory_without_the_message,
+                                                 attack_transplanted_signature),
+    "certificates remembered with their bytes": (_signature_memory_without_the_message,
+                                                 attack_reencoded_certificate),
     "host binding": (_no_host_binding, attack_forged_snapshot),
     "id binding": (_no_id_binding, attack_record_over_bobs_id),
     "certificates from the root only": (_certificates_from_anyone, attack_self_certified_key),
