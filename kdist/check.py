@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from repo_format import constants as C
 from repo_format.epoch import ASSEMBLY_ATTEMPTS, EpochView
@@ -264,7 +264,7 @@ class Checker:
             except KdistError as exc:
                 self._problem("manifest", _naming(f"manifest blob {m.name}", exc), blob=m.name)
                 continue
-            every += records
+            every += [replace(r, stored=m.timestamp) for r in records]
             if extra:
                 compacted.append((m.name, extra))
         if store.trust is not None:

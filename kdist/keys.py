@@ -17,7 +17,7 @@ from repo_format import format_blob
 from repo_format.crypto import KdfParams
 from repo_format.errors import KdistError
 from repo_format.keyslots import (ADMIN, HOST, KEY_RECORD_TYPE, ROLES, ROOT_KEY_ID, Identity, key_record_labels,
-                                  key_record_payload, new_root_identity, public_key, slot_name)
+                                  key_record_payload, new_root_identity, public_key, record_digest, slot_name)
 from repo_format.manifest import ManifestStore
 from repo_format.repository import Repository
 from repo_format.session import live_sessions
@@ -54,7 +54,8 @@ def add_key(repo: Repository, password: str, role: str, host: str = "", kdf: Kdf
         raise KeyManagementError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     if (role == HOST) != bool(host):
         raise KeyManagementError("a host key needs --host NAME (the host it backs up), and only a host key has one")
-    identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf)
+    registered = {r.labels.get("key") for r in repo.manifests.find(type=KEY_RECORD_TYPE)}
+    identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf, registered)
     repo.manifests.put(key_record_labels(identity.slot, role, host),
                        key_record_payload(public_key(identity.signing_key)), manifest_id=KEY_RECORD_PREFIX + identity.slot)
     return identity
@@ -85,7 +86,7 @@ def remove_key(repo: Repository, key_id: str) -> int:
     role, host = rec.labels["role"], rec.labels.get("host", "")
     signer = ROOT_KEY_ID if role == ADMIN else key_id
     best, _ = repo.manifests._current()
-    keep = sorted([r.id, r.ts] for r in best.values() if r.signer == signer) if role != ADMIN else []
+    keep = sorted(record_digest(r.raw) for r in best.values() if r.signer == signer) if role != ADMIN else []
     public = msgpack.unpackb(rec.payload, raw=False)["public"]
     repo.manifests.put(key_record_labels(key_id, role, host, revoked=True), key_record_payload(public, keep),
                        manifest_id=KEY_RECORD_PREFIX + key_id)

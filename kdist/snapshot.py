@@ -254,6 +254,12 @@ class Snapshot:
         if bad:
             raise CorruptionError(f"snapshot manifest {rec.id} is malformed ({bad})")
         snap.id, snap.ts, snap.stored, snap.signer = rec.id, rec.ts, rec.stored, rec.signer
+        # the labels are what readers verified (a host key's host label is its own host): where
+        # a payload says otherwise, the labels win, so retention groups it with its writer's
+        lab = rec.labels
+        if all(type(lab.get(k)) is str for k in ("host", "user", "path", "checkpoint")):
+            snap.source = Source(lab["host"], lab["user"], lab["path"])
+            snap.checkpoint = lab["checkpoint"] == "1"
         return snap
 
     @property

@@ -237,12 +237,12 @@ def read(storage: BlobStorage, password: str, key_id: str | None = None) -> Form
 
 
 def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, host: str = "",
-             kdf: KdfParams | None = None) -> Identity:
+             kdf: KdfParams | None = None, registered: set = frozenset()) -> Identity:
     """Add a key slot for ``password`` with ``role`` (a host key names its host); returns its
     identity (the caller registers it with a root-signed key record)."""
     if admin.identity is None or admin.identity.role != ADMIN:
         raise PermissionRefused("only an admin key may add keys")
-    key_id = new_key_id(storage)
+    key_id = new_key_id(storage, registered)
     root = admin.identity
     if role == ADMIN:  # admins sign as the root
         identity = replace(root, slot=key_id)

@@ -15,6 +15,7 @@ signed before removal, and nothing else it signs counts.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -36,6 +37,14 @@ KEY_RECORD_TYPE = "key"
 # the only records a host key may write (besides tombstones of its own): what maintenance trusts
 # from its own runs (history: watermarks, pack candidates, set merges) must never come from one
 HOST_RECORD_TYPES = ("snapshot",)
+WITHDRAW_WINDOW = 3600.0  # seconds (storage clock): how long after publishing a host may withdraw a snapshot
+MAX_RECORD_TS = 2**62  # microseconds: a later record time is implausible (and its tombstone's would overflow)
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def record_digest(raw: bytes) -> str:
+    """What a key removal's ``keep`` list names a record by: a digest of its signed bytes."""
+    return blake3.blake3(raw).hexdigest()[:32]
 KEY_ID_BYTES = 4
 MAX_SLOT_SIZE = 64 * 1024
 
@@ -112,7 +121,7 @@ class KeyInfo:
     host: str
     public: bytes
     revoked: bool = False
-    keep: frozenset = frozenset()  # (record id, ts) a removed key signed before its removal
+    keep: frozenset = frozenset()  # digests (record_digest) of the records a removed key signed before
 
 
 def certify(root: "Identity", unique_id: bytes, key_id: str, role: str, host: str, public: bytes) -> tuple[bytes, bytes]:
@@ -191,7 +200,7 @@ class Trust:
             try:
                 body = msgpack.unpackb(r.payload, raw=False)
                 info = KeyInfo(r.labels["key"], r.labels["role"], r.labels.get("host", ""), bytes(body["public"]),
-                               r.labels.get("revoked") == "1", frozenset((i, t) for i, t in body.get("keep", [])))
+                               r.labels.get("revoked") == "1", frozenset(str(d) for d in body.get("keep", [])))
                 if info.role not in ROLES or type(info.key_id) is not str:
                     continue
             except (ValueError, KeyError, TypeError):
@@ -204,14 +213,53 @@ class Trust:
     def judge(self, records) -> tuple[list, list]:
         """(records that count, [(record, reason)] of those that do not)."""
         keys = self.registry(records)
-        good, bad = [], []
+        good, bad, hosts = [], [], {}
         for r in records:
             reason = self._refusal(r, keys)
-            if reason is None:
-                good.append(r)
-            else:
+            if reason is not None:
                 bad.append((r, reason))
-        return good, bad
+                continue
+            good.append(r)
+            key = self.signer_key(r.signer, r.cert, r.cert_sig, keys) if r.signer != ROOT_KEY_ID else None
+            if isinstance(key, KeyInfo) and key.role == HOST:
+                hosts[id(r)] = key
+        if not hosts:
+            return good, bad
+        return self._host_history(good, bad, hosts)
+
+    @staticmethod
+    def _host_history(good: list, bad: list, hosts: dict) -> tuple[list, list]:
+        """The rules of a host key's history: a record id is written once (the first stored
+        record counts, a later one under the same id does not), and a host's tombstone counts
+        only for a checkpoint of its own, or a snapshot it withdraws within ``WITHDRAW_WINDOW``
+        of publishing it (a backup that found, after publishing, that maintenance collected
+        something it refers to). A host cannot forget its own history. ``hosts``: the host key
+        of each host-signed record (by ``id()``)."""
+        first: dict[str, object] = {}
+        for r in good:
+            if not r.deleted and id(r) in hosts:
+                cur = first.get(r.id)
+                if cur is None or (r.stored, r.ts, r.blob) < (cur.stored, cur.ts, cur.blob):
+                    first[r.id] = r
+        kept = []
+        for r in good:
+            if id(r) not in hosts:
+                kept.append(r)
+                continue
+            if not r.deleted:
+                if first[r.id] is r:
+                    kept.append(r)
+                else:
+                    bad.append((r, f"host key {r.signer} wrote a second record under id {r.id}"))
+                continue
+            target = first.get(r.id)
+            if target is None or target.signer != r.signer:
+                bad.append((r, f"host key {r.signer} wrote a tombstone of nothing of its own ({r.id})"))
+            elif target.labels.get("checkpoint") == "1" or r.stored - target.stored <= WITHDRAW_WINDOW:
+                kept.append(r)
+            else:
+                bad.append((r, f"host key {r.signer} tried to forget its snapshot {r.id} (hosts never forget)"))
+        return kept, bad
 
     def signer_key(self, signer: str, cert: bytes, cert_sig: bytes, keys: dict[str, KeyInfo]) -> KeyInfo | str:
         """The certified, not removed key ``signer``, or why there is none."""
@@ -221,7 +269,7 @@ class Trust:
         if key.key_id != signer:
             return f"key {signer} carries the certificate of key {key.key_id}"
         reg = keys.get(signer)
-        if reg is not None and reg.revoked:
+        if reg is not None and reg.revoked and reg.public == key.public:
             return KeyInfo(key.key_id, key.role, key.host, key.public, True, reg.keep)
         return key
 
@@ -237,10 +285,12 @@ class Trust:
             return f"bad signature (key {r.signer})"
         if r.labels.get("type") == KEY_RECORD_TYPE:
             return f"key record signed by {key.role} key {r.signer} (only the root may)"
-        if key.revoked and (r.id, r.ts) not in key.keep:
+        if key.revoked and record_digest(r.raw) not in key.keep:
             return f"written by removed key {r.signer}"
+        if not 0 <= r.ts < MAX_RECORD_TS:
+            return f"implausible time {r.ts} (key {r.signer})"
         if key.role == HOST:
-            if not r.id.endswith(r.signer):
+            if not (len(r.id) == 32 and r.id.endswith(r.signer) and _HEX.fullmatch(r.id)):
                 return f"host key {r.signer} ({key.host}) wrote a record of another writer's id"
             if not r.deleted and r.labels.get("type") not in HOST_RECORD_TYPES:
                 return f"host key {r.signer} ({key.host}) wrote a {r.labels.get('type')!r} record (hosts write snapshots)"
@@ -313,15 +363,21 @@ def find_slot(storage: BlobStorage, unique_id: bytes, password: str, key_id: str
             if key_id is not None:
                 raise WrongPassword(f"no key {key_id} in this repository (removed, or a wrong key id)") from None
             continue
-        payload = open_slot(unique_id, name, blob, password)
+        try:
+            payload = open_slot(unique_id, name, blob, password)
+        except CorruptionError:
+            if key_id is not None:
+                raise
+            continue  # a damaged (or planted) slot is not this password's: try the others
         if payload is not None:
             return payload
     raise WrongPassword("wrong password for this repository" + (f" (key {key_id})" if key_id else ""))
 
 
-def new_key_id(storage: BlobStorage) -> str:
+def new_key_id(storage: BlobStorage, registered: set = frozenset()) -> str:
+    """A key id no slot has and no key record names (a removed key's id is never reused)."""
     taken = {m.name for m in storage.list(C.KEY_SLOT_PREFIX)}
     while True:
         key_id = secrets.token_hex(KEY_ID_BYTES)
-        if slot_name(key_id) not in taken:
+        if slot_name(key_id) not in taken and key_id not in registered:
             return key_id

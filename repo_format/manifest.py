@@ -67,7 +67,7 @@ def _record(r: dict, blob: str, version: int = 1) -> ManifestRecord:
     """One decoded record, its field types checked exactly: a conversion such as ``bytes(n)``
     or ``int(inf)`` of a hostile value would allocate without bound or raise untyped errors."""
     signer, sig, raw, cert, cert_sig = "", b"", b"", b"", b""
-    if version >= 2:
+    if "r" in r:  # a signed record (by its shape: an older compactor may have copied one into a v1 blob)
         signer, sig, raw, cert, cert_sig = r["k"], r["s"], r["r"], r.get("c", b""), r.get("cs", b"")
         if not all(type(x) is bytes for x in (sig, raw, cert, cert_sig)) or type(signer) is not str:
             raise TypeError("signed manifest record field types")
@@ -176,6 +176,9 @@ class ManifestStore:
                 inner = msgpack.unpackb(body, raw=False)
                 extra = {"read_at": inner["read_at"], "stored": inner["stored"], "signer": signer, "sig": sig,
                          "body": body, "cert": doc.get("c", b""), "cert_sig": doc.get("cs", b"")}
+                if not (type(extra["cert"]) is bytes and type(extra["cert_sig"]) is bytes
+                        and type(extra["read_at"]) in (int, float)):
+                    raise TypeError("compacted manifest field types")
                 wires = inner["records"]
                 if type(extra["stored"]) is not list or len(extra["stored"]) != len(wires):
                     raise TypeError("compacted manifest stored times")

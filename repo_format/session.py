@@ -1,10 +1,13 @@
 """Sessions and the storage clock.
 
-A writing client adds a heartbeat blob ``s<session>-<beat>`` every ``session_heartbeat`` seconds
-while it runs, and an end blob ``s<session>-end`` when it finishes: it never replaces or deletes
-one (writers are append-only; maintenance's housekeeping collects markers older than twice the
+A writing client adds a heartbeat blob ``s<session>-b<8 random hex><commitment>`` every
+``session_heartbeat`` seconds while it runs, and an end blob ``s<session>-e<secret>`` when it
+finishes, where the commitment is a hash of the secret: it never replaces or deletes one
+(writers are append-only; maintenance's housekeeping collects markers older than twice the
 expiry). A session is live while it has a heartbeat younger than ``session_expiry`` on the
-storage's clock and no end blob (markers of older kdist, ``s<session>``, count as heartbeats).
+storage's clock and no end blob whose secret matches its commitment (markers of older kdist,
+``s<session>``, count as heartbeats). Random names and the secret keep other clients (a
+hostile host) from ending someone else's session or taking its next marker's name first.
 Maintenance never deletes a pack whose name carries a live session. A writer that could not
 refresh its marker for longer than the expiry (it was paused or cut off) refuses to publish
 index blobs: maintenance may have collected its unindexed packs meanwhile.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import secrets
 import threading
 
+import blake3
 import msgpack
 
 from repo_format import clock
@@ -47,23 +51,40 @@ def session_of(blob_name: str) -> str | None:
     return tail if sep and len(tail) == 2 * C.SESSION_ID_BYTES else None
 
 
-SESSION_END = "end"
+def _commitment(secret: str) -> str:
+    return blake3.blake3(secret.encode("ascii")).hexdigest()[:COMMIT_HEX]
 
 
-def marker_session(name: str) -> tuple[str, str]:
-    """(session, beat or ``SESSION_END``) of a session marker's name; beat "" for older markers."""
-    session, _, beat = name[len(C.SESSION_PREFIX):].partition("-")
-    return session, beat
+COMMIT_HEX = 16
+
+
+def marker_session(name: str) -> tuple[str, str, str]:
+    """(session, kind, value) of a session marker's name: ``("b", commitment)`` for a heartbeat,
+    ``("e", secret)`` for an end blob, ``("", "")`` for a marker of older kdist."""
+    session, _, rest = name[len(C.SESSION_PREFIX):].partition("-")
+    if rest.startswith("b") and len(rest) == 1 + 8 + COMMIT_HEX:
+        return session, "b", rest[-COMMIT_HEX:]
+    if rest.startswith("e"):
+        return session, "e", rest[1:]
+    return session, "", ""
 
 
 def live_sessions(markers: list[BlobMeta], now: float, expiry: float) -> set[str]:
-    beating, ended = set(), set()
+    """Sessions with a heartbeat younger than ``expiry`` and no end. An end blob counts only when
+    the hash of the secret it names is the commitment its session's heartbeats carry: nobody but
+    the session's writer knows the secret, so no one else can end a session (a host could
+    otherwise make another's running backup look dead to maintenance)."""
+    beating, commits, ends = set(), {}, []
     for m in markers:
-        session, beat = marker_session(m.name)
-        if beat == SESSION_END:
-            ended.add(session)
-        elif now - m.timestamp < expiry:
+        session, kind, value = marker_session(m.name)
+        if kind == "e":
+            ends.append((session, value))
+            continue
+        if kind == "b":
+            commits.setdefault(session, set()).add(value)
+        if now - m.timestamp < expiry:
             beating.add(session)
+    ended = {session for session, secret in ends if _commitment(secret) in commits.get(session, ())}
     return beating - ended
 
 
@@ -78,9 +99,8 @@ class SessionMarker:
         self.storage = storage
         self.session = session
         self.name = C.SESSION_PREFIX + session
-        self._beats = 0
+        self._secret = secrets.token_hex(16)  # revealed by the end blob's name only
         self._ended = False  # its end blob is written: a marker is never started again
-        self._beat_lock = threading.Lock()  # the heartbeat thread and check_alive both refresh
         self._aead = aead
         self._heartbeat = heartbeat
         self._expiry = expiry
@@ -112,14 +132,12 @@ class SessionMarker:
         started = clock.monotonic()
         if self._last_ok is not None and self._expiry > 0 and started - self._last_ok >= self._expiry * 0.8:
             self._lapsed = True  # paused or cut off past the expiry: refreshing now cannot undo that
-        with self._beat_lock:
-            beat, self._beats = self._beats, self._beats + 1
-        self._put(f"{beat:08x}")
+        self._put("b" + secrets.token_hex(4) + _commitment(self._secret))  # unguessable: none can be put first
         self._last_ok = started
 
     def _put(self, beat: str) -> None:
         name = f"{self.name}-{beat}"
-        body = msgpack.packb({"session": self.session, "at": clock.now(), "beat": beat})
+        body = msgpack.packb({"session": self.session, "at": clock.now(), "marker": beat})
         self.storage.put(name, self._aead.seal(body, name.encode()))
 
     def check_alive(self) -> None:
@@ -142,4 +160,4 @@ class SessionMarker:
             self._thread.join(timeout=10)
         if self._last_ok is not None and not self._ended:
             self._ended = True
-            self._put(SESSION_END)
+            self._put("e" + self._secret)

@@ -11,7 +11,7 @@ from kdist.cli import exit_codes
 from kdist_trees import build_tree, cli_env, run_cli, tree_state
 from repo_format import constants as C
 from repo_format.errors import AppendOnlyViolation
-from repo_format.session import SESSION_END, SessionMarker, live_sessions, marker_session, unended_sessions
+from repo_format.session import SessionMarker, live_sessions, marker_session, unended_sessions
 from repo_format.storage import open_storage
 from repo_format.storage.memory import MemoryStorage
 from repo_format.storage.wrappers import AppendOnlyStorage, append_only
@@ -43,18 +43,49 @@ def test_session_markers_are_added_never_replaced_and_end_with_an_end_blob():
     marker.refresh()
     marker.refresh()
     names = sorted(m.name for m in storage.list(C.SESSION_PREFIX))
-    assert len(names) == 3 and {marker_session(n)[0] for n in names} == {"ab" * 8}
+    assert len(names) == 3 and {marker_session(n)[:2] for n in names} == {("ab" * 8, "b")}
     now = max(m.timestamp for m in storage.list(C.SESSION_PREFIX))
     assert live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0) == {"ab" * 8}
     assert not live_sessions(list(storage.list(C.SESSION_PREFIX)), now + 3600.0, 3600.0)  # every beat expired
     marker.stop()
-    assert marker_session(sorted(m.name for m in storage.list(C.SESSION_PREFIX))[-1])[1] == SESSION_END
+    assert {marker_session(m.name)[1] for m in storage.list(C.SESSION_PREFIX)} == {"b", "e"}
     assert not live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0)  # ended: not live however fresh
     assert not unended_sessions(storage)
     marker.stop()  # a second stop adds nothing (and is no replacement of the end blob)
     assert len(list(storage.list(C.SESSION_PREFIX))) == 4
     with pytest.raises(Exception, match="has ended"):
         marker.start()
+
+
+def test_no_one_else_can_end_a_session_or_take_its_next_markers_name():
+    """A hostile host sees every marker name: an end blob it makes up does not end the session
+    (the secret's hash must be the heartbeats' commitment), and it cannot guess the name of the
+    session's next heartbeat to put it first (create-only puts would then fail)."""
+    from repo_format.crypto import Aead
+
+    storage = MemoryStorage()
+    marker = SessionMarker(storage, Aead(C.AEAD_AES_256_GCM, b"k" * 32), "cd" * 8, heartbeat=0.0, expiry=3600.0,
+                           auto=False)
+    marker.start()
+    first = next(m.name for m in storage.list(C.SESSION_PREFIX))
+    commitment = marker_session(first)[2]
+    for forged in ("end", "e" + "0" * 32, "e" + commitment, "e"):
+        storage.put(f"s{'cd' * 8}-{forged}", b"")
+    now = max(m.timestamp for m in storage.list(C.SESSION_PREFIX))
+    assert live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0) == {"cd" * 8}
+    marker.refresh()
+    names = [m.name for m in storage.list(C.SESSION_PREFIX) if marker_session(m.name)[1] == "b"]
+    assert len(names) == 2 and names[0][:-16] != names[1][:-16]  # a random part in every beat
+    marker.stop()
+    assert not live_sessions(list(storage.list(C.SESSION_PREFIX)), now, 3600.0)
+
+
+def test_the_commitment_is_what_keeps_a_forged_end_out(monkeypatch):
+    from repo_format import session
+
+    monkeypatch.setattr(session, "_commitment", lambda secret: "0" * session.COMMIT_HEX)  # the mutation
+    with pytest.raises(AssertionError):
+        test_no_one_else_can_end_a_session_or_take_its_next_markers_name()
 
 
 def test_markers_of_older_kdist_still_count_as_heartbeats():

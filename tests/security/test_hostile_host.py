@@ -65,6 +65,7 @@ class Fleet:
             build_tree(str(self.src[host]), big_size=20_000)
         self.bob_snap = self.backup("bob")
         self.alice_snap = self.backup("alice")
+        self.protected = {s.id: s.root for s in (self.bob_snap, self.alice_snap)}  # what no attack may change
 
     def open(self, who: str) -> Repository:
         storage = AppendOnlyStorage(self.storage) if who in ("alice", "bob") else self.storage
@@ -85,15 +86,16 @@ class Fleet:
             repo.close()
 
     def assert_intact(self) -> None:
-        """bob's snapshot is listed, is his `latest`, and restores byte for byte; alice's real
-        snapshot is still listed."""
+        """bob's snapshot is listed, is his `latest`, and restores byte for byte; every other
+        protected snapshot (alice's own earlier one too) is listed with its tree."""
         from kdist.snapshot import resolve_snapshot
 
         repo = self.open("maint")
         ids = {s.id for s in list_snapshots(repo.manifests, host="bob")}
         assert self.bob_snap.id in ids
         assert resolve_snapshot(repo.manifests, "latest", host="bob").id == self.bob_snap.id
-        assert self.alice_snap.id in {s.id for s in list_snapshots(repo.manifests, host="alice")}
+        roots = {s.id: s.root for s in list_snapshots(repo.manifests)}
+        assert {i: roots.get(i) for i in self.protected} == self.protected
         snap = next(s for s in list_snapshots(repo.manifests, host="bob") if s.id == self.bob_snap.id)
         assert snap.root == self.bob_snap.root  # the very snapshot bob published
         target = self.tmp / f"restore-{secrets.token_hex(4)}"
@@ -201,8 +203,10 @@ def attack_forged_key_removal(fleet: Fleet) -> str:
     """A key record (signed by alice) that says bob's key was removed before it wrote anything."""
     alice = fleet.open("alice")
     bob = fleet.keys["bob"]
+    real = next(r for r in alice.manifests.find(type=SNAPSHOT_LABEL, host="bob"))
+    public = msgpack.unpackb(real.cert, raw=False)["public"]  # bob's public key, from his certificate
     alice.manifests.put(keyslots.key_record_labels(bob, HOST, "bob", revoked=True),
-                        keyslots.key_record_payload(b"\0" * 32, []), manifest_id="key-" + bob)
+                        keyslots.key_record_payload(public, []), manifest_id="key-" + bob)
     return f"key record signed by host key {fleet.keys['alice']}"
 
 
@@ -243,6 +247,43 @@ def attack_forged_maintenance_record(fleet: Fleet) -> str:
     return "wrote a 'maintenance-run' record"
 
 
+def attack_forget_own_history(fleet: Fleet) -> str:
+    """Ransomware on alice: it forgets her own earlier snapshot (a day after it was published)."""
+    fleet.t[0] += DAY
+    fleet.open("alice").manifests.delete([fleet.alice_snap.id])
+    return "tried to forget its snapshot"
+
+
+def attack_rewrite_own_history(fleet: Fleet) -> str:
+    """... or writes a newer record under its id, whose tree is an empty directory."""
+    alice = fleet.open("alice")
+    rec = next(r for r in alice.manifests.find(type=SNAPSHOT_LABEL, host="alice") if r.id == fleet.alice_snap.id)
+    payload = msgpack.unpackb(rec.payload, raw=False)
+    other = next(r for r in alice.manifests.find(type=SNAPSHOT_LABEL, host="bob"))
+    payload["root"] = msgpack.unpackb(other.payload, raw=False)["root"]  # any other tree
+    alice.manifests.write_records([ManifestRecord(rec.id, rec.labels, rec.ts + 1, msgpack.packb(payload))])
+    return "wrote a second record under id"
+
+
+def attack_record_over_an_admins_snapshot(fleet: Fleet) -> str:
+    """A newer record (alice's labels) under the id of a snapshot an admin published for carol."""
+    admin = Repository.open(fleet.storage, "admin-pw", heartbeat_thread=False)
+    carol = Uploader(admin, BackupOptions(host="carol")).backup(str(fleet.src["bob"]))
+    admin.close()
+    fleet.protected[carol.id] = carol.root
+    alice = fleet.open("alice")
+    mine = alice.manifests.find(type=SNAPSHOT_LABEL, host="alice")[0]
+    alice.manifests.write_records([ManifestRecord(carol.id, mine.labels, 2**61, mine.payload)])
+    return "another writer's id"
+
+
+def attack_own_key_record(fleet: Fleet) -> str:
+    """A tombstone of her own key record (its id ends with her key id): `key list` would lose
+    the key and `key remove` could not find it."""
+    fleet.open("alice").manifests.delete(["key-" + fleet.keys["alice"]])
+    return "another writer's id"
+
+
 def attack_removed_key(fleet: Fleet) -> str:
     """alice's key is removed; her client (which kept its keys) then forges a snapshot of her own
     that would be bob's newest in... her own name: it must not count, what she wrote before must."""
@@ -258,7 +299,7 @@ def attack_removed_key(fleet: Fleet) -> str:
 ATTACKS = [attack_signed_as_the_root, attack_transplanted_signature, attack_reencoded_certificate,
            attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
            attack_self_certified_key, attack_forged_key_removal, attack_forged_maintenance_record,
-           attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
+           attack_forget_own_history, attack_rewrite_own_history, attack_record_over_an_admins_snapshot, attack_own_key_record, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
 
 
 def _defended(fleet: Fleet, attack) -> None:
@@ -331,6 +372,42 @@ def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(
     assert sum(r.steps["content_gc"]["marked"] for r in runs if "content_gc" in r.steps) > 0  # real marks too
     assert any(isinstance(r.steps.get("index", {}).get("range"), dict) for r in runs)  # and range merges
     fleet.assert_intact()
+
+
+def test_a_hosts_own_checkpoints_are_cleaned_up_and_nothing_is_refused(fleet):
+    """A host's backup that checkpoints forgets its checkpoints when it publishes: those
+    tombstones count (hosts may forget their own checkpoints), and `repo check` finds nothing."""
+    repo = fleet.open("alice")
+    snap = Uploader(repo, BackupOptions(host="alice", checkpoint_interval=1e-9)).backup(str(fleet.src["alice"]))
+    repo.close()
+    maint = fleet.open("maint")
+    records = maint.manifests.find(type=SNAPSHOT_LABEL, host="alice")
+    assert snap.id in {r.id for r in records} and not [r for r in records if r.labels["checkpoint"] == "1"]
+    tombstones = [r for m in fleet.storage.list(C.MANIFEST_PREFIX) for r in maint.manifests.read_blob(m.name)
+                  if r.deleted and r.signer == fleet.keys["alice"]]
+    assert tombstones  # it did checkpoint, and forgot them
+    assert fleet.check_names() == []
+
+
+def test_malformed_signed_fields_are_corruption_not_a_crash(fleet):
+    """A compacted-looking blob whose certificate is a list: a typed error, not a TypeError that
+    would take every reader down with a traceback."""
+    from repo_format.errors import CorruptionError
+
+    alice = fleet.open("alice")
+    name = f"m{secrets.token_hex(12)}-{alice.session}"
+    body = msgpack.packb({"read_at": 1.0, "records": [], "stored": []})
+    doc = msgpack.packb({"v": 2, "body": body, "k": "x", "s": b"", "c": [1], "cs": b""})
+    alice.storage.put(name, alice.format.keys.manifest_aead().seal(doc, name.encode()))
+    with pytest.raises(CorruptionError):
+        fleet.open("maint").manifests.find()
+
+
+def test_a_planted_key_slot_does_not_keep_others_out(fleet):
+    alice = fleet.open("alice")
+    alice.storage.put(C.KEY_SLOT_PREFIX + "0badc0de", b"not a slot")
+    repo = Repository.open(fleet.storage, "bob-pw", heartbeat_thread=False)  # no key id: every slot is tried
+    assert repo.identity.host == "bob"
 
 
 def test_a_host_key_cannot_back_up_as_another_host(fleet):
@@ -407,16 +484,16 @@ def _no_signature_check(monkeypatch):
 
 
 def _ignoring(refusal_text: str):
-    """A mutation: the refusals whose reason contains ``refusal_text`` are let through."""
+    """A mutation: the records refused for a reason containing ``refusal_text`` count."""
 
     def switch_off(monkeypatch):
-        real = keyslots.Trust._refusal
+        real = keyslots.Trust.judge
 
-        def refusal(self, r, keys):
-            why = real(self, r, keys)
-            return None if why and refusal_text in why else why
+        def judge(self, records):
+            good, bad = real(self, records)
+            return good + [r for r, why in bad if refusal_text in why], [(r, w) for r, w in bad if refusal_text not in w]
 
-        monkeypatch.setattr(keyslots.Trust, "_refusal", refusal)
+        monkeypatch.setattr(keyslots.Trust, "judge", judge)
 
     return switch_off
 
@@ -450,8 +527,9 @@ def _key_records_from_anyone(monkeypatch):
         keys = real(self, records)
         for r in records:
             if r.labels.get("type") == keyslots.KEY_RECORD_TYPE and r.labels.get("revoked") == "1":
+                public = msgpack.unpackb(r.payload, raw=False)["public"]
                 keys[r.labels["key"]] = keyslots.KeyInfo(r.labels["key"], r.labels["role"], r.labels["host"],
-                                                         b"", True, frozenset())
+                                                         public, True, frozenset())
         return keys
 
     monkeypatch.setattr(keyslots.Trust, "registry", registry)
@@ -485,7 +563,9 @@ DEFENCES = {
     "certificates remembered with their bytes": (_signature_memory_without_the_message,
                                                  attack_reencoded_certificate),
     "host binding": (_no_host_binding, attack_forged_snapshot),
-    "id binding": (_no_id_binding, attack_record_over_bobs_id),
+    "id binding": (_no_id_binding, attack_record_over_an_admins_snapshot),
+    "a host's ids are written once": (_ignoring("second record under id"), attack_rewrite_own_history),
+    "hosts never forget": (_ignoring("hosts never forget"), attack_forget_own_history),
     "certificates from the root only": (_certificates_from_anyone, attack_self_certified_key),
     "key records from the root only": (_key_records_from_anyone, attack_forged_key_removal),
     "removed keys": (_removed_keys_still_count, attack_removed_key),
