@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import random
 import shutil
 import threading
@@ -310,13 +311,29 @@ def _kill_node_and_finish(cluster, host: str, backup: threading.Thread, result: 
     """Kill ``host``'s node under the running backup, wait (bounded) for the backup to finish,
     give the cluster a fresh node in its place; return the backup's summary."""
     try:
-        cluster["cluster"].remove_node(cluster["nodes"][host], allow_graceful=False)
+        node = cluster["nodes"][host]
+        _kill_children(node.all_processes["raylet"][0].process.pid)  # its workers die now, not once
+        cluster["cluster"].remove_node(node, allow_graceful=False)  # they notice the raylet is gone
         backup.join(timeout=WAIT)
         assert not backup.is_alive(), f"the backup did not finish within {WAIT} s of {host} dying"
     finally:
         _replace_node(cluster, host)
     assert "error" not in result, result
     return result["summary"]
+
+
+def _kill_children(pid: int) -> None:
+    """SIGKILL every process whose parent is ``pid`` (a raylet's workers), read from /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
 
 
 def _in_thread(backup):
