@@ -25,6 +25,7 @@ from repo_format import keyslots  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.errors import AppendOnlyViolation  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.index import encode_index, seal_index  # noqa: E402
 from repo_format.keyslots import COMPACTED_DOMAIN, HOST, MAINTENANCE, sign  # noqa: E402
 from repo_format.manifest import ManifestRecord  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
@@ -351,8 +352,9 @@ def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts
 def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(fleet):
     """The hardest time for a forged mark: right after maintenance's walk, dated in the past
     (below any watermark), while maintenance is marking and merging what a forgotten snapshot
-    left. The mark lands in the current epoch, which is merged only once it settles, after
-    later walks have undone it (gc/README.md, argument 2)."""
+    left, put into every epoch, settled ones too. A mark in the current epoch is merged only once
+    it settles, after later walks have undone it (gc/README.md, argument 2); the ones named into
+    settled epochs must change nothing either."""
 
     from kdist.gc.run import maintenance_steps
 
@@ -360,13 +362,16 @@ def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(
     garbage = fleet.backup("alice")
     Repository.open(fleet.storage, "admin-pw", heartbeat_thread=False).manifests.delete([garbage.id])
     alice = fleet.open("alice")
-    entries = [replace(e, deleted=True, timestamp_us=1) for e in alice.contents.index.current()]
-    for _ in range(5):
+    plain = encode_index([replace(e, deleted=True, timestamp_us=1) for e in alice.contents.index.current()])
+    epochs = alice.contents.epochs
+    for cycle in range(5):
         fleet.t[0] += 3 * SAFETY.pack_age + SAFETY.drop_margin
         repo = fleet.open("maint")
         for step in maintenance_steps(repo, MaintenanceOptions(full=True)):
-            if step == "content-gc executed":
-                alice.contents.epochs.write_index(entries)
+            if step == "content-gc executed":  # into every epoch, settled ones too (any name can be put)
+                for e in range(epochs.fresh_view().current + 1):
+                    name = f"{C.INDEX_PREFIX}{e}_{secrets.token_hex(16)}-{alice.session}"
+                    alice.storage.put(name, seal_index(epochs._aead, name, plain))
         repo.close()
     runs = history.read_history(fleet.open("maint").manifests)
     assert sum(r.steps["content_gc"]["marked"] for r in runs if "content_gc" in r.steps) > 0  # real marks too
