@@ -8,9 +8,10 @@ Never logs, prints or puts a key or password into an exception message.
 Roles (SECURITY.md): ``admin`` signs with the repository's root key (kept in the format blob and
 in admin slots) and may write anything; ``maintenance`` signs with its own key and may write any
 record but a key record; ``host`` signs with its own key and may write only snapshot records
-that carry its host name and whose id ends with its key id, and tombstones of its own records. A key is
-registered by a root-signed record of type ``key``; a removed key's record lists the records it
-signed before removal, and nothing else it signs counts.
+that carry its host name, under ids of 24 hex and its key id, each id once, and tombstones of its
+own checkpoints (or of a snapshot within ``WITHDRAW_WINDOW`` of publishing it). Every non-root
+record carries the root's certificate of its key. A root-signed record of type ``key`` lists a
+key; a removed key's lists the records it signed before removal, and nothing else it signs counts.
 """
 
 from __future__ import annotations
