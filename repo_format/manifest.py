@@ -305,9 +305,13 @@ class ManifestStore:
         A new compacted blob is written when at least ``min_blobs`` blobs would remain; it leaves
         out the tombstones that nothing needs any more (``_without_spent_tombstones``).
         ``now`` is the storage's time. Returns the number of blobs deleted."""
-        keys = None
+        # a signed repository reads the records first: their registry of keys says which
+        # compactors to trust, and the same read feeds the compacted blob (one read, not two;
+        # ``now`` was taken before either listing, so both cover every blob older than it)
+        live_ids: set[str] = set()
+        best, keys = None, None
         if self.trust is not None:
-            self._current()  # the registry of keys, to know which compactors to trust
+            best, _ = self._current(live_ids)
             keys = self.keys
         metas = list(self.storage.list(C.MANIFEST_PREFIX))
         merged = [(m, self._read_at(m, keys)) for m in metas if m.name.startswith(C.MANIFEST_COMPACTED_PREFIX)]
@@ -319,8 +323,8 @@ class ManifestStore:
 
         deletable = [b for b in metas if covered(b)]
         if len(metas) - len(deletable) >= min_blobs:
-            live_ids: set[str] = set()
-            best, _ = self._current(live_ids)
+            if best is None:
+                best, _ = self._current(live_ids)
             if tombstone_rule:
                 best = _without_spent_tombstones(best, live_ids, {m.name: m.timestamp for m in metas}, now, settle)
             else:  # the simulator's mutation: every tombstone dropped
@@ -331,7 +335,6 @@ class ManifestStore:
         for b in deletable:
             self.storage.delete(b.name)
         return len(deletable)
-
 
     def _compacted_doc(self, name: str, read_at: float, records: list[ManifestRecord]) -> bytes:
         if self.identity is None:
