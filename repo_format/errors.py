@@ -42,6 +42,17 @@ class StorageUnreachable(StorageError):
     """The storage cannot be reached at all (no such bucket, bad endpoint, bad credentials)."""
 
 
+class BlobLocked(StorageError):
+    """A delete was refused because the blob is under S3 Object Lock retention until ``until``
+    (seconds since the Unix epoch, the storage's clock). Maintenance leaves such a blob for a
+    later run, exactly as if it had stopped before deleting it."""
+
+    def __init__(self, name: str, until: float):
+        self.name = name
+        self.until = until
+        super().__init__(f"blob {name!r} is locked (Object Lock) until {until:.0f}")
+
+
 class ReadOnlyStorage(StorageError):
     """A write was attempted through a read-only storage."""
 
@@ -55,7 +66,7 @@ def is_outage(exc: BaseException) -> bool:
     """The storage failing as a whole (unreachable, erroring after retries), as opposed to one
     blob being missing or malformed: a reader stops on it instead of reporting damage."""
     return isinstance(exc, StorageError) and not isinstance(exc, (BlobNotFound, BlobExists, InvalidBlobName,
-                                                                    ReadOnlyStorage))
+                                                                    ReadOnlyStorage, BlobLocked))
 
 
 class RepositoryNotFound(KdistError):

@@ -14,7 +14,14 @@ nothing of packs, indexes, encryption or dedup. The contract:
 * ``stat(name)`` and ``list(prefix)`` report name, length and the **storage's** timestamp of the
   blob's write (seconds since the Unix epoch on the storage's clock, not the client's).
   ``list`` yields only blobs whose writes have completed, in no particular order.
-* ``delete(name)`` removes a blob; deleting a missing blob is not an error.
+* ``delete(name)`` removes a blob; deleting a missing blob is not an error. On a storage with
+  Object Lock (``retention()`` is not None) a blob still under retention is not deleted:
+  ``BlobLocked`` is raised, naming when the retention ends. Such a storage's delete removes the
+  blob for good (S3: the object version), never leaves a recoverable delete marker.
+* ``retention()`` is the storage's Object Lock default (``Retention``: mode and seconds), set on
+  every blob at its put on the storage's clock, or None without Object Lock.
+  ``extend_retention(name, until)`` keeps a blob locked until at least ``until`` (storage clock);
+  it never shortens a retention.
 * Read-after-write: once ``put`` returns, ``get``/``stat`` see the blob. ``list`` may lag on
   eventually-consistent stores; the maintenance protocol accounts for that with its margins.
 * ``reclaim_leftovers(now, older_than)`` removes what cut writes leave behind and no listing
@@ -55,6 +62,15 @@ def validate_prefix(prefix: str) -> str:
     if prefix:
         validate_name(prefix)
     return prefix
+
+
+@dataclass(frozen=True)
+class Retention:
+    """An Object Lock default retention: ``mode`` ``GOVERNANCE`` or ``COMPLIANCE``, for
+    ``seconds`` after each blob's put (S3 counts whole days)."""
+
+    mode: str
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,20 @@ class BlobStorage(ABC):
     def delete(self, name: str) -> None:
         """Delete the blob if it exists."""
 
+    def retention(self) -> Retention | None:
+        """The Object Lock default retention of every blob put, or None (the default: no lock)."""
+        return None
+
+    def extend_retention(self, name: str, until: float) -> None:
+        """Keep ``name`` locked until at least ``until`` (the storage's clock); never shortens."""
+        raise NotImplementedError(f"{self.describe()} has no Object Lock")
+
+    def configure_retention(self, days: int, mode: str) -> None:
+        """Lock every blob put from now on for ``days`` (``repo create --object-lock-days``)."""
+        from repo_format.errors import StorageError
+
+        raise StorageError(f"{self.describe()} has no Object Lock: it needs an S3 bucket created with Object Lock")
+
     def exists(self, name: str) -> bool:
         from repo_format.errors import BlobNotFound
 
@@ -142,6 +172,18 @@ class BlobStorage(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def delete_unless_locked(storage: BlobStorage, name: str) -> bool:
+    """Delete ``name`` and return True, or return False when Object Lock keeps it (``BlobLocked``):
+    maintenance then leaves it to a later run, exactly as if it had stopped before this delete."""
+    from repo_format.errors import BlobLocked
+
+    try:
+        storage.delete(name)
+        return True
+    except BlobLocked:
+        return False
 
 
 def check_range(offset: int, length: int) -> None:

@@ -23,20 +23,30 @@ blob: a blob holding exactly our bytes is therefore taken as created by this cal
 A put killed during a multipart upload leaves the upload unfinished: invisible, but billed until
 ``reclaim_leftovers`` aborts it.
 
+Object Lock: ``retention()`` reads the bucket's default retention once (the storage sets it on
+every put, on its own clock; kdist never sends lock headers). On such a bucket ``delete`` reads
+the blob's version and retention with a HEAD and either raises ``BlobLocked`` (the retention
+ends after the HEAD's ``Date``, the storage's clock) or deletes that version for good: a plain
+DELETE would only add a delete marker over the locked data. ``extend_retention`` puts a later
+retain-until date; a refusal is accepted when the blob is already locked at least that long.
+
 boto3 is imported when an ``S3Storage`` is made, not when this module is, since it costs ~0.3 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from repo_format.errors import BlobNotFound, RetryableStorageError, StorageError, StorageUnreachable
-from repo_format.storage.base import BlobMeta, BlobStorage, check_range, validate_name, validate_prefix
+from repo_format.errors import BlobLocked, BlobNotFound, RetryableStorageError, StorageError, StorageUnreachable
+from repo_format.storage.base import (BlobMeta, BlobStorage, Retention, check_range, validate_name,
+                                      validate_prefix)
 
+log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part, except the last
 MAX_PARTS = 10_000
@@ -49,6 +59,13 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 _TRANSIENT_STATUS = {500, 502, 503, 504}
 # an error reply without a (whole) body, a HEAD's or one cut in transit, has its status as code
 _CODE_OF_STATUS = {"412": "PreconditionFailed", "416": "InvalidRange", "501": "NotImplemented"}
+# what servers answer when a bucket has no Object Lock, or cannot tell us (no permission, a
+# server without the API): a delete is then a plain DELETE
+_NO_LOCK = ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound", "NotImplemented",
+            "MethodNotAllowed", "XNotImplemented", "UnsupportedOperation", "AccessDenied")
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+_LOCK_NEEDS_CHECKSUM = "MissingUploadObjectWithObjectLockHeaders"
+DAY = 86400.0
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -84,6 +101,10 @@ class S3Storage(BlobStorage):
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         self._reached = False  # has any request succeeded? (see the module docstring)
+        self._retention: list = []  # [Retention | None] once read
+        # puts into a bucket with Object Lock need a checksum: botocore sends one by default to
+        # AWS, not to other endpoints (see _make_client); learnt from the first refusal
+        self._checksum: dict = {}
         self._client_args = (endpoint_url, region_name, max_attempts, connect_timeout, read_timeout)
         self._client = _make_client(*self._client_args)
         self.endpoint = self._client.meta.endpoint_url
@@ -117,12 +138,22 @@ class S3Storage(BlobStorage):
             return False
 
     def _upload(self, name: str, key: str, data: bytes, conditions: dict, accept=()) -> None:
+        try:
+            self._upload_once(name, key, data, conditions, accept + (_LOCK_NEEDS_CHECKSUM,))
+        except _Refused as refused:
+            if refused.code != _LOCK_NEEDS_CHECKSUM or self._checksum:
+                raise
+            self._checksum = {"ChecksumAlgorithm": "CRC32"}  # from now on, for every put
+            self._upload_once(name, key, data, conditions, accept)
+
+    def _upload_once(self, name: str, key: str, data: bytes, conditions: dict, accept) -> None:
         if len(data) <= self.multipart_threshold:
             with self._errors("put", name, accept):
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **conditions, **self._checksum)
             return
         with self._errors("put", name, accept):
-            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                                             **self._checksum)["UploadId"]
         try:
             with self._errors("put", name, accept):
                 parts = self._upload_parts(key, upload_id, memoryview(data))
@@ -140,14 +171,101 @@ class S3Storage(BlobStorage):
         parts = []
         for number, start in enumerate(range(0, len(view), part_size), start=1):
             response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                PartNumber=number, Body=bytes(view[start:start + part_size]))
-            parts.append({"ETag": response["ETag"], "PartNumber": number})
+                                                PartNumber=number, Body=bytes(view[start:start + part_size]),
+                                                **self._checksum)
+            part = {"ETag": response["ETag"], "PartNumber": number}
+            if "ChecksumCRC32" in response:
+                part["ChecksumCRC32"] = response["ChecksumCRC32"]
+            parts.append(part)
         return parts
 
     def delete(self, name) -> None:
         key = self._key(name)
+        if self.retention() is None:
+            with self._errors("delete", name):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            return
+        try:
+            with self._errors("delete", name):
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except BlobNotFound:
+            return
+        until, version = head.get("ObjectLockRetainUntilDate"), head.get("VersionId")
+        if until is not None and until.timestamp() >= self._server_time(head):
+            raise BlobLocked(name, until.timestamp())
         with self._errors("delete", name):
-            self._client.delete_object(Bucket=self.bucket, Key=key)
+            self._client.delete_object(Bucket=self.bucket, Key=key, **({"VersionId": version} if version else {}))
+
+    def _server_time(self, response: dict) -> float:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return parsedate_to_datetime(_header(response, "date")).timestamp()
+        except (TypeError, ValueError):
+            raise self._incomplete("delete", None, "no Date header to judge a retention by") from None
+
+    # ---- Object Lock
+
+    def retention(self) -> Retention | None:
+        if not self._retention:
+            try:
+                with self._errors("read the Object Lock configuration of", None, accept=_NO_LOCK):
+                    config = self._client.get_object_lock_configuration(Bucket=self.bucket)
+                rule = config.get("ObjectLockConfiguration", {}).get("Rule", {}).get("DefaultRetention")
+            except _Refused as refused:
+                if refused.code == "AccessDenied":  # maintenance warns if the repository asks for a lock
+                    log.debug("cannot read the Object Lock configuration of bucket %r (access denied): "
+                                "deletes are plain DELETEs and no retention is extended; grant "
+                                "s3:GetBucketObjectLockConfiguration to maintenance", self.bucket)
+                rule = None
+            if rule:
+                days = int(rule.get("Days") or 0) + 365 * int(rule.get("Years") or 0)
+                self._retention.append(Retention(str(rule.get("Mode", "")).upper(), days * DAY))
+            else:
+                self._retention.append(None)
+        return self._retention[0]
+
+    def configure_retention(self, days: int, mode: str) -> None:
+        """Set the bucket's default retention (``repo create --object-lock-days``). The bucket
+        must have been created with Object Lock."""
+        if mode not in LOCK_MODES or not 1 <= days <= 36500:
+            raise ValueError(f"invalid Object Lock retention {mode} {days} days")
+        current = self.retention()
+        if current is not None and current != Retention(mode, days * DAY):
+            raise StorageError(
+                f"bucket {self.bucket!r} already locks every object for {current.seconds / DAY:.0f} days "
+                f"({current.mode}); create the repository with those settings or in another bucket")
+        config = {"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": mode, "Days": days}}}
+        try:
+            with self._errors("set the Object Lock configuration of", None,
+                              accept=("InvalidBucketState", "InvalidRequest")):
+                self._client.put_object_lock_configuration(Bucket=self.bucket, ObjectLockConfiguration=config)
+        except _Refused:
+            raise StorageError(
+                f"bucket {self.bucket!r} was not created with Object Lock, which cannot be turned on "
+                "afterwards here: create a new bucket with it (aws s3api create-bucket "
+                "--object-lock-enabled-for-bucket ...)") from None
+        self._retention[:] = [Retention(mode, days * DAY)]
+
+    def extend_retention(self, name, until) -> None:
+        import datetime
+
+        retention = self.retention()
+        if retention is None:
+            super().extend_retention(name, until)
+        key = self._key(name)
+        date = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+        try:
+            with self._errors("extend the retention of", name, accept=("AccessDenied", "InvalidRequest")):
+                self._client.put_object_retention(Bucket=self.bucket, Key=key,
+                                                  Retention={"Mode": retention.mode, "RetainUntilDate": date})
+        except _Refused as refused:  # S3 refuses to shorten: fine if it is already locked as long
+            with self._errors("extend the retention of", name):
+                current = self._client.head_object(Bucket=self.bucket, Key=key).get("ObjectLockRetainUntilDate")
+            if current is None or current.timestamp() < until:
+                raise StorageError(
+                    f"cannot extend the Object Lock retention of {name!r} in {self.describe()} "
+                    f"({refused.code}): the maintenance credentials need s3:PutObjectRetention") from None
 
     # ---- reads
 

@@ -53,6 +53,15 @@ class StorageWrapper(BlobStorage):
     def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
         return self.inner.reclaim_leftovers(now, older_than)
 
+    def retention(self):
+        return self.inner.retention()
+
+    def extend_retention(self, name, until) -> None:
+        self.inner.extend_retention(name, until)
+
+    def configure_retention(self, days, mode) -> None:
+        self.inner.configure_retention(days, mode)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -118,6 +127,12 @@ class RetryingStorage(StorageWrapper):
     def delete(self, name) -> None:
         self._retry(lambda: self.inner.delete(name))
 
+    def retention(self):
+        return self._retry(self.inner.retention)
+
+    def extend_retention(self, name, until) -> None:
+        self._retry(lambda: self.inner.extend_retention(name, until))
+
     def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
         # a failed attempt may have reclaimed some: its counts are lost, its removals are not
         return self._retry(lambda: self.inner.reclaim_leftovers(now, older_than))
@@ -155,6 +170,9 @@ class ReadOnlyStorage(StorageWrapper):
     def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
         raise errors.ReadOnlyStorage(f"cannot reclaim leftovers: {self.describe()} is opened read-only")
 
+    def extend_retention(self, name, until) -> None:
+        self._refuse("extend the retention of", name)
+
 
 class AppendOnlyStorage(StorageWrapper):
     """Only adds blobs: every put is create-only (``put_if_absent``; a taken name raises
@@ -175,6 +193,9 @@ class AppendOnlyStorage(StorageWrapper):
 
     def delete(self, name) -> None:
         self._refuse("delete", name)
+
+    def extend_retention(self, name, until) -> None:
+        self._refuse("extend the retention of", name)  # hosts could keep garbage locked for ever
 
     def reclaim_leftovers(self, now: float, older_than: float) -> dict[str, int]:
         raise errors.AppendOnlyViolation(f"cannot reclaim leftovers: this client may only add blobs to "
@@ -254,6 +275,10 @@ class CountingStorage(StorageWrapper):
     def delete(self, name) -> None:
         self._add("DELETE", calls=1)
         self.inner.delete(name)
+
+    def extend_retention(self, name, until) -> None:
+        self._add("PUT", calls=1)  # S3 PutObjectRetention
+        self.inner.extend_retention(name, until)
 
 
 def _injected(kind: str, number: int) -> Exception:
