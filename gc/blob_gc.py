@@ -19,7 +19,7 @@ from repo_format import constants as C
 from repo_format.index import MergedIndex
 from repo_format.safety import SafetyParameters
 from repo_format.session import live_sessions, session_of
-from repo_format.storage.base import BlobMeta, BlobStorage
+from repo_format.storage.base import BlobMeta, BlobStorage, delete_unless_locked
 
 from kdist.gc.clock_guard import StorageClock
 
@@ -83,11 +83,14 @@ def plan_from(packs: list[BlobMeta], index: MergedIndex, storage: BlobStorage, n
     return plan
 
 
-def execute_blob_gc(storage: BlobStorage, plan: BlobGCPlan, clock: StorageClock) -> int:
-    deleted = 0
+def execute_blob_gc(storage: BlobStorage, plan: BlobGCPlan, clock: StorageClock) -> tuple[int, int]:
+    """Delete the planned packs; returns (bytes freed, packs Object Lock kept for a later run)."""
+    deleted = locked = 0
     for i in range(0, len(plan.delete), BATCH):
         clock.check(plan.now, "deleting packs")
         for m in plan.delete[i:i + BATCH]:
-            storage.delete(m.name)
-            deleted += m.length
-    return deleted
+            if delete_unless_locked(storage, m.name):
+                deleted += m.length
+            else:
+                locked += 1
+    return deleted, locked

@@ -17,7 +17,7 @@ from repo_format import constants as C
 from repo_format.epoch import EpochManager, EpochView, IndexSet
 from repo_format.errors import BlobNotFound
 from repo_format.index_scan import merge_into_set, merged_plaintexts
-from repo_format.storage.base import BlobMeta
+from repo_format.storage.base import BlobMeta, delete_unless_locked
 
 from kdist.gc.clock_guard import StorageClock
 
@@ -217,7 +217,8 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
         done["skipped"] = "sources changed under a concurrent maintenance run"
     if plan.delete:
         clock.check(plan.now, "deleting superseded index blobs")
-        for m in plan.delete:
-            epochs.storage.delete(m.name)
-        done["deleted"] = len(plan.delete)
+        kept = [m for m in plan.delete if not delete_unless_locked(epochs.storage, m.name)]
+        done["deleted"] = len(plan.delete) - len(kept)
+        if kept:
+            done["kept_locked"] = len(kept)
     return done

@@ -9,8 +9,11 @@ Steps, in order (a full run does all; ``quick`` skips the three that walk snapsh
 4. pack rewrite (full): move live contents out of mostly dead or small packs;
 5. checkpoints: forget those of dead backups that a later snapshot supersedes;
 6. manifests: compact many small manifest blobs into one;
-7. housekeeping: delete stale probe blobs and dead session markers; reclaim what cut writes left
-   in the storage (temp files, empty shard directories, unfinished multipart uploads).
+7. housekeeping: delete stale probe blobs, dead session markers and the slots of removed keys;
+   reclaim what cut writes left in the storage (temp files, empty shard directories, unfinished
+   multipart uploads);
+8. Object Lock (full, on a bucket with it): extend the retention of what maintenance keeps
+   (``gc/object_lock.py``). A delete the lock refuses is left for a later run in every step.
 No step takes a lock. Two runs at once may repeat work; the rules keep either from losing data.
 """
 
@@ -23,7 +26,8 @@ from repo_format.errors import KdistError
 from repo_format.repository import Repository
 from repo_format.safety import SAFETY_FULL, SafetyParameters, safety_of
 from repo_format.session import live_sessions
-from repo_format.storage.base import BlobStorage
+from repo_format.keyslots import slot_name
+from repo_format.storage.base import BlobStorage, delete_unless_locked
 
 from kdist.gc import DEFAULT_MEMORY_LIMIT, history
 from kdist.gc.blob_gc import Rules as BlobRules
@@ -32,6 +36,7 @@ from kdist.gc.checkpoints import execute_checkpoints, plan_checkpoints
 from kdist.gc.clock_guard import StorageClock
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
+from kdist.gc.object_lock import extend_locks
 from kdist.gc.pack_rewrite import execute_rewrite, plan_rewrite
 
 
@@ -116,6 +121,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     watermark = (history.deletion_watermark(past, safety.drop_margin, now, safety.listing_settle)
                  if rules.two_cycle_drop else now)
     confirmed = history.confirmed_pack_candidates(past, now, confirmation_margin(safety))
+    garbage: set[str] = set()  # what this run found collectable: Object Lock must not keep it
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
@@ -137,6 +143,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     iplan = plan_index(epochs, view, now, history.droppable_entries(past, watermark),
                        history.set_merges(past, now, safety.cleanup_margin))
     report.plans.append(iplan.describe())
+    garbage.update(m.name for m in iplan.delete)
     yield "index planned"
     if not options.dry_run:
         report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2,
@@ -153,9 +160,13 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         report.steps["blob_gc"] = {"deleted_packs": len(bplan.delete), "bytes": sum(m.length for m in bplan.delete),
                                    "candidates": len(bplan.candidates)}
         record.pack_candidates = [[m.name, m.length] for m in bplan.candidates]
+        garbage.update(m.name for m in bplan.delete + bplan.candidates)
         yield "blob-gc planned"
         if not options.dry_run:
-            report.freed_bytes += execute_blob_gc(storage, bplan, clock)
+            freed, locked = execute_blob_gc(storage, bplan, clock)
+            report.freed_bytes += freed
+            if locked:  # left for a later run
+                report.steps["blob_gc"].update(kept_locked=locked, deleted_packs=len(bplan.delete) - locked)
             yield "blob-gc executed"
 
         # 4. pack rewrite, planned from the same listing and index
@@ -180,21 +191,34 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     if not options.dry_run:  # 6. manifests, 7. housekeeping
         report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle,
                                                                   tombstone_rule=rules.spent_tombstones)
-        report.steps["housekeeping"] = _housekeeping(storage, clock, safety)
+        garbage.update(repo.manifests.covered)
+        removed_slots = _removed_key_slots(repo)
+        garbage.update(removed_slots)
+        report.steps["housekeeping"] = _housekeeping(storage, clock, safety, removed_slots)
         # what cut writes leave (temp files, emptied shard directories, multipart uploads), once
         # older than any put can take: a pack younger than pack_age is never judged either
         report.steps["leftovers"] = storage.reclaim_leftovers(clock.now(), safety.pack_age)
+        if options.full:  # 8. a quick run knows no unreferenced packs: it would lock them too
+            lock = extend_locks(storage, clock.now(), garbage, repo.parameters.extra.get("object_lock"))
+            if lock:
+                report.steps["object_lock"] = lock
         record.end = clock.now()
         record.steps = report.steps
         history.write_record(repo.manifests, record)
     return report
 
 
-def _housekeeping(storage: BlobStorage, clock: StorageClock, safety: SafetyParameters) -> int:
+def _removed_key_slots(repo: Repository) -> set[str]:
+    """The slots of keys the root removed (``key remove`` deletes them, unless Object Lock kept
+    them): only a root-signed record says so (the registry of ``Trust``)."""
+    return {slot_name(k.key_id) for k in repo.manifests.keys.values() if getattr(k, "revoked", False)}
+
+
+def _housekeeping(storage: BlobStorage, clock: StorageClock, safety: SafetyParameters,
+                  removed_slots: set[str] = frozenset()) -> int:
     now = clock.now()
-    stale = [m for m in storage.list(C.PROBE_PREFIX) if now - m.timestamp > max(safety.max_pause, 60.0)]
-    stale += [m for m in storage.list(C.SESSION_PREFIX) if now - m.timestamp >= 2 * safety.session_expiry
+    stale = [m.name for m in storage.list(C.PROBE_PREFIX) if now - m.timestamp > max(safety.max_pause, 60.0)]
+    stale += [m.name for m in storage.list(C.SESSION_PREFIX) if now - m.timestamp >= 2 * safety.session_expiry
               and safety.session_expiry > 0]
-    for m in stale:
-        storage.delete(m.name)
-    return len(stale)
+    stale += [m.name for m in storage.list(C.KEY_SLOT_PREFIX) if m.name in removed_slots]
+    return sum(delete_unless_locked(storage, name) for name in stale)

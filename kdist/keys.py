@@ -8,6 +8,7 @@ counts. Only an admin (the root key) may do any of this.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -21,7 +22,9 @@ from repo_format.keyslots import (ADMIN, HOST, KEY_RECORD_TYPE, ROLES, ROOT_KEY_
 from repo_format.manifest import ManifestStore
 from repo_format.repository import Repository
 from repo_format.session import live_sessions
-from repo_format.storage.base import BlobStorage
+from repo_format.storage.base import BlobStorage, delete_unless_locked
+
+log = logging.getLogger(__name__)
 
 KEY_RECORD_PREFIX = "key-"
 
@@ -90,7 +93,9 @@ def remove_key(repo: Repository, key_id: str) -> int:
     public = msgpack.unpackb(rec.payload, raw=False)["public"]
     repo.manifests.put(key_record_labels(key_id, role, host, revoked=True), key_record_payload(public, keep),
                        manifest_id=KEY_RECORD_PREFIX + key_id)
-    repo.storage.delete(slot_name(key_id))
+    if not delete_unless_locked(repo.storage, slot_name(key_id)):
+        log.warning("Object Lock keeps the slot of key %s for now: its password still opens it until the "
+                    "lock ends, then maintenance deletes it; what it signs from now on does not count", key_id)
     return len(keep)
 
 

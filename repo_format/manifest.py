@@ -22,7 +22,7 @@ from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
 from repo_format.keyslots import ADMIN, COMPACTED_DOMAIN, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
-from repo_format.storage.base import BlobStorage
+from repo_format.storage.base import BlobStorage, delete_unless_locked
 
 if TYPE_CHECKING:
     from repo_format.keyslots import Identity
@@ -108,6 +108,7 @@ class ManifestStore:
         self.trust = Trust(unique_id, identity.root_public) if identity is not None else None
         self.refused: list[tuple[ManifestRecord, str]] = []  # what the last full read did not honour
         self.keys: dict = {}  # the registry of keys the last full read found
+        self.covered: list[str] = []  # the blobs the last compaction found covered (deleted, or kept by a lock)
 
     def signer_role(self, signer: str) -> str:
         """The role of the key that signed a record (as the last full read found the keys); a
@@ -332,9 +333,8 @@ class ManifestStore:
             name = f"{C.MANIFEST_COMPACTED_PREFIX}{secrets.token_hex(12)}-{self.session}"
             self.storage.put(name, self._aead.seal(self._compacted_doc(name, now, list(best.values())),
                                                    name.encode("ascii")))
-        for b in deletable:
-            self.storage.delete(b.name)
-        return len(deletable)
+        self.covered = [b.name for b in deletable]
+        return sum(delete_unless_locked(self.storage, b.name) for b in deletable)
 
     def _compacted_doc(self, name: str, read_at: float, records: list[ManifestRecord]) -> bytes:
         if self.identity is None:

@@ -28,7 +28,7 @@ from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.errors import KdistError
-from repo_format.storage.base import BlobMeta, BlobStorage
+from repo_format.storage.base import BlobMeta, BlobStorage, delete_unless_locked
 
 
 class SessionExpired(KdistError):
@@ -42,7 +42,7 @@ def storage_now(storage: BlobStorage, session: str) -> float:
     try:
         return storage.stat(name).timestamp
     finally:
-        storage.delete(name)
+        delete_unless_locked(storage, name)  # Object Lock keeps it: housekeeping deletes it later
 
 
 def session_of(blob_name: str) -> str | None:

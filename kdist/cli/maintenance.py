@@ -34,6 +34,13 @@ def _print_report(report, as_json: bool, requests: dict) -> None:
             click.echo(f"rewrote {moved['moved']} live contents ({human_bytes(moved.get('bytes', 0))}) out of "
                        f"{moved.get('packs', 0)} mostly dead or small packs")
         click.echo(f"freed {human_bytes(report.freed_bytes)}")
+        lock = done.get("object_lock", {})
+        if lock.get("warning"):
+            click.echo(f"WARNING: {lock['warning']}", err=True)
+        elif lock:
+            held = blob.get("kept_locked", 0) + done.get("index", {}).get("kept_locked", 0)
+            click.echo(f"object lock: extended {lock.get('extended', 0)} blobs' retention; {held} collectable "
+                       "blobs are still locked (deleted by a later run, once their lock ends)")
     click.echo("storage requests: " + ", ".join(f"{k} {v['calls']}" for k, v in sorted(requests.items())))
 
 

@@ -12,7 +12,7 @@ import click
 from repo_format import constants as C
 from repo_format import format_blob
 from repo_format.crypto import WEAK_KDF_ENV, KdfParams
-from repo_format.errors import KdistError
+from repo_format.errors import KdistError, RepositoryExists
 from repo_format.format_blob import RepositoryParameters
 from repo_format.keyslots import ADMIN, MAINTENANCE
 from repo_format.safety import SAFETY_FULL, safety_of
@@ -36,7 +36,14 @@ def repo_group():
 @click.option("--gc-margin-scale", type=click.FloatRange(min=1e-6, max=100), default=1.0, show_default=True,
               help="Multiply every maintenance safety margin (24 h content and pack age, 4 h drop margin, ...). "
                    "Below 1 reclaims space sooner and assumes backups and pauses are that much shorter.")
-def create(repo_location, endpoint_url, password_file, encryption, gc_margin_scale):
+@click.option("--object-lock-days", type=click.IntRange(1, 36500), default=None,
+              help="S3 bucket created with Object Lock: lock every blob for this many days from its write "
+                   "(the bucket's default retention); full maintenance extends what it keeps. Run it at "
+                   "least every DAYS/2 days.")
+@click.option("--object-lock-mode", type=click.Choice(["governance", "compliance"]), default="governance",
+              show_default=True, help="COMPLIANCE: nobody, the account's root included, can shorten a lock.")
+def create(repo_location, endpoint_url, password_file, encryption, gc_margin_scale, object_lock_days,
+           object_lock_mode):
     """Create a new repository (a directory, created if missing, or an S3 bucket prefix)."""
     try:
         storage = make_storage(repo_location, endpoint_url, create=True)
@@ -49,12 +56,21 @@ def create(repo_location, endpoint_url, password_file, encryption, gc_margin_sca
             kdf = KdfParams.weak_for_tests()
         safety = SAFETY_FULL.scaled(gc_margin_scale) if gc_margin_scale != 1.0 else SAFETY_FULL
         safety.validate()
-        params = RepositoryParameters(aead=encryption, extra={"safety": safety.to_dict()})
+        extra = {"safety": safety.to_dict()}
+        if object_lock_days is not None:  # before the first blob, so that every blob is locked
+            if storage.exists(C.FORMAT_BLOB_NAME):  # and never for someone else's repository
+                raise RepositoryExists(f"a kdist repository already exists at {storage.describe()}")
+            storage.configure_retention(object_lock_days, object_lock_mode.upper())
+            extra["object_lock"] = {"days": object_lock_days, "mode": object_lock_mode.upper()}
+        params = RepositoryParameters(aead=encryption, extra=extra)
         fmt = format_blob.create(storage, password, parameters=params, kdf=kdf)
     except KdistError as exc:
         fail(exc)
     click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")
     click.echo("keep the password safe: without it the backups cannot be read by anyone")
+    if object_lock_days is not None:
+        click.echo(f"every blob is locked for {object_lock_days} days ({object_lock_mode}); run "
+                   f"`kdist maintenance run` at least every {object_lock_days / 2:g} days to keep the locks up")
 
 
 @repo_group.command("connect")
@@ -88,6 +104,7 @@ def status(repo, as_json):
         "pack_size": p.pack_size,
         "chunk_avg": p.chunk_avg,
         "safety": safety_of(p).to_dict(),
+        "object_lock": p.extra.get("object_lock"),
         "kdf": {"algorithm": repo.format.kdf.algorithm, "n": repo.format.kdf.n, "r": repo.format.kdf.r, "p": repo.format.kdf.p},
         "blobs": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(sizes.items())},
     }
@@ -97,6 +114,9 @@ def status(repo, as_json):
     click.echo(f"repository  {info['unique_id']}\nlocation    {info['location']}")
     click.echo(f"format      version {info['format_version']}, {p.aead}, {p.hash}, {info['compression']}")
     click.echo(f"packs       target {human_bytes(p.pack_size)}, chunks average {human_bytes(p.chunk_avg)}")
+    if info["object_lock"]:
+        lock = info["object_lock"]
+        click.echo(f"object lock {lock.get('days')} days, {str(lock.get('mode', '')).lower()}")
     names = {C.DATA_PACK_PREFIX: "data packs", C.METADATA_PACK_PREFIX: "metadata packs", C.INDEX_PREFIX: "index blobs",
              C.MANIFEST_PREFIX: "manifest blobs", C.FORMAT_BLOB_NAME[:1]: "format blob"}
     for k, v in info["blobs"].items():

@@ -45,6 +45,22 @@ class IamS3:
         monkeypatch.setattr(s3, "_session", None)
 
 
+@pytest.fixture
+def ticking_time(virtual_time):
+    """``virtual_time``, with a monotonic clock that also ticks 0.1 ms at every reading (so that
+    durations measured inside one virtual instant are not zero)."""
+    from repo_format import clock
+
+    ticks = [0.0]
+
+    def monotonic():
+        ticks[0] += 1e-4
+        return virtual_time[0] + ticks[0]
+
+    clock.set_monotonic(monotonic)
+    return virtual_time
+
+
 @pytest.fixture(scope="module")
 def iam_s3(tmp_path_factory):
     """moto with IAM enforced: users ``admin`` (s3:*), ``host`` and ``maintenance`` (the policies

@@ -19,7 +19,6 @@ import pytest
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
 from kdist_trees import build_tree, tree_state  # noqa: E402
-from repo_format import clock  # noqa: E402
 from repo_format import constants as C  # noqa: E402
 from repo_format import keyslots  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
@@ -113,15 +112,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path, virtual_time):
-    ticks = [0.0]
-
-    def monotonic():
-        ticks[0] += 1e-4
-        return virtual_time[0] + ticks[0]
-
-    clock.set_monotonic(monotonic)
-    return Fleet(tmp_path, virtual_time)
+def fleet(tmp_path, ticking_time):
+    return Fleet(tmp_path, ticking_time)
 
 
 # ---- the attacks: alice (a host key, append-only storage) against bob -----------------------

@@ -60,7 +60,7 @@ from repo_format.local_cache import CONTENTS_DIR, INDEX_DIR, CacheSettings  # no
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.safety import SAFETY_FULL  # noqa: E402
 from repo_format.session import SessionExpired  # noqa: E402
-from repo_format.storage.base import BlobStorage  # noqa: E402
+from repo_format.storage.base import BlobStorage, Retention  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
 
 from kdist.gc.clock_guard import StorageClock  # noqa: E402
@@ -82,6 +82,9 @@ PARAMS = RepositoryParameters(pack_size=64 * 1024, metadata_pack_size=64 * 1024,
 # 3 hours ahead (a time zone set wrong): only the storage's clock may be trusted.
 # "sigstop": maintenance runs are stopped inside a storage request (between reading the storage
 # clock and the write that relies on it), for hours, while everybody else carries on.
+# "locked": churn on a storage with Object Lock (a retention of a few hours to days, drawn per
+# schedule): maintenance's deletes of locked blobs are refused and left for later runs, and full
+# runs extend the locks of what they keep.
 PROFILES = {
     "mixed": {"pool": 10, "writers": 10, "maintainers": 14, "forgets": 5, "keep": 2, "span": 200.0},
     "churn": {"pool": 4, "writers": 12, "maintainers": 40, "forgets": 12, "keep": 1, "span": 150.0},
@@ -90,6 +93,8 @@ PROFILES = {
               "skew": 3.0, "maintenance_clock": 3.0},
     "sigstop": {"pool": 4, "writers": 12, "maintainers": 40, "forgets": 12, "keep": 1, "span": 150.0,
                 "sigstop_p": 0.7, "sigstops": (3, 6, 12, 30)},
+    "locked": {"pool": 4, "writers": 12, "maintainers": 40, "forgets": 12, "keep": 1, "span": 150.0,
+               "locks": (2, 6, 20, 60)},
 }
 PROFILE_DEFAULTS = {
     "pack_size": 64 * 1024,  # bytes; the repository's pack size (64 KiB is the format's minimum)
@@ -99,6 +104,7 @@ PROFILE_DEFAULTS = {
     "skew": 1.0,  # client clocks are off by up to this (H), maintenance clients' included
     "maintenance_clock": None,  # if set, every maintenance run's clock is this far ahead (H), +-0.1
     "sigstop_p": 0.0, "sigstops": (),  # chance a maintenance run is stopped inside a request, length (H)
+    "locks": (),  # Object Lock retentions (H), one drawn per schedule; none: no Object Lock
 }
 
 
@@ -192,9 +198,16 @@ class ActorStorage(BlobStorage):
 
     def delete(self, name):
         self._write(name)
-        self.inner.delete(name)
+        self.inner.delete(name)  # BlobLocked under Object Lock: nothing changed
         self.world.created.pop(name, None)
         self.world.changed(name)
+
+    def retention(self):
+        return self.inner.retention()
+
+    def extend_retention(self, name, until):
+        self._write(name)
+        self.inner.extend_retention(name, until)
 
 
 @dataclass
@@ -233,7 +246,9 @@ class World:
         self.prof = profile(self.profile)
         self.rng = random.Random(self.seed)
         _seed_randomness(random.Random(self.seed ^ 0x5EED))
-        self.storage = MemoryStorage(clock=lambda: self.t)
+        lock = self.rng.choice(self.prof["locks"]) * H if self.prof["locks"] else None
+        self.storage = MemoryStorage(clock=lambda: self.t,
+                                     retention=Retention("GOVERNANCE", lock) if lock else None)
         self.pool = self._file_pool()
         self._current_skew = 0.0
         self._reader = None

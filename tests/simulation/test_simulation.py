@@ -48,13 +48,15 @@ def _report(failures) -> str:
 
 @pytest.mark.slow
 def test_schedules_without_violation():
-    """Every rule on: mixed schedules, mixed with a lagging listing, churn, and stalls (stalled
-    backups with packs uploaded mid-backup, client clocks hours off)."""
+    """Every rule on: mixed schedules, mixed with a lagging listing, churn, stalls (stalled
+    backups with packs uploaded mid-backup, client clocks hours off), and churn under Object Lock
+    (deletes of locked blobs left for later runs)."""
     n = SCHEDULES
-    lagging, churn, stall = n // 4, n // 4, 3 * n // 40
-    mixed = n - lagging - churn - stall
+    lagging, churn, stall, locked = n // 4, n // 5, 3 * n // 40, n // 20
+    mixed = n - lagging - churn - stall - locked
     failures = (_run_parallel(mixed, 0.0, "mixed") + _run_parallel(lagging, 0.05, "mixed", 100_000)
-                + _run_parallel(churn, 0.0, "churn", 200_000) + _run_parallel(stall, 0.0, "stall", 300_000))
+                + _run_parallel(churn, 0.0, "churn", 200_000) + _run_parallel(stall, 0.0, "stall", 300_000)
+                + _run_parallel(locked, 0.0, "locked", 400_000))
     assert not failures, _report(failures)
 
 
