@@ -55,14 +55,19 @@ class WriterSession:
         self.marker = marker
         self.id = marker.session
         self._lock = lock
+        self._starting = threading.Lock()  # a second first write waits for the marker's first beat
         self.started = False
 
     def ensure(self) -> None:
-        with self._lock:
-            if self.started:
-                return
-            self.started = True
-        self.marker.start()
+        """Started once the first heartbeat is written: a thread racing the one that starts it
+        waits (it used to go on, and its flush found a marker without a beat: "session expired")."""
+        with self._starting:
+            with self._lock:
+                if self.started:
+                    return
+            self.marker.start()
+            with self._lock:
+                self.started = True
 
     def retire(self) -> None:
         with self._lock:
