@@ -339,7 +339,9 @@ def one_more_day(storage: FilesystemStorage, fmt, n: int, contents_per_pack: int
             set_mtime(path, written_at.get(name, now - 3 * HOUR))
     for ahead, back in ((1, 2 * HOUR), (2, 50 * 60)):  # the day's maintenance advanced twice
         epochs.write_marker(epoch + ahead)
-        set_mtime(storage._path(f"{C.EPOCH_MARKER_PREFIX}{epoch + ahead}"), now - back)
+        for m in storage.list(f"{C.EPOCH_MARKER_PREFIX}{epoch + ahead}"):  # xe<N>, or signed: xe<N>_<16 hex>
+            if m.name[len(f"{C.EPOCH_MARKER_PREFIX}{epoch + ahead}"):][:1] in ("", "_"):
+                set_mtime(storage._path(m.name), now - back)
     out = {"day_entries": entries, "day_blobs": len(raw), "day_new_bytes": sum(size for _n, size in raw),
            "day_packs": packs, "day_directory_objects": len(tree.oids), "day_epoch": epoch,
            "day_build_seconds": round(time.perf_counter() - t0, 1)}

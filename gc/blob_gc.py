@@ -14,6 +14,7 @@ batches, each after a fresh storage-clock check that the run did not pause too l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from repo_format import constants as C
 from repo_format.index import MergedIndex
@@ -83,13 +84,16 @@ def plan_from(packs: list[BlobMeta], index: MergedIndex, storage: BlobStorage, n
     return plan
 
 
-def execute_blob_gc(storage: BlobStorage, plan: BlobGCPlan, clock: StorageClock) -> tuple[int, int]:
-    """Delete the planned packs; returns (bytes freed, packs Object Lock kept for a later run)."""
+def execute_blob_gc(storage: BlobStorage, plan: BlobGCPlan, clock: StorageClock,
+                    delete: Callable[[str, float], bool] | None = None) -> tuple[int, int]:
+    """Delete the planned packs; returns (bytes freed, packs Object Lock kept for a later run).
+    ``delete(name, put time)``: maintenance's (``object_lock.Deletions``)."""
+    delete = delete or (lambda name, _written_at: delete_unless_locked(storage, name))
     deleted = locked = 0
     for i in range(0, len(plan.delete), BATCH):
         clock.check(plan.now, "deleting packs")
         for m in plan.delete[i:i + BATCH]:
-            if delete_unless_locked(storage, m.name):
+            if delete(m.name, m.timestamp):
                 deleted += m.length
             else:
                 locked += 1

@@ -30,6 +30,7 @@ class RunRecord:
     requests: dict = field(default_factory=dict)
     error: str = ""
     pack_candidates: list = field(default_factory=list)  # [[pack name, size], ...] blob GC's phase 1
+    locked: list = field(default_factory=list)  # [[blob name, lock end], ...]: deletes Object Lock refused
 
     def payload(self) -> bytes:
         return msgpack.packb(asdict(self))
@@ -59,7 +60,9 @@ def _well_typed(r: RunRecord) -> bool:
             and type(r.steps) is dict and type(r.requests) is dict and type(r.error) is str
             and type(r.pack_candidates) is list
             and all(type(c) is list and len(c) == 2 and type(c[0]) is str and type(c[1]) is int
-                    for c in r.pack_candidates))
+                    for c in r.pack_candidates)
+            and type(r.locked) is list
+            and all(type(c) is list and len(c) == 2 and type(c[0]) is str and number(c[1]) for c in r.locked))
 
 
 def write_record(manifests: ManifestStore, record: RunRecord) -> None:
@@ -84,6 +87,17 @@ def confirmed_pack_candidates(history: list[RunRecord], now: float, margin: floa
     unreferenced, old and of no live session: blob GC may delete those still deletable now."""
     return {(name, size) for r in history if r.end > 0 and now - r.end >= margin
             for name, size in r.pack_candidates}
+
+
+def known_locks(history: list[RunRecord], now: float) -> dict[str, float]:
+    """Blob name -> when its lock ends, for the deletes Object Lock refused that are still
+    locked at ``now``: a run skips them without asking again."""
+    out: dict[str, float] = {}
+    for r in history:
+        for name, until in r.locked:
+            if until > now and until > out.get(name, 0.0):
+                out[name] = until
+    return out
 
 
 def droppable_entries(history: list[RunRecord], watermark: float) -> int:

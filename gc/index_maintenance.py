@@ -179,10 +179,12 @@ def _written(epochs: EpochManager, s) -> int:
 
 
 def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock,
-                  memory_limit: int = 256 * 2**20, copies_first: bool = True) -> dict:
+                  memory_limit: int = 256 * 2**20, copies_first: bool = True, delete=None) -> dict:
     """Compactions and merges go range by range through the winners (``merge_into_set``), so
     they hold ``memory_limit`` whatever the index's size."""
     done = {"advanced": False, "compacted": [], "range": None, "deleted": 0, "written_bytes": 0}
+    if epochs.sign_epochs(epochs.refresh()):  # an upgraded repository's first run
+        done["signed_epochs"] = True
     if plan.advance_to is not None:
         done["advanced"] = epochs.write_marker(plan.advance_to)
     try:
@@ -217,7 +219,8 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
         done["skipped"] = "sources changed under a concurrent maintenance run"
     if plan.delete:
         clock.check(plan.now, "deleting superseded index blobs")
-        kept = [m for m in plan.delete if not delete_unless_locked(epochs.storage, m.name)]
+        delete = delete or (lambda name, _written_at: delete_unless_locked(epochs.storage, name))
+        kept = [m for m in plan.delete if not delete(m.name, m.timestamp)]
         done["deleted"] = len(plan.delete) - len(kept)
         if kept:
             done["kept_locked"] = len(kept)

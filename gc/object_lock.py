@@ -12,6 +12,10 @@ to ``now`` + the period, except:
   unlock at most one period after their last extension and a later run deletes them;
 * session markers and probe blobs, which matter for hours, not days.
 
+Deletes go through ``Deletions``: a blob known to be locked (put less than a period ago, or
+refused by an earlier run until a time the history recorded) is skipped without a request, so
+locked garbage costs no request a run until it comes free.
+
 A blob maintenance keeps is therefore locked at every moment, provided a full run succeeds at
 least once every half period: a blob is locked for the period from its put, and each run leaves
 it locked for a full period from that run. Packs an earlier run found unreferenced but which a
@@ -25,12 +29,45 @@ from __future__ import annotations
 import logging
 
 from repo_format import constants as C
+from repo_format.errors import BlobLocked, BlobNotFound
+from repo_format.io_pool import parallel_map
 from repo_format.storage.base import BlobMeta, BlobStorage, Retention
 
 log = logging.getLogger(__name__)
 NEVER_EXTENDED = (C.SESSION_PREFIX, C.PROBE_PREFIX)
-MISSING = ("the repository was created with Object Lock, but its bucket has no default retention now (or "
-           "these credentials may not read it: s3:GetBucketObjectLockConfiguration); nothing was extended")
+
+
+class Deletions:
+    """Maintenance's deletes, on a storage that may have Object Lock. A blob known to be locked
+    still is skipped without a request: by its put (the bucket's retention counts from it) or by
+    a lock end an earlier run learnt (``known``, from the history). Otherwise the storage is
+    asked, and a refusal (``BlobLocked``) is recorded. Either way the delete is left for a
+    later run, as if this one had stopped before it. ``now``: the run's start (storage clock)."""
+
+    def __init__(self, storage: BlobStorage, now: float, known: dict[str, float] | None = None):
+        self.storage = storage
+        self.now = now
+        self.retention = storage.retention()
+        self.known = known or {}
+        self.locked: dict[str, float] = {}  # refused or skipped in this run: name -> lock end (0: unknown)
+
+    def __call__(self, name: str, written_at: float | None = None) -> bool:
+        """Delete ``name`` (put at ``written_at``, storage clock, if known); False if locked."""
+        until = self.known.get(name, 0.0)
+        if self.retention is not None and written_at is not None:
+            until = max(until, written_at + self.retention.seconds)
+        if until > self.now:
+            self.locked[name] = until
+            return False
+        try:
+            self.storage.delete(name)
+            return True
+        except BlobLocked as locked:
+            self.locked[name] = locked.until
+            return False
+
+    def record(self) -> list:
+        return [[n, float(u)] for n, u in sorted(self.locked.items())]
 
 
 def plan_extensions(listing: list[BlobMeta], now: float, retention: Retention, garbage: set[str]) -> list[BlobMeta]:
@@ -41,17 +78,32 @@ def plan_extensions(listing: list[BlobMeta], now: float, retention: Retention, g
             and m.name not in garbage and not m.name.startswith(NEVER_EXTENDED)]
 
 
-def extend_locks(storage: BlobStorage, now: float, garbage: set[str], expected: dict | None = None) -> dict:
-    """Extend the locks of what maintenance keeps (see the module docstring); ``{}`` without
-    Object Lock. ``expected``: what ``repo create`` asked for (the format blob's ``object_lock``)."""
+def extend_locks(storage: BlobStorage, now: float, garbage: set[str]) -> dict:
+    """Extend the locks of what maintenance keeps (see the module docstring), in parallel; ``{}``
+    without Object Lock. A blob deleted since the listing (by a concurrent run) is skipped."""
     retention = storage.retention()
     if retention is None:
-        if expected:
-            log.warning(MISSING)
-            return {"warning": MISSING}
         return {}
     todo = plan_extensions(list(storage.list()), now, retention, garbage)
     until = now + retention.seconds
-    for m in todo:
-        storage.extend_retention(m.name, until)
-    return {"mode": retention.mode, "days": retention.seconds / 86400, "extended": len(todo), "until": until}
+
+    def extend(m: BlobMeta) -> int:
+        try:
+            storage.extend_retention(m.name, until)
+            return 1
+        except BlobNotFound:
+            return 0
+
+    extended = sum(parallel_map(extend, todo))
+    return {"mode": retention.mode, "days": retention.seconds / 86400, "extended": extended, "until": until}
+
+
+def missing_lock(storage: BlobStorage, expected: dict | None) -> str | None:
+    """Why maintenance must not run: the repository asks for Object Lock (``expected``, the
+    format blob's ``object_lock``) and the bucket has none it can see. Its deletes would then be
+    plain DELETEs, delete markers over locked data; nothing would be extended."""
+    if expected and storage.retention() is None:
+        return ("this repository was created with Object Lock, but its bucket has no default retention now, "
+                "or these credentials may not read it (s3:GetBucketObjectLockConfiguration): maintenance "
+                "refuses to run until it can see the lock")
+    return None

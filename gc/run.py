@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from repo_format import constants as C
-from repo_format.errors import KdistError
+from repo_format.errors import KdistError, StorageError
 from repo_format.repository import Repository
 from repo_format.safety import SAFETY_FULL, SafetyParameters, safety_of
 from repo_format.session import live_sessions
 from repo_format.keyslots import slot_name
-from repo_format.storage.base import BlobStorage, delete_unless_locked
+from repo_format.storage.base import BlobStorage
 
 from kdist.gc import DEFAULT_MEMORY_LIMIT, history
 from kdist.gc.blob_gc import Rules as BlobRules
@@ -36,7 +36,7 @@ from kdist.gc.checkpoints import execute_checkpoints, plan_checkpoints
 from kdist.gc.clock_guard import StorageClock
 from kdist.gc.content_gc import execute_content_gc, plan_content_gc
 from kdist.gc.index_maintenance import execute_index, plan_index
-from kdist.gc.object_lock import extend_locks
+from kdist.gc.object_lock import Deletions, extend_locks, missing_lock
 from kdist.gc.pack_rewrite import execute_rewrite, plan_rewrite
 
 
@@ -107,6 +107,9 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     other clients and pauses them); returns the report."""
     options = options or MaintenanceOptions()
     storage = repo.storage
+    missing = missing_lock(storage, repo.parameters.extra.get("object_lock"))
+    if missing:  # before the first delete (the clock's probe): it would be a plain DELETE
+        raise StorageError(missing)
     safety = options.safety or safety_of(repo.parameters)
     rules = options.rules
     clock = clock or StorageClock(storage, repo.session, safety.max_pause, enabled=rules.pause_revalidation)
@@ -122,6 +125,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
                  if rules.two_cycle_drop else now)
     confirmed = history.confirmed_pack_candidates(past, now, confirmation_margin(safety))
     garbage: set[str] = set()  # what this run found collectable: Object Lock must not keep it
+    delete = Deletions(storage, now, history.known_locks(past, now))
 
     if options.full:  # 1. content GC
         index = epochs.load_index()
@@ -147,7 +151,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     yield "index planned"
     if not options.dry_run:
         report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2,
-                                              copies_first=rules.merge_copies_first)
+                                              copies_first=rules.merge_copies_first, delete=delete)
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
@@ -163,7 +167,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
         garbage.update(m.name for m in bplan.delete + bplan.candidates)
         yield "blob-gc planned"
         if not options.dry_run:
-            freed, locked = execute_blob_gc(storage, bplan, clock)
+            freed, locked = execute_blob_gc(storage, bplan, clock, delete)
             report.freed_bytes += freed
             if locked:  # left for a later run
                 report.steps["blob_gc"].update(kept_locked=locked, deleted_packs=len(bplan.delete) - locked)
@@ -190,18 +194,20 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
 
     if not options.dry_run:  # 6. manifests, 7. housekeeping
         report.steps["manifests_merged"] = repo.manifests.compact(clock.now(), safety.listing_settle,
-                                                                  tombstone_rule=rules.spent_tombstones)
+                                                                  tombstone_rule=rules.spent_tombstones, delete=delete)
         garbage.update(repo.manifests.covered)
         removed_slots = _removed_key_slots(repo)
         garbage.update(removed_slots)
-        report.steps["housekeeping"] = _housekeeping(storage, clock, safety, removed_slots)
+        report.steps["housekeeping"] = _housekeeping(storage, clock, safety, removed_slots, delete)
         # what cut writes leave (temp files, emptied shard directories, multipart uploads), once
         # older than any put can take: a pack younger than pack_age is never judged either
         report.steps["leftovers"] = storage.reclaim_leftovers(clock.now(), safety.pack_age)
+        garbage.update(delete.locked)
         if options.full:  # 8. a quick run knows no unreferenced packs: it would lock them too
-            lock = extend_locks(storage, clock.now(), garbage, repo.parameters.extra.get("object_lock"))
+            lock = extend_locks(storage, clock.now(), garbage)
             if lock:
-                report.steps["object_lock"] = lock
+                report.steps["object_lock"] = {**lock, "kept_locked": len(delete.locked)}
+        record.locked = delete.record()
         record.end = clock.now()
         record.steps = report.steps
         history.write_record(repo.manifests, record)
@@ -215,10 +221,10 @@ def _removed_key_slots(repo: Repository) -> set[str]:
 
 
 def _housekeeping(storage: BlobStorage, clock: StorageClock, safety: SafetyParameters,
-                  removed_slots: set[str] = frozenset()) -> int:
+                  removed_slots: set[str], delete: Deletions) -> int:
     now = clock.now()
-    stale = [m.name for m in storage.list(C.PROBE_PREFIX) if now - m.timestamp > max(safety.max_pause, 60.0)]
-    stale += [m.name for m in storage.list(C.SESSION_PREFIX) if now - m.timestamp >= 2 * safety.session_expiry
+    stale = [m for m in storage.list(C.PROBE_PREFIX) if now - m.timestamp > max(safety.max_pause, 60.0)]
+    stale += [m for m in storage.list(C.SESSION_PREFIX) if now - m.timestamp >= 2 * safety.session_expiry
               and safety.session_expiry > 0]
-    stale += [m.name for m in storage.list(C.KEY_SLOT_PREFIX) if m.name in removed_slots]
-    return sum(delete_unless_locked(storage, name) for name in stale)
+    stale += [m for m in storage.list(C.KEY_SLOT_PREFIX) if m.name in removed_slots]
+    return sum(delete(m.name, m.timestamp) for m in stale)

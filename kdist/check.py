@@ -200,11 +200,21 @@ class Checker:
                 else:
                     self.report.notes.append(f"incomplete index set {name} ({len(s.members)} of {s.count}) left by "
                                              "an interrupted compaction; readers ignore it")
-        for m in self.storage.list(C.EPOCH_MARKER_PREFIX):
-            number = m.name[len(C.EPOCH_MARKER_PREFIX):]
-            if number.isdigit() and int(number) not in view.markers:
-                self._problem("epoch-marker", f"epoch marker {m.name} failed authentication (damaged or forged; "
-                              "readers ignore it)", blob=m.name)
+        signed_since = min((m.timestamp for m in view.markers.values()), default=0.0) if view.signed else 0.0
+        for m in view.ignored:
+            name, number = m.name, m.name[len(C.EPOCH_MARKER_PREFIX):]
+            if "_" in number:
+                self._problem("forgery", f"epoch marker {name} is not signed by the root or a maintenance key "
+                              "(forged or damaged; readers ignore it)", blob=name)
+            elif not view.signed:
+                self._problem("epoch-marker", f"epoch marker {name} failed authentication (damaged or forged; "
+                              "readers ignore it)", blob=name)
+            elif m.timestamp > signed_since:  # no one writes the older kind once a signed marker exists
+                self._problem("forgery", f"epoch marker {name} is unsigned and was written after the signed ones "
+                              "(forged; readers ignore it)", blob=name)
+            else:
+                self.report.notes.append(f"epoch marker {name} is from before markers were signed; readers "
+                                         "ignore it")
 
     def unusable(self, e: IndexEntry) -> str | None:
         """Why the record an entry points to cannot be where it says, or None."""

@@ -15,6 +15,7 @@ import msgpack
 
 from repo_format import constants as C
 from repo_format import format_blob
+from repo_format.content import make_epoch_manager
 from repo_format.crypto import KdfParams
 from repo_format.errors import KdistError
 from repo_format.keyslots import (ADMIN, HOST, KEY_RECORD_TYPE, ROLES, ROOT_KEY_ID, Identity, key_record_labels,
@@ -123,6 +124,9 @@ def upgrade_repository(storage: BlobStorage, password: str, now: float, session_
             done.update(_key(r) for r in records)
         if switch:
             format_blob.upgrade(storage, password, root.signing_key)
+    # its epochs signed: from now on a marker counts only with the root's or maintenance's signature
+    epochs = make_epoch_manager(storage, format_blob.read(storage, password), legacy.session)
+    epochs.sign_epochs(epochs.refresh())
     return len(done)
 
 

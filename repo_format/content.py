@@ -22,19 +22,31 @@ from repo_format.epoch import EpochManager
 from repo_format.format_blob import FormatBlob
 from repo_format.index import IndexEntry, MergedIndex
 from repo_format.index_view import ContentLost, IndexView
+from repo_format.keyslots import ADMIN, MAINTENANCE, Trust
 from repo_format.local_cache import LocalCache
 from repo_format.safety import safety_of
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
 
-__all__ = ["ContentLost", "ContentStore", "WriteStats", "load_committed_index", "make_epoch_manager"]
+__all__ = ["ContentLost", "ContentStore", "WriteStats", "load_committed_index", "make_epoch_manager",
+           "start_signed_epochs"]
 
 
 def make_epoch_manager(storage: BlobStorage, fmt: FormatBlob, session: str,
                        cache: LocalCache | None = None) -> EpochManager:
     keys = fmt.keys
+    identity = fmt.identity  # None: an unsigned repository (format version 1)
+    trust = Trust(fmt.unique_id, identity.root_public) if identity is not None else None
+    signer = identity if identity is not None and identity.role in (ADMIN, MAINTENANCE) else None
     return EpochManager(storage, keys.index_aead(), keys.name_hasher(), keys.manifest_aead(),
-                        safety_of(fmt.parameters), session, cache)
+                        safety_of(fmt.parameters), session, cache, trust, signer, fmt.unique_id)
+
+
+def start_signed_epochs(storage: BlobStorage, fmt: FormatBlob) -> None:
+    """A new signed repository's first marker (epoch 0, signed by the root): from the start only
+    signed markers count (``repo_format.epoch``)."""
+    if fmt.identity is not None:
+        make_epoch_manager(storage, fmt, "0" * 2 * C.SESSION_ID_BYTES).write_marker(0)
 
 
 def load_committed_index(storage: BlobStorage, fmt: FormatBlob) -> MergedIndex:

@@ -1,7 +1,11 @@
 """The epoch manager: where index blobs go, how readers assemble the index, and compaction.
 
 Index blobs ``xn<E>_...`` are written into the current epoch E, the largest N of an
-authenticated epoch marker ``xe<N>`` (0 without markers). Maintenance advances the epoch when
+authenticated epoch marker (0 without markers). A signed repository (format version 2) counts
+only markers ``xe<N>_<16 hex>`` signed by the root or a maintenance key (every host holds the
+key that seals the older kind); its markers of the older kind ``xe<N>``, sealed with the manifest
+key, count only until the first signed marker is listed (``repo create`` writes one for epoch
+0, the first maintenance run of an upgraded repository one for its current epoch). Maintenance advances the epoch when
 the current one holds enough index blobs and its marker is at least ``min_epoch_duration`` old
 (storage clock). An epoch E is *settled* once marker E+2 has existed for ``listing_settle``: no
 writer can still put a blob into it (a writer's view is at most ``index_refresh`` old, which is
@@ -30,6 +34,7 @@ from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.io_pool import parallel_map
+from repo_format.keyslots import signed_marker
 from repo_format.index import (
     IndexBlob, IndexEntry, MergedIndex, encode_index, index_blob_name, open_index, seal_index, wins,
 )
@@ -37,13 +42,15 @@ from repo_format.safety import SafetyParameters
 from repo_format.storage.base import BlobMeta, BlobStorage
 
 if TYPE_CHECKING:
+    from repo_format.keyslots import Identity, Trust
     from repo_format.local_cache import LocalCache
 
 _RAW = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
 _SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})" + r"(\d+)_([0-9a-f]+)_(\d+)of(\d+)$")
 _MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)$")
+_SIGNED_MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)_([0-9a-f]{16})$")
 ASSEMBLY_ATTEMPTS = 5
-MAX_MARKER = 256  # bytes: a sealed "epoch N"
+MAX_MARKER = 1024  # bytes: a sealed "epoch N", or a signature with its certificate
 DOWNLOAD_BUDGET = 32 * 1024 * 1024  # bytes of index blobs being downloaded and decoded at once
 
 
@@ -100,10 +107,12 @@ class IndexSet:
 class EpochView:
     """One listing of the index blobs, interpreted."""
 
-    markers: dict[int, BlobMeta]
+    markers: dict[int, BlobMeta]  # the earliest marker that counts, per epoch
     raw: dict[int, list[BlobMeta]]
     sets: dict[tuple[str, int], list[IndexSet]]
     taken_at: float  # monotonic
+    signed: bool = False  # the markers that count are signed ones
+    ignored: list = field(default_factory=list)  # listed markers that do not count (BlobMeta)
 
     @property
     def current(self) -> int:
@@ -147,8 +156,12 @@ class EpochView:
 
 class EpochManager:
     def __init__(self, storage: BlobStorage, index_aead: Aead, name_hasher: ContentHasher, marker_aead: Aead,
-                 safety: SafetyParameters, session: str, cache: "LocalCache | None" = None):
+                 safety: SafetyParameters, session: str, cache: "LocalCache | None" = None,
+                 trust: "Trust | None" = None, signer: "Identity | None" = None, unique_id: bytes = b""):
         self.storage = storage
+        self._trust = trust  # a signed repository's: which markers count
+        self._signer = signer  # the root's or a maintenance key's identity: it may write markers
+        self._unique_id = unique_id
         self.cache = cache
         self.safety = safety
         self.session = session
@@ -166,13 +179,20 @@ class EpochManager:
 
     # ---- listing -------------------------------------------------------------------------
     def refresh(self) -> EpochView:
-        markers: dict[int, BlobMeta] = {}
+        legacy: dict[int, BlobMeta] = {}
+        signed: dict[int, BlobMeta] = {}
+        ignored: list[BlobMeta] = []
         raw: dict[int, list[BlobMeta]] = {}
         sets: dict[tuple[str, int], dict[str, IndexSet]] = {}
         for m in self.storage.list(C.INDEX_FAMILY_PREFIX):
-            if mk := _MARKER.fullmatch(m.name):
-                if self._marker_valid(m.name):
-                    markers[int(mk.group(1))] = m
+            if (mk := _MARKER.fullmatch(m.name)) or (mk := _SIGNED_MARKER.fullmatch(m.name)):
+                kind = signed if mk.re is _SIGNED_MARKER else legacy
+                e = int(mk.group(1))
+                if self._marker_valid(m.name, kind is signed):
+                    if e not in kind or m.timestamp < kind[e].timestamp:
+                        kind[e] = m
+                else:
+                    ignored.append(m)
             elif mr := _RAW.fullmatch(m.name):
                 raw.setdefault(int(mr.group(1)), []).append(m)
             elif ms := _SET.fullmatch(m.name):
@@ -181,34 +201,43 @@ class EpochManager:
                     s = sets.setdefault((kind, e), {}).setdefault(sid, IndexSet(kind, e, sid, n))
                     if s.count == n:
                         s.members[i] = m
-        self.view = EpochView(markers, raw, {k: list(v.values()) for k, v in sets.items()}, clock.monotonic())
+        if signed:  # the older kind counts no more once a signed marker is listed
+            ignored += list(legacy.values())
+        markers = signed or legacy
+        self.view = EpochView(markers, raw, {k: list(v.values()) for k, v in sets.items()}, clock.monotonic(),
+                              signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name))
         return self.view
 
-    def _marker_valid(self, name: str) -> bool:
+    def _marker_valid(self, name: str, signed: bool) -> bool:
         """Whether a listed marker authenticates (a copy in the local cache serves: markers are
-        never rewritten, and the listing still decides that it exists)."""
+        never rewritten, and the listing still decides that it exists). A forged or damaged
+        marker is ignored: it cannot move epochs."""
         if name in self._verified_markers:
             return True
         cached = self.cache.sealed_blob(name, MAX_MARKER) if self.cache is not None else None
-        try:
-            sealed = cached if cached is not None else self.storage.get(name)
-            self._marker_aead.open(sealed, name.encode(), what=f"epoch marker {name}")
-        except CorruptionError:
-            if cached is None:
-                return False  # a forged or damaged marker is ignored: it cannot move epochs
+        if cached is not None and not self._authentic(name, cached, signed):
             self.cache.drop_blob(name)  # a damaged copy (even one that cannot be deleted): the repository's
-            try:
-                sealed = self.storage.get(name)
-                self._marker_aead.open(sealed, name.encode(), what=f"epoch marker {name}")
-            except (BlobNotFound, CorruptionError):
-                return False
             cached = None
-        except BlobNotFound:
-            return False
-        if cached is None and self.cache is not None:
-            self.cache.store_blob(name, sealed)
+        if cached is None:
+            try:
+                body = self.storage.get(name)
+            except BlobNotFound:
+                return False
+            if not self._authentic(name, body, signed):
+                return False
+            if self.cache is not None:
+                self.cache.store_blob(name, body)
         self._verified_markers.add(name)
         return True
+
+    def _authentic(self, name: str, body: bytes, signed: bool) -> bool:
+        if signed:  # only a signed repository has signed markers; an unsigned one ignores them
+            return self._trust is not None and len(body) <= MAX_MARKER and self._trust.marker_signed(name, body)
+        try:
+            self._marker_aead.open(body, name.encode(), what=f"epoch marker {name}")
+            return True
+        except CorruptionError:
+            return False
 
     def fresh_view(self) -> EpochView:
         if self.view is None or clock.monotonic() - self.view.taken_at >= self.safety.index_refresh:
@@ -281,16 +310,30 @@ class EpochManager:
         return index_blob_name(self._name_hash, plaintext, epoch, self.session)
 
     def write_marker(self, epoch: int) -> bool:
+        """Start epoch ``epoch``. A signed repository's marker has a name of its own (no one can
+        take it first) and the writer's signature; only the root and maintenance keys write one."""
+        if self._trust is not None:
+            if self._signer is None:
+                raise KdistError("only the root and maintenance keys may write epoch markers")
+            name = f"{C.EPOCH_MARKER_PREFIX}{epoch}_{secrets.token_hex(8)}"
+            return self.storage.put_if_absent(name, signed_marker(self._signer, self._unique_id, name))
         name = f"{C.EPOCH_MARKER_PREFIX}{epoch}"
         return self.storage.put_if_absent(name, self._marker_aead.seal(b"epoch %d" % epoch, name.encode()))
+
+    def sign_epochs(self, view: EpochView) -> bool:
+        """In a signed repository whose markers are all of the older kind (one upgraded from
+        format version 1), sign its current epoch: from then on only signed markers count."""
+        if self._trust is None or self._signer is None or view.signed:
+            return False
+        return self.write_marker(view.current)
 
     # ---- maintenance ---------------------------------------------------------------------
     def should_advance(self, view: EpochView, now: float) -> bool:
         """Advance at most once per ``min_epoch_duration`` (storage clock), when the current or
         previous epoch holds index blobs: they can only be compacted, and their deletions
         dropped, once two markers follow them."""
-        cur = view.current
-        marker_age = now - view.markers[cur].timestamp if cur in view.markers else float("inf")
+        cur = view.current  # epoch 0 begins with the repository, whatever its marker says
+        marker_age = now - view.markers[cur].timestamp if cur in view.markers and cur > 0 else float("inf")
         if marker_age < self.safety.min_epoch_duration:
             return False
         return bool(view.raw.get(cur)) or bool(view.raw.get(cur - 1))

@@ -101,10 +101,20 @@ class Identity:
 RECORD_DOMAIN = b"kdist/v2/manifest-record\x00"
 COMPACTED_DOMAIN = b"kdist/v2/compacted-manifest\x00"
 CERT_DOMAIN = b"kdist/v2/key-certificate\x00"
+MARKER_DOMAIN = b"kdist/v2/epoch-marker\x00"
 
 
 def sign(identity: Identity, domain: bytes, unique_id: bytes, message: bytes) -> bytes:
     return Ed25519PrivateKey.from_private_bytes(identity.signing_key).sign(domain + unique_id + message)
+
+
+def signed_marker(identity: Identity, unique_id: bytes, name: str) -> bytes:
+    """The body of a signed epoch marker ``name``: msgpack ``{"k": key id, "s": signature of the
+    name, "c", "cs": the key's certificate}`` (no certificate for the root)."""
+    doc = {"k": identity.key_id, "s": sign(identity, MARKER_DOMAIN, unique_id, name.encode("ascii"))}
+    if identity.cert:
+        doc.update(c=identity.cert, cs=identity.cert_sig)
+    return msgpack.packb(doc)
 
 
 def verify(public: bytes, signature: bytes, domain: bytes, unique_id: bytes, message: bytes) -> bool:
@@ -188,6 +198,25 @@ class Trust:
                     info = None
             self._certs[k] = info
         return self._certs[k]
+
+    def marker_signed(self, name: str, body: bytes) -> bool:
+        """Whether ``body`` is epoch marker ``name`` signed by the root or a maintenance key the
+        root certified (hosts hold the key that seals markers: only a signature is theirs alone)."""
+        try:
+            doc = msgpack.unpackb(body, raw=False)
+            key_id, sig = doc["k"], doc["s"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        if type(sig) is not bytes:
+            return False
+        if key_id == ROOT_KEY_ID:
+            public = self.root_public
+        else:
+            key = self.certificate(doc.get("c"), doc.get("cs"))
+            if key is None or key.key_id != key_id or key.role != MAINTENANCE:
+                return False
+            public = key.public
+        return self.verify_once(MARKER_DOMAIN, public, sig, name.encode("ascii"))
 
     def registry(self, records) -> dict[str, KeyInfo]:
         """Every key record the root signed (newest per key): what ``key list`` shows and which

@@ -295,7 +295,8 @@ class ManifestStore:
         out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
         return sorted(out, key=lambda r: (r.ts, r.id))
 
-    def compact(self, now: float, settle: float, min_blobs: int = 16, tombstone_rule: bool = True) -> int:
+    def compact(self, now: float, settle: float, min_blobs: int = 16, tombstone_rule: bool = True,
+                delete=None) -> int:
         """Merge manifest blobs, in two phases so that no listing ever misses a record.
 
         A blob is deleted only when a compacted blob whose writer started reading more than
@@ -305,7 +306,8 @@ class ManifestStore:
         putting must not cover what was published during the pause.
         A new compacted blob is written when at least ``min_blobs`` blobs would remain; it leaves
         out the tombstones that nothing needs any more (``_without_spent_tombstones``).
-        ``now`` is the storage's time. Returns the number of blobs deleted."""
+        ``now`` is the storage's time. Returns the number of blobs deleted: ``delete(name, put
+        time)`` says whether it did (maintenance's skips what Object Lock keeps, left for later)."""
         # a signed repository reads the records first: their registry of keys says which
         # compactors to trust, and the same read feeds the compacted blob (one read, not two;
         # ``now`` was taken before either listing, so both cover every blob older than it)
@@ -334,7 +336,8 @@ class ManifestStore:
             self.storage.put(name, self._aead.seal(self._compacted_doc(name, now, list(best.values())),
                                                    name.encode("ascii")))
         self.covered = [b.name for b in deletable]
-        return sum(delete_unless_locked(self.storage, b.name) for b in deletable)
+        delete = delete or (lambda name, _written_at: delete_unless_locked(self.storage, name))
+        return sum(delete(b.name, b.timestamp) for b in deletable)
 
     def _compacted_doc(self, name: str, read_at: float, records: list[ManifestRecord]) -> bytes:
         if self.identity is None:

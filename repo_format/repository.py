@@ -10,7 +10,7 @@ import secrets
 
 from repo_format import constants as C
 from repo_format import format_blob
-from repo_format.content import ContentStore
+from repo_format.content import ContentStore, start_signed_epochs
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
 from repo_format.index import MergedIndex
@@ -53,7 +53,9 @@ class Repository:
     @classmethod
     def create(cls, storage: BlobStorage, password: str, parameters: RepositoryParameters | None = None,
                kdf: KdfParams | None = None, version: int = C.FORMAT_VERSION) -> "Repository":
-        return cls(storage, format_blob.create(storage, password, parameters, kdf, version))
+        fmt = format_blob.create(storage, password, parameters, kdf, version)
+        start_signed_epochs(storage, fmt)
+        return cls(storage, fmt)
 
     @classmethod
     def open(cls, storage: BlobStorage, password: str, key_id: str | None = None, **kwargs) -> "Repository":

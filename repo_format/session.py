@@ -28,7 +28,7 @@ from repo_format import clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.errors import KdistError
-from repo_format.storage.base import BlobMeta, BlobStorage, delete_unless_locked
+from repo_format.storage.base import BlobMeta, BlobStorage
 
 
 class SessionExpired(KdistError):
@@ -42,7 +42,8 @@ def storage_now(storage: BlobStorage, session: str) -> float:
     try:
         return storage.stat(name).timestamp
     finally:
-        delete_unless_locked(storage, name)  # Object Lock keeps it: housekeeping deletes it later
+        if storage.retention() is None:  # under Object Lock it is locked: housekeeping deletes it later
+            storage.delete(name)
 
 
 def session_of(blob_name: str) -> str | None:

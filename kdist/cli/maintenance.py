@@ -35,12 +35,10 @@ def _print_report(report, as_json: bool, requests: dict) -> None:
                        f"{moved.get('packs', 0)} mostly dead or small packs")
         click.echo(f"freed {human_bytes(report.freed_bytes)}")
         lock = done.get("object_lock", {})
-        if lock.get("warning"):
-            click.echo(f"WARNING: {lock['warning']}", err=True)
-        elif lock:
-            held = blob.get("kept_locked", 0) + done.get("index", {}).get("kept_locked", 0)
-            click.echo(f"object lock: extended {lock.get('extended', 0)} blobs' retention; {held} collectable "
-                       "blobs are still locked (deleted by a later run, once their lock ends)")
+        if lock:
+            click.echo(f"object lock: extended {lock.get('extended', 0)} blobs' retention; "
+                       f"{lock.get('kept_locked', 0)} collectable blobs are still locked (deleted by a later run, "
+                       "once their lock ends)")
     click.echo("storage requests: " + ", ".join(f"{k} {v['calls']}" for k, v in sorted(requests.items())))
 
 

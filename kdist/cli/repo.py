@@ -12,6 +12,7 @@ import click
 from repo_format import constants as C
 from repo_format import format_blob
 from repo_format.crypto import WEAK_KDF_ENV, KdfParams
+from repo_format.content import start_signed_epochs
 from repo_format.errors import KdistError, RepositoryExists
 from repo_format.format_blob import RepositoryParameters
 from repo_format.keyslots import ADMIN, MAINTENANCE
@@ -64,6 +65,7 @@ def create(repo_location, endpoint_url, password_file, encryption, gc_margin_sca
             extra["object_lock"] = {"days": object_lock_days, "mode": object_lock_mode.upper()}
         params = RepositoryParameters(aead=encryption, extra=extra)
         fmt = format_blob.create(storage, password, parameters=params, kdf=kdf)
+        start_signed_epochs(storage, fmt)
     except KdistError as exc:
         fail(exc)
     click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")

@@ -81,7 +81,7 @@ class MemoryStorage(BlobStorage):
         validate_name(name)
         with self._lock:
             until = self._locked_until.get(name, 0.0)
-            if name in self._blobs and until > self._clock():
+            if name in self._blobs and until >= self._clock():  # as S3: locked until the instant passes
                 raise BlobLocked(name, until)
             self._blobs.pop(name, None)
             self._locked_until.pop(name, None)

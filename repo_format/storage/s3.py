@@ -59,13 +59,19 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 _TRANSIENT_STATUS = {500, 502, 503, 504}
 # an error reply without a (whole) body, a HEAD's or one cut in transit, has its status as code
 _CODE_OF_STATUS = {"412": "PreconditionFailed", "416": "InvalidRange", "501": "NotImplemented"}
-# what servers answer when a bucket has no Object Lock, or cannot tell us (no permission, a
-# server without the API): a delete is then a plain DELETE
-_NO_LOCK = ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound", "NotImplemented",
-            "MethodNotAllowed", "XNotImplemented", "UnsupportedOperation", "AccessDenied")
+_NO_LOCK_CONFIG = ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound")
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
-_LOCK_NEEDS_CHECKSUM = "MissingUploadObjectWithObjectLockHeaders"
 DAY = 86400.0
+MAX_VERSIONS = 16  # versions of one name a delete removes before it calls it corruption
+
+
+def _lock_needs_checksum(code: str, message: str) -> bool:
+    """A put into a bucket with Object Lock refused for want of a checksum: AWS answers
+    InvalidRequest "Content-MD5 OR x-amz-checksum- HTTP header is required for Put Object (Put
+    Part) requests with Object Lock parameters"; moto has a code of its own."""
+    text = message.lower()
+    return code == "MissingUploadObjectWithObjectLockHeaders" or (
+        code == "InvalidRequest" and ("content-md5" in text or "x-amz-checksum" in text))
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -79,8 +85,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 class _Refused(Exception):
     """An S3 error code the caller asked to handle itself (e.g. PreconditionFailed)."""
 
-    def __init__(self, code: str):
+    def __init__(self, code: str, message: str = ""):
         self.code = code
+        self.message = message
 
 
 class S3Storage(BlobStorage):
@@ -139,10 +146,14 @@ class S3Storage(BlobStorage):
 
     def _upload(self, name: str, key: str, data: bytes, conditions: dict, accept=()) -> None:
         try:
-            self._upload_once(name, key, data, conditions, accept + (_LOCK_NEEDS_CHECKSUM,))
+            self._upload_once(name, key, data, conditions, accept + ("InvalidRequest",
+                                                                      "MissingUploadObjectWithObjectLockHeaders"))
         except _Refused as refused:
-            if refused.code != _LOCK_NEEDS_CHECKSUM or self._checksum:
+            if refused.code in accept:
                 raise
+            if self._checksum or not _lock_needs_checksum(refused.code, refused.message):
+                raise StorageError(f"S3 put {name!r} in {self.describe()} failed ({refused.code}): "
+                                   f"{refused.message}") from None
             self._checksum = {"ChecksumAlgorithm": "CRC32"}  # from now on, for every put
             self._upload_once(name, key, data, conditions, accept)
 
@@ -185,16 +196,41 @@ class S3Storage(BlobStorage):
             with self._errors("delete", name):
                 self._client.delete_object(Bucket=self.bucket, Key=key)
             return
+        # every version, newest first: deleting the current one makes an older one current (a
+        # put that landed twice, a retried put), and the blob must be gone when this returns
+        for _ in range(MAX_VERSIONS):
+            try:
+                with self._errors("delete", name):
+                    head = self._client.head_object(Bucket=self.bucket, Key=key)
+            except BlobNotFound:
+                return
+            self._delete_version(name, key, head)
+        raise StorageError(f"S3 delete {name!r} in {self.describe()}: more than {MAX_VERSIONS} versions")
+
+    def _delete_version(self, name: str, key: str, head: dict) -> None:
+        until, version = self._locked_until(head), head.get("VersionId")
+        if until is not None:
+            raise BlobLocked(name, until)
         try:
-            with self._errors("delete", name):
-                head = self._client.head_object(Bucket=self.bucket, Key=key)
-        except BlobNotFound:
-            return
-        until, version = head.get("ObjectLockRetainUntilDate"), head.get("VersionId")
-        if until is not None and until.timestamp() >= self._server_time(head):
-            raise BlobLocked(name, until.timestamp())
-        with self._errors("delete", name):
-            self._client.delete_object(Bucket=self.bucket, Key=key, **({"VersionId": version} if version else {}))
+            with self._errors("delete", name, accept=("AccessDenied",)):
+                self._client.delete_object(Bucket=self.bucket, Key=key, **({"VersionId": version} if version else {}))
+        except _Refused:
+            with self._errors("delete", name):  # locked meanwhile (a concurrent run extended it)?
+                until = self._locked_until(self._client.head_object(Bucket=self.bucket, Key=key))
+            if until is not None:
+                raise BlobLocked(name, until) from None
+            raise StorageUnreachable(
+                f"S3 refused to delete a version of {name!r} in {self.describe()}: on a bucket with Object Lock "
+                "maintenance needs s3:GetObjectRetention and s3:DeleteObjectVersion "
+                "(cluster/policies/maintenance-object-lock-policy.json)") from None
+
+    def _locked_until(self, head: dict) -> float | None:
+        """When the version a HEAD saw stays locked until, if still locked by the reply's own
+        Date (the storage's clock); None if it is free."""
+        until = head.get("ObjectLockRetainUntilDate")
+        if until is None or until.timestamp() < self._server_time(head):
+            return None
+        return until.timestamp()
 
     def _server_time(self, response: dict) -> float:
         from email.utils import parsedate_to_datetime
@@ -207,17 +243,11 @@ class S3Storage(BlobStorage):
     # ---- Object Lock
 
     def retention(self) -> Retention | None:
+        """The bucket's default retention; None without one, and when the server cannot say (no
+        permission, no such API: maintenance refuses to run when the repository asks for a lock
+        it cannot see, gc/run.py)."""
         if not self._retention:
-            try:
-                with self._errors("read the Object Lock configuration of", None, accept=_NO_LOCK):
-                    config = self._client.get_object_lock_configuration(Bucket=self.bucket)
-                rule = config.get("ObjectLockConfiguration", {}).get("Rule", {}).get("DefaultRetention")
-            except _Refused as refused:
-                if refused.code == "AccessDenied":  # maintenance warns if the repository asks for a lock
-                    log.debug("cannot read the Object Lock configuration of bucket %r (access denied): "
-                                "deletes are plain DELETEs and no retention is extended; grant "
-                                "s3:GetBucketObjectLockConfiguration to maintenance", self.bucket)
-                rule = None
+            rule = self._lock_configuration().get("Rule", {}).get("DefaultRetention")
             if rule:
                 days = int(rule.get("Days") or 0) + 365 * int(rule.get("Years") or 0)
                 self._retention.append(Retention(str(rule.get("Mode", "")).upper(), days * DAY))
@@ -225,26 +255,42 @@ class S3Storage(BlobStorage):
                 self._retention.append(None)
         return self._retention[0]
 
+    def _lock_configuration(self) -> dict:
+        """The bucket's ObjectLockConfiguration; ``{}`` without one, without the permission to
+        read it, or from a server without the API (any refusal but an outage)."""
+        try:
+            with self._errors("read the Object Lock configuration of", accept=_NO_LOCK_CONFIG + ("AccessDenied",)):
+                return self._client.get_object_lock_configuration(Bucket=self.bucket).get(
+                    "ObjectLockConfiguration", {})
+        except _Refused as refused:
+            log.debug("no Object Lock configuration readable for bucket %r (%s)", self.bucket, refused.code)
+            return {}
+        except (RetryableStorageError, StorageUnreachable):
+            raise
+        except StorageError as exc:  # e.g. NotImplemented, MethodNotAllowed, InvalidArgument
+            log.debug("no Object Lock configuration for bucket %r: %s", self.bucket, exc)
+            return {}
+
     def configure_retention(self, days: int, mode: str) -> None:
         """Set the bucket's default retention (``repo create --object-lock-days``). The bucket
         must have been created with Object Lock."""
         if mode not in LOCK_MODES or not 1 <= days <= 36500:
             raise ValueError(f"invalid Object Lock retention {mode} {days} days")
+        if self._lock_configuration().get("ObjectLockEnabled") != "Enabled":
+            # never turned on here: on AWS that is for good, and for the whole bucket
+            raise StorageError(
+                f"bucket {self.bucket!r} has no Object Lock: create the bucket with it (aws s3api "
+                "create-bucket --object-lock-enabled-for-bucket ...) or turn it on yourself, knowing that "
+                "it cannot be turned off")
+        self._retention.clear()
         current = self.retention()
         if current is not None and current != Retention(mode, days * DAY):
             raise StorageError(
                 f"bucket {self.bucket!r} already locks every object for {current.seconds / DAY:.0f} days "
                 f"({current.mode}); create the repository with those settings or in another bucket")
         config = {"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": mode, "Days": days}}}
-        try:
-            with self._errors("set the Object Lock configuration of", None,
-                              accept=("InvalidBucketState", "InvalidRequest")):
-                self._client.put_object_lock_configuration(Bucket=self.bucket, ObjectLockConfiguration=config)
-        except _Refused:
-            raise StorageError(
-                f"bucket {self.bucket!r} was not created with Object Lock, which cannot be turned on "
-                "afterwards here: create a new bucket with it (aws s3api create-bucket "
-                "--object-lock-enabled-for-bucket ...)") from None
+        with self._errors("set the Object Lock configuration of"):
+            self._client.put_object_lock_configuration(Bucket=self.bucket, ObjectLockConfiguration=config)
         self._retention[:] = [Retention(mode, days * DAY)]
 
     def extend_retention(self, name, until) -> None:
@@ -394,7 +440,9 @@ class S3Storage(BlobStorage):
             raise
         except Exception as exc:
             if accept and _error_code(exc) in accept:
-                raise _Refused(_error_code(exc)) from exc
+                response = getattr(exc, "response", None)
+                message = response.get("Error", {}).get("Message", "") if isinstance(response, dict) else ""
+                raise _Refused(_error_code(exc), str(message)) from exc
             error = self._translate(exc, op, name)
             if error is None:
                 raise

@@ -296,8 +296,10 @@ def test_forged_or_copied_epoch_markers_are_ignored(mem_repo):
     repo = mem_repo
     epochs = repo.contents.epochs
     assert epochs.write_marker(1)
-    repo.storage.put("xe9", os.urandom(40))
-    repo.storage.put("xe8", repo.storage.get("xe1"))
+    (genuine,) = [m.name for m in repo.storage.list("xe1_")]
+    repo.storage.put("xe9_" + "0" * 16, os.urandom(40))
+    repo.storage.put("xe8_" + genuine[-16:], repo.storage.get(genuine))
+    repo.storage.put("xe7", os.urandom(40))
     assert epochs.refresh().current == 1
     repo.contents.write(b"written after the forgery")
     assert repo.flush().startswith("xn1_")

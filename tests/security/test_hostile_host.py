@@ -230,6 +230,36 @@ def attack_forged_compaction(fleet: Fleet) -> str:
     return f"compacted manifest blob {name}"
 
 
+def _forge_markers(fleet: Fleet) -> tuple[int, list[str]]:
+    """alice puts epoch markers far ahead: of the older kind (sealed with the key every host
+    holds), and of the signed kind signed with her own key and certificate, under a genuine
+    marker's name pattern and a copied genuine signature. Returns (the epoch before, the names)."""
+    alice = fleet.open("alice")
+    epochs = alice.contents.epochs
+    before = epochs.refresh().current
+    names = []
+    for e in range(before + 1, before + 4):
+        name = f"{C.EPOCH_MARKER_PREFIX}{e}"
+        alice.storage.put(name, epochs._marker_aead.seal(b"epoch %d" % e, name.encode()))
+        names.append(name)
+    for e in range(before + 4, before + 7):
+        name = f"{C.EPOCH_MARKER_PREFIX}{e}_{secrets.token_hex(8)}"
+        alice.storage.put(name, keyslots.signed_marker(alice.identity, alice.format.unique_id, name))
+        names.append(name)
+    genuine = next(m.name for m in fleet.storage.list(C.EPOCH_MARKER_PREFIX) if "_" in m.name)
+    copied = f"{C.EPOCH_MARKER_PREFIX}{before + 9}_{genuine[-16:]}"  # the root's signature of another name
+    alice.storage.put(copied, fleet.storage.get(genuine))
+    names.append(copied)
+    return before, names
+
+
+def attack_forged_epoch_markers(fleet: Fleet) -> str:
+    """Markers that settle epochs early: maintenance would compact an epoch a writer can still
+    put into, and readers would then ignore that writer's raw blob."""
+    _before, names = _forge_markers(fleet)
+    return f"epoch marker {names[-1]}"
+
+
 def attack_forged_maintenance_record(fleet: Fleet) -> str:
     """A maintenance run record (in alice's name, under her own id): maintenance reads its own
     history for the deletion watermark, confirmed pack candidates and set merges to clean up."""
@@ -292,7 +322,8 @@ def attack_removed_key(fleet: Fleet) -> str:
 ATTACKS = [attack_signed_as_the_root, attack_transplanted_signature, attack_reencoded_certificate,
            attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
            attack_self_certified_key, attack_forged_key_removal, attack_forged_maintenance_record,
-           attack_forget_own_history, attack_rewrite_own_history, attack_record_over_an_admins_snapshot, attack_own_key_record, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key]
+           attack_forget_own_history, attack_rewrite_own_history, attack_record_over_an_admins_snapshot, attack_own_key_record, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key,
+           attack_forged_epoch_markers]
 
 
 def _defended(fleet: Fleet, attack) -> None:
@@ -598,3 +629,62 @@ def test_the_storage_clock_bound_is_needed(fleet, monkeypatch):
     _no_storage_clock(monkeypatch)
     with pytest.raises(AssertionError):
         test_past_and_future_dating_cannot_reach_a_hosts_older_daily_snapshots(fleet)
+
+
+# ---- epoch markers ---------------------------------------------------------------------------
+def test_forged_epoch_markers_move_no_epoch_and_are_named(fleet):
+    """Every reader, alice herself included, keeps the epoch the signed markers give; maintenance
+    still advances it with signed markers; `repo check` names every forged one."""
+    before, names = _forge_markers(fleet)
+    for who in ("alice", "bob", "maint"):
+        assert fleet.open(who).contents.epochs.refresh().current == before, who
+    fleet.gc_cycles()
+    view = fleet.open("bob").contents.epochs.refresh()
+    assert view.signed and 0 < view.current < before + 3  # advanced by maintenance, one a cycle at most
+    assert set(names) <= {m.name for m in view.ignored}
+    fleet.check_names(*(f"epoch marker {n}" for n in names))
+
+
+def _every_signed_marker_counts(monkeypatch):
+    monkeypatch.setattr(keyslots.Trust, "marker_signed", lambda self, name, body: True)
+
+
+def _older_markers_still_count(monkeypatch):
+    from repo_format import epoch
+
+    real = epoch.EpochManager.refresh
+
+    def refresh(self):
+        view = real(self)
+        for m in view.ignored:
+            if "_" not in m.name and self._marker_valid(m.name, False):
+                view.markers.setdefault(int(m.name[len(C.EPOCH_MARKER_PREFIX):]), m)
+        return view
+
+    monkeypatch.setattr(epoch.EpochManager, "refresh", refresh)
+
+
+@pytest.mark.parametrize("switch_off", [_every_signed_marker_counts, _older_markers_still_count],
+                         ids=["signatures", "older kind ignored once signed"])
+def test_each_marker_rule_is_needed(fleet, monkeypatch, switch_off):
+    switch_off(monkeypatch)
+    before, _names = _forge_markers(fleet)
+    assert fleet.open("bob").contents.epochs.refresh().current > before  # the forgery moved the epoch
+
+
+def test_an_upgraded_repository_signs_its_epochs(tmp_path, ticking_time):
+    """A version-1 repository's markers are of the older kind; the upgrade signs its current
+    epoch, after which a marker of the older kind counts no more."""
+    from kdist.keys import upgrade_repository
+
+    storage = MemoryStorage(clock=lambda: ticking_time[0])
+    old = Repository.create(storage, "pw", PARAMS, WEAK(), version=1)
+    assert old.contents.epochs.write_marker(1) and old.contents.epochs.write_marker(2)
+    old.close()
+    ticking_time[0] += 3 * SAFETY.session_expiry
+    upgrade_repository(storage, "pw", ticking_time[0], SAFETY.session_expiry)
+    repo = Repository.open(storage, "pw", heartbeat_thread=False)
+    view = repo.contents.epochs.refresh()
+    assert view.signed and view.current == 2
+    repo.storage.put("xe7", repo.contents.epochs._marker_aead.seal(b"epoch 7", b"xe7"))  # a host's forgery
+    assert repo.contents.epochs.refresh().current == 2

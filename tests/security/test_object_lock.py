@@ -34,6 +34,7 @@ from repo_format.storage.wrappers import AppendOnlyStorage  # noqa: E402
 
 from kdist.cli import exit_codes  # noqa: E402
 from kdist.gc import object_lock  # noqa: E402
+from kdist.gc import run as gc_run  # noqa: E402
 from kdist.gc.clock_guard import StorageClock  # noqa: E402
 from kdist.gc.run import MaintenanceOptions, maintenance_steps, run_maintenance  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
@@ -50,8 +51,9 @@ POLICIES = Path(__file__).resolve().parents[2] / "cluster" / "policies"
 
 
 class LockedRepo:
-    """A repository on a memory bucket with Object Lock: two snapshots, the first forgotten, so
-    that maintenance finds garbage while the second must stay whole and locked."""
+    """A repository on a memory bucket with Object Lock: a snapshot forgotten, so that
+    maintenance finds garbage, and one that must stay whole and locked; a score of small
+    backups besides, so that manifest compaction has blobs to cover and delete."""
 
     def __init__(self, tmp_path, t):
         self.t, self.tmp = t, tmp_path
@@ -64,10 +66,13 @@ class LockedRepo:
         for p in self.src.rglob("*.bin"):
             p.write_bytes(secrets.token_bytes(150_000))  # the first snapshot's big file becomes garbage
         self.kept = self.backup()
+        for _ in range(18):
+            self.backup()  # unchanged: a manifest blob each
         repo = self.open()
         repo.manifests.delete([first.id])
         repo.close()
-        self.reports = []
+        self.reports: list[dict] = []
+        self.garbage: list[tuple[float, set]] = []  # (when, what a run judged collectable)
 
     def open(self, append_only: bool = False) -> Repository:
         storage = AppendOnlyStorage(self.storage) if append_only else self.storage
@@ -83,9 +88,21 @@ class LockedRepo:
     def cycle(self) -> dict:
         self.t[0] += CYCLE
         repo = self.open()
-        report = run_maintenance(repo, MaintenanceOptions(full=True))
+        seen = {}
+
+        def spy(storage, now, garbage):
+            seen["garbage"] = set(garbage)
+            return real_extend(storage, now, garbage)
+
+        real_extend = gc_run.extend_locks
+        gc_run.extend_locks = spy
+        try:
+            report = run_maintenance(repo, MaintenanceOptions(full=True))
+        finally:
+            gc_run.extend_locks = real_extend
         repo.close()
         self.reports.append(report.steps)
+        self.garbage.append((self.t[0], seen["garbage"]))
         return report.steps
 
     def needed_packs(self) -> set[str]:
@@ -109,57 +126,37 @@ def locked(tmp_path, ticking_time):
     return LockedRepo(tmp_path, ticking_time)
 
 
-def lifecycle(r: LockedRepo) -> None:
-    """Six GC cycles (twice the lock): after each one every pack the kept snapshot needs is
-    locked for at least half the period, no blob maintenance found collectable was ever extended
-    (each still comes free a period after its put or its last extension while it was live),
-    and by the end every pack not needed is gone. The kept snapshot restores byte for byte."""
+def lifecycle(r: LockedRepo, cycles: int = 7) -> None:
+    """GC cycles over more than twice the lock. After each: every blob maintenance keeps (all
+    but what the run judged collectable, session markers and probes) is locked for at least half
+    the period, so longer than until the next run; no collectable blob was extended by the run
+    that judged it so. By the end: every pack not needed is gone, and every other blob judged
+    collectable more than a period (plus a cycle) before; the kept snapshot restores byte for
+    byte; deletes were refused on the way and manifest compaction deleted covered blobs."""
     s = r.storage
-    put_at = {m.name: m.timestamp for m in s.list()}
-    extended_while_garbage = []
-    for _ in range(6):
+    for _ in range(cycles):
         before = {m.name: s.locked_until(m.name) for m in s.list()}
-        steps = r.cycle()
-        now = r.t[0]
-        for m in s.list():
-            put_at.setdefault(m.name, m.timestamp)
-        needed = r.needed_packs()
-        assert needed and all(s.locked_until(p) >= now + LOCK / 2 - CYCLE for p in needed), \
-            {p: s.locked_until(p) - now for p in needed}
-        garbage = set(steps.get("_garbage", ()))
-        extended_while_garbage += [n for n in garbage if n in before and s.locked_until(n) > before[n]]
-    assert not extended_while_garbage
+        r.cycle()
+        now, garbage = r.garbage[-1]
+        kept = [m.name for m in s.list() if m.name not in garbage and not m.name.startswith(("s", "xt"))]
+        unlocked = {n: s.locked_until(n) - now for n in kept if s.locked_until(n) < now + LOCK / 2}
+        assert not unlocked, f"kept blobs unlocked too soon: {unlocked}"
+        extended = [n for n in garbage if n in before and s.locked_until(n) > before[n]]
+        assert not extended, f"collectable blobs extended: {extended}"
     packs = {m.name for p in C.PACK_PREFIXES for m in s.list(p)}
     assert packs == r.needed_packs(), "collectable packs are still there after their locks ended"
+    end = r.t[0]
+    stale = {n for when, g in r.garbage if when < end - LOCK - CYCLE for n in g
+             if not n.startswith(C.PACK_PREFIXES) and s.exists(n)}
+    assert not stale, f"collectable blobs still there after their locks ended: {stale}"
     assert any(st.get("blob_gc", {}).get("kept_locked") for st in r.reports), "no delete was ever refused"
     assert any(st.get("object_lock", {}).get("extended") for st in r.reports)
+    assert any(st.get("manifests_merged") for st in r.reports), "manifest compaction never deleted a blob"
     r.assert_restores()
 
 
-def test_maintenance_keeps_live_blobs_locked_and_collects_the_rest_once_free(locked, monkeypatch):
-    _record_garbage(monkeypatch)
+def test_maintenance_keeps_live_blobs_locked_and_collects_the_rest_once_free(locked):
     lifecycle(locked)
-
-
-def _record_garbage(monkeypatch):
-    """Let the test see which blobs each run judged collectable (the set it kept unextended)."""
-    real = object_lock.extend_locks
-
-    def spy(storage, now, garbage, expected=None):
-        out = real(storage, now, garbage, expected)
-        spy.last = sorted(garbage)
-        return out
-
-    spy.last = []
-    monkeypatch.setattr("kdist.gc.run.extend_locks", spy)
-    real_cycle = LockedRepo.cycle
-
-    def cycle(self):
-        steps = real_cycle(self)
-        steps["_garbage"] = spy.last
-        return steps
-
-    monkeypatch.setattr(LockedRepo, "cycle", cycle)
 
 
 # ---- mutation checks: each rule switched off fails the lifecycle --------------------------
@@ -174,23 +171,44 @@ def _never_extend(monkeypatch):
 
 
 def _locked_delete_fails_the_run(monkeypatch):
-    monkeypatch.setattr(storage_base, "delete_unless_locked", lambda storage, name: storage.delete(name) or True)
-    for module in ("kdist.gc.run", "kdist.gc.blob_gc", "kdist.gc.index_maintenance", "repo_format.manifest",
-                   "repo_format.session"):
-        monkeypatch.setattr(f"{module}.delete_unless_locked", storage_base.delete_unless_locked)
+    def delete(self, name, written_at=None):
+        self.storage.delete(name)  # asks, and lets the refusal through
+        return True
+
+    monkeypatch.setattr(object_lock.Deletions, "__call__", delete)
 
 
-RULES = {"collectable blobs are never extended": _extend_garbage_too,
-         "kept blobs are extended": _never_extend,
-         "a locked delete is left for a later run": _locked_delete_fails_the_run}
+RULES = {"collectable blobs are never extended": (_extend_garbage_too, AssertionError, "collectable blobs extended"),
+         "kept blobs are extended": (_never_extend, AssertionError, "kept blobs unlocked too soon"),
+         "a locked delete is left for a later run": (_locked_delete_fails_the_run, BlobLocked, "is locked")}
 
 
 @pytest.mark.parametrize("rule", list(RULES))
 def test_each_lock_rule_is_needed(locked, monkeypatch, rule):
-    _record_garbage(monkeypatch)
-    RULES[rule](monkeypatch)
-    with pytest.raises((AssertionError, BlobLocked)):
+    switch_off, error, message = RULES[rule]
+    switch_off(monkeypatch)
+    with pytest.raises(error, match=message):
         lifecycle(locked)
+
+
+def test_a_removed_keys_slot_under_a_lock_goes_once_the_lock_ends(ticking_time, caplog):
+    from kdist.keys import add_key, list_keys, remove_key
+    from repo_format.keyslots import HOST, slot_name
+
+    storage = MemoryStorage(clock=lambda: ticking_time[0], retention=Retention("GOVERNANCE", LOCK))
+    admin = Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests())
+    key = add_key(admin, "host-pw", HOST, "web1", kdf=KdfParams.weak_for_tests()).slot
+    ticking_time[0] += 1
+    remove_key(admin, key)
+    assert storage.exists(slot_name(key)) and "Object Lock keeps the slot" in caplog.text
+    assert [k.state for k in list_keys(admin) if k.key_id == key] == ["removed"]
+    admin.close()
+    ticking_time[0] += LOCK / 2
+    run_maintenance(Repository.open(storage, "pw", heartbeat_thread=False), MaintenanceOptions(full=True))
+    assert storage.exists(slot_name(key)) and storage.locked_until(slot_name(key)) < ticking_time[0] + LOCK / 2
+    ticking_time[0] += LOCK / 2 + 1  # not extended: its lock from its put ends
+    run_maintenance(Repository.open(storage, "pw", heartbeat_thread=False), MaintenanceOptions(full=True))
+    assert not storage.exists(slot_name(key))
 
 
 def test_memory_lock_refuses_deletes_and_only_lengthens(virtual_time):
@@ -205,6 +223,8 @@ def test_memory_lock_refuses_deletes_and_only_lengthens(virtual_time):
     virtual_time[0] += 299.0
     assert not storage_base.delete_unless_locked(s, "blob")
     virtual_time[0] += 1.0
+    assert not storage_base.delete_unless_locked(s, "blob")  # the instant it ends: still locked, as on S3
+    virtual_time[0] += 0.5
     assert storage_base.delete_unless_locked(s, "blob") and not s.exists("blob")
     with pytest.raises(Exception, match="append-only"):
         AppendOnlyStorage(s).extend_retention("other", 0.0)  # a host cannot keep garbage locked
@@ -263,7 +283,7 @@ def test_s3_without_object_lock_deletes_as_before(moto_server):
     s.put("blob", b"x")
     s.delete("blob")
     assert not s.exists("blob")
-    with pytest.raises(StorageError, match="not created with Object Lock"):
+    with pytest.raises(StorageError, match="has no Object Lock"):
         s.configure_retention(7, "GOVERNANCE")
 
 
@@ -300,7 +320,7 @@ def test_repo_create_with_object_lock_refuses_what_cannot_lock(moto_server, env,
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=plain)
     err = run_cli("repo", "create", "--repo", f"s3://{plain}/r", "--endpoint-url", moto_server,
                   "--object-lock-days", "7", code=exit_codes.STORAGE).output
-    assert "not created with Object Lock" in err and "--object-lock-enabled-for-bucket" in err
+    assert "has no Object Lock" in err and "--object-lock-enabled-for-bucket" in err
     assert not S3Storage(plain, "r", endpoint_url=moto_server).exists("kdist.repository")
     # an existing repository: refused before the bucket's retention changes under it
     unlocked = _lock_bucket(moto_server, days=None)
@@ -389,15 +409,15 @@ def test_maintenance_under_the_object_lock_policy(tmp_path_factory, tmp_path, mo
         bucket = _lock_bucket(url)
         iam = boto3.client("iam", endpoint_url=url, **fake)
         doc = json.loads((POLICIES / "maintenance-object-lock-policy.json").read_text().replace("BUCKET", bucket))
-        # moto names the GetBucketObjectLockConfiguration permission after the API call
-        doc["Statement"][0]["Action"].append("s3:GetObjectLockConfiguration")
-        iam.create_user(UserName="maint")
-        iam.put_user_policy(UserName="maint", PolicyName="kdist", PolicyDocument=json.dumps(doc))
-        key = iam.create_access_key(UserName="maint")["AccessKey"]
+        keys = {}
+        for user in ("maint",):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="kdist", PolicyDocument=json.dumps(doc))
+            keys[user] = iam.create_access_key(UserName=user)["AccessKey"]
         repo = ["--repo", f"s3://{bucket}/r", "--endpoint-url", url]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        run_cli("repo", "create", *repo, "--gc-margin-scale", "0.0001")
+        run_cli("repo", "create", *repo, "--gc-margin-scale", "0.0001", "--object-lock-days", "1")
         src = tmp_path / "src"
         src.mkdir()
         build_tree(str(src), big_size=20_000)
@@ -406,6 +426,7 @@ def test_maintenance_under_the_object_lock_policy(tmp_path_factory, tmp_path, mo
                                                       headers={"Content-Type": "text/plain"}), timeout=10).close()
         from repo_format.storage import s3
 
+        key = keys["maint"]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         monkeypatch.setattr(s3, "_session", None)
@@ -436,3 +457,79 @@ def test_s3_lock_check_is_needed(moto_server, monkeypatch):
     with pytest.raises(StorageError) as failed:
         storage_base.delete_unless_locked(s, "blob")
     assert not isinstance(failed.value, BlobLocked)
+
+
+def test_s3_delete_removes_every_version_of_a_name(moto_server):
+    """A put that landed twice (a retried put) leaves two versions: the delete removes both,
+    so the blob is gone when it returns, and refuses while any version is locked."""
+    import boto3
+
+    bucket = _lock_bucket(moto_server)
+    s = S3Storage(bucket, "r", endpoint_url=moto_server)
+    c = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    s.put("twice", b"x")
+    s.put("twice", b"x")
+    assert len(_versions(moto_server, bucket)[0]) == 2
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+    for v in _versions(moto_server, bucket)[0]:
+        c.put_object_retention(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"], BypassGovernanceRetention=True,
+                               Retention={"Mode": "GOVERNANCE", "RetainUntilDate": past})
+    s.delete("twice")
+    assert not s.exists("twice") and _versions(moto_server, bucket) == ([], [])
+    s.put("kept", b"old")  # locked
+    s.put("kept", b"new")  # a second version, freed below
+    (current,) = [v for v in _versions(moto_server, bucket)[0] if v["IsLatest"]]
+    c.put_object_retention(Bucket=bucket, Key=current["Key"], VersionId=current["VersionId"],
+                           BypassGovernanceRetention=True, Retention={"Mode": "GOVERNANCE", "RetainUntilDate": past})
+    with pytest.raises(BlobLocked):
+        s.delete("kept")  # the newest went; the older one is locked, and says so
+    assert s.get("kept") == b"old"
+
+
+def test_a_put_refused_for_want_of_a_checksum_is_sent_again_with_one(moto_server, monkeypatch):
+    """AWS answers InvalidRequest (moto a code of its own) when a put into a bucket with Object
+    Lock has no checksum, which botocore adds only for AWS's own endpoints: the put is sent again
+    with a CRC32, and so is every later one. Another InvalidRequest is an error, not a retry."""
+    from repo_format.storage import s3
+
+    s = S3Storage(_lock_bucket(moto_server), "r", endpoint_url=moto_server)
+    sent = []
+    real = S3Storage._upload_once
+
+    def upload_once(self, name, key, data, conditions, accept):
+        sent.append(dict(self._checksum))
+        if not self._checksum:
+            raise s3._Refused("InvalidRequest", "Content-MD5 OR x-amz-checksum- HTTP header is required for "
+                                                "Put Object requests with Object Lock parameters")
+        return real(self, name, key, data, conditions, accept)
+
+    monkeypatch.setattr(S3Storage, "_upload_once", upload_once)
+    s.put("a", b"x")
+    s.put("b", b"y")
+    assert sent == [{}, {"ChecksumAlgorithm": "CRC32"}, {"ChecksumAlgorithm": "CRC32"}] and s.get("a") == b"x"
+    other = S3Storage(_lock_bucket(moto_server), "r", endpoint_url=moto_server)
+    monkeypatch.setattr(S3Storage, "_upload_once", lambda *a: (_ for _ in ()).throw(
+        s3._Refused("InvalidRequest", "Invalid storage class")))
+    with pytest.raises(StorageError, match="Invalid storage class"):
+        other.put("c", b"z")
+
+
+def test_maintenance_refuses_a_copy_in_a_bucket_without_the_lock(moto_server, env, tmp_path):
+    """The repository asks for Object Lock (it was created with it) and its bucket has none (a
+    copy moved elsewhere; or credentials that may not read the configuration): deletes would be
+    plain DELETEs, delete markers over locked data. Maintenance refuses before its first request
+    that writes, saying why."""
+    import boto3
+
+    bucket = _lock_bucket(moto_server, days=None)
+    run_cli("repo", "create", "--repo", f"s3://{bucket}/r", "--endpoint-url", moto_server, "--object-lock-days", "1")
+    c = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    plain = f"kdist-plain-{uuid.uuid4().hex[:12]}"
+    c.create_bucket(Bucket=plain)
+    for o in c.list_objects_v2(Bucket=bucket)["Contents"]:
+        c.copy_object(Bucket=plain, Key=o["Key"], CopySource={"Bucket": bucket, "Key": o["Key"]})
+    before = {o["Key"] for o in c.list_objects_v2(Bucket=plain)["Contents"]}
+    err = run_cli("maintenance", "run", "--repo", f"s3://{plain}/r", "--endpoint-url", moto_server,
+                  code=exit_codes.STORAGE).output
+    assert "created with Object Lock, but its bucket has no default retention" in err
+    assert {o["Key"] for o in c.list_objects_v2(Bucket=plain)["Contents"]} == before  # not even a clock probe
