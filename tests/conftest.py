@@ -65,3 +65,13 @@ def s3_bucket(moto_server, moto_client):
     bucket = f"kdist-test-{uuid.uuid4().hex[:16]}"
     moto_client.create_bucket(Bucket=bucket)
     return moto_server, bucket
+
+
+@pytest.fixture(scope="module")
+def iam_s3(tmp_path_factory):
+    """moto with IAM enforced: users ``admin`` (s3:*), ``host`` and ``maintenance`` (the policies
+    of cluster/policies), each with its own access key, and one bucket (``s3_servers.IamS3``)."""
+    from s3_servers import iam_moto
+
+    with iam_moto(tmp_path_factory.mktemp("moto-iam")) as s3:
+        yield s3

@@ -4,6 +4,7 @@ deleted, and a backup under a host's IAM policy (no s3:DeleteObject) on an IAM-e
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -114,8 +115,9 @@ def test_a_host_without_delete_rights_backs_up_and_maintenance_collects(iam_s3, 
     run_cli("repo", "create", *repo)
 
     iam_s3.env(monkeypatch, "host")
-    for _ in range(2):
-        out = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)
+    for extra in ([], ["--processes", "2"]):  # a single process, then a multi-process backup
+        (src / "changed").write_bytes(os.urandom(50_000))
+        out = json.loads(run_cli("snapshot", "create", *repo, src, "--json", *extra).stdout)
         assert out[0]["totals"]["errors"] == 0 and out[0]["requests"]["DELETE"]["calls"] == 0
     host = iam_s3.client("host")
     listed = host.list_objects_v2(Bucket=iam_s3.bucket, Prefix="fleet/")["Contents"]
