@@ -49,7 +49,8 @@ class Deletions:
         self.now = now
         self.retention = storage.retention()
         self.known = known or {}
-        self.locked: dict[str, float] = {}  # refused or skipped in this run: name -> lock end (0: unknown)
+        self.locked: dict[str, float] = {}  # refused or skipped in this run: name -> lock end
+        self.refused: dict[str, float] = {}  # what the history keeps: refusals its put time does not explain
 
     def __call__(self, name: str, written_at: float | None = None) -> bool:
         """Delete ``name`` (put at ``written_at``, storage clock, if known); False if locked."""
@@ -64,10 +65,14 @@ class Deletions:
             return True
         except BlobLocked as locked:
             self.locked[name] = locked.until
+            if locked.until > until and not name.startswith(NEVER_EXTENDED):  # extended while it was kept
+                self.refused[name] = locked.until
             return False
 
     def record(self) -> list:
-        return [[n, float(u)] for n, u in sorted(self.locked.items())]
+        """For the run's history: the refusals a later run cannot tell from a blob's put time
+        (blobs extended while maintenance kept them), so that it skips them without asking."""
+        return [[n, float(u)] for n, u in sorted(self.refused.items())]
 
 
 def plan_extensions(listing: list[BlobMeta], now: float, retention: Retention, garbage: set[str]) -> list[BlobMeta]:

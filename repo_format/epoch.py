@@ -5,7 +5,10 @@ authenticated epoch marker (0 without markers). A signed repository (format vers
 only markers ``xe<N>_<16 hex>`` signed by the root or a maintenance key (every host holds the
 key that seals the older kind); its markers of the older kind ``xe<N>``, sealed with the manifest
 key, count only until the first signed marker is listed (``repo create`` writes one for epoch
-0, the first maintenance run of an upgraded repository one for its current epoch). Maintenance advances the epoch when
+0; ``repo upgrade``, or the first maintenance run of a repository from before signed markers,
+one for its current epoch). Every marker is also written in the older kind, first, for kdist
+that predates signed markers: it must never see an epoch later than this kdist does.
+Maintenance advances the epoch when
 the current one holds enough index blobs and its marker is at least ``min_epoch_duration`` old
 (storage clock). An epoch E is *settled* once marker E+2 has existed for ``listing_settle``: no
 writer can still put a blob into it (a writer's view is at most ``index_refresh`` old, which is
@@ -169,6 +172,7 @@ class EpochManager:
         self._name_hash = name_hasher
         self._marker_aead = marker_aead
         self._verified_markers: set[str] = set()
+        self._rejected_markers: set[str] = set()  # a blob never changes under its name: not fetched again
         self.view: EpochView | None = None
         # the blobs of the last assembly, by name: a blob never changes under its name, so a
         # reload fetches only what is new (the local cache does the same across processes)
@@ -179,20 +183,12 @@ class EpochManager:
 
     # ---- listing -------------------------------------------------------------------------
     def refresh(self) -> EpochView:
-        legacy: dict[int, BlobMeta] = {}
-        signed: dict[int, BlobMeta] = {}
-        ignored: list[BlobMeta] = []
+        listed: dict[bool, list[tuple[int, BlobMeta]]] = {True: [], False: []}  # signed? -> markers
         raw: dict[int, list[BlobMeta]] = {}
         sets: dict[tuple[str, int], dict[str, IndexSet]] = {}
         for m in self.storage.list(C.INDEX_FAMILY_PREFIX):
             if (mk := _MARKER.fullmatch(m.name)) or (mk := _SIGNED_MARKER.fullmatch(m.name)):
-                kind = signed if mk.re is _SIGNED_MARKER else legacy
-                e = int(mk.group(1))
-                if self._marker_valid(m.name, kind is signed):
-                    if e not in kind or m.timestamp < kind[e].timestamp:
-                        kind[e] = m
-                else:
-                    ignored.append(m)
+                listed[mk.re is _SIGNED_MARKER].append((int(mk.group(1)), m))
             elif mr := _RAW.fullmatch(m.name):
                 raw.setdefault(int(mr.group(1)), []).append(m)
             elif ms := _SET.fullmatch(m.name):
@@ -201,12 +197,29 @@ class EpochManager:
                     s = sets.setdefault((kind, e), {}).setdefault(sid, IndexSet(kind, e, sid, n))
                     if s.count == n:
                         s.members[i] = m
-        if signed:  # the older kind counts no more once a signed marker is listed
-            ignored += list(legacy.values())
-        markers = signed or legacy
+        ignored: list[BlobMeta] = []
+        signed = self._valid_markers(listed[True], True, ignored) if self._trust is not None else {}
+        if signed:  # the older kind counts no more once a signed marker is listed: not even read
+            ignored += [m for _e, m in listed[False]]
+            markers = signed
+        else:
+            if self._trust is None:  # an unsigned repository has no signed markers: it reads none
+                ignored += [m for _e, m in listed[True]]
+            markers = self._valid_markers(listed[False], False, ignored)
         self.view = EpochView(markers, raw, {k: list(v.values()) for k, v in sets.items()}, clock.monotonic(),
                               signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name))
         return self.view
+
+    def _valid_markers(self, listed: list, signed: bool, ignored: list) -> dict[int, BlobMeta]:
+        """The earliest authentic marker of each epoch among ``listed``; the others to ``ignored``."""
+        out: dict[int, BlobMeta] = {}
+        for e, m in listed:
+            if m.length <= MAX_MARKER and self._marker_valid(m.name, signed):
+                if e not in out or m.timestamp < out[e].timestamp:
+                    out[e] = m
+            else:
+                ignored.append(m)
+        return out
 
     def _marker_valid(self, name: str, signed: bool) -> bool:
         """Whether a listed marker authenticates (a copy in the local cache serves: markers are
@@ -214,6 +227,8 @@ class EpochManager:
         marker is ignored: it cannot move epochs."""
         if name in self._verified_markers:
             return True
+        if name in self._rejected_markers:
+            return False
         cached = self.cache.sealed_blob(name, MAX_MARKER) if self.cache is not None else None
         if cached is not None and not self._authentic(name, cached, signed):
             self.cache.drop_blob(name)  # a damaged copy (even one that cannot be deleted): the repository's
@@ -224,6 +239,7 @@ class EpochManager:
             except BlobNotFound:
                 return False
             if not self._authentic(name, body, signed):
+                self._rejected_markers.add(name)
                 return False
             if self.cache is not None:
                 self.cache.store_blob(name, body)
@@ -232,7 +248,10 @@ class EpochManager:
 
     def _authentic(self, name: str, body: bytes, signed: bool) -> bool:
         if signed:  # only a signed repository has signed markers; an unsigned one ignores them
-            return self._trust is not None and len(body) <= MAX_MARKER and self._trust.marker_signed(name, body)
+            try:
+                return self._trust is not None and len(body) <= MAX_MARKER and self._trust.marker_signed(name, body)
+            except Exception:  # whatever a hostile body holds, it is no marker (and stops no reader)
+                return False
         try:
             self._marker_aead.open(body, name.encode(), what=f"epoch marker {name}")
             return True
@@ -312,13 +331,17 @@ class EpochManager:
     def write_marker(self, epoch: int) -> bool:
         """Start epoch ``epoch``. A signed repository's marker has a name of its own (no one can
         take it first) and the writer's signature; only the root and maintenance keys write one."""
-        if self._trust is not None:
-            if self._signer is None:
-                raise KdistError("only the root and maintenance keys may write epoch markers")
-            name = f"{C.EPOCH_MARKER_PREFIX}{epoch}_{secrets.token_hex(8)}"
-            return self.storage.put_if_absent(name, signed_marker(self._signer, self._unique_id, name))
-        name = f"{C.EPOCH_MARKER_PREFIX}{epoch}"
-        return self.storage.put_if_absent(name, self._marker_aead.seal(b"epoch %d" % epoch, name.encode()))
+        if self._trust is not None and self._signer is None:
+            raise KdistError("only the root and maintenance keys may write epoch markers")
+        legacy = f"{C.EPOCH_MARKER_PREFIX}{epoch}"
+        # the older kind too, first: kdist that predates signed markers counts only those, and must
+        # see every epoch no later than this kdist does (a host that took the name first changes
+        # nothing here: this kdist ignores that kind)
+        wrote = self.storage.put_if_absent(legacy, self._marker_aead.seal(b"epoch %d" % epoch, legacy.encode()))
+        if self._trust is None:
+            return wrote
+        name = f"{C.EPOCH_MARKER_PREFIX}{epoch}_{secrets.token_hex(8)}"
+        return self.storage.put_if_absent(name, signed_marker(self._signer, self._unique_id, name))
 
     def sign_epochs(self, view: EpochView) -> bool:
         """In a signed repository whose markers are all of the older kind (one upgraded from

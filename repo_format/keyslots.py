@@ -184,6 +184,8 @@ class Trust:
 
     def certificate(self, cert: bytes, cert_sig: bytes) -> KeyInfo | None:
         """The key a root-signed certificate describes, or None if the root did not sign it."""
+        if type(cert) is not bytes or type(cert_sig) is not bytes:
+            return None  # (and nothing unhashable becomes a key of the memory below)
         k = (cert, cert_sig)
         if k not in self._certs:
             info = None
@@ -205,9 +207,9 @@ class Trust:
         try:
             doc = msgpack.unpackb(body, raw=False)
             key_id, sig = doc["k"], doc["s"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             return False
-        if type(sig) is not bytes:
+        if type(sig) is not bytes or type(key_id) is not str:
             return False
         if key_id == ROOT_KEY_ID:
             public = self.root_public

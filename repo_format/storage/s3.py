@@ -209,6 +209,8 @@ class S3Storage(BlobStorage):
 
     def _delete_version(self, name: str, key: str, head: dict) -> None:
         until, version = self._locked_until(head), head.get("VersionId")
+        if until is None and head.get("ObjectLockLegalHoldStatus") == "ON":  # until someone lifts it
+            until = self._server_time(head) + DAY
         if until is not None:
             raise BlobLocked(name, until)
         try:

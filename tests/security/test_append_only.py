@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -115,10 +117,16 @@ def test_a_host_without_delete_rights_backs_up_and_maintenance_collects(iam_s3, 
     run_cli("repo", "create", *repo)
 
     iam_s3.env(monkeypatch, "host")
-    for extra in ([], ["--processes", "2"]):  # a single process, then a multi-process backup
-        (src / "changed").write_bytes(os.urandom(50_000))
-        out = json.loads(run_cli("snapshot", "create", *repo, src, "--json", *extra).stdout)
-        assert out[0]["totals"]["errors"] == 0 and out[0]["requests"]["DELETE"]["calls"] == 0
+    out = json.loads(run_cli("snapshot", "create", *repo, src, "--json").stdout)
+    assert out[0]["totals"]["errors"] == 0 and out[0]["requests"]["DELETE"]["calls"] == 0
+    # a multi-process backup forks before any thread starts: in a process of its own
+    (src / "changed").write_bytes(os.urandom(50_000))
+    p = subprocess.run([sys.executable, "-m", "kdist.cli.main", "snapshot", "create", *map(str, repo), str(src),
+                        "--json", "--processes", "2"], env=dict(os.environ), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out[0]["totals"]["errors"] == 0 and out[0]["requests"]["DELETE"]["calls"] == 0
     host = iam_s3.client("host")
     listed = host.list_objects_v2(Bucket=iam_s3.bucket, Prefix="fleet/")["Contents"]
     victim = next(o["Key"] for o in listed if o["Key"].startswith("fleet/p"))

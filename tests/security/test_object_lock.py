@@ -533,3 +533,60 @@ def test_maintenance_refuses_a_copy_in_a_bucket_without_the_lock(moto_server, en
                   code=exit_codes.STORAGE).output
     assert "created with Object Lock, but its bucket has no default retention" in err
     assert {o["Key"] for o in c.list_objects_v2(Bucket=plain)["Contents"]} == before  # not even a clock probe
+
+
+def test_deletions_skip_what_is_known_to_be_locked_without_asking(virtual_time):
+    """A blob put less than a retention ago is locked: not asked about. One whose lock was
+    extended (while maintenance kept it) is asked once; its refusal goes into the run's record,
+    and the next run, knowing it, does not ask again until that time. Session markers and
+    probes never go into the record (their put time says all)."""
+    s = MemoryStorage(clock=lambda: virtual_time[0], retention=Retention("GOVERNANCE", 100.0))
+    asked = []
+    real = s.delete
+    s.delete = lambda name: (asked.append(name), real(name))[1]
+    s.put("fresh", b"x")
+    s.put("extended", b"x")
+    s.put("s" + "ab" * 8 + "-bextended", b"x")
+    for name in ("extended", "s" + "ab" * 8 + "-bextended"):
+        s.extend_retention(name, virtual_time[0] + 500.0)
+    virtual_time[0] += 150.0  # past every put's own lock
+    s.put("young", b"x")
+    put_at = {m.name: m.timestamp for m in s.list()}
+    first = object_lock.Deletions(s, virtual_time[0])
+    assert not first("young", put_at["young"]) and asked == []  # its put says it is locked
+    assert first("fresh", put_at["fresh"]) and asked == ["fresh"]
+    assert not first("extended", put_at["extended"]) and asked[-1] == "extended"
+    assert not first("s" + "ab" * 8 + "-bextended", put_at["s" + "ab" * 8 + "-bextended"])
+    assert first.record() == [["extended", virtual_time[0] + 350.0]]
+    from kdist.gc import history
+
+    known = history.known_locks([history.RunRecord(start=0.0, end=1.0, locked=first.record())], virtual_time[0])
+    asked.clear()
+    virtual_time[0] += 100.0
+    second = object_lock.Deletions(s, virtual_time[0], known)
+    assert not second("extended", put_at["extended"]) and asked == []  # known: not asked again
+    virtual_time[0] += 300.0
+    third = object_lock.Deletions(s, virtual_time[0], history.known_locks(
+        [history.RunRecord(start=0.0, end=1.0, locked=first.record())], virtual_time[0]))
+    assert third("extended", put_at["extended"]) and asked == ["extended"] and not s.exists("extended")
+
+
+def test_a_malformed_signed_marker_is_no_marker_and_stops_no_reader(ticking_time):
+    """A host's marker of any shape (wrong types, a list where bytes belong, not msgpack, too
+    big) is ignored by every reader, and `repo check` names it."""
+    from kdist.check import check_repository
+
+    storage = MemoryStorage(clock=lambda: ticking_time[0])
+    repo = Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests())
+    import msgpack
+
+    bodies = [msgpack.packb({"k": "x", "s": b"", "c": b"", "cs": []}), msgpack.packb({"k": ["root"], "s": b"s"}),
+              msgpack.packb([1, 2]), b"\xc1not msgpack", msgpack.packb({"k": "root", "s": b"x" * 64}),
+              msgpack.packb({"k": "abcd1234", "s": b"s", "c": {"a": 1}, "cs": b""}), os.urandom(2000)]
+    names = [f"{C.EPOCH_MARKER_PREFIX}{7 + i}_{secrets.token_hex(8)}" for i in range(len(bodies))]
+    for name, body in zip(names, bodies):
+        storage.put(name, body)
+    for _ in range(2):  # and again, from what this reader remembers
+        assert repo.contents.epochs.refresh().current == 0
+    problems = [p.message for p in check_repository(storage, repo.format).problems if p.kind == "forgery"]
+    assert all(any(n in p for p in problems) for n in names), problems
