@@ -109,6 +109,13 @@ class ManifestStore:
         self.refused: list[tuple[ManifestRecord, str]] = []  # what the last full read did not honour
         self.keys: dict = {}  # the registry of keys the last full read found
         self.covered: list[str] = []  # the blobs the last compaction found covered (deleted, or kept by a lock)
+        # Clients that decide nothing from what is missing (listing, restoring, backing up) pass
+        # over a blob that does not open or decode, and name it in ``unreadable``: any client
+        # holding the key, or none (random bytes), can put one, and must not stop every restore
+        # and backup of the fleet. Maintenance and forget stay strict (False): what they do not
+        # see they would take for gone.
+        self.skip_unreadable = False
+        self.unreadable: list[str] = []
 
     def signer_role(self, signer: str) -> str:
         """The role of the key that signed a record (as the last full read found the keys); a
@@ -163,6 +170,15 @@ class ManifestStore:
 
     def _read_blob(self, name: str) -> tuple[list[ManifestRecord], dict]:
         return self._parse(name, self._read_doc(name))
+
+    def _read_blob_or_skip(self, name: str, unreadable: list) -> tuple[list[ManifestRecord], dict]:
+        try:
+            return self._read_blob(name)
+        except CorruptionError:
+            if not self.skip_unreadable:
+                raise
+            unreadable.append(name)  # (list.append is atomic: parallel_map's threads share it)
+            return [], {}
 
     def _parse(self, name: str, doc: dict) -> tuple[list[ManifestRecord], dict]:
         """The blob's records, and for a compacted version-2 blob its signed body (``read_at``,
@@ -257,10 +273,12 @@ class ManifestStore:
         for _ in range(5):
             metas = list(self.storage.list(C.MANIFEST_PREFIX))
             names = [m.name for m in metas]
+            unreadable: list[str] = []
             try:
-                blobs = parallel_map(self._read_blob, names)
+                blobs = parallel_map(lambda name: self._read_blob_or_skip(name, unreadable), names)
             except BlobNotFound:
                 continue
+            self.unreadable = sorted(unreadable)
             if self.cache is not None:
                 self.cache.retain_blobs(C.MANIFEST_PREFIX, set(names))
             every = [r for records, _ in blobs for r in records]

@@ -85,6 +85,13 @@ def storage_requests(repo: Repository) -> dict[str, dict[str, int]]:
     return counting.counts() if counting is not None else {}
 
 
+def _warn_unreadable(repo: Repository) -> None:
+    for name in repo.manifests.unreadable:
+        click.echo(f"kdist: warning: manifest blob {name} does not open or decode and was passed over (its "
+                   "snapshots, if any, are not shown; `kdist repo check` names it, maintenance refuses to run "
+                   "until an admin removes it)", err=True)
+
+
 def fail(exc: BaseException) -> None:
     click.echo(f"kdist: error: {exc}", err=True)
     sys.exit(exit_code_for(exc))
@@ -112,6 +119,9 @@ def with_repository(read_only: bool = False, append_only: bool = False, roles: t
                 cache = cache_settings(cache_dir, no_cache, cache_limit)
                 storage = make_storage(repo_location, endpoint_url, read_only=read_only, append_only=append_only)
                 repo = Repository.open(storage, read_password(password_file), key_id=key_id, cache=cache)
+                # listing, restoring and backing up decide nothing from a record they cannot read:
+                # one unreadable manifest blob must not stop them (ManifestStore.skip_unreadable)
+                repo.manifests.skip_unreadable = read_only or append_only
                 if roles:
                     repo.require(*roles, what=what or fn.__name__.replace("_", " "))
                 try:
@@ -123,6 +133,8 @@ def with_repository(read_only: bool = False, append_only: bool = False, roles: t
                         except KdistError:
                             pass
                     raise
+                finally:
+                    _warn_unreadable(repo)
                 if read_only:
                     repo.trim_cache()
                 else:

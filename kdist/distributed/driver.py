@@ -164,6 +164,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
     storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
     repo = Repository.open(storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
                            cache=CacheSettings.from_environment())
+    repo.manifests.skip_unreadable = True  # a backup: one unreadable manifest blob must not stop it
     try:
         source = Source(backup_host(repo.identity, "") or host, Source.local(root_path).user, root_path)
         previous = previous_root(repo.manifests, source) if options.reuse_previous else None

@@ -116,6 +116,7 @@ class BackupWorker:
             self.storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
             self.repo = Repository.open(self.storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
                                         cache=CacheSettings.from_environment())
+            self.repo.manifests.skip_unreadable = True  # a backup: one unreadable manifest blob must not stop it
 
     def _counts(self) -> dict:
         return counting_storage(self.storage).counts() if self.storage is not None else {}

@@ -168,3 +168,41 @@ def test_every_backup_opened_by_the_cli_is_append_only(env, tmp_path, monkeypatc
     run_cli("snapshot", "create", *repo, src, code=exit_codes.STORAGE)
     assert seen == ["kdist.repository"]
     assert open_storage(str(tmp_path / "repo")).exists("kdist.repository")
+
+
+def test_an_unreadable_manifest_blob_stops_no_listing_restore_or_backup(env, tmp_path):
+    """Any client can put a blob under a manifest name that does not open (random bytes) or,
+    holding the key, one that opens and does not decode. Listing, restoring and backing up pass
+    over it with a warning naming it; maintenance refuses to run (what it cannot read it would
+    take for gone) and `repo check` names it."""
+    from repo_format.crypto import Aead
+    from repo_format.format_blob import read as read_format
+
+    repo = ["--repo", tmp_path / "repo"]
+    run_cli("repo", "create", *repo)
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tree(str(src), big_size=20_000)
+    run_cli("snapshot", "create", *repo, src)
+    storage = open_storage(str(tmp_path / "repo"))
+    keys = read_format(storage, os.environ["KDIST_PASSWORD"]).keys
+    junk = f"{C.MANIFEST_PREFIX}{'ab' * 12}-{'cd' * 8}"
+    storage.put(junk, os.urandom(300))
+    sealed = f"{C.MANIFEST_PREFIX}{'ef' * 12}-{'cd' * 8}"
+    aead: Aead = keys.manifest_aead()
+    storage.put(sealed, aead.seal(b"\xc1 not msgpack", sealed.encode()))
+
+    listed = run_cli("snapshot", "list", *repo, "--json")
+    warned = listed.stderr if hasattr(listed, "stderr") else listed.output
+    assert junk in warned and sealed in warned and "passed over" in warned
+    assert len(json.loads(listed.stdout)) == 1
+    run_cli("snapshot", "restore", *repo, "latest", tmp_path / "dst")
+    assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
+    (src / "new").write_bytes(b"after the junk")
+    run_cli("snapshot", "create", *repo, src)
+    assert len(json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)) == 2
+
+    refused = run_cli("maintenance", "run", *repo, code=exit_codes.CORRUPTION).output
+    assert junk in refused or sealed in refused  # the one it met first
+    checked = run_cli("repo", "check", *repo, code=exit_codes.CORRUPTION).output
+    assert junk in checked and sealed in checked
