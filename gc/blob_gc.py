@@ -20,7 +20,7 @@ from repo_format import constants as C
 from repo_format.index import MergedIndex
 from repo_format.safety import SafetyParameters
 from repo_format.session import live_sessions, session_of
-from repo_format.storage.base import BlobMeta, BlobStorage, delete_unless_locked
+from repo_format.storage.base import BlobMeta, BlobStorage
 
 from kdist.gc.clock_guard import StorageClock
 
@@ -85,10 +85,9 @@ def plan_from(packs: list[BlobMeta], index: MergedIndex, storage: BlobStorage, n
 
 
 def execute_blob_gc(storage: BlobStorage, plan: BlobGCPlan, clock: StorageClock,
-                    delete: Callable[[str, float], bool] | None = None) -> tuple[int, int]:
+                    delete: Callable[[str, float], bool]) -> tuple[int, int]:
     """Delete the planned packs; returns (bytes freed, packs Object Lock kept for a later run).
     ``delete(name, put time)``: maintenance's (``object_lock.Deletions``)."""
-    delete = delete or (lambda name, _written_at: delete_unless_locked(storage, name))
     deleted = locked = 0
     for i in range(0, len(plan.delete), BATCH):
         clock.check(plan.now, "deleting packs")

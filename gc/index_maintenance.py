@@ -17,7 +17,7 @@ from repo_format import constants as C
 from repo_format.epoch import EpochManager, EpochView, IndexSet
 from repo_format.errors import BlobNotFound
 from repo_format.index_scan import merge_into_set, merged_plaintexts
-from repo_format.storage.base import BlobMeta, delete_unless_locked
+from repo_format.storage.base import BlobMeta
 
 from kdist.gc.clock_guard import StorageClock
 
@@ -179,9 +179,10 @@ def _written(epochs: EpochManager, s) -> int:
 
 
 def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock,
-                  memory_limit: int = 256 * 2**20, copies_first: bool = True, delete=None) -> dict:
+                  delete, memory_limit: int = 256 * 2**20, copies_first: bool = True) -> dict:
     """Compactions and merges go range by range through the winners (``merge_into_set``), so
-    they hold ``memory_limit`` whatever the index's size."""
+    they hold ``memory_limit`` whatever the index's size. ``delete(name, put time)``:
+    maintenance's (``object_lock.Deletions``)."""
     done = {"advanced": False, "compacted": [], "range": None, "deleted": 0, "written_bytes": 0}
     if epochs.sign_epochs(epochs.refresh()):  # an upgraded repository's first run
         done["signed_epochs"] = True
@@ -219,7 +220,6 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
         done["skipped"] = "sources changed under a concurrent maintenance run"
     if plan.delete:
         clock.check(plan.now, "deleting superseded index blobs")
-        delete = delete or (lambda name, _written_at: delete_unless_locked(epochs.storage, name))
         kept = [m for m in plan.delete if not delete(m.name, m.timestamp)]
         done["deleted"] = len(plan.delete) - len(kept)
         if kept:

@@ -150,8 +150,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     garbage.update(m.name for m in iplan.delete)
     yield "index planned"
     if not options.dry_run:
-        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, options.memory_limit // 2,
-                                              copies_first=rules.merge_copies_first, delete=delete)
+        report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, delete,
+                                              options.memory_limit // 2, copies_first=rules.merge_copies_first)
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them
@@ -217,7 +217,7 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
 def _removed_key_slots(repo: Repository) -> set[str]:
     """The slots of keys the root removed (``key remove`` deletes them, unless Object Lock kept
     them): only a root-signed record says so (the registry of ``Trust``)."""
-    return {slot_name(k.key_id) for k in repo.manifests.keys.values() if getattr(k, "revoked", False)}
+    return {slot_name(k.key_id) for k in repo.manifests.keys.values() if k.revoked}
 
 
 def _housekeeping(storage: BlobStorage, clock: StorageClock, safety: SafetyParameters,

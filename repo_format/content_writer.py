@@ -60,7 +60,11 @@ class WriterSession:
 
     def ensure(self) -> None:
         """Started once the first heartbeat is written: a thread racing the one that starts it
-        waits (it used to go on, and its flush found a marker without a beat: "session expired")."""
+        waits (it used to go on, and its flush found a marker without a beat: "session expired").
+        Once started, a write (per content: a hot path) takes no lock: ``started`` is set only
+        after the first beat and never goes back but by ``retire``."""
+        if self.started:
+            return
         with self._starting:
             with self._lock:
                 if self.started:
