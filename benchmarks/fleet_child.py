@@ -3,7 +3,7 @@
     FLEET_REQUESTS=OUT.json python -m benchmarks.fleet_child snapshot list --json ...
 
 Not every command reports its requests in its ``--json`` output (``snapshot list`` does not), so
-this wraps ``kdist.cli.context.make_storage`` to keep the counting storage the command opened
+this wraps ``kdist.access.make_storage`` (every command's storage stack) to keep the counting storage the command opened
 and dumps its counts (``{"GET": {"calls", "bytes"}, ...}``, as ``storage_requests``) at exit.
 Nothing else changes: the command runs as ``kdist`` would, in this very process, so the process
 the benchmark samples is the kdist process itself (no launcher in between).
@@ -15,11 +15,11 @@ import atexit
 import json
 import os
 
-from kdist.cli import context
+from kdist import access
 from kdist.cli.main import main
 
 _opened = []
-_make_storage = context.make_storage
+_make_storage = access.make_storage
 
 
 def _counting_make_storage(*args, **kwargs):
@@ -44,7 +44,7 @@ def _dump() -> None:
         json.dump(totals, f)
 
 
-context.make_storage = _counting_make_storage  # looked up at call time by with_repository
+access.make_storage = _counting_make_storage  # looked up at call time by RepositorySpec.storage
 atexit.register(_dump)  # click leaves through sys.exit: atexit handlers still run
 
 if __name__ == "__main__":

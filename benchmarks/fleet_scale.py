@@ -447,7 +447,7 @@ def run_one(n: int, base: str, files: int, changed: int, hosts: int, weak_kdf: b
     target = os.path.join(base, "restored")
     one = rel[len(rel) // 2]
     restored = checked("kdist snapshot restore", run_kdist(
-        ["snapshot", "restore", warm.output[0]["id"], target, "--path", one, "--json"], env_main,
+        ["snapshot", "restore", warm.output[0]["id"], target, "--include", one, "--json"], env_main,
         os.path.join(logs, "restore")), n)
     _phase(out, "restore", restored, restored.output["requests"])
     out["restore_files"] = restored.output.get("files")

@@ -28,8 +28,8 @@ from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.storage.filesystem import FilesystemStorage  # noqa: E402
 
+from kdist.access import RepositorySpec  # noqa: E402
 from kdist.distributed.driver import run_shard  # noqa: E402
-from kdist.distributed.workers import PasswordSource  # noqa: E402
 from kdist.uploader import BackupOptions  # noqa: E402
 
 CONFIGS = [("1 actor x 1 thread", 1, 1), ("2 actors x 1 thread", 2, 1), ("1 actor x 2 threads", 1, 2)]
@@ -52,7 +52,7 @@ def one_run(tree: str, actors: int, threads: int, repo_parent: str | None = None
     with tempfile.TemporaryDirectory(prefix="kdist-bench-repo-", dir=repo_parent) as repo_dir:
         Repository.create(FilesystemStorage(repo_dir, create=True), "bench", kdf=KdfParams.weak_for_tests()).close()
         t = time.perf_counter()
-        s = run_shard(repo_dir, None, PasswordSource(), tree, BackupOptions(workers=threads), "bench", actors, 1, False)
+        s = run_shard(RepositorySpec(repo_dir), tree, BackupOptions(workers=threads), "bench", actors, 1, False)
         wall = time.perf_counter() - t
         assert s.status == "ok", s.error
         return {"wall": wall, "rss_mb": [round(p["peak_rss_mb"]) for p in s.nodes], "new_bytes": s.totals["new_bytes"]}

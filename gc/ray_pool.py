@@ -23,13 +23,12 @@ import numpy as np
 
 from repo_format import clock
 from repo_format.errors import KdistError
-from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
-from repo_format.storage import open_storage
-from repo_format.storage.wrappers import RetryingStorage
 
 from kdist.allocator import tune_process
-from kdist.distributed.workers import PasswordSource, peak_rss_mb
+from kdist.access import RepositorySpec
+from kdist.distributed.connect import RayUnavailable, connect
+from kdist.distributed.workers import open_on_node, peak_rss_mb
 from kdist.gc.content_gc import IncompleteWalk, plan_range
 from kdist.gc.reachable import KEY_BYTES
 from kdist.snapshot import SNAPSHOT_LABEL, Snapshot
@@ -39,25 +38,22 @@ SUBTREES_PER_ACTOR = 16  # subtrees the driver's walk hands each actor: sizes di
 RANGES_PER_TASK = 4  # key ranges an actor plans per request: the driver stores each reply at once
 
 
-class RaySetupError(KdistError):
+class RaySetupError(RayUnavailable):
     """Ray cannot be reached or started, or the actors cannot open the repository."""
 
 
 class MaintenanceWorker:
     """One actor: opens the repository on its node on first use."""
 
-    def __init__(self, location: str, endpoint_url: str | None, password: PasswordSource):
+    def __init__(self, spec: RepositorySpec):
         tune_process()
-        self._args = (location, endpoint_url, password)
+        self._spec = spec
         self._repo: Repository | None = None
         self._walker: TreeWalker | None = None
 
     def _open(self) -> Repository:
         if self._repo is None:
-            location, endpoint_url, password = self._args
-            storage = RetryingStorage(open_storage(location, endpoint_url=endpoint_url))
-            self._repo = Repository.open(storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
-                                         cache=CacheSettings.from_environment())
+            self._repo = open_on_node(self._spec)
             self._walker = TreeWalker.over(self._repo.objects, max_depth=None)
         return self._repo
 
@@ -111,9 +107,7 @@ class RayPool:
     """The driver's side: ``actors`` maintenance workers on the Ray cluster at ``address``
     (``None``: ``RAY_ADDRESS``, else a new local Ray)."""
 
-    location: str
-    endpoint_url: str | None
-    password: PasswordSource
+    spec: RepositorySpec
     actors: int = 2
     address: str | None = None
     cpus_per_actor: float = 1.0
@@ -123,15 +117,12 @@ class RayPool:
 
         self._ray = ray
         self._started = False
-        if not ray.is_initialized():
-            address = self.address or os.environ.get("RAY_ADDRESS") or "local"
-            try:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RaySetupError(f"cannot use the Ray cluster at {address}: {exc}") from None
-            self._started = True
+        try:
+            self._started = connect(self.address)
+        except RayUnavailable as exc:
+            raise RaySetupError(str(exc)) from None
         remote = ray.remote(num_cpus=self.cpus_per_actor)(MaintenanceWorker)
-        self._workers = [remote.remote(self.location, self.endpoint_url, self.password) for _ in range(self.actors)]
+        self._workers = [remote.remote(self.spec) for _ in range(self.actors)]
         self._opened = [w.open.remote() for w in self._workers]  # meanwhile the driver loads its index
         self.walked: list[dict] = []
 

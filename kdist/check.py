@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from repo_format import constants as C
-from repo_format.epoch import ASSEMBLY_ATTEMPTS, EpochView
+from repo_format import changing
+from repo_format.epoch import EpochView
 from repo_format.errors import BlobNotFound, ContentNotFound, KdistError, is_outage
 from repo_format.format_blob import FormatBlob
 from repo_format.index import IndexEntry, MergedIndex, open_index
@@ -151,15 +152,12 @@ class Checker:
     # ---- index -----------------------------------------------------------------------------
     def load_index(self) -> MergedIndex:
         """Assemble the index as readers do, but keep going past a damaged blob (reported)."""
-        for _ in range(ASSEMBLY_ATTEMPTS):
+        for _ in changing.attempts("the index blobs"):
             view = self.epochs.refresh()
             names = view.assembly()
             results = parallel_map(self._open_index_blob, names)
-            if any(isinstance(r, BlobNotFound) for r in results):
-                continue  # superseded and cleaned up after our listing: list again
-            break
-        else:
-            raise KdistError("the index kept changing while it was being checked; try again")
+            if not any(isinstance(r, BlobNotFound) for r in results):
+                break  # else superseded and cleaned up after our listing: list again
         blobs = []
         for name, r in zip(names, results):
             if isinstance(r, KdistError):

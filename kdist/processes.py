@@ -74,6 +74,14 @@ def measure(path: str, options: BackupOptions) -> MeasuredTree:
         raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
 
 
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 class ProcessPool:
     """Forked backup processes, each with its own repository, waiting for parts."""
 
@@ -85,8 +93,12 @@ class ProcessPool:
     def fork(cls, repo: Repository, processes: int) -> "ProcessPool":
         if not repo.storage.shared_between_processes:
             raise ValueError(f"{repo.storage.describe()} is not shared between processes")
-        if threading.active_count() > 1:
+        from kdist.access import DEADLINE_THREAD, at_deadline
+
+        others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.name != DEADLINE_THREAD]
+        if others:
             # a thread of ours could hold a lock the child needs: fork before any thread starts
+            # (the --timeout watchdog only waits, holding nothing a child could need)
             raise RuntimeError("a multi-process backup must fork before the process starts threads")
         import numpy  # noqa: F401  every process searches the index with it: import it once, not in each
         ctx = multiprocessing.get_context("fork")
@@ -97,6 +109,8 @@ class ProcessPool:
             proc.start()
             child_end.close()
             children.append((proc, parent_end))
+        pids = [proc.pid for proc, _ in children]
+        at_deadline(lambda: _kill(pids))  # --timeout stops the whole backup, not only this process
         return cls(repo, children)
 
     @property

@@ -11,13 +11,17 @@ The rules are restic's ``forget`` rules (``internal/restic/snapshot_policy.go``,
   buckets (hour, calendar day, ISO week ``(iso_year, week)``, month, year) that hold a snapshot;
 * if a rule still has counts left when the walk reaches the oldest snapshot, that snapshot is kept
   too (reason ``"oldest <rule>"``), so a young repository keeps its whole history span;
+* ``keep_within`` (seconds) keeps every snapshot at most that much older than the group's newest
+  one (restic's ``--keep-within``: relative to the newest snapshot, not to now, so a host that
+  stopped backing up keeps its last stretch of history); reason ``"within"``;
 * ``keep_tags`` keeps every snapshot that carries any of the tags; tags never consume counts;
 * a snapshot kept by several rules is kept once and lists every reason;
 * an empty policy keeps everything: callers must check ``is_empty()`` and refuse to run.
 
-Differences from restic, on purpose: a count of -1 ("keep all") is not supported, ``--keep-within*``
-is not implemented, a tag rule is a single tag (restic's tag lists require all tags of a list), and
-snapshots with equal times are ordered by id (restic keeps input order).
+Differences from restic, on purpose: a count of -1 ("keep all") is not supported, the bucketed
+``--keep-within-daily`` family is not implemented, a tag rule is a single tag (restic's tag lists
+require all tags of a list), and snapshots with equal times are ordered by id (restic keeps input
+order).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 
 EMPTY_POLICY_REASON = "policy is empty"
+WITHIN_REASON = "within"
 TAG_REASON_PREFIX = "tag:"
 OLDEST_REASON_PREFIX = "oldest "
 
@@ -79,10 +84,14 @@ class RetentionPolicy:
     keep_monthly: int = 0
     keep_yearly: int = 0
     keep_tags: tuple[str, ...] = ()  # snapshots carrying any of these tags are always kept
+    keep_within: float = 0.0  # seconds before the newest snapshot of the group; 0: no such rule
 
     def __post_init__(self) -> None:
+        within = self.keep_within
+        if isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 <= within < math.inf:
+            raise ValueError(f"keep_within must be a number of seconds >= 0, not {within!r}")
         for f in fields(self):
-            if f.name == "keep_tags":
+            if f.name in ("keep_tags", "keep_within"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -99,7 +108,7 @@ class RetentionPolicy:
 
     def is_empty(self) -> bool:
         """True when no rule is set: applying it would keep everything, and forgetting with it is a mistake."""
-        return not self.keep_tags and all(getattr(self, attr) == 0 for _, attr, _ in _RULES)
+        return not self.keep_tags and not self.keep_within and all(getattr(self, attr) == 0 for _, attr, _ in _RULES)
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,8 @@ def apply_policy(
                 continue
             last_bucket[reason] = bucket
             remaining[reason] -= 1
+        if policy.keep_within and rows[0][0] - t <= policy.keep_within:
+            why.append(WITHIN_REASON)
         if policy.keep_tags:
             tags = set(tags_of(item))
             why += [TAG_REASON_PREFIX + tag for tag in policy.keep_tags if tag in tags]

@@ -17,7 +17,7 @@ import operator
 import os
 import socket
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import msgpack
 
@@ -318,6 +318,43 @@ def visible_labels(identity) -> dict:
     return {"host": identity.host} if identity.role == HOST else {}
 
 
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """Which snapshots a command means (``--host``, ``--path``, ``--tag``, restic's semantics):
+    any of the hosts, any of the paths, and any of the tag groups, a group being tags that must
+    all be there (``--tag a,b``). Empty parts match everything."""
+
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    tags: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def of(cls, hosts=(), paths=(), tags=()) -> "SnapshotFilter":
+        groups = tuple(tuple(t for t in group.split(",") if t) for group in tags)
+        return cls(tuple(hosts), tuple(p.rstrip("/") or "/" for p in paths), tuple(g for g in groups if g))
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.paths or self.tags)
+
+    def matches(self, snap: "Snapshot") -> bool:
+        return ((not self.hosts or snap.source.host in self.hosts)
+                and (not self.paths or snap.source.path in self.paths)
+                and (not self.tags or any(all(t in snap.tags for t in group) for group in self.tags)))
+
+    def select(self, snaps: list["Snapshot"]) -> list["Snapshot"]:
+        return [s for s in snaps if self.matches(s)] if self else list(snaps)
+
+    def describe(self) -> str:
+        parts = []
+        if self.hosts:
+            parts.append("host " + " or ".join(self.hosts))
+        if self.paths:
+            parts.append("path " + " or ".join(self.paths))
+        if self.tags:
+            parts.append("tags " + " or ".join(",".join(g) for g in self.tags))
+        return ", ".join(parts)
+
+
 def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> list[Snapshot]:
     """Snapshots, oldest first; checkpoints only when asked."""
     if not include_checkpoints:
@@ -325,20 +362,70 @@ def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> li
     return [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)]
 
 
-def plan_forget(manifests, policy) -> tuple[list[Snapshot], list[Snapshot]]:
-    """(kept, forgotten) snapshots under a retention policy, applied per source (host, user,
-    path) on storage-bounded times (``kdist.retention.storage_bounded_time``)."""
+GROUP_FIELDS = ("host", "user", "path", "tags")
+DEFAULT_GROUP_BY = ("host", "user", "path")
+
+
+def group_key(snap: Snapshot, group_by: tuple[str, ...]) -> tuple:
+    """The group a snapshot's retention is decided in: its values of ``group_by``."""
+    values = {"host": snap.source.host, "user": snap.source.user, "path": snap.source.path,
+              "tags": ",".join(sorted(snap.tags))}
+    return tuple(values[f] for f in group_by)
+
+
+@dataclass
+class ForgetPlan:
+    """What ``forget`` would do: ``keep`` (with ``reasons`` by id) and ``forget`` among the
+    snapshots the filter selected, and ``checkpoints`` of dead backups to forget too."""
+
+    keep: list = field(default_factory=list)
+    forget: list = field(default_factory=list)
+    reasons: dict = field(default_factory=dict)
+    checkpoints: list = field(default_factory=list)
+
+
+def plan_forget(manifests, policy, where: SnapshotFilter = SnapshotFilter(),
+                group_by: tuple[str, ...] = DEFAULT_GROUP_BY) -> ForgetPlan:
+    """Apply a retention policy to the snapshots ``where`` selects, per group (``group_by``: by
+    default host, user and path; a source's snapshots), on storage-bounded times
+    (``kdist.retention.storage_bounded_time``). Snapshots outside the filter are not touched."""
     from kdist.retention import apply_policy, group_by_source, storage_bounded_time
+
+    bad = [f for f in group_by if f not in GROUP_FIELDS]
+    if bad or not group_by:
+        raise ValueError(f"--group-by takes a comma-separated list of {', '.join(GROUP_FIELDS)}, not {bad or '(none)'}")
 
     def time_of(s: Snapshot) -> float:
         return storage_bounded_time(s, manifests.signer_role(s.signer) in (ADMIN, MAINTENANCE))
 
-    kept, forget = [], []
-    for _source, snaps in group_by_source(list_snapshots(manifests)).items():
-        decision = apply_policy(snaps, policy, time_of=time_of)
-        kept += decision.keep
-        forget += decision.forget
-    return kept, forget
+    plan = ForgetPlan()
+    snaps = where.select(list_snapshots(manifests))
+    for _group, members in group_by_source(snaps, key=lambda s: group_key(s, tuple(group_by))).items():
+        decision = apply_policy(members, policy, time_of=time_of)
+        plan.keep += decision.keep
+        plan.forget += decision.forget
+        plan.reasons.update(decision.reasons)
+    return plan
+
+
+def dead_checkpoints(repo, where: SnapshotFilter = SnapshotFilter(), dry_run: bool = False) -> list[Snapshot]:
+    """The checkpoints, among those ``where`` selects, of backups that died and that a later
+    snapshot of their source supersedes: exactly what maintenance forgets (``gc/checkpoints.py``,
+    on the storage's clock), for ``forget`` to remove now. A dry run writes nothing, not even the
+    probe that reads the storage's clock: it takes the newest blob's time instead, which is no
+    later than now (so it may show fewer, never more)."""
+    from kdist.gc.checkpoints import plan_checkpoints
+    from repo_format import constants as C
+    from repo_format.safety import safety_of
+    from repo_format.session import storage_now
+
+    if dry_run:
+        now = max((m.timestamp for prefix in (C.MANIFEST_PREFIX, C.SESSION_PREFIX)
+                   for m in repo.storage.list(prefix)), default=0.0)
+    else:
+        now = storage_now(repo.storage, repo.session)
+    plan = plan_checkpoints(repo.manifests, repo.storage, now, safety_of(repo.parameters))
+    return [s for s in map(Snapshot.from_record, plan.forget) if where.matches(s)]
 
 
 def previous_root(manifests, source: Source) -> str | None:
@@ -352,18 +439,30 @@ class SnapshotNotFound(KdistError):
     """No snapshot matches, or a prefix matches more than one."""
 
 
-def resolve_snapshot(manifests, ref: str, source_path: str | None = None, **labels) -> Snapshot:
-    """Find a snapshot by unique id prefix or ``latest`` (optionally of one source path), among
-    those whose labels include ``labels`` (a host key sees its own host's)."""
+def resolve_snapshot(manifests, ref: str, source_path: str | None = None, *,
+                     where: SnapshotFilter = SnapshotFilter(), **labels) -> Snapshot:
+    """Find a snapshot by unique id prefix or ``latest``: the newest complete snapshot among
+    those ``where`` selects (restic: with ``--host`` and ``--path`` it is that host's and path's
+    latest, not the fleet's). Only snapshots whose labels include ``labels`` are looked at (a host
+    key sees its own host's). An id prefix must name a snapshot ``where`` selects too: a command
+    given an id and a filter it does not match refuses rather than act on another snapshot than
+    meant (``restore ID --path sub`` restored the whole snapshot once ``--path`` became a filter)."""
+    if source_path is not None:
+        where = replace(where, paths=where.paths + (source_path,))
     snaps = list_snapshots(manifests, include_checkpoints=True, **labels)
     if ref == "latest":
-        finals = [s for s in snaps if not s.checkpoint and (source_path is None or s.source.path == source_path)]
+        finals = [s for s in where.select(snaps) if not s.checkpoint]
         if not finals:
-            raise SnapshotNotFound("the repository has no snapshots" + (f" of {source_path}" if source_path else ""))
+            raise SnapshotNotFound("the repository has no snapshots" + (f" of {where.describe()}" if where else ""))
         return max(finals, key=lambda s: (s.end, s.ts))
     matches = [s for s in snaps if s.id.startswith(ref.lower())] if ref else []
     if not matches:
         raise SnapshotNotFound(f"no snapshot with id {ref!r}")
     if len(matches) > 1:
         raise SnapshotNotFound(f"snapshot id {ref!r} is ambiguous ({len(matches)} snapshots match); give more characters")
+    if where and not where.matches(matches[0]):
+        snap = matches[0]
+        raise SnapshotNotFound(f"snapshot {snap.short_id} is of {snap.source.host}:{snap.source.path}, not of "
+                               f"{where.describe()} (a path inside a snapshot is --include for restore, an argument "
+                               "for ls and cat)")
     return matches[0]

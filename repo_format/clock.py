@@ -50,6 +50,21 @@ def set_clock(clock: Callable[[], float] | None) -> None:
         _clock = clock if clock is not None else time.time
 
 
+_sleep: Callable[[float], None] = time.sleep
+
+
+def sleep(seconds: float) -> None:
+    """Wait (a backoff between two attempts); the simulator makes it return at once."""
+    _sleep(seconds)
+
+
+def set_sleep(fn: Callable[[float], None] | None) -> None:
+    """Replace ``sleep`` (``None`` restores ``time.sleep``). For tests and the simulator."""
+    global _sleep
+    with _lock:
+        _sleep = fn if fn is not None else time.sleep
+
+
 class ManualClock:
     """A clock that only moves when told to; use with ``set_clock``."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 import blake3
@@ -22,6 +23,20 @@ from repo_format import constants as C
 from repo_format.errors import CorruptionError, KdistError, UnsupportedVersion
 
 WEAK_KDF_ENV = "KDIST_ALLOW_WEAK_KDF_FOR_TESTS"
+
+
+def normalise_password(password: str) -> str:
+    """The password kdist derives keys from when it writes: Unicode NFC, so the same password typed
+    where input methods compose differently (a decomposed "é" on one system, a composed one on
+    another) opens the same repository (SPEC.md section 2)."""
+    return unicodedata.normalize("NFC", password)
+
+
+def password_forms(password: str) -> list[str]:
+    """The forms to try when opening: the NFC form (what kdist writes), then the password exactly
+    as given when that differs (a key wrapped before kdist normalised passwords)."""
+    nfc = normalise_password(password)
+    return [nfc] if nfc == password else [nfc, password]
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class KdfParams:
             )
 
     def derive(self, password: str | bytes) -> bytes:
+        """scrypt of the password's UTF-8 bytes; ``password_forms`` says which forms to give it."""
         self.validate()
         pw = password.encode("utf-8") if isinstance(password, str) else bytes(password)
         return hashlib.scrypt(
@@ -185,3 +201,15 @@ class RepositoryKeys:
         """A secret seed for the content-defined chunker's gear table (hides chunk boundaries)."""
         raw = derive_subkey(self.hash_secret, C.HKDF_INFO_CHUNKER, length=8)
         return int.from_bytes(raw, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def open_with_password(kdf: KdfParams, password: str, sealed: bytes, aad: bytes) -> bytes | None:
+    """What ``password`` wrapped (AES-256-GCM under its scrypt key: the format blob, key slots),
+    trying each of ``password_forms``; None when none opens it."""
+    for form in password_forms(password):
+        try:
+            return Aead(C.AEAD_AES_256_GCM, kdf.derive(form)).open(sealed, aad)
+        except CorruptionError:
+            continue
+    return None
+

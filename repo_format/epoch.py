@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from repo_format import clock
+from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
@@ -52,7 +52,6 @@ _RAW = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
 _SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})" + r"(\d+)_([0-9a-f]+)_(\d+)of(\d+)$")
 _MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)$")
 _SIGNED_MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)_([0-9a-f]{16})$")
-ASSEMBLY_ATTEMPTS = 5
 MAX_MARKER = 1024  # bytes: a sealed "epoch N", or a signature with its certificate
 DOWNLOAD_BUDGET = 32 * 1024 * 1024  # bytes of index blobs being downloaded and decoded at once
 
@@ -80,10 +79,6 @@ class ByteBudget:
             with self._cond:
                 self.used -= n
                 self._cond.notify_all()
-
-
-class StaleView(KdistError):
-    """The index changed under a reader faster than it could assemble it."""
 
 
 @dataclass
@@ -267,7 +262,7 @@ class EpochManager:
     def load_index(self) -> MergedIndex:
         """Assemble the current index; re-list and start again if a blob vanished meanwhile.
         Only blobs this manager (or the local cache) does not hold already are fetched."""
-        for _ in range(ASSEMBLY_ATTEMPTS):
+        for _ in changing.attempts("the index blobs"):
             view = self.refresh()
             names = view.assembly()
             try:
@@ -279,7 +274,7 @@ class EpochManager:
             if self.cache is not None:
                 self.cache.retain_index(set(names))
             return MergedIndex(blobs, names)
-        raise StaleView("the index kept changing while it was being read; try again")
+        raise AssertionError("unreachable: changing.attempts raises when they run out")
 
     def loaded_names(self) -> set[str]:
         """The index blobs of the last assembly (what the local cache must keep)."""

@@ -15,7 +15,15 @@ class StorageError(KdistError):
 
 
 class RetryableStorageError(StorageError):
-    """A transient storage failure (throttling, 5xx, dropped connection): retrying may help."""
+    """A transient storage failure (throttling, 5xx, dropped connection): retrying may help.
+    ``stalled``: seconds the attempt waited for answers that never came (its timeouts; 0 for a
+    refusal or a dropped connection), which ``RetryingStorage`` counts against its deadline. Not
+    the attempt's duration: a slow link's long upload that then timed out is charged its
+    timeout, not its upload."""
+
+    def __init__(self, message: str = "", stalled: float = 0.0):
+        super().__init__(message)
+        self.stalled = float(stalled)
 
 
 class BlobNotFound(StorageError):
@@ -67,6 +75,11 @@ def is_outage(exc: BaseException) -> bool:
     blob being missing or malformed: a reader stops on it instead of reporting damage."""
     return isinstance(exc, StorageError) and not isinstance(exc, (BlobNotFound, BlobExists, InvalidBlobName,
                                                                     ReadOnlyStorage, BlobLocked))
+
+
+class ConcurrentChange(KdistError):
+    """The blobs a reader lists and reads (manifests, index) kept changing under it: maintenance
+    was compacting them. Nothing is wrong; running the command again works (exit 21)."""
 
 
 class RepositoryNotFound(KdistError):

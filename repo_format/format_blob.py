@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import msgpack
 
 from repo_format import constants as C
-from repo_format.crypto import Aead, KdfParams, RepositoryKeys, unkeyed_checksum
+from repo_format.crypto import (Aead, KdfParams, RepositoryKeys, normalise_password, open_with_password,
+                                unkeyed_checksum)
 from repo_format.errors import (
     BlobNotFound,
     CorruptionError,
@@ -121,7 +122,7 @@ def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys
         if signing_key is None:
             raise ValueError("a version-2 format blob holds the root signing key")
         secret["signing_key"] = signing_key
-    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
+    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(normalise_password(password)))
     header = msgpack.packb({
         "unique_id": unique_id,
         "kdf": kdf.to_dict(),
@@ -177,11 +178,9 @@ def decode(blob: bytes, password: str) -> FormatBlob:
     """Open a format blob with the admin password; typed errors for damage, unknown versions
     and a wrong password (which may still open a key slot: ``read``)."""
     unique_id, kdf, sealed, version = _decode_header(blob)
-    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(password))
-    try:
-        payload = wrapping.open(sealed, _aad(unique_id, version))
-    except CorruptionError:
-        raise WrongPassword("wrong password for this repository") from None
+    payload = open_with_password(kdf, password, sealed, _aad(unique_id, version))
+    if payload is None:
+        raise WrongPassword("wrong password for this repository")
     try:
         p = msgpack.unpackb(payload, raw=False)
         identity = None

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from repo_format import constants as C
-from repo_format.crypto import Aead, KdfParams
+from repo_format.crypto import Aead, KdfParams, normalise_password, open_with_password
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError, WrongPassword
 from repo_format.storage.base import BlobStorage
 
@@ -347,7 +347,8 @@ def encode_slot(unique_id: bytes, kdf: KdfParams, password: str, identity: Ident
     payload = msgpack.packb({**secrets_payload, "role": identity.role, "key_id": identity.key_id, "host": identity.host,
                              "signing_key": identity.signing_key, "root_public": identity.root_public,
                              "slot": identity.slot, "cert": identity.cert, "cert_sig": identity.cert_sig})
-    sealed = Aead(C.AEAD_AES_256_GCM, kdf.derive(password)).seal(payload, _slot_aad(unique_id, name))
+    wrapping = Aead(C.AEAD_AES_256_GCM, kdf.derive(normalise_password(password)))
+    sealed = wrapping.seal(payload, _slot_aad(unique_id, name))
     return name, msgpack.packb({"v": 1, "key_id": identity.slot, "kdf": kdf.to_dict(), "sealed": sealed})
 
 
@@ -363,9 +364,8 @@ def open_slot(unique_id: bytes, name: str, blob: bytes, password: str) -> dict |
             raise ValueError("slot fields")
     except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
         raise CorruptionError(f"key slot {name} is malformed") from exc
-    try:
-        plain = Aead(C.AEAD_AES_256_GCM, kdf.derive(password)).open(sealed, _slot_aad(unique_id, name))
-    except CorruptionError:
+    plain = open_with_password(kdf, password, sealed, _slot_aad(unique_id, name))
+    if plain is None:
         return None
     try:
         p = msgpack.unpackb(plain, raw=False)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from repo_format import clock
+from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
@@ -270,7 +270,7 @@ class ManifestStore:
         is live from it. ``live_ids`` gets every id a live (not tombstone) record of some listed
         blob has. Each record's ``stored`` is its blob's listing time, or the earlier time a
         trusted compaction carried over."""
-        for _ in range(5):
+        for _ in changing.attempts("the manifest blobs"):
             metas = list(self.storage.list(C.MANIFEST_PREFIX))
             names = [m.name for m in metas]
             unreadable: list[str] = []
@@ -305,7 +305,7 @@ class ManifestStore:
                 if cur is None or newer(r, cur):
                     best[r.id] = r
             return best, names
-        raise KdistError("the manifests kept changing while they were being read; try again")
+        raise AssertionError("unreachable: changing.attempts raises when they run out")
 
     def find(self, **labels) -> list[ManifestRecord]:
         """Live records whose labels include ``labels``, oldest first."""

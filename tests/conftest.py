@@ -16,9 +16,23 @@ from s3_servers import running_moto
 # directory of the test run, never in the user's ~/.cache; tests about the cache set their own.
 _CACHE_ROOT = tempfile.mkdtemp(prefix="kdist-test-caches-")
 os.environ["KDIST_CACHE_DIR"] = _CACHE_ROOT
+os.environ.pop("KDIST_TIMEOUT", None)  # in-process commands would arm a watchdog that exits the test run
 atexit.register(shutil.rmtree, _CACHE_ROOT, True)
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(autouse=True)
+def _no_request_timeout_left_behind():
+    """``--request-timeout``, ``--limit-upload`` and ``--limit-download`` set process-wide values
+    when parsed: an in-process CLI test must not hand them to the tests after it."""
+    yield
+    from kdist import access
+
+    access.set_request_timeout(None)
+    access.set_limit("upload", None)
+    access.set_limit("download", None)
+    access.clear_deadline()
 
 
 @pytest.fixture

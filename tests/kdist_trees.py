@@ -66,11 +66,13 @@ def tree_state(root) -> dict:
 
 
 def cli_env(monkeypatch) -> None:
-    """The environment of a CLI test: the test password, the weak test KDF, no repository or
-    endpoint inherited from the shell."""
+    """The environment of a CLI test: the test password, the weak test KDF, no repository,
+    endpoint, time limit, transfer limit or metrics target inherited from the shell (an exported
+    KDIST_TIMEOUT would stop the test run itself)."""
     monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)
     monkeypatch.setenv("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
-    for var in ("KDIST_REPO", "KDIST_ENDPOINT_URL", "KDIST_PASSWORD_FILE"):
+    for var in ("KDIST_REPO", "KDIST_ENDPOINT_URL", "KDIST_PASSWORD_FILE", "KDIST_TIMEOUT", "KDIST_REQUEST_TIMEOUT",
+                "KDIST_LIMIT_UPLOAD", "KDIST_LIMIT_DOWNLOAD", "KDIST_METRICS_FILE", "KDIST_PUSHGATEWAY"):
         monkeypatch.delenv(var, raising=False)
 
 

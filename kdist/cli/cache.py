@@ -16,7 +16,8 @@ from repo_format import format_blob
 from repo_format.errors import KdistError
 from repo_format.local_cache import CacheSettings, list_caches
 
-from kdist.cli.context import cache_settings, fail, make_storage
+from kdist.access import make_storage
+from kdist.cli.context import cache_settings, fail
 
 
 def _cache_options(fn):

@@ -1,7 +1,8 @@
 """How a command finds its repository and password, and the decorator that opens it.
 
 The repository comes from ``--repo`` or ``KDIST_REPO`` (a path or ``s3://bucket/prefix``), the
-password from ``KDIST_PASSWORD``, ``--password-file`` or a prompt, never from a command-line
+password from ``--password-file``, else ``KDIST_PASSWORD`` or ``KDIST_PASSWORD_FILE``, else a
+prompt (``kdist.access``: the one precedence every entry point uses), never from a command-line
 argument. ``with_repository`` opens the repository before the command runs and closes it after,
 borg-style; read-only commands get a read-only storage so they cannot change anything.
 """
@@ -9,24 +10,109 @@ borg-style; read-only commands get a read-only storage so they cannot change any
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import click
 
-from repo_format.errors import KdistError, RepositoryNotFound
+from repo_format.errors import KdistError
 from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
-from repo_format.storage import open_storage
-from repo_format.storage.wrappers import (AppendOnlyStorage, CountingStorage, ReadOnlyStorage, RetryingStorage,
-                                          counting_storage)
+from repo_format.storage.wrappers import counting_storage
 
+from kdist.access import (REQUEST_TIMEOUT_ENV, TIMEOUT_ENV, PasswordSource, RepositorySpec, at_deadline,
+                          parse_duration, set_limit, set_request_timeout, start_deadline)
 from kdist.cli.exit_codes import exit_code_for
 
 
+
+def _duration_option(name: str, envvar: str, apply, help: str):
+    def callback(ctx, param, value):
+        if value is None:
+            return
+        try:
+            apply(parse_duration(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return click.option(name, envvar=envvar, default=None, metavar="DURATION", expose_value=False,
+                        callback=callback, help=help)
+
+
+def time_limit_options(fn):
+    """``--timeout`` (the whole command) and ``--request-timeout`` (one storage request): both
+    act when parsed, so every command taking them needs no parameter for them."""
+    fn = _duration_option("--request-timeout", REQUEST_TIMEOUT_ENV, set_request_timeout,
+                          "Longest a storage request waits for answers over all its attempts, e.g. 30s (default "
+                          "2m; env KDIST_REQUEST_TIMEOUT); past it the command fails with exit 14.")(fn)
+    fn = _duration_option("--timeout", TIMEOUT_ENV, start_deadline,
+                          "Stop the whole command after this long, e.g. 6h (env KDIST_TIMEOUT): exit 14; a backup "
+                          "stopped so keeps what its checkpoints hold.")(fn)
+    return fn
+
+
+def metrics_options(job: str, labels_of=lambda kwargs: {}):
+    """``--metrics-file`` and ``--pushgateway``, passed as ``metrics`` (``kdist.metrics.MetricsTarget``).
+    The command exports its own figures; if it fails before it does (the repository did not open:
+    wrong password, storage down), this exports ``kdist_<job>_success 0`` with ``labels_of(its
+    arguments)``, so an alert on success sees every failure."""
+
+    def decorate(fn):
+        fn = click.option("--pushgateway", envvar="KDIST_PUSHGATEWAY", default=None, metavar="URL",
+                          help="Push this run's Prometheus metrics to this Pushgateway (env KDIST_PUSHGATEWAY).")(fn)
+        fn = click.option("--metrics-file", envvar="KDIST_METRICS_FILE", default=None,
+                          type=click.Path(),
+                          help="Write this run's Prometheus metrics to this file, or to kdist_<job>.prom in this "
+                               "directory (node_exporter's textfile collector; env KDIST_METRICS_FILE).")(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, metrics_file=None, pushgateway=None, **kwargs):
+            from repo_format import clock
+
+            from kdist.metrics import MetricsTarget, export
+
+            target = MetricsTarget(metrics_file, pushgateway)
+            started = clock.monotonic()
+            ok = False
+            if target:  # --timeout ends the process at once: say it failed first
+                at_deadline(lambda: export(target, job, labels_of(kwargs), {}, False, clock.monotonic() - started))
+            try:
+                result = fn(*args, metrics=target, **kwargs)
+                ok = True
+                return result
+            except SystemExit as exc:
+                ok = exc.code in (0, None)
+                raise
+            finally:
+                if target and not target.exported and not ok:
+                    export(target, job, labels_of(kwargs), {}, False, clock.monotonic() - started)
+
+        return wrapper
+
+    return decorate
+
+
+def _rate_option(name: str, kind: str):
+    from kdist.access import LIMIT_ENV
+
+    def callback(ctx, param, value):
+        if value is not None:
+            set_limit(kind, value)
+
+    return click.option(name, envvar=LIMIT_ENV[kind], type=click.FloatRange(min=0, min_open=True), default=None,
+                        metavar="MB/s", expose_value=False, callback=callback,
+                        help=f"At most this many MB (10^6 bytes) a second {'to' if kind == 'upload' else 'from'} the "
+                             f"repository (a multi-process backup shares it; env {LIMIT_ENV[kind]}).")
+
+
 def repo_options(fn):
-    fn = click.option("--password-file", type=click.Path(dir_okay=False), envvar="KDIST_PASSWORD_FILE",
-                      help="Read the password from this file (first line).")(fn)
+    fn = _rate_option("--limit-download", "download")(fn)
+    fn = _rate_option("--limit-upload", "upload")(fn)
+    fn = time_limit_options(fn)
+    # no envvar here: KDIST_PASSWORD_FILE is read by PasswordSource, below KDIST_PASSWORD's rank
+    # and above nothing, and a flag given here must beat both (kdist.access)
+    fn = click.option("--password-file", type=click.Path(dir_okay=False),
+                      help="Read the password from this file's first line; wins over KDIST_PASSWORD and "
+                           "KDIST_PASSWORD_FILE.")(fn)
     fn = click.option("--endpoint-url", envvar="KDIST_ENDPOINT_URL", default=None,
                       help="S3-compatible endpoint (for s3:// repositories).")(fn)
     fn = click.option("--repo", "repo_location", envvar="KDIST_REPO", required=True,
@@ -52,31 +138,25 @@ def cache_settings(cache_dir: str | None, no_cache: bool, cache_limit: str | Non
 
 
 def read_password(password_file: str | None, confirm: bool = False, prompt: str = "Repository password") -> str:
-    env = os.environ.get("KDIST_PASSWORD")
-    if env is not None:
-        return env
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise click.UsageError(f"cannot read password file {password_file}: {exc.strerror}")
-    if not sys.stdin.isatty():
-        raise click.UsageError("no password: set KDIST_PASSWORD, use --password-file, or run in a terminal")
-    return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    """The password by the one precedence (``kdist.access.PasswordSource``), prompting on a terminal."""
+    return PasswordSource(file=password_file).read(prompt=prompt, confirm=confirm)
 
 
-def make_storage(location: str, endpoint_url: str | None, create: bool = False, read_only: bool = False,
-                 append_only: bool = False):
-    """The storage stack of a command: counted, retried; read-only, or append-only for the
-    backup path (it never deletes or replaces a blob, so it is refused here before storage
-    policy refuses it there)."""
-    if not create and "://" not in location and not os.path.isdir(os.path.expanduser(location)):
-        raise RepositoryNotFound(f"no kdist repository at {location} (no such directory)")
-    storage = CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url, create=create)))
-    if read_only:
-        return ReadOnlyStorage(storage)
-    return AppendOnlyStorage(storage) if append_only else storage
+def new_password_option(fn):
+    return click.option("--new-password-file", type=click.Path(dir_okay=False),
+                        help="Read the new password from this file's first line; wins over KDIST_NEW_PASSWORD "
+                             "and KDIST_NEW_PASSWORD_FILE.")(fn)
+
+
+def read_new_password(new_password_file: str | None, prompt: str = "New repository password") -> str:
+    """A new password (``repo change-password``, ``key add``): ``--new-password-file``, else
+    ``KDIST_NEW_PASSWORD`` or ``KDIST_NEW_PASSWORD_FILE``, else a prompt with confirmation; the
+    same precedence as the password's. Never empty."""
+    source = PasswordSource(file=new_password_file, env="KDIST_NEW_PASSWORD", file_env="KDIST_NEW_PASSWORD_FILE")
+    new = source.read(prompt=prompt, confirm=True)
+    if not new:
+        raise click.UsageError("the password must not be empty")
+    return new
 
 
 def storage_requests(repo: Repository) -> dict[str, dict[str, int]]:
@@ -117,11 +197,11 @@ def with_repository(read_only: bool = False, append_only: bool = False, roles: t
         def wrapper(repo_location, endpoint_url, password_file, key_id, cache_dir, no_cache, cache_limit, **kwargs):
             try:
                 cache = cache_settings(cache_dir, no_cache, cache_limit)
-                storage = make_storage(repo_location, endpoint_url, read_only=read_only, append_only=append_only)
-                repo = Repository.open(storage, read_password(password_file), key_id=key_id, cache=cache)
+                spec = RepositorySpec(repo_location, endpoint_url, PasswordSource(file=password_file), key_id)
                 # listing, restoring and backing up decide nothing from a record they cannot read:
                 # one unreadable manifest blob must not stop them (ManifestStore.skip_unreadable)
-                repo.manifests.skip_unreadable = read_only or append_only
+                repo = spec.open(read_only=read_only, append_only=append_only, cache=cache,
+                                 prompt="Repository password")
                 if roles:
                     repo.require(*roles, what=what or fn.__name__.replace("_", " "))
                 try:

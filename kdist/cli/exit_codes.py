@@ -4,7 +4,7 @@
 |------|---------|
 | 0  | success |
 | 1  | failure not covered below (a bug or an unexpected error) |
-| 2  | usage error (bad arguments or options; a key that cannot be added or removed as asked) |
+| 2  | usage error (bad arguments or options; an empty `--repo`; a password source that is named but unreadable, or two that conflict; a key that cannot be added or removed as asked) |
 | 3  | partial success: finished, but some files were skipped or could not be restored |
 | 10 | repository not found |
 | 11 | repository already exists |
@@ -14,8 +14,11 @@
 | 15 | unsupported format version |
 | 16 | snapshot or path not found, or an ambiguous snapshot id |
 | 17 | the backup source or restore target cannot be used (missing source, full disk) |
-| 18 | a distributed backup (`cluster/backup.py`) finished, but some node or shard failed; a process of a multi-process backup (`snapshot create --processes`) died |
+| 18 | a distributed backup (`kdist fleet backup`, `cluster/backup.py`) finished, but some node or shard failed; a process of a multi-process backup (`snapshot create --processes`) died |
 | 19 | permission refused: this key's role may not do that (a host key running maintenance, forget, key changes; a host key backing up as another host) |
+| 20 | the Ray cluster cannot be reached or started (`kdist fleet backup`, `gc run --ray`): a wrong or stale address, a head that does not answer |
+| 21 | retryable: the repository's manifest or index blobs kept changing while the command read them (maintenance compacting them); nothing is wrong, run it again |
+| 22 | `kdist fleet status`: some host or path has no snapshot within `--max-age` (or a host key has none at all) |
 """
 
 from repo_format import errors as E
@@ -34,12 +37,17 @@ NOT_FOUND = 16
 SOURCE_OR_TARGET = 17
 DISTRIBUTED_FAILED = 18
 PERMISSION = 19
+RAY_UNAVAILABLE = 20
+CONCURRENT_CHANGE = 21
+STALE = 22
 
 
 def exit_code_for(exc: BaseException) -> int:
     # imported here: the CLI layer knows the library, never the other way round
     from repo_format.keyslots import PermissionRefused
 
+    from kdist.access import AccessError
+    from kdist.distributed.connect import RayUnavailable
     from kdist.keys import KeyManagementError
     from kdist.processes import BackupProcessDied
     from kdist.restore import RestoreError, TargetFull, TargetUnusable
@@ -49,6 +57,8 @@ def exit_code_for(exc: BaseException) -> int:
     table = [
         (PermissionRefused, PERMISSION),
         (KeyManagementError, USAGE),
+        (AccessError, USAGE),
+        (E.ConcurrentChange, CONCURRENT_CHANGE),
         (E.RepositoryNotFound, REPO_NOT_FOUND),
         (E.RepositoryExists, REPO_EXISTS),
         (E.WrongPassword, WRONG_PASSWORD),
@@ -63,6 +73,7 @@ def exit_code_for(exc: BaseException) -> int:
         (SourceError, SOURCE_OR_TARGET),
         (RestoreError, NOT_FOUND),
         (BackupProcessDied, DISTRIBUTED_FAILED),
+        (RayUnavailable, RAY_UNAVAILABLE),
     ]
     for cls, code in table:
         if isinstance(exc, cls):

@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 from repo_format.keyslots import ADMIN, HOST, ROLES
 
-from kdist.cli.context import with_repository
-
-
-def read_new_password(new_password_file: str | None) -> str:
-    """The new key's password: ``KDIST_NEW_PASSWORD``, the file, or a prompt (never argv)."""
-    new = os.environ.get("KDIST_NEW_PASSWORD")
-    if new is None and new_password_file:
-        try:
-            with open(new_password_file, encoding="utf-8") as f:
-                new = f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise click.UsageError(f"cannot read new password file {new_password_file}: {exc.strerror}")
-    if new is None:
-        new = click.prompt("Password of the new key", hide_input=True, confirmation_prompt=True)
-    if not new:
-        raise click.UsageError("the password must not be empty")
-    return new
+from kdist.cli.context import new_password_option, read_new_password, with_repository
 
 
 @click.group("key")
@@ -37,8 +20,7 @@ def key_group():
               help="admin: everything; maintenance: gc, forget, check; host: back up as --host, "
                    "list and restore that host's snapshots, never delete.")
 @click.option("--host", default="", help="The host a host key backs up as (required for --role host).")
-@click.option("--new-password-file", type=click.Path(dir_okay=False), envvar="KDIST_NEW_PASSWORD_FILE",
-              help="Read the new key's password from this file (or set KDIST_NEW_PASSWORD).")
+@new_password_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(roles=(ADMIN,), what="add keys")
 def add(repo, role, host, new_password_file, as_json):
@@ -47,7 +29,7 @@ def add(repo, role, host, new_password_file, as_json):
 
     if role == HOST and not host:
         raise click.UsageError("a host key needs --host NAME")
-    identity = add_key(repo, read_new_password(new_password_file), role, host)
+    identity = add_key(repo, read_new_password(new_password_file, "Password of the new key"), role, host)
     if as_json:
         click.echo(json.dumps({"key_id": identity.slot, "role": role, "host": host}))
         return

@@ -29,6 +29,7 @@ _GROUPS = {
     "index": ("kdist.cli.maintenance", "index_group"),
     "cache": ("kdist.cli.cache", "cache_group"),
     "key": ("kdist.cli.key", "key_group"),
+    "fleet": ("kdist.cli.fleet", "fleet_group"),
 }
 
 

@@ -12,7 +12,8 @@ from repo_format.keyslots import ADMIN, MAINTENANCE
 from repo_format.local_cache import parse_size
 from repo_format.safety import PRESETS
 
-from kdist.cli.context import with_repository
+from kdist.cli.context import metrics_options, with_repository
+from kdist.cli.text import printable
 from kdist.cli.progress import human_bytes
 from kdist.gc import DEFAULT_MEMORY_LIMIT
 
@@ -69,10 +70,12 @@ def ray_options(fn):
     fn = click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True,
                       help="With --ray: how many actors walk and plan.")(fn)
     fn = click.option("--address", default=None, metavar="ADDRESS",
-                      help="With --ray: the Ray cluster (default: RAY_ADDRESS, else a new local Ray).")(fn)
+                      help="With --ray: the Ray cluster, HOST:PORT, auto (this machine's) or local (a new Ray of "
+                           "its own); default: RAY_ADDRESS, else a new local Ray unless a cluster runs here.")(fn)
     fn = click.option("--ray", "use_ray", is_flag=True,
                       help="Share content GC's walk and plan out among Ray actors (the same plan). Each actor "
-                           "reads the password on its node: KDIST_PASSWORD or the --password-file path.")(fn)
+                           "reads the password on its node, as this command did: the --password-file path, else "
+                           "KDIST_PASSWORD or KDIST_PASSWORD_FILE.")(fn)
     return fn
 
 
@@ -81,19 +84,21 @@ def _pool(use_ray: bool, address: str | None, actors: int):
     command did: same location, endpoint and password source."""
     if not use_ray:
         return None
-    from kdist.distributed.workers import PasswordSource
+    from kdist.access import PasswordSource, RepositorySpec
     from kdist.gc.ray_pool import RayPool
 
     p = click.get_current_context().params
-    password = PasswordSource(env="KDIST_PASSWORD", file=p.get("password_file"))
-    return RayPool(p["repo_location"], p.get("endpoint_url"), password, actors=actors, address=address)
+    spec = RepositorySpec(p["repo_location"], p.get("endpoint_url"), PasswordSource(file=p.get("password_file")),
+                          p.get("key_id"))
+    return RayPool(spec, actors=actors, address=address)
 
 
 def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool,
          memory_limit: int = DEFAULT_MEMORY_LIMIT, use_ray: bool = False, address: str | None = None,
-         actors: int = 2) -> None:
+         actors: int = 2, metrics=None) -> None:
     from kdist.gc.run import MaintenanceOptions, run_maintenance  # the planners import numpy: only here
 
+    started = clock.monotonic()
     pool = _pool(use_ray and full, address, actors)
     opts = MaintenanceOptions(full=full, dry_run=dry_run, safety=PRESETS[safety] if safety else None,
                               memory_limit=memory_limit, pool=pool)
@@ -109,6 +114,18 @@ def _run(repo, full: bool, dry_run: bool, safety: str | None, as_json: bool,
     requests = {k: {"calls": v["calls"] - before.get(k, {}).get("calls", 0),
                     "bytes": v["bytes"] - before.get(k, {}).get("bytes", 0)} for k, v in after.items()}
     _print_report(report, as_json, requests)
+    if metrics and not dry_run:
+        from kdist.metrics import export
+
+        steps = report.steps
+        export(metrics, "maintenance", {"mode": "full" if full else "quick"},
+               {"freed_bytes": report.freed_bytes,
+                "deleted_packs": steps.get("blob_gc", {}).get("deleted_packs", 0),
+                "rewritten_contents": steps.get("pack_rewrite", {}).get("moved", 0),
+                "checkpoints_forgotten": steps.get("checkpoints_forgotten", 0),
+                **{f"requests_{k.lower()}": v["calls"] for k, v in requests.items()}},
+               True, clock.monotonic() - started,
+               {"freed_bytes": "Bytes the last maintenance run deleted from the repository"})
 
 
 @click.group("gc")
@@ -123,11 +140,12 @@ def gc_group():
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
 @ray_options
+@metrics_options("maintenance", lambda kw: {"mode": "full"})
 @with_repository(roles=(ADMIN, MAINTENANCE), what="run garbage collection")
-def gc_run(repo, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
+def gc_run(repo, dry_run, safety, as_json, memory_limit, use_ray, address, actors, metrics):
     """Mark unreachable contents, drop old deleted ones, delete unreferenced packs (in two runs),
     rewrite mostly dead packs."""
-    _run(repo, True, dry_run, safety, as_json, memory_limit, use_ray, address, actors)
+    _run(repo, True, dry_run, safety, as_json, memory_limit, use_ray, address, actors, metrics)
 
 
 @click.group("maintenance")
@@ -143,10 +161,11 @@ def maintenance_group():
 @click.option("--json", "as_json", is_flag=True)
 @memory_option
 @ray_options
+@metrics_options("maintenance", lambda kw: {"mode": "quick" if kw.get("mode") == "quick" else "full"})
 @with_repository(roles=(ADMIN, MAINTENANCE), what="run maintenance")
-def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit, use_ray, address, actors):
+def maintenance_run(repo, mode, dry_run, safety, as_json, memory_limit, use_ray, address, actors, metrics):
     """Run maintenance; safe to run while backups run, and twice at once."""
-    _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit, use_ray, address, actors)
+    _run(repo, mode != "quick", dry_run, safety, as_json, memory_limit, use_ray, address, actors, metrics)
 
 
 @maintenance_group.command("status")
@@ -162,9 +181,26 @@ def maintenance_status(repo, as_json):
         return
     if not runs:
         click.echo("no maintenance has run on this repository")
+        return
+    click.echo(f"{'started':<20}{'mode':<7}{'took':>8}{'marked':>9}{'packs del':>10}{'bytes freed':>13}"
+               f"{'rewritten':>10}{'checkpts':>9}{'manifests':>10}  result")
     for r in runs[-20:]:
         when = datetime.datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{when}  {r.mode:<5} {r.end - r.start:6.1f} s  {json.dumps(r.steps, default=str)}")
+        steps = r.steps if isinstance(r.steps, dict) else {}
+
+        def step(name: str, key: str | None = None) -> int:
+            v = steps.get(name, 0)
+            v = v.get(key, 0) if isinstance(v, dict) and key else v
+            return v if isinstance(v, int) else 0
+
+        took = f"{max(0.0, r.end - r.start):.1f} s" if r.end else "-"
+        result = f"failed: {r.error}" if r.error else ("ok" if r.end else "did not finish")
+        click.echo(f"{when:<20}{r.mode:<7}{took:>8}{step('content_gc', 'marked'):>9}"
+                   f"{step('blob_gc', 'deleted_packs'):>10}{human_bytes(step('blob_gc', 'bytes')):>13}"
+                   f"{step('pack_rewrite', 'moved'):>10}{step('checkpoints_forgotten'):>9}"
+                   f"{step('manifests_merged'):>10}  {printable(result)}")
+    if len(runs) > 20:
+        click.echo(f"({len(runs) - 20} earlier runs: --json lists them all)")
 
 
 @click.group("index")

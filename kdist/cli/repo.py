@@ -19,7 +19,9 @@ from repo_format.keyslots import ADMIN, MAINTENANCE
 from repo_format.safety import SAFETY_FULL, safety_of
 
 from kdist.cli import exit_codes
-from kdist.cli.context import fail, key_option, make_storage, read_password, repo_options, with_repository
+from kdist.access import make_storage
+from kdist.cli.context import (fail, key_option, new_password_option, read_new_password, read_password, repo_options,
+                               with_repository)
 from kdist.cli.progress import human_bytes
 
 if TYPE_CHECKING:
@@ -47,10 +49,11 @@ def create(repo_location, endpoint_url, password_file, encryption, gc_margin_sca
            object_lock_mode):
     """Create a new repository (a directory, created if missing, or an S3 bucket prefix)."""
     try:
-        storage = make_storage(repo_location, endpoint_url, create=True)
+        # the password first: a create that cannot read it leaves no empty directory behind
         password = read_password(password_file, confirm=True, prompt="New repository password")
         if not password:
             raise click.UsageError("the password must not be empty")
+        storage = make_storage(repo_location, endpoint_url, create=True)
         kdf = KdfParams.strong()
         if os.environ.get(WEAK_KDF_ENV) == "1":  # the test suite's setting, never a user's
             click.echo("WARNING: test-only weak key derivation (KDIST_ALLOW_WEAK_KDF_FOR_TESTS=1)", err=True)
@@ -127,21 +130,13 @@ def status(repo, as_json):
 
 @repo_group.command("change-password")
 @repo_options
-@click.option("--new-password-file", type=click.Path(dir_okay=False), envvar="KDIST_NEW_PASSWORD_FILE",
-              help="Read the new password from this file (or set KDIST_NEW_PASSWORD).")
+@new_password_option
 def change_password(repo_location, endpoint_url, password_file, new_password_file):
     """Re-wrap the repository key under a new password (rewrites only the format blob)."""
     try:
         storage = make_storage(repo_location, endpoint_url)
         old = read_password(password_file)
-        new = os.environ.get("KDIST_NEW_PASSWORD")
-        if new is None and new_password_file:
-            with open(new_password_file, encoding="utf-8") as f:
-                new = f.readline().rstrip("\r\n")
-        if new is None:
-            new = click.prompt("New repository password", hide_input=True, confirmation_prompt=True)
-        if not new:
-            raise click.UsageError("the password must not be empty")
+        new = read_new_password(new_password_file)
         format_blob.change_password(storage, old, new)
     except KdistError as exc:
         fail(exc)

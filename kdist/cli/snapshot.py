@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
+import socket
 import sys
 from dataclasses import replace
 
 import click
 
-from kdist.cli import exit_codes
+from repo_format import clock
 from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
+from repo_format.storage.wrappers import throttled_storage
 
-from kdist.cli.context import storage_requests, with_repository
+from kdist.cli import exit_codes
+from kdist.cli.context import metrics_options, storage_requests, with_repository
 from kdist.cli.progress import ProgressLine, human_bytes
+from kdist.cli.text import printable
 from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
-from kdist.snapshot import TYPE_DIR, Snapshot, backup_host, list_snapshots, resolve_snapshot, visible_labels
+from kdist.snapshot import (TYPE_DIR, Snapshot, SnapshotFilter, backup_host, list_snapshots, resolve_snapshot,
+                            visible_labels)
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -40,6 +46,28 @@ def _snapshot_json(s: Snapshot) -> dict:
         "start": s.start, "end": s.end, "root": s.root, "totals": s.totals, "tags": s.tags,
         "description": s.description, "checkpoint": s.checkpoint, "errors": s.errors,
     }
+
+
+def filter_options(fn):
+    """``--host``, ``--path``, ``--tag``: which snapshots a command means (``latest`` among them;
+    restic's semantics). Passed as ``where`` (``kdist.snapshot.SnapshotFilter``)."""
+    fn = click.option("--tag", "filter_tags", multiple=True, metavar="TAG[,TAG...]",
+                      help="Only snapshots with these tags (all of a comma-separated list; repeat the option "
+                           "for any of several lists).")(fn)
+    fn = click.option("--path", "filter_paths", multiple=True, metavar="PATH",
+                      help="Only snapshots of this source path, as `snapshot list` shows it (repeatable).")(fn)
+    fn = click.option("--host", "filter_hosts", multiple=True, metavar="HOST",
+                      help="Only snapshots of this host (repeatable).")(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, filter_hosts=(), filter_paths=(), filter_tags=(), **kwargs):
+        return fn(*args, where=SnapshotFilter.of(filter_hosts, filter_paths, filter_tags), **kwargs)
+
+    return wrapper
+
+
+def _resolve(repo, ref: str, where) -> Snapshot:
+    return resolve_snapshot(repo.manifests, ref, where=where, **visible_labels(repo.identity))
 
 
 def _processes(ctx, param, value):
@@ -69,10 +97,36 @@ def _processes(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--host", default="", help="Publish the snapshots under this host name (default: this machine's; "
                                         "a host key's own host, which it cannot change).")
+@metrics_options("backup", lambda kw: {"host": kw.get("host") or socket.gethostname()})
 @with_repository(append_only=True, roles=(ADMIN, HOST), what="back up")
 def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
-           as_json, host):
+           as_json, host, metrics):
     """Back up each PATH (a directory) as one snapshot."""
+    started, results = clock.monotonic(), []
+    name = backup_host(repo.identity, host) or socket.gethostname()
+    try:
+        partial = _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers,
+                          processes, as_json, host, results)
+    except BaseException:
+        _backup_metrics(metrics, name, results, False, clock.monotonic() - started)
+        raise
+    _backup_metrics(metrics, name, results, True, clock.monotonic() - started)
+    if partial:
+        sys.exit(exit_codes.PARTIAL)
+
+
+def _backup_metrics(metrics, host: str, results: list, success: bool, duration: float) -> None:
+    from kdist.metrics import export
+
+    totals = {k: sum(s.totals.get(k, 0) for s in results) for k in ("files", "bytes", "bytes_read", "new_bytes",
+                                                                      "errors")}
+    export(metrics, "backup", {"host": host}, {"snapshots": len(results), **totals}, success, duration,
+           {"errors": "Files or directories the last backup could not read",
+            "new_bytes": "Bytes the last backup added to the repository (after deduplication and compression)"})
+
+
+def _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
+            as_json, host, results: list) -> bool:
     from kdist.processes import ProcessPool, auto_processes, measure
 
     opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
@@ -86,9 +140,11 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
         measured = {path: measure(path, opts) for path in paths}
         if auto:
             processes = max(auto_processes(m.entries) for m in measured.values())
+    if processes > 1 and measured and (throttle := throttled_storage(repo.storage)) is not None:
+        throttle.share(processes)  # --limit-upload is the whole backup's, not each process's
     pool = ProcessPool.fork(repo, processes) if processes > 1 and measured else None
     with pool or contextlib.nullcontext():
-        results, partial, requests = [], False, [{}]
+        partial, requests = False, [{}]
         for path in paths:
             if results:
                 requests.append(storage_requests(repo))
@@ -105,12 +161,13 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
             partial = partial or snap.totals["errors"] > 0
             if not as_json:
                 t = snap.totals
-                click.echo(f"snapshot {snap.short_id} of {snap.source.path}: {t['files']} files, {t['dirs']} dirs, "
+                click.echo(f"snapshot {snap.short_id} of {printable(snap.source.path)}: {t['files']} files, "
+                           f"{t['dirs']} dirs, "
                            f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
                            f"reused {t['files_reused']}, new data {human_bytes(t['new_bytes'])}, "
                            f"{snap.end - snap.start:.1f} s")
                 for err in snap.errors:
-                    click.echo(f"  warning: {err['path']}: {err['error']}", err=True)
+                    click.echo(f"  warning: {printable(err['path'])}: {printable(err['error'])}", err=True)
                 if t["errors"]:
                     click.echo(f"  {t['errors']} file(s) or directories could not be backed up completely", err=True)
     if as_json:
@@ -119,50 +176,49 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
         # each snapshot's storage requests: the first's include opening the repository, the last's closing it
         click.echo(json.dumps([{**_snapshot_json(s), "requests": _minus(requests[i + 1], requests[i])}
                                for i, s in enumerate(results)], indent=2))
-    if partial:
-        sys.exit(exit_codes.PARTIAL)
+    return partial
 
 
 @snapshot_group.command("list")
-@click.option("--path", "source_path", default=None, help="Only snapshots of this source path.")
-@click.option("--host", default=None, help="Only snapshots from this host.")
-@click.option("--tag", default=None, help="Only snapshots with this tag.")
+@filter_options
 @click.option("--all", "include_checkpoints", is_flag=True, help="Include checkpoints of unfinished backups.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(read_only=True)
-def list_(repo, source_path, host, tag, include_checkpoints, as_json):
+def list_(repo, where, include_checkpoints, as_json):
     """List snapshots, oldest first."""
-    labels = {k: v for k, v in (("path", source_path), ("host", host)) if v}
+    labels = {}
     labels.update(visible_labels(repo.identity))  # a host key lists its own host's
-    snaps = list_snapshots(repo.manifests, include_checkpoints=include_checkpoints, **labels)
-    if tag:
-        snaps = [s for s in snaps if tag in s.tags]
+    snaps = where.select(list_snapshots(repo.manifests, include_checkpoints=include_checkpoints, **labels))
     if as_json:
         click.echo(json.dumps([_snapshot_json(s) for s in snaps], indent=2))
         return
     if not snaps:
         click.echo("no snapshots")
         return
-    click.echo(f"{'ID':<10}{'time':<21}{'host':<16}{'files':>8}{'size':>12}  path")
-    for s in snaps:
+    hosts = [printable(s.source.host) for s in snaps]
+    width = max(4, *map(len, hosts)) + 2  # whole host names: fleets name hosts alike up to a suffix
+    click.echo(f"{'ID':<10}{'time':<21}{'host':<{width}}{'files':>8}{'size':>12}  path")
+    for s, host in zip(snaps, hosts):
         mark = " (checkpoint)" if s.checkpoint else ""
-        tags = f"  [{', '.join(s.tags)}]" if s.tags else ""
-        click.echo(f"{s.short_id:<10}{_when(s.end):<21}{s.source.host[:15]:<16}{s.totals.get('files', 0):>8}"
-                   f"{human_bytes(s.totals.get('bytes', 0)):>12}  {s.source.path}{mark}{tags}")
+        tags = f"  [{', '.join(printable(t) for t in s.tags)}]" if s.tags else ""
+        click.echo(f"{s.short_id:<10}{_when(s.end):<21}{host:<{width}}{s.totals.get('files', 0):>8}"
+                   f"{human_bytes(s.totals.get('bytes', 0)):>12}  {printable(s.source.path)}{mark}{tags}")
     click.echo(f"{len(snaps)} snapshot(s)")
 
 
 @snapshot_group.command("restore")
 @click.argument("snapshot_ref")
 @click.argument("target", type=click.Path(file_okay=False))
-@click.option("--path", "subpath", default=None, help="Restore only this path inside the snapshot.")
+@click.option("--include", "subpath", default=None, metavar="PATH",
+              help="Restore only this path inside the snapshot (a file or a directory, as `ls` shows it).")
+@filter_options
 @click.option("--overwrite", type=click.Choice(OVERWRITE_POLICIES), default="never", show_default=True,
               help="What to do with files that already exist in the target.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @with_repository(read_only=True)
-def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
-    """Restore SNAPSHOT (id prefix or 'latest') into TARGET."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
+def restore(repo, snapshot_ref, target, subpath, where, overwrite, as_json):
+    """Restore SNAPSHOT (id prefix, or 'latest' of the snapshots --host/--path/--tag select) into TARGET."""
+    snap = _resolve(repo, snapshot_ref, where)
     progress = ProgressLine(total_bytes=snap.totals.get("bytes"))
     try:
         stats = Restorer(repo, overwrite=overwrite,
@@ -173,11 +229,11 @@ def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
         click.echo(json.dumps({"snapshot": snap.id, "target": target, **stats.as_dict(),
                                "requests": storage_requests(repo)}, indent=2))
     else:
-        click.echo(f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
+        click.echo(f"restored snapshot {snap.short_id} to {printable(target)}: {stats.files} files, {stats.dirs} dirs, "
                    f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"
                    + (f"; {stats.skipped_existing} existing files left alone" if stats.skipped_existing else ""))
         for err in stats.error_list:
-            click.echo(f"  error: {err['path']}: {err['error']}", err=True)
+            click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}", err=True)
     if stats.errors:
         click.echo(f"{stats.errors} item(s) could not be restored", err=True)
         sys.exit(exit_codes.PARTIAL)
@@ -187,11 +243,12 @@ def restore(repo, snapshot_ref, target, subpath, overwrite, as_json):
 @click.argument("snapshot_ref")
 @click.argument("path", required=False)
 @click.option("-r", "--recursive", is_flag=True, help="List the whole subtree.")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(read_only=True)
-def ls(repo, snapshot_ref, path, recursive, as_json):
+def ls(repo, snapshot_ref, path, recursive, where, as_json):
     """List the entries of a directory in a snapshot."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
+    snap = _resolve(repo, snapshot_ref, where)
     start = find_subtree(repo, snap, path)
     rows = browse.walk(repo, start, (path or "").strip("/"), recursive)
     if as_json:
@@ -199,17 +256,18 @@ def ls(repo, snapshot_ref, path, recursive, as_json):
                                 "mtime_ns": e.mtime_ns, "target": e.target or None} for p, e in rows], indent=2))
         return
     for p, e in rows:
-        extra = f" -> {e.target}" if e.target else ("/" if e.type == TYPE_DIR else "")
-        click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {_when(e.mtime_ns / 1e9)}  {p}{extra}")
+        extra = f" -> {printable(e.target)}" if e.target else ("/" if e.type == TYPE_DIR else "")
+        click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {_when(e.mtime_ns / 1e9)}  {printable(p)}{extra}")
 
 
 @snapshot_group.command("cat")
 @click.argument("snapshot_ref")
 @click.argument("path")
+@filter_options
 @with_repository(read_only=True)
-def cat(repo, snapshot_ref, path):
+def cat(repo, snapshot_ref, path, where):
     """Write one file of a snapshot to standard output."""
-    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
+    snap = _resolve(repo, snapshot_ref, where)
     entry = find_subtree(repo, snap, path)
     if entry.type != "f":
         raise click.UsageError(f"{path} is not a file in the snapshot")
@@ -223,18 +281,18 @@ def cat(repo, snapshot_ref, path):
 @snapshot_group.command("diff")
 @click.argument("first")
 @click.argument("second")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(read_only=True)
-def diff(repo, first, second, as_json):
+def diff(repo, first, second, where, as_json):
     """Show what was added (+), removed (-) and modified (M) between two snapshots."""
-    seen = visible_labels(repo.identity)
-    a, b = resolve_snapshot(repo.manifests, first, **seen), resolve_snapshot(repo.manifests, second, **seen)
+    a, b = _resolve(repo, first, where), _resolve(repo, second, where)
     changes = browse.diff(repo, a.root, b.root)
     if as_json:
         click.echo(json.dumps([{"change": c, "path": p} for c, p in changes], indent=2))
         return
     for c, p in changes:
-        click.echo(f"{c} {p}")
+        click.echo(f"{c} {printable(p)}")
     click.echo(f"{len(changes)} change(s) between {a.short_id} and {b.short_id}")
 
 
@@ -242,22 +300,44 @@ def diff(repo, first, second, as_json):
 @click.argument("snapshot_ref")
 @click.option("--percent", type=click.FloatRange(0, 100), default=100.0, show_default=True,
               help="Share of file contents to re-read (directory objects are always read).")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(read_only=True)
-def verify(repo, snapshot_ref, percent, as_json):
+def verify(repo, snapshot_ref, percent, where, as_json):
     """Re-read and authenticate every content of a snapshot (or a random share)."""
     repo.contents.cache_contents = False  # verify what the repository holds, not the local copies
-    snap = resolve_snapshot(repo.manifests, snapshot_ref, **visible_labels(repo.identity))
+    snap = _resolve(repo, snapshot_ref, where)
     report = browse.verify(repo, snap.root, percent)
     if as_json:
         click.echo(json.dumps({"snapshot": snap.id, **report.as_dict()}, indent=2))
     else:
         for p in report.problems:
-            click.echo(f"  damaged: {p['path']}: {p['error']}", err=True)
+            click.echo(f"  damaged: {printable(p['path'])}: {printable(p['error'])}", err=True)
         click.echo(f"verified snapshot {snap.short_id}: {report.files} files, {report.contents_read} contents "
                    f"({human_bytes(report.bytes_read)}) read, {len(report.problems)} problem(s)")
     if report.problems:
         sys.exit(exit_codes.CORRUPTION)
+
+
+def _group_by(ctx, param, value):
+    fields = tuple(f.strip() for f in value.split(",") if f.strip())
+    from kdist.snapshot import GROUP_FIELDS
+
+    bad = [f for f in fields if f not in GROUP_FIELDS]
+    if bad or not fields:
+        raise click.BadParameter(f"{value!r}: give a comma-separated list of {', '.join(GROUP_FIELDS)}")
+    return fields
+
+
+def _within(ctx, param, value):
+    if value is None:
+        return 0.0
+    from kdist.access import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @snapshot_group.command("forget")
@@ -267,35 +347,60 @@ def verify(repo, snapshot_ref, percent, as_json):
 @click.option("--keep-weekly", type=click.IntRange(0), default=0)
 @click.option("--keep-monthly", type=click.IntRange(0), default=0)
 @click.option("--keep-yearly", type=click.IntRange(0), default=0)
+@click.option("--keep-within", default=None, metavar="DURATION", callback=_within,
+              help="Keep every snapshot taken within DURATION (e.g. 14d, 36h) before the newest of its group.")
 @click.option("--keep-tag", "keep_tags", multiple=True, help="Always keep snapshots with this tag.")
+@filter_options
+@click.option("--group-by", default="host,user,path", show_default=True, callback=_group_by, metavar="FIELDS",
+              help="Decide per group of snapshots with the same host, user, path and/or tags. Leaving host out "
+                   "is refused on a repository with host keys: a host could crowd others out of count rules.")
 @click.option("--id", "ids", multiple=True, help="Forget exactly this snapshot (id prefix); repeatable.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be forgotten.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @with_repository(roles=(ADMIN, MAINTENANCE), what="forget snapshots")
-def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags, ids,
-           dry_run, as_json):
-    """Forget snapshots by retention policy (per source) or by id. Data is freed later by `kdist gc run`."""
+def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_within, keep_tags,
+           where, group_by, ids, dry_run, as_json):
+    """Forget snapshots by retention policy (per group, among those --host/--path/--tag select) or by
+    id, and the checkpoints of backups that died and were since superseded. Data is freed later by
+    `kdist gc run`."""
     from kdist.retention import RetentionPolicy
-    from kdist.snapshot import plan_forget
+    from kdist.snapshot import ForgetPlan, dead_checkpoints, plan_forget
+    from repo_format.keyslots import HOST as HOST_ROLE
 
-    policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tags))
+    policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
+                             tuple(keep_tags), keep_within)
     if ids:
-        to_forget = [resolve_snapshot(repo.manifests, i) for i in ids]
-        kept = []
+        if where:
+            raise click.UsageError("--id names snapshots itself: give it without --host, --path or --tag")
+        plan = ForgetPlan(forget=[resolve_snapshot(repo.manifests, i) for i in ids])
     else:
         if policy.is_empty():
             raise click.UsageError("give a --keep-* policy or --id; refusing to forget every snapshot")
-        kept, to_forget = plan_forget(repo.manifests, policy)
+        plan = plan_forget(repo.manifests, policy, where, group_by)
+        if "host" not in group_by and any(k.role == HOST_ROLE for k in repo.manifests.keys.values()):
+            raise click.UsageError("this repository has host keys: --group-by must include host, or one host's "
+                                   "snapshots could push another host's out of the count rules")
+        plan.checkpoints = dead_checkpoints(repo, where, dry_run)  # what maintenance would forget too
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "forget": [s.id for s in to_forget], "keep": [s.id for s in kept]}, indent=2))
+        click.echo(json.dumps({"dry_run": dry_run, "forget": [s.id for s in plan.forget],
+                               "keep": [s.id for s in plan.keep],
+                               "reasons": {s.id: plan.reasons.get(s.id, []) for s in plan.keep},
+                               "checkpoints": [s.id for s in plan.checkpoints]}, indent=2))
     else:
-        for s in kept:
-            click.echo(f"keep    {s.short_id}  {_when(s.end)}  {s.source}")
-        for s in to_forget:
-            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {s.source}")
+        for s in plan.keep:
+            click.echo(f"keep    {s.short_id}  {_when(s.end)}  {printable(str(s.source))}  "
+                       f"({', '.join(plan.reasons.get(s.id, []))})")
+        for s in plan.forget:
+            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {printable(str(s.source))}")
+        for s in plan.checkpoints:
+            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {printable(str(s.source))}  (checkpoint of a backup "
+                       "that died; a later snapshot of its source exists)")
+    gone = plan.forget + plan.checkpoints
     if not dry_run:
-        repo.manifests.delete([s.id for s in to_forget])
+        repo.manifests.delete([s.id for s in gone])
         if not as_json:
-            click.echo(f"forgot {len(to_forget)} snapshot(s)")
+            click.echo(f"forgot {len(plan.forget)} snapshot(s)" + (f" and {len(plan.checkpoints)} checkpoint(s)"
+                                                                     if plan.checkpoints else ""))
     elif not as_json:
-        click.echo(f"dry run: would forget {len(to_forget)} snapshot(s)")
+        click.echo(f"dry run: would forget {len(plan.forget)} snapshot(s)"
+                   + (f" and {len(plan.checkpoints)} checkpoint(s)" if plan.checkpoints else ""))

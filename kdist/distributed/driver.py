@@ -1,4 +1,4 @@
-"""The driver of a distributed backup (``cluster/backup.py``): fleet mode and shard mode.
+"""The driver of a distributed backup (``kdist fleet backup``, ``cluster/backup.py``): fleet mode and shard mode.
 
 Fleet: one worker actor per alive node (optionally only nodes with given labels), pinned with a
 hard node-affinity constraint, backs up that node's own paths into its own snapshots.
@@ -9,31 +9,26 @@ writes.
 
 Exit codes: 0 every node/part done; 3 done, but some files were skipped (listed in the
 snapshots); 18 some node or part failed (the others finished and are published); otherwise the
-code of the error that stopped the driver (kdist/cli/exit_codes.py).
+code of the error that stopped the driver (kdist/cli/exit_codes.py). The command is
+``kdist.cli.fleet``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import socket
 import sys
 from dataclasses import dataclass, field
 
 import click
 
 from repo_format import clock
-from repo_format.errors import KdistError
-from repo_format.local_cache import CacheSettings
-from repo_format.repository import Repository
-from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, RetryingStorage, append_only
 
-from kdist.allocator import tune_process
+from kdist.access import RepositorySpec
 from kdist.cli import exit_codes
+from kdist.cli.text import printable
 from kdist.distributed.plan import parts_totals, plan_tree, publish_parts
-from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, PasswordSource, ProgressBoard, entries_from_wire
+from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, ProgressBoard, entries_from_wire
 from kdist.snapshot import Source, backup_host, previous_root
 from kdist.uploader import BackupOptions, stat_source
 
@@ -50,6 +45,7 @@ class Summary:
     nodes: list = field(default_factory=list)  # fleet: one per node; shard: one per part
     totals: dict = field(default_factory=dict)
     cluster: dict = field(default_factory=dict)  # the Ray cluster it ran on: address, alive nodes
+    left_out: list = field(default_factory=list)  # fleet: nodes that cannot run a backup actor, and why
     duration: float = 0.0
     error: str = ""
 
@@ -102,15 +98,27 @@ def node_host(node: dict) -> str:
     return (node.get("Labels") or {}).get(HOST_LABEL) or node.get("NodeManagerHostname", "?")
 
 
-def run_fleet(location, endpoint_url, password: PasswordSource, request: FleetRequest, labels: dict,
-              parallelism: int | None, cpus: float, show: bool) -> Summary:
+def run_fleet(spec: RepositorySpec, request: FleetRequest, labels: dict, parallelism: int | None, cpus: float,
+              show: bool) -> Summary:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     summary = Summary(mode="fleet")
-    nodes = alive_nodes(labels)
-    if not nodes:
+    matching = alive_nodes(labels)
+    if not matching:
         raise click.UsageError("no alive Ray node matches" + (f" the labels {labels}" if labels else ""))
+    # an actor asking for more CPUs than a node has would wait there forever (a head started with
+    # --num-cpus 0): such a node is left out, and said so, rather than reported as dying
+    nodes = [n for n in matching if n.get("Resources", {}).get("CPU", 0) >= cpus]
+    summary.left_out = [{"node_id": n["NodeID"], "host": node_host(n),
+                         "reason": f"it offers {n.get('Resources', {}).get('CPU', 0):g} CPUs to Ray and a backup "
+                                   f"actor needs {cpus:g} (--cpus-per-actor); label the backup nodes and pass "
+                                   "--node-label to choose them"} for n in matching if n not in nodes]
+    if not nodes:
+        summary.status = "failed"
+        summary.error = "no matching node can run a backup actor: " + "; ".join(
+            f"{n['host']}: {n['reason']}" for n in summary.left_out)
+        return summary
     board = progress_board()
     display = Display(board, show)
     worker_cls = ray.remote(BackupWorker)
@@ -124,7 +132,7 @@ def run_fleet(location, endpoint_url, password: PasswordSource, request: FleetRe
             # a hard constraint: a soft one could back up another machine's disk under this node's name
             actor = worker_cls.options(
                 num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-            ).remote(location, endpoint_url, password, board)
+            ).remote(spec, board)
             running[actor.backup_node.remote(request)] = (node, actor)
         done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT)
         for ref in done:
@@ -137,6 +145,11 @@ def run_fleet(location, endpoint_url, password: PasswordSource, request: FleetRe
     summary.totals = _sum(results, ("files", "bytes_read", "new_bytes", "errors"))
     if any(r["status"] == "failed" for r in results):
         summary.status = "failed"
+    elif labels and summary.left_out:
+        # the operator chose these nodes by label: one that cannot run is a node not backed up
+        # (without labels, a head started with --num-cpus 0 is expected to be left out)
+        summary.status = "failed"
+        summary.error = f"{len(summary.left_out)} node(s) with the labels {labels} cannot run a backup actor"
     elif any(r["status"] == "partial" for r in results):
         summary.status = "partial"
     return summary
@@ -153,18 +166,15 @@ def _node_result(ref, node) -> dict:
                          "finished stays reachable through its last checkpoint"}
 
 
-def run_shard(location, endpoint_url, password: PasswordSource, root: str, options: BackupOptions, host: str,
-              parallelism: int | None, cpus: float, show: bool) -> Summary:
+def run_shard(spec: RepositorySpec, root: str, options: BackupOptions, host: str, parallelism: int | None,
+              cpus: float, show: bool, node_config: str | None = None) -> Summary:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     summary = Summary(mode="shard")
     started = clock.now()
     root_path, st = stat_source(root)
-    storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
-    repo = Repository.open(storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
-                           cache=CacheSettings.from_environment())
-    repo.manifests.skip_unreadable = True  # a backup: one unreadable manifest blob must not stop it
+    repo = spec.open(append_only=True)  # a backup: it never deletes, and passes over unreadable manifests
     try:
         source = Source(backup_host(repo.identity, "") or host, Source.local(root_path).user, root_path)
         previous = previous_root(repo.manifests, source) if options.reuse_previous else None
@@ -184,7 +194,7 @@ def run_shard(location, endpoint_url, password: PasswordSource, root: str, optio
             """Actor k goes to node k (softly); a replacement anywhere, spread."""
             strategy = placements[k % len(placements)] if k is not None and placements else "SPREAD"
             return remote_cls.options(num_cpus=cpus, scheduling_strategy=strategy).remote(
-                location, endpoint_url, password, board)
+                spec, board, node_config)
 
         results, failures, requeued = _pull_parts(spawn, plan.parts, (source, st.st_dev, run, options),
                                         min(workers, len(plan.parts)), display)
@@ -280,81 +290,16 @@ def print_summary(summary: Summary, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary.__dict__, default=str, indent=1))
         return
+    for r in summary.left_out:
+        click.echo(f"{printable(r['host'])}: left out -- {r['reason']}")
     for r in summary.nodes:
-        name = r.get("host") if summary.mode == "fleet" else f"part {r.get('index')} {r.get('path')}"
+        name = printable(str(r.get("host")) if summary.mode == "fleet" else f"part {r.get('index')} {r.get('path')}")
         stats = r.get("stats", r)
         line = (f"{name}: {r['status']}, {stats.get('files', 0)} files, {stats.get('bytes_read', 0)} bytes read, "
                 f"{stats.get('new_bytes', 0)} new, {r.get('duration', 0):.1f} s, requests {r.get('requests', {})}")
-        click.echo(line + (f" -- {r['error']}" if r.get("error") else ""))
+        click.echo(line + (f" -- {printable(r['error'])}" if r.get("error") else ""))
     for s in summary.snapshots:
-        click.echo(f"snapshot {s['id'][:8]} of {s['path']}")
+        click.echo(f"snapshot {s['id'][:8]} of {printable(s['path'])}")
     t = summary.totals
     click.echo(f"{summary.mode} backup {summary.status}: {t.get('files', 0)} files, {t.get('bytes_read', 0)} bytes "
                f"read, {t.get('new_bytes', 0)} new, {summary.duration:.1f} s" + (f"; {summary.error}" if summary.error else ""))
-
-
-def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        k, sep, v = p.partition("=")
-        if not sep:
-            raise click.UsageError(f"--node-label wants key=value, not {p!r}")
-        out[k] = v
-    return out
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--repo", "location", envvar="KDIST_REPO", required=True,
-              help="Repository every node can reach: s3://bucket/prefix, or a path on a shared filesystem.")
-@click.option("--endpoint-url", envvar="KDIST_ENDPOINT_URL", default=None, help="S3-compatible endpoint.")
-@click.option("--password-env", default="KDIST_PASSWORD", show_default=True,
-              help="Environment variable that holds the password on every node (never pass the password itself).")
-@click.option("--password-file", default=None, help="File on every node whose first line is the password.")
-@click.option("--mode", type=click.Choice(["fleet", "shard"]), required=True,
-              help="fleet: every node backs up its own paths; shard: one shared tree split over the cluster.")
-@click.option("--path", "paths", multiple=True, help="Path to back up (fleet: on every node; shard: the shared tree).")
-@click.option("--node-config", default="/etc/kdist/backup.json", show_default=True,
-              help="Fleet: JSON file on each node with its own paths/excludes/host (env KDIST_NODE_CONFIG wins).")
-@click.option("--node-label", multiple=True, help="Fleet: only nodes with this Ray label, key=value (repeatable).")
-@click.option("--exclude", "excludes", multiple=True, help="Glob of names or paths to leave out (repeatable).")
-@click.option("--tag", "tags", multiple=True, help="Tag for the snapshots (repeatable).")
-@click.option("--parallelism", type=click.IntRange(min=1), default=None,
-              help="At most this many backup actors at once (default: one per node, in both modes).")
-@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Reader threads per actor; 0: the node's CPU count (at least 2).")
-@click.option("--host", default=None, help="Shard: host name recorded in the snapshot (default: this machine's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def main(location, endpoint_url, password_env, password_file, mode, paths, node_config, node_label, excludes,
-         tags, parallelism, cpus_per_actor, threads, host, as_json):
-    """Back up a Ray cluster's nodes (fleet) or one big shared tree (shard) into one repository."""
-    import ray
-
-    tune_process()
-    started = clock.monotonic()
-    password = PasswordSource(env=password_env, file=password_file)
-    try:
-        if not ray.is_initialized():  # no address: RAY_ADDRESS, else the cluster on this machine, else a new one
-            ray.init(logging_level="WARNING", log_to_driver=False)
-        show = sys.stderr.isatty() and not as_json
-        if mode == "fleet":
-            request = FleetRequest(list(paths), list(excludes), list(tags), node_config, threads)
-            summary = run_fleet(location, endpoint_url, password, request, _labels(node_label), parallelism,
-                                cpus_per_actor, show)
-        else:
-            if len(paths) != 1:
-                raise click.UsageError("--mode shard backs up exactly one --path (a tree every node can read)")
-            options = BackupOptions(excludes=list(excludes), tags=list(tags) + ["shard"], workers=threads)
-            summary = run_shard(location, endpoint_url, password, paths[0], options, host or socket.gethostname(),
-                                parallelism, cpus_per_actor, show)
-    except KdistError as exc:
-        click.echo(f"kdist: error: {exc}", err=True)
-        sys.exit(exit_codes.exit_code_for(exc))
-    summary.duration = clock.monotonic() - started
-    summary.cluster = {"address": ray.get_runtime_context().gcs_address, "nodes": len(alive_nodes({}))}
-    print_summary(summary, as_json)
-    sys.exit(summary.exit_code())
-
-
-if __name__ == "__main__":
-    main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import socket
 import threading
@@ -18,11 +19,10 @@ from dataclasses import dataclass, field, replace
 
 from repo_format import clock
 from repo_format.errors import KdistError
-from repo_format.local_cache import CacheSettings
 from repo_format.repository import Repository
-from repo_format.storage import open_storage
-from repo_format.storage.wrappers import CountingStorage, RetryingStorage, append_only, counting_storage
+from repo_format.storage.wrappers import counting_storage
 
+from kdist.access import AccessError, RepositorySpec
 from kdist.allocator import tune_process
 from kdist.snapshot import Entry, Source, backup_host
 from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
@@ -36,28 +36,6 @@ class NodeSetupError(KdistError):
     """A node cannot take part: no password, no paths, an unreadable node config."""
 
 
-@dataclass(frozen=True)
-class PasswordSource:
-    """Where each node finds the password: an environment variable or a file on that node."""
-
-    env: str = "KDIST_PASSWORD"
-    file: str | None = None
-
-    def read(self) -> str:
-        if self.file:
-            try:
-                with open(os.path.expanduser(self.file), encoding="utf-8") as f:
-                    return f.readline().rstrip("\r\n")
-            except OSError as exc:
-                raise NodeSetupError(f"cannot read the password file {self.file} on {socket.gethostname()}: "
-                                     f"{exc.strerror}") from None
-        value = os.environ.get(self.env)
-        if value is None:
-            raise NodeSetupError(f"no password on {socket.gethostname()}: the environment variable {self.env} "
-                                 "is not set there (or use a password file on every node)")
-        return value
-
-
 @dataclass
 class FleetRequest:
     """What every node backs up, unless its node config file says otherwise."""
@@ -67,6 +45,12 @@ class FleetRequest:
     tags: list[str] = field(default_factory=list)
     node_config: str | None = None  # JSON file on each node: {"paths": [...], "excludes": [...], "host": "..."}
     workers: int = 0  # reader threads per node; 0: the node's CPU count
+    jitter: float = 0.0  # seconds: each node waits a random share of it before it starts
+
+
+# what a node config may provision besides paths, so that nothing depends on the environment
+# the raylet was started with: the password file, the key, the S3 credentials of this node
+_PROVISIONS = ("password_file", "key_id", "aws_profile", "aws_shared_credentials_file")
 
 
 def read_node_config(path: str | None) -> dict:
@@ -81,7 +65,24 @@ def read_node_config(path: str | None) -> dict:
         raise NodeSetupError(f"cannot read node config {path} on {socket.gethostname()}: {exc}") from None
     if not isinstance(cfg, dict) or not all(isinstance(p, str) for p in cfg.get("paths", [])):
         raise NodeSetupError(f"node config {path} on {socket.gethostname()} must be an object with a list of paths")
+    bad = [k for k in _PROVISIONS if k in cfg and not (isinstance(cfg[k], str) and cfg[k])]
+    if bad:
+        raise NodeSetupError(f"node config {path} on {socket.gethostname()}: {', '.join(bad)} must be non-empty text")
     return cfg
+
+
+def provisioned(spec: RepositorySpec, cfg: dict) -> RepositorySpec:
+    """``spec`` with what this node's config provisions: its password file and key id win over
+    the driver's (the node's own file is the more specific), its AWS profile and credentials file
+    go into this actor's environment (boto3 reads them when the storage is opened)."""
+    if cfg.get("password_file"):
+        spec = replace(spec, password=replace(spec.password, file=cfg["password_file"]))
+    if cfg.get("key_id"):
+        spec = replace(spec, key_id=cfg["key_id"])
+    for key, env in (("aws_profile", "AWS_PROFILE"), ("aws_shared_credentials_file", "AWS_SHARED_CREDENTIALS_FILE")):
+        if cfg.get(key):
+            os.environ[env] = cfg[key]
+    return spec
 
 
 class ProgressBoard:
@@ -97,12 +98,22 @@ class ProgressBoard:
         return dict(self.lines)
 
 
+def open_on_node(spec: RepositorySpec, **kwargs) -> Repository:
+    """``spec.open`` on this node; a password or location this node cannot read is its setup
+    failure, naming the node."""
+    try:
+        return spec.open(**kwargs)
+    except AccessError as exc:
+        raise NodeSetupError(f"{exc} (on {socket.gethostname()})") from None
+
+
 class BackupWorker:
-    def __init__(self, location: str, endpoint_url: str | None, password: PasswordSource, board=None):
+    def __init__(self, spec: RepositorySpec, board=None, node_config: str | None = None):
         tune_process()
-        self._open_args = (location, endpoint_url, password)
-        self.storage: CountingStorage | None = None
+        self.spec = spec
+        self.node_config = node_config
         self.repo: Repository | None = None
+        self._counting = None
         self.board = board
         self.host = _node_labels().get(HOST_LABEL) or socket.gethostname()
         self._last_report = 0.0
@@ -112,14 +123,13 @@ class BackupWorker:
         """Open the repository on first use, so that a node without a password or storage access
         reports that as its failure (a constructor error would look like a dead actor)."""
         if self.repo is None:
-            location, endpoint_url, password = self._open_args
-            self.storage = append_only(CountingStorage(RetryingStorage(open_storage(location, endpoint_url=endpoint_url))))
-            self.repo = Repository.open(self.storage, password.read(), key_id=os.environ.get("KDIST_KEY_ID") or None,
-                                        cache=CacheSettings.from_environment())
-            self.repo.manifests.skip_unreadable = True  # a backup: one unreadable manifest blob must not stop it
+            spec = provisioned(self.spec, read_node_config(self.node_config))
+            # append-only: a backup never deletes or replaces; it passes over unreadable manifests
+            self.repo = open_on_node(spec, append_only=True)
+            self._counting = counting_storage(self.repo.storage)
 
     def _counts(self) -> dict:
-        return counting_storage(self.storage).counts() if self.storage is not None else {}
+        return self._counting.counts() if self._counting is not None else {}
 
     def where(self) -> dict:
         import ray
@@ -129,8 +139,12 @@ class BackupWorker:
     def backup_node(self, request: FleetRequest) -> dict:
         started, before = clock.monotonic(), self._counts()
         out = {"node_id": self.where()["node_id"], "host": self.host, "status": "ok", "snapshots": [],
-               "files": 0, "bytes_read": 0, "new_bytes": 0, "errors": 0, "error": ""}
+               "files": 0, "bytes_read": 0, "new_bytes": 0, "errors": 0, "error": "", "jitter_wait": 0.0}
+        if request.jitter > 0:  # hundreds of nodes must not hit the storage in the same second
+            out["jitter_wait"] = random.uniform(0, request.jitter)
+            clock.sleep(out["jitter_wait"])
         try:
+            self.node_config = request.node_config
             self._open()
             cfg = read_node_config(request.node_config)
             host = str(cfg.get("host") or self.host)

@@ -27,10 +27,13 @@ __all__ = [
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def open_storage(location: str, endpoint_url: str | None = None, create: bool = False) -> BlobStorage:
+def open_storage(location: str, endpoint_url: str | None = None, create: bool = False,
+                 request_timeout: float | None = None) -> BlobStorage:
     """Open ``s3://bucket/prefix`` as an ``S3Storage``, a path or ``file:///path`` as a directory.
 
-    ``create`` makes a missing directory; it never creates a bucket.
+    ``create`` makes a missing directory; it never creates a bucket. ``request_timeout`` bounds
+    how long S3 waits for a connection and for each reply: a quarter of it each try (at most 5 s
+and 60 s; see ``kdist.access``).
     """
     scheme = _SCHEME.match(location)
     if scheme is None:
@@ -38,7 +41,12 @@ def open_storage(location: str, endpoint_url: str | None = None, create: bool = 
     kind = scheme.group(1).lower()
     if kind == "s3":
         bucket, prefix = parse_s3_url(location)
-        return S3Storage(bucket, prefix, endpoint_url=endpoint_url)
+        # a request stalls at most twice per attempt (botocore's two tries, S3Storage's
+        # max_attempts), and RetryingStorage gives up once the stalls add up to the timeout: a
+        # quarter each, so a request that never gets an answer fails within about the timeout
+        timeouts = {} if request_timeout is None else {"connect_timeout": min(5.0, request_timeout / 4),
+                                                         "read_timeout": min(60.0, request_timeout / 4)}
+        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, **timeouts)
     if kind == "file":
         parts = urlsplit(location)
         if parts.netloc not in ("", "localhost"):

@@ -80,27 +80,43 @@ class RetryingStorage(StorageWrapper):
     """
 
     def __init__(self, inner: BlobStorage, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
+                 deadline: float | None = None, monotonic: Callable[[], float] = time.monotonic):
         super().__init__(inner)
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        # seconds one call may spend waiting: on answers that never came (the timeouts of its
+        # attempts, ``RetryableStorageError.stalled``) and between attempts; moving data costs
+        # nothing here (a slow link's long upload is retried), only the attempt count bounds that
+        self.deadline = deadline
         self._sleep = sleep
+        self._monotonic = monotonic
         self._rng = rng or random.Random()
 
-    def _backoff(self, failures: int) -> None:
-        self._sleep(self._rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (failures - 1))))
+    def _backoff(self, failures: int, waited: float, exc: RetryableStorageError) -> float:
+        """Wait before attempt ``failures + 1`` and return the call's waiting so far; give up
+        (``StorageUnreachable``) instead when that would pass the deadline."""
+        delay = self._rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (failures - 1)))
+        if self.deadline is not None and waited + delay > self.deadline:
+            raise errors.StorageUnreachable(
+                f"{exc} (gave up after {failures} attempt(s) and {waited:.0f} s without an answer: a storage request "
+                f"may wait {self.deadline:g} s, --request-timeout or KDIST_REQUEST_TIMEOUT)") from exc
+        self._sleep(delay)
+        return waited + delay
 
     def _retry(self, call: Callable[[], object]):
+        waited = 0.0
         for failures in range(1, self.attempts + 1):
             try:
                 return call()
-            except RetryableStorageError:
+            except RetryableStorageError as exc:
+                waited += exc.stalled
                 if failures == self.attempts:
                     raise
-                self._backoff(failures)
+                waited = self._backoff(failures, waited, exc)
 
     def put(self, name, data) -> None:
         self._retry(lambda: self.inner.put(name, data))
@@ -139,6 +155,7 @@ class RetryingStorage(StorageWrapper):
 
     def list(self, prefix="") -> Iterator[BlobMeta]:
         seen: set[str] = set()
+        waited = 0.0
         for failures in range(1, self.attempts + 1):
             try:
                 for meta in self.inner.list(prefix):
@@ -146,10 +163,11 @@ class RetryingStorage(StorageWrapper):
                         seen.add(meta.name)
                         yield meta
                 return
-            except RetryableStorageError:
+            except RetryableStorageError as exc:
+                waited += exc.stalled
                 if failures == self.attempts:
                     raise
-                self._backoff(failures)
+                waited = self._backoff(failures, waited, exc)
 
 
 class ReadOnlyStorage(StorageWrapper):
@@ -372,3 +390,77 @@ def counting_storage(storage: BlobStorage) -> CountingStorage | None:
     while not isinstance(storage, CountingStorage) and isinstance(storage, StorageWrapper):
         storage = storage.inner
     return storage if isinstance(storage, CountingStorage) else None
+
+
+class _Bucket:
+    """A rate limit shared by every thread of a process: a request takes its bytes at once and
+    then waits until the rate has paid them back ("debt"), so the average stays at ``rate``
+    whatever the sizes and however many threads there are, with a burst of at most one second."""
+
+    def __init__(self, rate: float, monotonic: Callable[[], float], sleep: Callable[[float], None]):
+        if not rate > 0:
+            raise ValueError("a rate limit must be positive")
+        self.rate = float(rate)
+        self._monotonic, self._sleep = monotonic, sleep
+        self._lock = threading.Lock()
+        self._credit = self.rate  # bytes that may go now: up to one second's worth
+        self._last = monotonic()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = self._monotonic()
+            self._credit = min(self.rate, self._credit + (now - self._last) * self.rate) - n
+            self._last = now
+            wait = -self._credit / self.rate if self._credit < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+class ThrottledStorage(StorageWrapper):
+    """Limits the bytes this process uploads (puts) and downloads (gets) per second
+    (``--limit-upload``, ``--limit-download``); listings and small requests pass freely."""
+
+    def __init__(self, inner: BlobStorage, upload: float | None = None, download: float | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        super().__init__(inner)
+        self.upload = _Bucket(upload, monotonic, sleep) if upload else None
+        self.download = _Bucket(download, monotonic, sleep) if download else None
+
+    def after_fork(self) -> None:
+        super().after_fork()
+        for bucket in (self.upload, self.download):
+            if bucket is not None:
+                bucket.after_fork()
+
+    def share(self, parts: int) -> None:
+        """Split the limits among ``parts`` processes about to fork (each gets its share)."""
+        for bucket in (self.upload, self.download):
+            if bucket is not None:
+                bucket.rate /= parts
+                bucket._credit = min(bucket._credit, bucket.rate)
+
+    def put(self, name, data) -> None:
+        if self.upload is not None:
+            self.upload.take(len(data))
+        self.inner.put(name, data)
+
+    def put_if_absent(self, name, data) -> bool:
+        if self.upload is not None:
+            self.upload.take(len(data))
+        return self.inner.put_if_absent(name, data)
+
+    def get(self, name, offset=0, length=-1) -> bytes:
+        data = self.inner.get(name, offset, length)
+        if self.download is not None:
+            self.download.take(len(data))
+        return data
+
+
+def throttled_storage(storage: BlobStorage) -> ThrottledStorage | None:
+    """The ``ThrottledStorage`` in ``storage``'s chain of wrappers, if there is one."""
+    while not isinstance(storage, ThrottledStorage) and isinstance(storage, StorageWrapper):
+        storage = storage.inner
+    return storage if isinstance(storage, ThrottledStorage) else None

@@ -184,6 +184,7 @@ def test_forget_with_policy_and_dry_run(fs_repo, tree):
     run("snapshot", "forget", *fs_repo, "--keep-last", "1")
     remaining = json.loads(run("snapshot", "list", *fs_repo, "--json").stdout)
     assert [s["id"] for s in remaining] == plan["keep"]
+    assert plan["reasons"] == {plan["keep"][0]: ["last"]}
 
 
 def test_change_password(fs_repo, monkeypatch):

@@ -26,7 +26,8 @@ from repo_format.session import unended_sessions  # noqa: E402
 from repo_format.storage import open_storage  # noqa: E402
 
 from kdist.distributed.driver import run_fleet, run_shard  # noqa: E402
-from kdist.distributed.workers import FleetRequest, PasswordSource  # noqa: E402
+from kdist.access import RepositorySpec  # noqa: E402
+from kdist.distributed.workers import FleetRequest  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
 from kdist.snapshot import list_snapshots  # noqa: E402
 from kdist.uploader import BackupOptions  # noqa: E402
@@ -76,9 +77,9 @@ def test_fleet_and_shard_backups_need_no_delete_right(host_cluster, iam_s3, monk
         (shared / f"dir{i % 3}" / f"f{i}").write_bytes(os.urandom(20_000))
 
     iam_s3.env(monkeypatch, "host")  # the driver too
-    fleet = run_fleet(location, endpoint, PasswordSource(), FleetRequest(), LABEL, None, 1, False)
+    fleet = run_fleet(RepositorySpec(location, endpoint), FleetRequest(), LABEL, None, 1, False)
     assert fleet.status == "ok", fleet
-    shard = run_shard(location, endpoint, PasswordSource(), str(shared), BackupOptions(workers=2), "shared-host",
+    shard = run_shard(RepositorySpec(location, endpoint), str(shared), BackupOptions(workers=2), "shared-host",
                       2, 1, False)
     assert shard.status == "ok", shard
     for n in fleet.nodes + shard.nodes:  # every request the nodes made: none a delete

@@ -35,7 +35,8 @@ from repo_format.storage import open_storage  # noqa: E402
 
 from kdist.cli import exit_codes  # noqa: E402
 from kdist.distributed.driver import run_fleet, run_shard  # noqa: E402
-from kdist.distributed.workers import FleetRequest, PasswordSource  # noqa: E402
+from kdist.access import PasswordSource, RepositorySpec  # noqa: E402
+from kdist.distributed.workers import FleetRequest  # noqa: E402
 from kdist.gc.run import run_maintenance  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
 from kdist.snapshot import list_snapshots  # noqa: E402
@@ -128,7 +129,7 @@ def _restores(repo: Repository, snap, original: str, target) -> bool:
 
 
 def _fleet(location, endpoint=None, show=False, **kw):
-    return run_fleet(location, endpoint, PasswordSource(), FleetRequest(**kw), LABEL, None, 1, show)
+    return run_fleet(RepositorySpec(location, endpoint), FleetRequest(**kw), LABEL, None, 1, show)
 
 
 @pytest.mark.parametrize("backend", ["filesystem", "s3"])
@@ -158,8 +159,11 @@ def test_fleet_backup_of_three_nodes(cluster, tmp_path, backend, s3_bucket, caps
 
     # the index is shared: a file node-a stored, copied to node-b, costs node-b nothing new
     shutil.copy(os.path.join(roots["node-a"], "only-on-node-a"), os.path.join(roots["node-b"], "copied-from-a"))
-    again = {n["host"]: n for n in _fleet(location, endpoint).nodes}
+    again = {n["host"]: n for n in _fleet(location, endpoint, jitter=0.5).nodes}
     assert again["node-b"]["status"] == "ok"
+    waits = [n["jitter_wait"] for n in again.values()]  # --jitter: each node waited its own random share
+    assert all(0 <= w <= 0.5 for w in waits) and len(set(waits)) == 3
+    assert all(n["jitter_wait"] == 0 for n in summary.nodes)
     assert again["node-b"]["bytes_read"] >= 100_000  # it did read the new file...
     assert again["node-b"]["new_bytes"] < 10_000  # ...and stored only its directory objects
 
@@ -175,7 +179,7 @@ def test_sharded_backup_equals_single_process(cluster, tmp_path):
         (d / f"file{i}").write_bytes(os.urandom(30_000 + 997 * i))
     opts = BackupOptions(tags=["shard"], workers=2)
 
-    summary = run_shard(location, None, PasswordSource(), str(root), opts, "shared-host", 3, 1, False)
+    summary = run_shard(RepositorySpec(location, None), str(root), opts, "shared-host", 3, 1, False)
     assert summary.status == "ok", summary
     assert summary.totals["parts"] > 3
     # each actor fetches an index blob once, whichever part needs it: requests grow with the parts
@@ -203,7 +207,7 @@ def test_a_node_dies_during_a_sharded_backup(cluster, tmp_path):
         d = root / f"d{i % 12}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(256 * 1024))
-    t, result = _in_thread(lambda: run_shard(location, None, PasswordSource(), str(root), BackupOptions(workers=1),
+    t, result = _in_thread(lambda: run_shard(RepositorySpec(location, None), str(root), BackupOptions(workers=1),
                                              "shared-host", 3, 1, False))
     ev = threading.Event()
     try:
@@ -430,7 +434,7 @@ def test_gc_on_ray_plans_what_a_single_process_plans(cluster, tmp_path):
     now = 2e9  # every pack is old enough
     tiny = 60 * ROW_BYTES * 4  # several key ranges, so several planning requests
     alone = plan_content_gc(repo, index, now, 0.0, tiny)
-    pool = RayPool(location, None, PasswordSource(), actors=2)
+    pool = RayPool(RepositorySpec(location), actors=2)
     try:
         shared = plan_content_gc(repo, index, now, 0.0, tiny, pool=pool)
         walked = pool.walked
@@ -468,3 +472,28 @@ def test_gc_run_with_ray_prints_the_same_plan(cluster, tmp_path):
     how = {"spilled_runs": 0, "walk_seconds": 0}  # how the plan was made, not what it is
     assert {**shared["steps"]["content_gc"], **how} == {**alone["steps"]["content_gc"], **how}
     assert shared["steps"]["ray"]["actors"] == 2 and len(shared["steps"]["ray"]["walked"]) == 2
+
+
+def test_node_configs_provision_password_and_key_without_the_raylets_environment(cluster, tmp_path):
+    """What a node needs to open the repository comes from its own config file, read at actor
+    start, not from the environment its raylet was started with: the driver names a variable no
+    node has, yet every node backs up with the password file its config names; a node whose
+    config names a key id that does not exist fails for that reason alone."""
+    location = str(tmp_path / "repo")
+    _create(location)
+    roots = _trees(tmp_path)
+    secret = tmp_path / "node-password"
+    secret.write_text(PASSWORD + "\n")
+    for host, root in roots.items():
+        cfg = {"host": host, "paths": [root], "password_file": str(secret)}
+        if host == "node-c":
+            cfg["key_id"] = "00000000deadbeef"
+        with open(cluster["base"] / f"{host}.json", "w") as f:
+            json.dump(cfg, f)
+    spec = RepositorySpec(location, None, PasswordSource(env="KDIST_NO_SUCH_VARIABLE"))
+    summary = run_fleet(spec, FleetRequest(), LABEL, None, 1, False)
+    by = {n["host"]: n for n in summary.nodes}
+    assert by["node-a"]["status"] == by["node-b"]["status"] == "ok", summary
+    assert by["node-c"]["status"] == "failed" and "no key 00000000deadbeef" in by["node-c"]["error"]
+    repo = _open(location)
+    assert sorted(s.source.host for s in list_snapshots(repo.manifests)) == ["node-a", "node-b"]

@@ -1,5 +1,7 @@
-"""``cluster/backup.py`` as ``ray submit`` runs it: a separate process on a machine where a Ray
-head was started with ``ray start --head``, calling ``ray.init()`` with no address."""
+"""``cluster/backup.py`` (``kdist fleet backup``) as ``ray submit`` runs it: a separate process on a
+machine where a Ray head was started with ``ray start --head``; and how it finds, or refuses, a
+Ray cluster: ``--address auto``, no address beside a live or stale cluster file, an address that
+never answers."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 
 import pytest
 
@@ -74,11 +78,16 @@ def test_backup_script_on_a_ray_head(ray_head, tmp_path):
     Repository.create(open_storage(str(repo_dir), create=True), PASSWORD, kdf=KdfParams.weak_for_tests()).close()
     build_tree(tree)
 
-    r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "shard", "--path", str(tree),
-                        "--tag", "nightly", "--json"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    status = tmp_path / "status.json"
+    r = subprocess.run([sys.executable, SCRIPT, "--address", "auto", "--repo", str(repo_dir), "--mode", "shard",
+                        "--path", str(tree), "--tag", "nightly", "--json", "--status-file", str(status)],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["status"] == "ok" and summary["cluster"]["address"].endswith(f":{port}")  # joined the head
+    recorded = json.loads(status.read_text())
+    assert recorded["exit_code"] == 0 and recorded["status"] == "ok"
+    assert recorded["snapshots"] == summary["snapshots"] and recorded["finished"] >= recorded["started"]
     assert PASSWORD not in r.stdout + r.stderr
     repo = Repository.open(open_storage(str(repo_dir)), PASSWORD)
     snap = resolve_snapshot(repo.manifests, summary["snapshots"][0]["id"])
@@ -86,15 +95,94 @@ def test_backup_script_on_a_ray_head(ray_head, tmp_path):
     Restorer(repo).restore(snap, str(tmp_path / "out"))
     assert tree_state(tmp_path / "out") == tree_state(tree)
 
-    # a node that cannot back up its path fails, and the script says so with its exit code
-    r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "fleet",
-                        "--path", str(tmp_path / "missing")], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    # a node that cannot back up its path fails, and the script says so with its exit code, in
+    # the status file too (`ray submit` itself exits 1 for every failure)
+    r = subprocess.run([sys.executable, SCRIPT, "--address", "auto", "--repo", str(repo_dir), "--mode", "fleet",
+                        "--path", str(tmp_path / "missing"), "--status-file", str(status)],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == exit_codes.DISTRIBUTED_FAILED, r.stdout + r.stderr
     assert "failed" in r.stdout and "missing" in r.stdout
+    recorded = json.loads(status.read_text())
+    assert recorded["exit_code"] == exit_codes.DISTRIBUTED_FAILED and recorded["status"] == "failed"
+    assert "missing" in recorded["nodes"][0]["error"]
 
     # no password on the nodes: a clear failure, not a traceback
-    r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "fleet", "--path", str(tree),
-                        "--password-env", "KDIST_NO_SUCH_VARIABLE"], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, SCRIPT, "--address", "auto", "--repo", str(repo_dir), "--mode", "fleet",
+                        "--path", str(tree), "--password-env", "KDIST_NO_SUCH_VARIABLE"], env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == exit_codes.DISTRIBUTED_FAILED, r.stdout + r.stderr
+    assert "no password: set KDIST_NO_SUCH_VARIABLE" in r.stdout and "Traceback" not in r.stderr
+
+    # the head's head node offers 1 CPU: an actor asking for 2 could never start there; the node
+    # is left out with the reason, not reported as dying
+    r = subprocess.run([sys.executable, SCRIPT, "--address", "auto", "--repo", str(repo_dir), "--mode", "fleet",
+                        "--path", str(tree), "--cpus-per-actor", "2", "--json"], env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    summary = json.loads(r.stdout)
+    assert r.returncode == exit_codes.DISTRIBUTED_FAILED and summary["nodes"] == []
+    assert "offers 1 CPUs to Ray and a backup actor needs 2" in summary["left_out"][0]["reason"]
+    assert "no matching node can run a backup actor" in summary["error"] and "died" not in r.stdout
+
+    # no --address and no RAY_ADDRESS beside a live head: refused, naming the head (a cron line
+    # written for `ray submit` before --address must not back up one machine with exit 0)
+    r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "shard", "--path", str(tree)],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == exit_codes.RAY_UNAVAILABLE, r.stdout + r.stderr
+    assert "a Ray cluster runs on this machine (" in r.stderr and f":{port}, named by" in r.stderr
+    assert "--address auto" in r.stderr
+
+    # --address local: a Ray of its own beside the head; no address beside a stale cluster file
+    # (a head that is gone): a Ray of its own too, never following the file
+    stale_tmp = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(stale_tmp, "ray"))
+        with open(os.path.join(stale_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{_free_port()}\n")
+        for extra, address in (({}, ["--address", "local"]), ({"RAY_TMPDIR": stale_tmp}, [])):
+            r = subprocess.run([sys.executable, SCRIPT, *address, "--repo", str(repo_dir), "--mode", "shard",
+                                "--path", str(tree), "--json"], env={**env, **extra}, capture_output=True, text=True,
+                               timeout=TIMEOUT)
+            assert r.returncode == 0, r.stderr
+            assert not json.loads(r.stdout)["cluster"]["address"].endswith(f":{port}")  # not the head's
+    finally:
+        subprocess.run(["rm", "-rf", stale_tmp])
+
+
+def _kdist_fleet(*args, env_extra=None):
+    env = {**os.environ, "KDIST_PASSWORD": PASSWORD, "KDIST_RAY_TIMEOUT": "2", **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "kdist.cli.main", "fleet", "backup", "--repo", "/nonexistent",
+                        "--mode", "fleet", "--path", "/tmp", *args], env=env, capture_output=True, text=True,
                        timeout=TIMEOUT)
-    assert r.returncode == exit_codes.DISTRIBUTED_FAILED and "KDIST_NO_SUCH_VARIABLE is not set" in r.stdout
-    assert "Traceback" not in r.stderr
+    return r, time.monotonic() - started
+
+
+def test_an_address_that_does_not_answer_is_a_clear_error_in_seconds(tmp_path):
+    """A port that accepts connections and never speaks (a hung head, a wrong service), a port
+    nobody listens on, and ``auto`` beside a stale cluster file: exit 20 naming the cause,
+    within the connect timeout (2 s here), not minutes of Ray's retries."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes handshakes; nothing ever reads or writes
+    try:
+        r, took = _kdist_fleet("--address", f"127.0.0.1:{silent.getsockname()[1]}",
+                               "--status-file", str(tmp_path / "status.json"))
+        assert r.returncode == exit_codes.RAY_UNAVAILABLE, r.stderr
+        assert "accepts connections but does not answer as a Ray head" in r.stderr and took < 60
+        recorded = json.loads((tmp_path / "status.json").read_text())
+        assert recorded["exit_code"] == exit_codes.RAY_UNAVAILABLE and "does not answer" in recorded["error"]
+    finally:
+        silent.close()
+
+    r, _ = _kdist_fleet("--address", f"127.0.0.1:{_free_port()}")
+    assert r.returncode == exit_codes.RAY_UNAVAILABLE and "does not answer" in r.stderr, r.stderr
+
+    stale_tmp = tmp_path / "raytmp"
+    (stale_tmp / "ray").mkdir(parents=True)
+    dead = f"127.0.0.1:{_free_port()}"
+    (stale_tmp / "ray" / "ray_current_cluster").write_text(dead + "\n")
+    r, took = _kdist_fleet("--address", "auto", env_extra={"RAY_TMPDIR": str(stale_tmp)})
+    assert r.returncode == exit_codes.RAY_UNAVAILABLE, r.stderr
+    assert f"names {dead}, which does not answer: a file left by a cluster that is gone" in r.stderr
+    assert took < 60 and "Traceback" not in r.stderr

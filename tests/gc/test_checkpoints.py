@@ -132,3 +132,23 @@ def test_another_sources_snapshot_does_not_supersede_and_parts_are_left_to_their
     report = run_maintenance(_open(storage), MaintenanceOptions(full=False))
     assert report.steps["checkpoints_forgotten"] == 0
     assert "not superseded" in report.plans[-1] and len(_checkpoints(storage)) == len(cps) + 1
+
+
+def test_forget_finds_the_same_dead_checkpoints_as_maintenance(world):
+    """``snapshot forget`` removes at once what maintenance would (``dead_checkpoints``): none
+    while the dead backup's checkpoint is the newest copy or its session may be live, all once a
+    later snapshot supersedes them; a filter for another host leaves them."""
+    from kdist.snapshot import SnapshotFilter, dead_checkpoints
+
+    storage, t, src = world
+    _repo, _session = _killed_backup(storage, src)
+    cps = _checkpoints(storage)
+    assert cps and dead_checkpoints(_open(storage)) == []  # its session may still be live
+    t[0] += SAFETY.session_expiry + SAFETY.listing_settle + 1
+    assert dead_checkpoints(_open(storage)) == []  # the newest copy of its source
+    t[0] += 1
+    _backup(storage, src)
+    t[0] += 1
+    assert sorted(s.id for s in dead_checkpoints(_open(storage))) == sorted(s.id for s in cps)
+    assert dead_checkpoints(_open(storage), SnapshotFilter.of(hosts=["another-host"])) == []
+    assert len(dead_checkpoints(_open(storage), SnapshotFilter.of(hosts=[cps[0].source.host]))) == len(cps)

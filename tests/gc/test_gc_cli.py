@@ -56,6 +56,12 @@ def test_run_records_history_and_reports_requests(repo):
     run("maintenance", "run", "--repo", repo, "--quick")
     status = json.loads(run("maintenance", "status", "--repo", repo, "--json").stdout)
     assert [r["mode"] for r in status] == ["full", "quick"]
+    table = run("maintenance", "status", "--repo", repo).stdout.splitlines()
+    assert table[0].split()[:3] == ["started", "mode", "took"] and "manifests" in table[0]
+    assert [line.split()[2] for line in table[1:]] == ["full", "quick"] and all(
+        line.endswith("  ok") for line in table[1:])
+    marked = status[0]["steps"]["content_gc"]["marked"]
+    assert table[1].split()[5] == str(marked)  # the marked column holds the run's figure
 
 
 def test_text_output_says_what_was_deleted_and_freed(repo):

@@ -101,12 +101,10 @@ def _commands(group: click.Group, path: str = ""):
 def test_no_command_line_option_takes_the_password_itself():
     """Arguments are visible to every user of the machine (ps, /proc/*/cmdline): the password may
     come from KDIST_PASSWORD, a file or a prompt, or for Ray nodes from a named variable."""
-    from kdist.distributed.driver import main as cluster_backup
-
     allowed = {"password_file", "new_password_file", "password_env",
                "key_id"}  # which key slot the password opens: an id from `key list`, no secret
-    commands = list(_commands(cli)) + [("cluster/backup.py", cluster_backup)]
-    assert len(commands) >= 15
+    commands = list(_commands(cli))  # `fleet backup` among them: what cluster/backup.py runs
+    assert len(commands) >= 15 and any(path == "fleet backup" for path, _ in commands)
     seen = set()
     for path, cmd in commands:
         for param in cmd.params:
@@ -118,13 +116,15 @@ def test_no_command_line_option_takes_the_password_itself():
 
 
 def test_ray_workers_are_told_where_the_password_is_not_what_it_is(monkeypatch):
-    from kdist.distributed.workers import PasswordSource
+    from kdist.access import PasswordSource, RepositorySpec
 
     monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)
     source = PasswordSource(env="KDIST_PASSWORD")
     assert source.read() == PASSWORD
-    shipped = pickle.dumps(source)  # what Ray sends to every node
-    assert PASSWORD.encode() not in shipped and PASSWORD not in repr(source)
+    spec = RepositorySpec("/nowhere", None, source)
+    shipped = pickle.dumps(spec)  # what Ray sends to every node, actors and the maintenance pool alike
+    assert PASSWORD.encode() not in shipped and PASSWORD not in repr(spec)
+    assert pickle.loads(shipped).password.read() == PASSWORD  # read where it is used
 
 
 # ---- logs, output and exception messages ---------------------------------------------------

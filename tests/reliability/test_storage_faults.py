@@ -58,7 +58,7 @@ OUTAGE_DEADLINE = 90  # seconds a failing backup may take to give up (retries wi
 # a non-retryable "storage full". With "report": path, the injected faults are written there.
 FAULTY_KDIST = r"""
 import atexit, json, os, random, sys
-import kdist.cli.context as context
+import kdist.access as access
 from repo_format.errors import RetryableStorageError, StorageError
 from repo_format.storage.wrappers import FaultInjectingStorage, StorageWrapper
 
@@ -104,9 +104,9 @@ class PackFaults(StorageWrapper):
         self._check("GET", name)
         return self.inner.get(name, offset, length)
 
-real_open = context.open_storage
-def faulty_open(location, endpoint_url=None, create=False):
-    storage = real_open(location, endpoint_url=endpoint_url, create=create)
+real_open = access.open_storage
+def faulty_open(location, endpoint_url=None, create=False, request_timeout=None):
+    storage = real_open(location, endpoint_url=endpoint_url, create=create, request_timeout=request_timeout)
     if "rate" in spec or "outage_after_bytes" in spec:
         storage = FaultInjectingStorage(storage, fail_probability=spec.get("rate", 0.0),
                                         rng=random.Random(spec.get("seed", 0)), error_factory=error)
@@ -116,7 +116,7 @@ def faulty_open(location, endpoint_url=None, create=False):
         storage = PackFaults(storage)
     opened.append(storage)
     return storage
-context.open_storage = faulty_open
+access.open_storage = faulty_open
 
 def report():
     if spec.get("report"):

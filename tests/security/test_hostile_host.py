@@ -485,10 +485,10 @@ def test_dated_and_mass_snapshots_change_no_other_hosts_retention(fleet, policy)
     _daily_history(fleet, "bob", 4)
     _daily_history(fleet, "alice", 4)
     maint = fleet.open("maint")
-    kept_before, _ = plan_forget(maint.manifests, policy)
+    kept_before = plan_forget(maint.manifests, policy).keep
     _forged_flood(fleet, 30)
     maint = fleet.open("maint")
-    kept_after, _ = plan_forget(maint.manifests, policy)
+    kept_after = plan_forget(maint.manifests, policy).keep
     bob = lambda snaps: sorted(s.id for s in snaps if s.source.host == "bob")  # noqa: E731
     assert bob(kept_after) == bob(kept_before) and bob(kept_before)
 
@@ -502,7 +502,7 @@ def test_past_and_future_dating_cannot_reach_a_hosts_older_daily_snapshots(fleet
     fleet.t[0] += 2 * DAY  # two days without a backup: keep-daily 4 keeps the last four real ones
     _forged_flood(fleet, 30)
     maint = fleet.open("maint")
-    kept = {s.id for s in plan_forget(maint.manifests, RetentionPolicy(keep_daily=4))[0]}
+    kept = {s.id for s in plan_forget(maint.manifests, RetentionPolicy(keep_daily=4)).keep}
     assert {history[-1].id, history[-2].id} <= kept  # a genuine daily backup yesterday and today would keep these
 
 

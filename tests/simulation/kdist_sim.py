@@ -254,6 +254,7 @@ class World:
         self._reader = None
         clock.set_clock(lambda: self.t + self._current_skew)
         clock.set_monotonic(lambda: self.t)  # durations are true durations
+        clock.set_sleep(lambda _seconds: None)  # a backoff between two reads takes no real time
         self._nested = False
         self.version, self._checked = 0, None
         self.index_version = self.manifest_version = 0  # blobs of the index, of the manifests
@@ -434,6 +435,7 @@ class World:
         """Put the process back as it was (clocks, randomness, logging) and remove the cache."""
         clock.set_clock(None)
         clock.set_monotonic(None)
+        clock.set_sleep(None)
         clock.system_time = _SYSTEM_TIME
         _restore_randomness()
         _CACHE_LOG.removeHandler(self._log_handler)

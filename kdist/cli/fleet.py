@@ -1,0 +1,289 @@
+"""``kdist fleet backup``: back up a Ray cluster's nodes (fleet) or one shared tree (shard).
+
+``cluster/backup.py`` is this command for ``ray submit``, which copies one script to the head.
+The repository is opened the way every kdist command opens it (``kdist.access``); each Ray actor
+reads the password on its own node by the same precedence. ``--status-file`` records the outcome
+with its exit code, which ``ray submit`` and ``ray job submit`` do not pass on (they exit 1 for
+every failure): cron reads the file (cluster/README.md, "Exit codes through Ray").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import click
+
+from repo_format import clock
+from repo_format.errors import KdistError
+
+from kdist.access import PasswordSource, RepositorySpec
+from kdist.cli import exit_codes
+from kdist.cli.context import metrics_options, repo_options, with_repository
+
+
+@click.group("fleet")
+def fleet_group():
+    """Back up a Ray cluster's nodes into one repository, and see how every host's backups stand."""
+
+
+def write_status(path: str | None, status: dict) -> None:
+    """Write ``status`` (JSON) to ``path`` atomically: a reader sees the previous run's file or
+    this one's, never half of one."""
+    if not path:
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kdist-status-")
+    except OSError as exc:  # checked before the run: gone since; the run's outcome stands
+        click.echo(f"kdist: warning: cannot write the status file {path}: {exc.strerror}", err=True)
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(status, f, default=str, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        click.echo(f"kdist: warning: cannot write the status file {path}: {exc.strerror}", err=True)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise click.UsageError(f"--node-label wants key=value, not {p!r}")
+        out[k] = v
+    return out
+
+
+@fleet_group.command("backup")
+@repo_options
+@click.option("--password-env", default="KDIST_PASSWORD", show_default=True,
+              help="Environment variable that holds the password on every node (never pass the password itself); "
+                   "--password-file, a file on every node, wins over it.")
+@click.option("--mode", type=click.Choice(["fleet", "shard"]), required=True,
+              help="fleet: every node backs up its own paths; shard: one shared tree split over the cluster.")
+@click.option("--path", "paths", multiple=True, help="Path to back up (fleet: on every node; shard: the shared tree).")
+@click.option("--address", default=None, metavar="ADDRESS",
+              help="The Ray cluster: HOST:PORT of its head, ray://HOST:PORT, auto (the cluster running on this "
+                   "machine, e.g. under `ray submit`) or local (a new Ray of its own). Default: RAY_ADDRESS, else "
+                   "a new local Ray, refused if a cluster runs on this machine.")
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the outcome here as JSON, with its exit code (Ray's submit commands do not pass it on).")
+@click.option("--node-config", default="/etc/kdist/backup.json", show_default=True,
+              help="JSON file on each node: its paths, excludes and host (fleet), and in both modes its "
+                   "password_file, key_id, aws_profile, aws_shared_credentials_file (env KDIST_NODE_CONFIG wins).")
+@click.option("--node-label", multiple=True, help="Fleet: only nodes with this Ray label, key=value (repeatable).")
+@click.option("--exclude", "excludes", multiple=True, help="Glob of names or paths to leave out (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Tag for the snapshots (repeatable).")
+@click.option("--parallelism", type=click.IntRange(min=1), default=None,
+              help="At most this many backup actors at once (default: one per node, in both modes).")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="CPUs a backup actor asks Ray for; fleet mode leaves out nodes that offer fewer.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reader threads per actor; 0: the node's CPU count (at least 2).")
+@click.option("--jitter", default=None, callback=lambda ctx, param, v: _duration(ctx, param, v) if v else 0.0,
+              metavar="DURATION", help="Fleet: each node waits a random time up to DURATION (e.g. 15m) before it "
+                                       "starts, so hundreds of hosts do not reach the storage in the same second.")
+@click.option("--host", default=None, help="Shard: host name recorded in the snapshot (default: this machine's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@metrics_options("fleet", lambda kw: {"mode": kw.get("mode") or ""})
+def backup(repo_location, endpoint_url, password_file, password_env, mode, paths, address, status_file, node_config,
+           node_label, excludes, tags, parallelism, cpus_per_actor, threads, jitter, host, as_json, metrics):
+    """Back up every node's own paths (fleet) or one big shared tree (shard) into one repository.
+
+    Exit codes: 0 done; 3 done, some files skipped; 18 some node or part failed (the others are
+    published); 20 the Ray cluster cannot be reached; otherwise the error's (`kdist --help`)."""
+    if status_file:  # a path that cannot take the file is a usage error now, not after the night's backup
+        directory = os.path.dirname(os.path.abspath(os.path.expanduser(status_file)))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise click.UsageError(f"--status-file {status_file}: cannot write in {directory}")
+    started_at = time.time()
+    started = clock.monotonic()
+    status = {"command": "fleet backup", "mode": mode, "started": started_at}
+    from kdist.access import at_deadline
+
+    at_deadline(lambda: _finish(status_file, status, started, exit_codes.STORAGE, "error", "ran past --timeout",
+                                metrics))
+    try:
+        code = _backup(status, RepositorySpec(repo_location, endpoint_url,
+                                              PasswordSource(file=password_file, env=password_env)),
+                       mode, paths, address, node_config, node_label, excludes, tags, parallelism, cpus_per_actor,
+                       threads, jitter, host, as_json)
+    except click.UsageError as exc:
+        _finish(status_file, status, started, exit_codes.USAGE, "usage", exc.format_message(), metrics)
+        raise
+    except KdistError as exc:
+        code = exit_codes.exit_code_for(exc)
+        _finish(status_file, status, started, code, "error", str(exc), metrics)
+        click.echo(f"kdist: error: {exc}", err=True)
+        sys.exit(code)
+    except BaseException as exc:  # a bug or an interruption: the status file still says it ended
+        _finish(status_file, status, started, 130 if isinstance(exc, KeyboardInterrupt) else exit_codes.FAILURE,
+                "error", f"{type(exc).__name__}: {exc}", metrics)
+        raise
+    _finish(status_file, status, started, code, metrics=metrics)
+    sys.exit(code)
+
+
+def _node_name(node: dict) -> str:
+    """A fleet node's host, or a shard part's number."""
+    return str(node["host"] if node.get("host") is not None and "index" not in node else node.get("index"))
+
+
+def _finish(path, status: dict, started: float, code: int, outcome: str | None = None, error: str = "",
+            metrics=None) -> None:
+    status.setdefault("duration", clock.monotonic() - started)
+    status["finished"] = time.time()
+    status["exit_code"] = code
+    if outcome is not None:
+        status["status"] = outcome
+        status["error"] = error
+    if metrics:
+        from kdist.metrics import export
+
+        nodes = status.get("nodes") or []
+        totals = status.get("totals") or {}
+        export(metrics, "fleet", {"mode": str(status.get("mode", ""))},
+               {"exit_code": code, "nodes_failed": sum(1 for n in nodes if n.get("status") == "failed"),
+                "nodes_done": sum(1 for n in nodes if n.get("status") in ("ok", "partial")),
+                "nodes_left_out": len(status.get("left_out") or []),
+                **{k: totals.get(k, 0) for k in ("files", "bytes_read", "new_bytes", "errors")}},
+               code in (exit_codes.SUCCESS, exit_codes.PARTIAL), status["duration"],
+               rows=[(name, {"node": _node_name(n)}, value, help_text) for n in nodes for name, value, help_text in (
+                         ("node_success", 1.0 if n.get("status") in ("ok", "partial") else 0.0,
+                          "1 if the node (fleet) or part (shard) finished its backup in the last run"),
+                         ("node_errors", float((n.get("stats") or n).get("errors", 0) or 0),
+                          "Files or directories the node's backup could not read"))])
+    write_status(path, status)
+
+
+def _backup(status: dict, spec: RepositorySpec, mode, paths, address, node_config, node_label, excludes, tags,
+            parallelism, cpus_per_actor, threads, jitter, host, as_json) -> int:
+    from kdist.allocator import tune_process
+    from kdist.distributed.connect import connect
+    from kdist.distributed.driver import alive_nodes, print_summary, run_fleet, run_shard
+    from kdist.distributed.workers import FleetRequest
+    from kdist.uploader import BackupOptions
+
+    import ray
+
+    tune_process()
+    labels = _labels(node_label)
+    if mode == "shard" and len(paths) != 1:
+        raise click.UsageError("--mode shard backs up exactly one --path (a tree every node can read)")
+    started = clock.monotonic()
+    stop = connect(address)
+    try:
+        show = sys.stderr.isatty() and not as_json
+        if mode == "fleet":
+            request = FleetRequest(list(paths), list(excludes), list(tags), node_config, threads, jitter)
+            summary = run_fleet(spec, request, labels, parallelism, cpus_per_actor, show)
+        else:
+            options = BackupOptions(excludes=list(excludes), tags=list(tags) + ["shard"], workers=threads)
+            summary = run_shard(spec, paths[0], options, host or socket.gethostname(), parallelism, cpus_per_actor,
+                                show, node_config)
+        summary.duration = clock.monotonic() - started
+        summary.cluster = {"address": ray.get_runtime_context().gcs_address, "nodes": len(alive_nodes({}))}
+    finally:
+        if stop:
+            ray.shutdown()
+    status.update(summary.__dict__)
+    print_summary(summary, as_json)
+    return summary.exit_code()
+
+
+def _duration(ctx, param, value):
+    from kdist.access import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    minutes = int(seconds // 60)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    return f"{days}d {hours}h" if days else (f"{hours}h {minutes}m" if hours else f"{minutes}m")
+
+
+def _filters(fn):
+    from kdist.cli.snapshot import filter_options
+
+    return filter_options(fn)
+
+
+@fleet_group.command("status")
+@click.option("--max-age", default="26h", show_default=True, callback=_duration, metavar="DURATION",
+              help="A host and path whose last snapshot is older than this (or that has none) is stale.")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@metrics_options("fleet_status")
+@with_repository(read_only=True)
+def status(repo, max_age, where, as_json, metrics):
+    """Every host and path: its last snapshot, age, files, size, errors, and a backup that started
+    since and did not finish. Exit 22 when any is stale (listed on stderr), so cron can alert; a
+    host key without any snapshot counts as stale."""
+    from kdist.cli.progress import human_bytes
+    from kdist.cli.snapshot import _when
+    from kdist.cli.text import printable
+    from kdist.fleet_status import fleet_status
+    from kdist.snapshot import visible_labels
+
+    started = clock.monotonic()
+    rows = fleet_status(repo.manifests, clock.now(), max_age, where, **visible_labels(repo.identity))
+    stale = [r for r in rows if r.stale]
+    _status_metrics(metrics, rows, stale, clock.monotonic() - started)
+    if as_json:
+        click.echo(json.dumps({"max_age": max_age, "sources": [r.as_dict() for r in rows],
+                               "stale": len(stale)}, indent=2))
+    elif not rows:
+        click.echo("no snapshots")
+    else:
+        hosts = [printable(r.host) for r in rows]
+        paths = [printable(r.path) or "-" for r in rows]
+        hw, pw = max(4, *map(len, hosts)) + 2, max(4, *map(len, paths)) + 2
+        click.echo(f"{'HOST':<{hw}}{'PATH':<{pw}}{'LAST':<21}{'AGE':>8}{'FILES':>9}{'SIZE':>11}{'ERRORS':>8}  STATUS")
+        for r, host, path in zip(rows, hosts, paths):
+            state = "STALE" if r.stale else "ok"
+            if r.unfinished_since:
+                state += f", a backup started {_when(r.unfinished_since)} did not finish"
+            last = _when(r.time) if r.snapshot else "-"
+            click.echo(f"{host:<{hw}}{path:<{pw}}{last:<21}{_age(r.age):>8}{r.files:>9}{human_bytes(r.bytes):>11}"
+                       f"{r.errors:>8}  {state}")
+    if stale:
+        click.echo(f"{len(stale)} of {len(rows)} stale (no snapshot within {_age(max_age)}): " + ", ".join(
+            f"{printable(r.host)}{':' + printable(r.path) if r.path else ''} ({_age(r.age)})" for r in stale), err=True)
+        sys.exit(exit_codes.STALE)
+
+
+def _status_metrics(metrics, rows, stale, duration: float) -> None:
+    """Per host and path: the last snapshot's time, age and figures, and whether it is stale;
+    Prometheus can alert on ``kdist_fleet_status_stale == 1`` or on the timestamps directly."""
+    from kdist.metrics import export
+
+    samples = []
+    for r in rows:
+        where = {"host": r.host, "path": r.path}
+        samples.append(("stale", where, 1.0 if r.stale else 0.0, "1 if this host and path has no snapshot within "
+                                                                  "--max-age"))
+        if r.snapshot:
+            samples += [("last_snapshot_timestamp_seconds", where, r.time, "When the last snapshot was taken "
+                                                                          "(bounded by the storage's clock)"),
+                        ("last_snapshot_files", where, r.files, "Files in the last snapshot"),
+                        ("last_snapshot_bytes", where, r.bytes, "Bytes in the last snapshot"),
+                        ("last_snapshot_errors", where, r.errors, "Files the last snapshot's backup could not read")]
+    export(metrics, "fleet_status", {}, {"sources": len(rows), "stale_sources": len(stale)}, True, duration,
+           rows=samples)

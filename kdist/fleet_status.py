@@ -1,0 +1,73 @@
+"""How the fleet's backups stand (``kdist fleet status``): for every host and path, its last
+snapshot, how old it is, what it held, and whether a backup started since and did not finish.
+
+Read from the manifests alone: what a host published is the only truth about it that no driver,
+cron or Ray can lose. A host that has a key (``kdist key add --role host``) but no snapshot is
+listed too ("never"): the host a fleet forgot is the one that matters at 3 a.m. (restic #1968).
+Ages are measured from a snapshot's time bounded by when its manifest was stored (the storage's
+clock, ``kdist.retention.storage_bounded_time``), so a host's clock cannot make it look fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
+
+from kdist.retention import storage_bounded_time
+from kdist.snapshot import Snapshot, SnapshotFilter, list_snapshots
+
+DEFAULT_MAX_AGE = 26 * 3600.0  # a nightly backup, with two hours of slack
+
+
+@dataclass
+class SourceStatus:
+    host: str
+    path: str
+    user: str = ""
+    snapshot: str = ""  # the last complete snapshot's id ("" if none)
+    time: float = 0.0  # its time (storage-bounded)
+    age: float | None = None  # seconds since then; None: never backed up
+    files: int = 0
+    bytes: int = 0
+    errors: int = 0  # files or directories its backup could not read
+    unfinished_since: float = 0.0  # a backup started after it left checkpoints and no snapshot (died, or running)
+    stale: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
+                 where: SnapshotFilter = SnapshotFilter(), **labels) -> list[SourceStatus]:
+    """One ``SourceStatus`` per (host, path) with a snapshot or a checkpoint, plus one per host
+    key without any; sorted by host and path. ``labels``: what this key may see (a host key: its
+    own host)."""
+    snaps = where.select(list_snapshots(manifests, include_checkpoints=True, **labels))
+
+    def when(s: Snapshot) -> float:
+        return storage_bounded_time(s, manifests.signer_role(s.signer) in (ADMIN, MAINTENANCE))
+
+    rows: dict[tuple[str, str], SourceStatus] = {}
+    for s in sorted(snaps, key=when):
+        row = rows.setdefault((s.source.host, s.source.path), SourceStatus(s.source.host, s.source.path))
+        t = when(s)
+        if s.checkpoint:
+            if t > row.time and not row.unfinished_since:
+                row.unfinished_since = t
+            continue
+        row.user, row.snapshot, row.time = s.source.user, s.id, t
+        row.files, row.bytes = int(s.totals.get("files", 0)), int(s.totals.get("bytes", 0))
+        row.errors = int(s.totals.get("errors", 0))
+        row.unfinished_since = 0.0  # checkpoints before this snapshot belong to backups it outlived
+    hosts_seen = {host for host, _ in rows}
+    for key in getattr(manifests, "keys", {}).values():
+        if key.role == HOST and not key.revoked and key.host not in hosts_seen and \
+                labels.get("host", key.host) == key.host and (not where.hosts or key.host in where.hosts):
+            rows[(key.host, "")] = SourceStatus(key.host, "")
+    out = sorted(rows.values(), key=lambda r: (r.host, r.path))
+    for r in out:
+        if r.snapshot:
+            r.age = max(0.0, now - r.time)
+        r.stale = r.age is None or r.age > max_age
+    return out
