@@ -140,8 +140,14 @@ def _node_name(node: dict) -> str:
     return str(node["host"] if node.get("host") is not None and "index" not in node else node.get("index"))
 
 
+EXIT_LINE = "kdist: fleet backup exit code {code}"  # cluster/exit-code.sh reads it through Ray
+
+
 def _finish(path, status: dict, started: float, code: int, outcome: str | None = None, error: str = "",
             metrics=None) -> None:
+    # the last line on stderr, whatever happened: `ray submit` and `ray job submit` pass the
+    # output on but turn every failure into exit 1, and cluster/exit-code.sh gives this back
+    click.echo(EXIT_LINE.format(code=code), err=True)
     status.setdefault("duration", clock.monotonic() - started)
     status["finished"] = time.time()
     status["exit_code"] = code

@@ -5,6 +5,7 @@ never answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,19 +37,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path, forget_ray_address):
+@contextlib.contextmanager
+def _head(tmp_path, forget_ray_address, dashboard: bool = False):
     """A Ray head in its own process group (``--block`` keeps it in the foreground), stopped by
-    its process id: never ``ray stop``, which would stop every Ray on the machine."""
+    its process id: never ``ray stop``, which would stop every Ray on the machine. Yields (GCS
+    port, dashboard port or None, environment)."""
     port = _free_port()
+    dash = _free_port() if dashboard else None
     # token authentication off for the head, `ray status` and the script alike: Ray 2.60 refuses
     # clients whose RAY_AUTH_MODE differs from the head's (cluster/README.md)
     env = {**os.environ, "KDIST_PASSWORD": PASSWORD, "KDIST_ALLOW_WEAK_KDF_FOR_TESTS": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "wb")
+    board = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard
+             else ["--include-dashboard=false"])
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1",
-                             "--include-dashboard=false", "--disable-usage-stats"],
+                             "--node-ip-address=127.0.0.1", *board, "--disable-usage-stats"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         # bounded polling until `ray start` says it is done: only then does `ray.init()` on this
@@ -60,7 +64,7 @@ def ray_head(tmp_path, forget_ray_address):
             threading.Event().wait(0.25)
         else:
             pytest.fail(f"the Ray head on port {port} never answered; see {tmp_path / 'head.log'}")
-        yield port, env
+        yield port, dash, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -70,6 +74,12 @@ def ray_head(tmp_path, forget_ray_address):
             head.wait()
         log.close()
         forget_ray_address(f"127.0.0.1:{port}")
+
+
+@pytest.fixture
+def ray_head(tmp_path, forget_ray_address):
+    with _head(tmp_path, forget_ray_address) as (port, _dash, env):
+        yield port, env
 
 
 def test_backup_script_on_a_ray_head(ray_head, tmp_path):
@@ -186,3 +196,36 @@ def test_an_address_that_does_not_answer_is_a_clear_error_in_seconds(tmp_path):
     assert r.returncode == exit_codes.RAY_UNAVAILABLE, r.stderr
     assert f"names {dead}, which does not answer: a file left by a cluster that is gone" in r.stderr
     assert took < 60 and "Traceback" not in r.stderr
+
+
+EXIT_CODE = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "exit-code.sh")
+
+
+def test_exit_codes_through_ray_job_submit(tmp_path, forget_ray_address):
+    """`ray job submit` against a local head with its dashboard turns kdist's exit 18 into 1;
+    cluster/exit-code.sh around it gives 18 back, and 0 for a backup that worked."""
+    repo_dir, tree = tmp_path / "repo", tmp_path / "tree"
+    Repository.create(open_storage(str(repo_dir), create=True), PASSWORD, kdf=KdfParams.weak_for_tests()).close()
+    build_tree(tree)
+    with _head(tmp_path, forget_ray_address, dashboard=True) as (_port, dash, env):
+        submit = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                  sys.executable, os.path.abspath(SCRIPT), "--repo", str(repo_dir), "--mode", "fleet"]
+        # the dashboard's job API comes up a little after `ray start` returns: bounded polling
+        for _ in range(TIMEOUT):
+            r = subprocess.run(["ray", "job", "list", "--address", f"http://127.0.0.1:{dash}"], env=env,
+                               capture_output=True, text=True, timeout=TIMEOUT)
+            if r.returncode == 0:
+                break
+            threading.Event().wait(1)
+        failing = [*submit, "--path", str(tmp_path / "missing")]
+        r = subprocess.run(failing, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 1, r.stdout + r.stderr  # what Ray makes of it
+        assert "kdist: fleet backup exit code 18" in r.stdout + r.stderr
+        r = subprocess.run([EXIT_CODE, *failing], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == exit_codes.DISTRIBUTED_FAILED, r.stdout + r.stderr
+        r = subprocess.run([EXIT_CODE, *submit, "--path", str(tree)], env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "kdist: fleet backup exit code 0" in r.stdout
+    latest = resolve_snapshot(Repository.open(open_storage(str(repo_dir)), PASSWORD).manifests, "latest")
+    assert latest.source.path == str(tree) and "fleet" in latest.tags  # the job's snapshot was published
