@@ -59,9 +59,11 @@ def writer_session(rec: ManifestRecord) -> str | None:
 
 
 def plan_checkpoints(manifests: ManifestStore, storage: BlobStorage, now: float, safety: SafetyParameters,
-                     live_rule: bool = True) -> CheckpointPlan:
+                     live_rule: bool = True, gone: frozenset = frozenset()) -> CheckpointPlan:
+    """``gone``: ids of snapshots about to be forgotten with this plan (``snapshot forget``):
+    they supersede nothing."""
     plan = CheckpointPlan()
-    records = manifests.find(type=SNAPSHOT_LABEL)
+    records = [r for r in manifests.find(type=SNAPSHOT_LABEL) if r.id not in gone]
     checkpoints = [r for r in records if r.labels.get("checkpoint") == "1"]
     if not checkpoints:
         return plan

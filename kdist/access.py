@@ -125,10 +125,18 @@ _deadline: list = []  # [threading.Timer] once --timeout armed it
 _at_deadline: list[Callable[[], None]] = []
 
 
-def at_deadline(hook: Callable[[], None]) -> None:
-    """Run ``hook`` (quickly, never raising) when ``--timeout`` ends the command: e.g. write a
-    status file."""
-    _at_deadline.append(hook)
+DEADLINE_HOOKS_WAIT = 5.0  # seconds the hooks get before the process ends anyway
+
+
+def at_deadline(hook: Callable[[], None], first: bool = False) -> None:
+    """Run ``hook`` when ``--timeout`` ends the command (write a status file, say a backup
+    failed; ``first``: before the others, e.g. kill child processes). The hooks get a few seconds
+    together: one that blocks (a hung pipe, an unreachable Pushgateway) cannot keep the process
+    alive."""
+    if first:
+        _at_deadline.insert(0, hook)
+    else:
+        _at_deadline.append(hook)
 
 
 DEADLINE_THREAD = "kdist-deadline"  # holds no lock of kdist's: a multi-process backup may fork beside it
@@ -139,16 +147,24 @@ def start_deadline(seconds: float, exit: Callable[[int], None] = os._exit) -> th
     returns included), with a message and exit 14; ``at_deadline`` hooks run first (the
     multi-process backup's hook kills its children). Once per process."""
 
-    def expire() -> None:
-        # os.write, not sys.stderr: the main thread may hold the stream's lock, stuck writing
-        os.write(2, f"kdist: error: the command ran past its time limit of {seconds:g} s (--timeout or "
-                    f"{TIMEOUT_ENV}) and was stopped; what a backup stored so far is kept by its checkpoints\n"
-                 .encode())
+    def run_hooks() -> None:
         for hook in list(_at_deadline):
             try:
                 hook()
             except Exception:  # the exit must happen
                 pass
+
+    def expire() -> None:
+        # os.write, not sys.stderr: the main thread may hold the stream's lock, stuck writing
+        try:
+            os.write(2, f"kdist: error: the command ran past its time limit of {seconds:g} s (--timeout or "
+                        f"{TIMEOUT_ENV}) and was stopped; what a backup stored so far is kept by its "
+                        "checkpoints\n".encode())
+        except OSError:
+            pass
+        hooks = threading.Thread(target=run_hooks, name="kdist-deadline-hooks", daemon=True)
+        hooks.start()
+        hooks.join(DEADLINE_HOOKS_WAIT)
         exit(DEADLINE_EXIT)
 
     with _deadline_lock:
@@ -169,6 +185,16 @@ def clear_deadline() -> None:
             timer.cancel()
         _deadline.clear()
         _at_deadline.clear()
+
+
+def reset_process_settings() -> None:
+    """Forget what an earlier command in this process set (--request-timeout, --limit-*,
+    --timeout and its hooks): ``kdist``'s group calls it before each command's options are read,
+    so commands run in one process (tests, scripts) do not inherit each other's limits."""
+    set_request_timeout(None)
+    set_limit("upload", None)
+    set_limit("download", None)
+    clear_deadline()
 
 
 def check_location(location: str | None) -> str:

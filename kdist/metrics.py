@@ -2,9 +2,10 @@
 
 Written with ``prometheus-client`` (the exposition format and the Pushgateway protocol are its
 job, not ours) to a textfile-collector file (``--metrics-file``, ``KDIST_METRICS_FILE``: a file,
-or a directory where each kind of run writes its own ``kdist_<job>.prom``, e.g. node_exporter's
-``--collector.textfile.directory``; one file shared by two kinds of runs would hold only the last
-one's) and/or pushed to a Pushgateway (``--pushgateway URL``, ``KDIST_PUSHGATEWAY``).
+or a directory where each kind of run and label set writes its own ``kdist_<job>_<labels>.prom``,
+e.g. node_exporter's ``--collector.textfile.directory``; one file shared by two kinds of runs
+would hold only the last one's) and/or pushed to a Pushgateway (``--pushgateway URL``,
+``KDIST_PUSHGATEWAY``).
 
 Every run writes ``kdist_<job>_success`` (1 or 0), its duration and its figures. The time of the
 last success is kept across failed runs: a failed run carries the previous file's value over
@@ -17,6 +18,7 @@ failure.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,10 +36,13 @@ class MetricsTarget:
     def __bool__(self) -> bool:
         return bool(self.textfile or self.pushgateway)
 
-    def file_for(self, job: str) -> str | None:
-        """The textfile a ``job`` writes: ``textfile``, or ``kdist_<job>.prom`` in it if it is a directory."""
+    def file_for(self, job: str, labels: dict[str, str]) -> str | None:
+        """The textfile a run writes: ``textfile``, or, if that is a directory, a file of its own
+        per kind of run and label set (``kdist_backup_web1.prom``, ``kdist_maintenance_quick.prom``):
+        a run rewrites only its own series, so a failing one never hides another's last success."""
         if self.textfile and os.path.isdir(self.textfile):
-            return os.path.join(self.textfile, f"kdist_{job}.prom")
+            suffix = "".join("_" + re.sub(r"[^A-Za-z0-9.-]+", "-", v).strip("-")[:60] for v in labels.values())
+            return os.path.join(self.textfile, f"kdist_{job}{suffix}.prom")
         return self.textfile
 
 
@@ -78,7 +83,7 @@ def _export(target: MetricsTarget, job: str, labels: dict[str, str], values: dic
     registry = CollectorRegistry()
     names = list(labels)
     now = time.time()
-    textfile = target.file_for(job)
+    textfile = target.file_for(job, labels)
 
     def gauge(name: str, value: float, help_text: str) -> None:
         g = Gauge(f"kdist_{job}_{name}", help_text, names, registry=registry)
@@ -102,7 +107,7 @@ def _export(target: MetricsTarget, job: str, labels: dict[str, str], values: dic
     if textfile:
         from prometheus_client import write_to_textfile
 
-        write_to_textfile(textfile, registry, tmpdir=os.path.dirname(os.path.abspath(textfile)))  # a rename
+        write_to_textfile(textfile, registry)  # a temporary file beside it, then a rename
     if target.pushgateway:
         from prometheus_client import pushadd_to_gateway
 

@@ -74,12 +74,13 @@ def measure(path: str, options: BackupOptions) -> MeasuredTree:
         raise SourceError(f"cannot back up {root_path}: {exc.strerror}") from None
 
 
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+def _kill(procs: list) -> None:
+    for proc in procs:
+        if proc.exitcode is None:
+            try:
+                proc.kill()
+            except (OSError, ValueError):  # gone meanwhile, or closed
+                pass
 
 
 class ProcessPool:
@@ -109,8 +110,9 @@ class ProcessPool:
             proc.start()
             child_end.close()
             children.append((proc, parent_end))
-        pids = [proc.pid for proc, _ in children]
-        at_deadline(lambda: _kill(pids))  # --timeout stops the whole backup, not only this process
+        # --timeout stops the whole backup, not only this process (children not yet reaped only:
+        # a reaped child's pid may belong to another process by then)
+        at_deadline(lambda: _kill([proc for proc, _ in children]), first=True)
         return cls(repo, children)
 
     @property

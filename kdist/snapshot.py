@@ -408,12 +408,14 @@ def plan_forget(manifests, policy, where: SnapshotFilter = SnapshotFilter(),
     return plan
 
 
-def dead_checkpoints(repo, where: SnapshotFilter = SnapshotFilter(), dry_run: bool = False) -> list[Snapshot]:
+def dead_checkpoints(repo, where: SnapshotFilter = SnapshotFilter(), dry_run: bool = False,
+                     forgotten: frozenset = frozenset()) -> list[Snapshot]:
     """The checkpoints, among those ``where`` selects, of backups that died and that a later
     snapshot of their source supersedes: exactly what maintenance forgets (``gc/checkpoints.py``,
     on the storage's clock), for ``forget`` to remove now. A dry run writes nothing, not even the
     probe that reads the storage's clock: it takes the newest blob's time instead, which is no
-    later than now (so it may show fewer, never more)."""
+    later than now (so it may show fewer, never more). ``forgotten``: snapshots forgotten with
+    them, which supersede nothing (the checkpoint may then be its source's newest copy)."""
     from kdist.gc.checkpoints import plan_checkpoints
     from repo_format import constants as C
     from repo_format.safety import safety_of
@@ -424,7 +426,7 @@ def dead_checkpoints(repo, where: SnapshotFilter = SnapshotFilter(), dry_run: bo
                    for m in repo.storage.list(prefix)), default=0.0)
     else:
         now = storage_now(repo.storage, repo.session)
-    plan = plan_checkpoints(repo.manifests, repo.storage, now, safety_of(repo.parameters))
+    plan = plan_checkpoints(repo.manifests, repo.storage, now, safety_of(repo.parameters), gone=forgotten)
     return [s for s in map(Snapshot.from_record, plan.forget) if where.matches(s)]
 
 

@@ -18,7 +18,7 @@ from repo_format.errors import ConcurrentChange
 
 ATTEMPTS = 8
 BASE_DELAY = 0.25  # seconds before the second attempt (times 2 each time, capped)
-MAX_DELAY = 8.0  # all eight attempts span about 10-20 s: longer than a compaction's deletions
+MAX_DELAY = 8.0  # the seven waits add up to 12-24 s: longer than a compaction's deletions
 
 
 def attempts(what: str, count: int = ATTEMPTS, rng: random.Random | None = None) -> Iterator[int]:

@@ -29,10 +29,7 @@ def _no_request_timeout_left_behind():
     yield
     from kdist import access
 
-    access.set_request_timeout(None)
-    access.set_limit("upload", None)
-    access.set_limit("download", None)
-    access.clear_deadline()
+    access.reset_process_settings()
 
 
 @pytest.fixture

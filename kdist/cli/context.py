@@ -173,7 +173,10 @@ def _warn_unreadable(repo: Repository) -> None:
 
 
 def fail(exc: BaseException) -> None:
-    click.echo(f"kdist: error: {exc}", err=True)
+    # an error may quote a file or host name written by anyone: escaped like every listing
+    from kdist.cli.text import printable
+
+    click.echo(f"kdist: error: {printable(str(exc))}", err=True)
     sys.exit(exit_code_for(exc))
 
 

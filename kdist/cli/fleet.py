@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from repo_format.errors import KdistError
 from kdist.access import PasswordSource, RepositorySpec
 from kdist.cli import exit_codes
 from kdist.cli.context import metrics_options, repo_options, with_repository
+from kdist.cli.text import printable
 
 
 @click.group("fleet")
@@ -114,25 +116,50 @@ def backup(repo_location, endpoint_url, password_file, password_env, mode, paths
 
     at_deadline(lambda: _finish(status_file, status, started, exit_codes.STORAGE, "error", "ran past --timeout",
                                 metrics))
+    # `ray job stop`, a deleted RayJob, a closed terminal: the status file, the metrics and the
+    # exit line still say how it ended (143, 129) instead of the process vanishing silently
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _terminated)
+        except ValueError:  # not the main thread (a caller running the command in a thread)
+            pass
     try:
         code = _backup(status, RepositorySpec(repo_location, endpoint_url,
                                               PasswordSource(file=password_file, env=password_env)),
                        mode, paths, address, node_config, node_label, excludes, tags, parallelism, cpus_per_actor,
                        threads, jitter, host, as_json)
     except click.UsageError as exc:
-        _finish(status_file, status, started, exit_codes.USAGE, "usage", exc.format_message(), metrics)
-        raise
+        exc.show()
+        code, outcome, error = exit_codes.USAGE, "usage", exc.format_message()
     except KdistError as exc:
-        code = exit_codes.exit_code_for(exc)
-        _finish(status_file, status, started, code, "error", str(exc), metrics)
-        click.echo(f"kdist: error: {exc}", err=True)
-        sys.exit(code)
-    except BaseException as exc:  # a bug or an interruption: the status file still says it ended
-        _finish(status_file, status, started, 130 if isinstance(exc, KeyboardInterrupt) else exit_codes.FAILURE,
-                "error", f"{type(exc).__name__}: {exc}", metrics)
-        raise
-    _finish(status_file, status, started, code, metrics=metrics)
+        click.echo(f"kdist: error: {printable(str(exc))}", err=True)
+        code, outcome, error = exit_codes.exit_code_for(exc), "error", str(exc)
+    except _Terminated as exc:
+        click.echo(f"kdist: error: stopped by signal {exc.signum}", err=True)
+        code, outcome, error = 128 + exc.signum, "error", f"stopped by signal {exc.signum}"
+    except KeyboardInterrupt:
+        click.echo("kdist: interrupted", err=True)
+        code, outcome, error = 130, "error", "interrupted"
+    except Exception as exc:  # a bug: one line, and the status file still says it ended
+        click.echo(f"kdist: internal error: {type(exc).__name__}: {exc}"[:2000], err=True)
+        code, outcome, error = exit_codes.FAILURE, "error", f"{type(exc).__name__}: {exc}"
+    else:
+        outcome, error = None, ""
+    _finish(status_file, status, started, code, outcome, error, metrics)  # its exit line is the last output
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     sys.exit(code)
+
+
+class _Terminated(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum, _frame):
+    raise _Terminated(signum)
 
 
 def _node_name(node: dict) -> str:
@@ -145,9 +172,6 @@ EXIT_LINE = "kdist: fleet backup exit code {code}"  # cluster/exit-code.sh reads
 
 def _finish(path, status: dict, started: float, code: int, outcome: str | None = None, error: str = "",
             metrics=None) -> None:
-    # the last line on stderr, whatever happened: `ray submit` and `ray job submit` pass the
-    # output on but turn every failure into exit 1, and cluster/exit-code.sh gives this back
-    click.echo(EXIT_LINE.format(code=code), err=True)
     status.setdefault("duration", clock.monotonic() - started)
     status["finished"] = time.time()
     status["exit_code"] = code
@@ -171,6 +195,11 @@ def _finish(path, status: dict, started: float, code: int, outcome: str | None =
                          ("node_errors", float((n.get("stats") or n).get("errors", 0) or 0),
                           "Files or directories the node's backup could not read"))])
     write_status(path, status)
+    # the last line of the output, whatever happened: `ray submit` and `ray job submit` pass the
+    # output on but turn every failure into exit 1; cluster/exit-code.sh gives this code back
+    sys.stderr.flush()
+    sys.stdout.flush()
+    click.echo(EXIT_LINE.format(code=code), err=True)
 
 
 def _backup(status: dict, spec: RepositorySpec, mode, paths, address, node_config, node_label, excludes, tags,

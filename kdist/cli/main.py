@@ -72,6 +72,9 @@ class _LazyCommands(MutableMapping):
 @click.version_option(__version__, prog_name="kdist")
 def cli():
     """kdist: deduplicating, compressed, end-to-end encrypted backups, for one machine or a fleet."""
+    from kdist.access import reset_process_settings
+
+    reset_process_settings()  # runs before the command's own options set them again
 
 
 def _raw_bytes_for_undecodable_names() -> None:

@@ -61,6 +61,9 @@ def filter_options(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, filter_hosts=(), filter_paths=(), filter_tags=(), **kwargs):
+        for option, values in (("--host", filter_hosts), ("--path", filter_paths), ("--tag", filter_tags)):
+            if any(not v.strip(" ,") for v in values):  # "$EMPTY" must not mean "every snapshot"
+                raise click.UsageError(f"{option} was given an empty value")
         return fn(*args, where=SnapshotFilter.of(filter_hosts, filter_paths, filter_tags), **kwargs)
 
     return wrapper
@@ -103,7 +106,7 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
            as_json, host, metrics):
     """Back up each PATH (a directory) as one snapshot."""
     started, results = clock.monotonic(), []
-    name = backup_host(repo.identity, host) or socket.gethostname()
+    name = host or socket.gethostname()  # the metrics' label: the same on success and on every failure
     try:
         partial = _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers,
                           processes, as_json, host, results)
@@ -380,7 +383,8 @@ def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, 
         if "host" not in group_by and any(k.role == HOST_ROLE for k in repo.manifests.keys.values()):
             raise click.UsageError("this repository has host keys: --group-by must include host, or one host's "
                                    "snapshots could push another host's out of the count rules")
-        plan.checkpoints = dead_checkpoints(repo, where, dry_run)  # what maintenance would forget too
+        # what maintenance would forget too, once this forget is done
+        plan.checkpoints = dead_checkpoints(repo, where, dry_run, frozenset(s.id for s in plan.forget))
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "forget": [s.id for s in plan.forget],
                                "keep": [s.id for s in plan.keep],

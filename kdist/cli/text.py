@@ -14,7 +14,7 @@ import re
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 # C0, DEL, C1; and surrogate escapes of the raw bytes 0x80-0x9f (a non-UTF-8 name's C1 codes)
-_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\udc80-\udc9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\udc80-\udc9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _escape(m: re.Match) -> str:
@@ -22,7 +22,7 @@ def _escape(m: re.Match) -> str:
     if ch in _NAMED:
         return _NAMED[ch]
     code = ord(ch)
-    if 0x200E <= code <= 0x2069:
+    if code == 0x061C or 0x200E <= code <= 0x2069:
         return f"\\u{code:04x}"
     return f"\\x{code - 0xdc00 if code >= 0xdc00 else code:02x}"
 

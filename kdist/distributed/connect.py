@@ -106,6 +106,24 @@ def _answering_cluster_file(timeout: float) -> str | None:
         return None
 
 
+def _running_here(timeout: float) -> str | None:
+    """A Ray cluster that runs on this machine and answers: the one the cluster file names, else
+    a GCS process found running (a head started with another --temp-dir, or whose cluster file a
+    tmp cleaner removed); None if there is none."""
+    recorded = _answering_cluster_file(timeout)
+    if recorded:
+        return f"{recorded}, named by {cluster_file()}"
+    from ray._private.services import find_gcs_addresses
+
+    for address in sorted(find_gcs_addresses()):
+        try:
+            check_answers(address, min(timeout, 3.0))
+            return f"{address}, a GCS process"
+        except RayUnavailable:
+            continue
+    return None
+
+
 def local_cluster(timeout: float = DEFAULT_TIMEOUT) -> str:
     """The address of the Ray cluster running on this machine (``--address auto``)."""
     tried = []
@@ -163,10 +181,10 @@ def connect(address: str | None, timeout: float | None = None, **init_kwargs) ->
     init_kwargs.setdefault("logging_level", "WARNING")
     init_kwargs.setdefault("log_to_driver", False)
     if not named:
-        running = _answering_cluster_file(timeout)
+        running = _running_here(timeout)
         if running:
-            raise RayUnavailable(f"a Ray cluster runs on this machine ({running}, named by {cluster_file()}): pass "
-                                 "--address auto to use it, or --address local for a Ray of kdist's own")
+            raise RayUnavailable(f"a Ray cluster runs on this machine ({running}): pass --address auto to use it, "
+                                 "or --address local for a Ray of kdist's own")
     if address == "local":
         # ray.init would take RAY_ADDRESS over this argument (empty here), never the cluster file
         os.environ.pop("RAY_ADDRESS", None)

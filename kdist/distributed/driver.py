@@ -302,4 +302,5 @@ def print_summary(summary: Summary, as_json: bool) -> None:
         click.echo(f"snapshot {s['id'][:8]} of {printable(s['path'])}")
     t = summary.totals
     click.echo(f"{summary.mode} backup {summary.status}: {t.get('files', 0)} files, {t.get('bytes_read', 0)} bytes "
-               f"read, {t.get('new_bytes', 0)} new, {summary.duration:.1f} s" + (f"; {summary.error}" if summary.error else ""))
+               f"read, {t.get('new_bytes', 0)} new, {summary.duration:.1f} s"
+               + (f"; {printable(summary.error)}" if summary.error else ""))

@@ -10,9 +10,11 @@ clients take a connection closed inside the headers for their end, so a GET whos
 not match its ``Content-Length`` (or has none), a ``stat`` whose first byte did not arrive, a
 listing page without ``IsTruncated``, a header botocore cannot parse and an error reply whose
 body broke off are all retryable, never a short blob, a wrong length, an empty listing or a
-traceback. Failing to connect, or a read timeout, raises ``StorageUnreachable`` while no request
-has yet succeeded (a wrong endpoint, or one that accepts and never answers, should fail fast, not
-be retried), and ``RetryableStorageError`` once one has.
+traceback. Failing to connect raises ``StorageUnreachable`` while no request has yet succeeded
+(a wrong endpoint should fail fast, not be retried), and ``RetryableStorageError`` once one has.
+A timeout is retryable, charged to ``RetryingStorage``'s deadline as the seconds it waited
+(``stalled``): an endpoint that accepts and never answers fails within ``--request-timeout``,
+and one slow first reply (hundreds of nodes starting at once) is tried again.
 A missing bucket and refused credentials raise ``StorageUnreachable``.
 
 ``put_if_absent`` checks with HEAD, then writes with ``If-None-Match: *``. On AWS that write is
@@ -485,9 +487,6 @@ class S3Storage(BlobStorage):
                 return StorageUnreachable(f"cannot connect to S3 endpoint {self.endpoint}: {exc}")
             waited = self._client_args[3] * self._client_args[2] if isinstance(exc, bex.ConnectTimeoutError) else 0
             return RetryableStorageError(f"S3 {what}: connection to {self.endpoint} failed: {exc}", stalled=waited)
-        if isinstance(exc, bex.ReadTimeoutError) and not self._reached:  # accepts, never answers
-            return StorageUnreachable(f"S3 endpoint {self.endpoint} accepts connections but did not answer within "
-                                      f"{self._client_args[4]:g} s (--request-timeout or KDIST_REQUEST_TIMEOUT)")
         if isinstance(exc, (bex.HTTPClientError, bex.IncompleteReadError)):  # dropped mid-request
             # botocore's tries (max_attempts) each waited read_timeout, at most
             waited = self._client_args[4] * self._client_args[2] if isinstance(exc, bex.ReadTimeoutError) else 0

@@ -406,14 +406,16 @@ class _Bucket:
         self._credit = self.rate  # bytes that may go now: up to one second's worth
         self._last = monotonic()
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, wait: bool = True) -> None:
+        """Count ``n`` bytes; wait until they are paid for, unless ``wait`` is False (a small
+        request goes at once, and the next big one pays its debt)."""
         with self._lock:
             now = self._monotonic()
             self._credit = min(self.rate, self._credit + (now - self._last) * self.rate) - n
             self._last = now
-            wait = -self._credit / self.rate if self._credit < 0 else 0.0
-        if wait > 0:
-            self._sleep(wait)
+            delay = -self._credit / self.rate if self._credit < 0 and wait else 0.0
+        if delay > 0:
+            self._sleep(delay)
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -421,7 +423,11 @@ class _Bucket:
 
 class ThrottledStorage(StorageWrapper):
     """Limits the bytes this process uploads (puts) and downloads (gets) per second
-    (``--limit-upload``, ``--limit-download``); listings and small requests pass freely."""
+    (``--limit-upload``, ``--limit-download``). Listings pass freely; so do requests under
+    ``SMALL`` bytes (session heartbeats, markers, manifests), whose bytes the next big request
+    pays for: a heartbeat never waits behind the packs' debt."""
+
+    SMALL = 64 * 1024
 
     def __init__(self, inner: BlobStorage, upload: float | None = None, download: float | None = None,
                  monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
@@ -444,18 +450,18 @@ class ThrottledStorage(StorageWrapper):
 
     def put(self, name, data) -> None:
         if self.upload is not None:
-            self.upload.take(len(data))
+            self.upload.take(len(data), wait=len(data) >= self.SMALL)
         self.inner.put(name, data)
 
     def put_if_absent(self, name, data) -> bool:
         if self.upload is not None:
-            self.upload.take(len(data))
+            self.upload.take(len(data), wait=len(data) >= self.SMALL)
         return self.inner.put_if_absent(name, data)
 
     def get(self, name, offset=0, length=-1) -> bytes:
         data = self.inner.get(name, offset, length)
         if self.download is not None:
-            self.download.take(len(data))
+            self.download.take(len(data), wait=len(data) >= self.SMALL)
         return data
 
 

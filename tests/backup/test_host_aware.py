@@ -83,6 +83,9 @@ def test_latest_is_the_newest_of_the_selected(fleet, tmp_path):
     assert diff.splitlines()[0] == "M who"
     r = run_cli("snapshot", "cat", *repo, "latest", "who", "--host", "nobody", code=exit_codes.NOT_FOUND)
     assert "no snapshots of host nobody" in r.stderr
+    for option in ("--host", "--path", "--tag"):  # an unset variable must not select every snapshot
+        r = run_cli("snapshot", "restore", *repo, "latest", tmp_path / "x", option, "", code=exit_codes.USAGE)
+        assert f"{option} was given an empty value" in r.stderr
 
 
 def test_forget_decides_among_the_selected_only_and_says_why(fleet):

@@ -116,14 +116,24 @@ def test_a_metrics_target_that_cannot_be_written_warns_and_the_backup_succeeds(r
 
 
 def test_a_directory_holds_one_file_per_kind_of_run(repo, tmp_path, monkeypatch):
-    """One KDIST_METRICS_FILE for every cron line: a directory, where backups and maintenance each
-    keep their own file (one shared file would hold only the last run's series)."""
+    """One KDIST_METRICS_FILE for every cron line: a directory, where each kind of run and label
+    set keeps its own file (one shared file would hold only the last run's series)."""
     args, src = repo
     textfiles = tmp_path / "textfiles"
     textfiles.mkdir()
     monkeypatch.setenv("KDIST_METRICS_FILE", str(textfiles))
     run_cli("snapshot", "create", *args, src, "--host", "web1")
     run_cli("maintenance", "run", *args, "--quick")
-    assert sorted(p.name for p in textfiles.iterdir()) == ["kdist_backup.prom", "kdist_maintenance.prom"]
-    assert samples(textfiles / "kdist_backup.prom")[("kdist_backup_success", (("host", "web1"),))] == 1.0
-    assert samples(textfiles / "kdist_maintenance.prom")[("kdist_maintenance_success", (("mode", "quick"),))] == 1.0
+    run_cli("maintenance", "run", *args)
+    monkeypatch.setenv("KDIST_PASSWORD", "wrong")
+    run_cli("snapshot", "create", *args, src, "--host", "db1", code=exit_codes.WRONG_PASSWORD)
+    assert sorted(p.name for p in textfiles.iterdir()) == ["kdist_backup_db1.prom", "kdist_backup_web1.prom",
+                                                           "kdist_maintenance_full.prom",
+                                                           "kdist_maintenance_quick.prom"]
+    # db1's failure rewrote db1's file only: web1's last success is still there to alert on
+    web1 = samples(textfiles / "kdist_backup_web1.prom")
+    assert web1[("kdist_backup_success", (("host", "web1"),))] == 1.0
+    assert ("kdist_backup_last_success_timestamp_seconds", (("host", "web1"),)) in web1
+    assert samples(textfiles / "kdist_backup_db1.prom")[("kdist_backup_success", (("host", "db1"),))] == 0.0
+    assert samples(textfiles / "kdist_maintenance_quick.prom")[("kdist_maintenance_success", (("mode", "quick"),))] \
+        == 1.0

@@ -497,3 +497,20 @@ def test_node_configs_provision_password_and_key_without_the_raylets_environment
     assert by["node-c"]["status"] == "failed" and "no key 00000000deadbeef" in by["node-c"]["error"]
     repo = _open(location)
     assert sorted(s.source.host for s in list_snapshots(repo.manifests)) == ["node-a", "node-b"]
+
+
+def test_a_head_without_cpus_is_left_out_not_reported_dying(cluster, tmp_path):
+    """No --node-label: every alive node is asked, the head included, which was started with
+    no CPU (as `ray start --head --num-cpus 0` is): its actor could never start. It is left out
+    with the reason and the run succeeds on the three others (before: exit 18 "died
+    mid-backup", every night)."""
+    location = str(tmp_path / "repo")
+    _create(location)
+    roots = _trees(tmp_path)
+    _configure(cluster, roots)
+    summary = run_fleet(RepositorySpec(location), FleetRequest(), {}, None, 1, False)
+    assert summary.status == "ok" and summary.exit_code() == 0, summary
+    assert sorted(n["host"] for n in summary.nodes) == sorted(HOSTS)
+    (head,) = summary.left_out
+    assert "offers 0 CPUs to Ray and a backup actor needs 1" in head["reason"]
+    assert all("died" not in (n.get("error") or "") for n in summary.nodes)

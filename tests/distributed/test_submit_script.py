@@ -141,21 +141,20 @@ def test_backup_script_on_a_ray_head(ray_head, tmp_path):
     assert "a Ray cluster runs on this machine (" in r.stderr and f":{port}, named by" in r.stderr
     assert "--address auto" in r.stderr
 
-    # --address local: a Ray of its own beside the head; no address beside a stale cluster file
-    # (a head that is gone): a Ray of its own too, never following the file
-    stale_tmp = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # short: Ray's socket paths live under it
+    # the head's cluster file gone (a tmp cleaner), another temp dir: its GCS process still counts
+    elsewhere = tempfile.mkdtemp(prefix="kr", dir="/tmp")
     try:
-        os.makedirs(os.path.join(stale_tmp, "ray"))
-        with open(os.path.join(stale_tmp, "ray", "ray_current_cluster"), "w") as f:
-            f.write(f"127.0.0.1:{_free_port()}\n")
-        for extra, address in (({}, ["--address", "local"]), ({"RAY_TMPDIR": stale_tmp}, [])):
-            r = subprocess.run([sys.executable, SCRIPT, *address, "--repo", str(repo_dir), "--mode", "shard",
-                                "--path", str(tree), "--json"], env={**env, **extra}, capture_output=True, text=True,
-                               timeout=TIMEOUT)
-            assert r.returncode == 0, r.stderr
-            assert not json.loads(r.stdout)["cluster"]["address"].endswith(f":{port}")  # not the head's
+        r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "shard", "--path", str(tree)],
+                           env={**env, "RAY_TMPDIR": elsewhere}, capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == exit_codes.RAY_UNAVAILABLE and "a GCS process" in r.stderr, r.stdout + r.stderr
     finally:
-        subprocess.run(["rm", "-rf", stale_tmp])
+        subprocess.run(["rm", "-rf", elsewhere])
+
+    # --address local: a Ray of its own beside the head
+    r = subprocess.run([sys.executable, SCRIPT, "--address", "local", "--repo", str(repo_dir), "--mode", "shard",
+                        "--path", str(tree), "--json"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert not json.loads(r.stdout)["cluster"]["address"].endswith(f":{port}")  # not the head's
 
 
 def _kdist_fleet(*args, env_extra=None):
@@ -196,6 +195,27 @@ def test_an_address_that_does_not_answer_is_a_clear_error_in_seconds(tmp_path):
     assert r.returncode == exit_codes.RAY_UNAVAILABLE, r.stderr
     assert f"names {dead}, which does not answer: a file left by a cluster that is gone" in r.stderr
     assert took < 60 and "Traceback" not in r.stderr
+
+
+def test_no_address_beside_a_stale_cluster_file_starts_a_ray_of_its_own(tmp_path):
+    """The file of a cluster that is gone is never followed (before: minutes of GCS retries)."""
+    repo_dir, tree = tmp_path / "repo", tmp_path / "tree"
+    Repository.create(open_storage(str(repo_dir), create=True), PASSWORD, kdf=KdfParams.weak_for_tests()).close()
+    build_tree(tree)
+    stale_tmp = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(stale_tmp, "ray"))
+        with open(os.path.join(stale_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{_free_port()}\n")
+        env = {**os.environ, "KDIST_PASSWORD": PASSWORD, "KDIST_ALLOW_WEAK_KDF_FOR_TESTS": "1",
+               "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": stale_tmp}
+        env.pop("RAY_ADDRESS", None)
+        r = subprocess.run([sys.executable, SCRIPT, "--repo", str(repo_dir), "--mode", "shard", "--path", str(tree),
+                            "--json"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["status"] == "ok"
+    finally:
+        subprocess.run(["rm", "-rf", stale_tmp])
 
 
 EXIT_CODE = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "exit-code.sh")

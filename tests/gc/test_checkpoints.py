@@ -152,3 +152,6 @@ def test_forget_finds_the_same_dead_checkpoints_as_maintenance(world):
     assert sorted(s.id for s in dead_checkpoints(_open(storage))) == sorted(s.id for s in cps)
     assert dead_checkpoints(_open(storage), SnapshotFilter.of(hosts=["another-host"])) == []
     assert len(dead_checkpoints(_open(storage), SnapshotFilter.of(hosts=[cps[0].source.host]))) == len(cps)
+    # a forget that also forgets the superseding snapshot keeps them: the newest copy again
+    later = [s.id for s in list_snapshots(_open(storage).manifests)]
+    assert dead_checkpoints(_open(storage), forgotten=frozenset(later)) == []

@@ -71,3 +71,16 @@ def test_the_options_and_variables_reach_every_storage_stack(tmp_path, monkeypat
     monkeypatch.setenv("KDIST_LIMIT_DOWNLOAD", "fast")
     with pytest.raises(access.AccessError, match="KDIST_LIMIT_DOWNLOAD must be a number of MB/s"):
         access.transfer_limits()
+
+
+def test_small_requests_never_wait_and_the_next_big_one_pays_for_them():
+    """A session heartbeat must not wait behind the packs' debt (its session would lapse)."""
+    clock = FakeTime()
+    storage = ThrottledStorage(MemoryStorage(), upload=1 * MB, monotonic=clock.monotonic, sleep=clock.sleep)
+    storage.put("pack", b"p" * (3 * MB))  # 2 s of debt after the second of credit
+    assert clock.slept == pytest.approx(2.0)
+    for i in range(10):
+        storage.put(f"heartbeat{i}", b"h" * 1000)  # no wait at all
+    assert clock.slept == pytest.approx(2.0)
+    storage.put("pack2", b"p" * MB)  # pays for itself and the 10 kB before it
+    assert clock.slept == pytest.approx(2.0 + 1.01)
