@@ -9,8 +9,8 @@
 # that was stopped. kdist ends its output with the line "kdist: fleet backup exit code N"; this
 # passes the output through and exits N. When no such line came (the job was stopped or killed,
 # or Ray failed first) it exits with the command's own status, or 1 if that was 0: a backup that
-# never said how it ended did not succeed. Only a whole line counts (no file name printed by
-# kdist can start one: names are escaped and never begin a line of its output).
+# never said how it ended did not succeed. Only a whole line counts: a name inside one of kdist's
+# lines (names are escaped, so none can break a line) never ends with the bare code.
 set -o pipefail
 log=$(mktemp) || exit 1
 trap 'rm -f "$log"' EXIT

@@ -112,4 +112,4 @@ def _export(target: MetricsTarget, job: str, labels: dict[str, str], values: dic
         from prometheus_client import pushadd_to_gateway
 
         pushadd_to_gateway(target.pushgateway, job=f"kdist_{job}", registry=registry, grouping_key=labels,
-                           timeout=10)
+                           timeout=3)  # a hung gateway must not hold a run (or --timeout's hooks) long

@@ -61,8 +61,8 @@ def metrics_options(job: str, labels_of=lambda kwargs: {}):
                           help="Push this run's Prometheus metrics to this Pushgateway (env KDIST_PUSHGATEWAY).")(fn)
         fn = click.option("--metrics-file", envvar="KDIST_METRICS_FILE", default=None,
                           type=click.Path(),
-                          help="Write this run's Prometheus metrics to this file, or to kdist_<job>.prom in this "
-                               "directory (node_exporter's textfile collector; env KDIST_METRICS_FILE).")(fn)
+                          help="Write this run's Prometheus metrics to this file, or to kdist_<job>_<labels>.prom in "
+                               "this directory (node_exporter's textfile collector; env KDIST_METRICS_FILE).")(fn)
 
         @functools.wraps(fn)
         def wrapper(*args, metrics_file=None, pushgateway=None, **kwargs):
@@ -73,8 +73,9 @@ def metrics_options(job: str, labels_of=lambda kwargs: {}):
             target = MetricsTarget(metrics_file, pushgateway)
             started = clock.monotonic()
             ok = False
-            if target:  # --timeout ends the process at once: say it failed first
-                at_deadline(lambda: export(target, job, labels_of(kwargs), {}, False, clock.monotonic() - started))
+            if target:  # --timeout ends the process at once: say it failed first (unless the command did)
+                at_deadline(lambda: target.exported or export(target, job, labels_of(kwargs), {}, False,
+                                                               clock.monotonic() - started))
             try:
                 result = fn(*args, metrics=target, **kwargs)
                 ok = True

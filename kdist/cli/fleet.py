@@ -108,22 +108,18 @@ def backup(repo_location, endpoint_url, password_file, password_env, mode, paths
     if status_file:  # a path that cannot take the file is a usage error now, not after the night's backup
         directory = os.path.dirname(os.path.abspath(os.path.expanduser(status_file)))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-            raise click.UsageError(f"--status-file {status_file}: cannot write in {directory}")
+            click.echo(f"kdist: error: --status-file {status_file}: cannot write in {directory}", err=True)
+            click.echo(EXIT_LINE.format(code=exit_codes.USAGE), err=True)
+            sys.exit(exit_codes.USAGE)
     started_at = time.time()
     started = clock.monotonic()
     status = {"command": "fleet backup", "mode": mode, "started": started_at}
     from kdist.access import at_deadline
 
+    # before the metrics' own hook: the status file and the exit line first, within the hooks' time
     at_deadline(lambda: _finish(status_file, status, started, exit_codes.STORAGE, "error", "ran past --timeout",
-                                metrics))
-    # `ray job stop`, a deleted RayJob, a closed terminal: the status file, the metrics and the
-    # exit line still say how it ended (143, 129) instead of the process vanishing silently
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, _terminated)
-        except ValueError:  # not the main thread (a caller running the command in a thread)
-            pass
+                                metrics), first=True)
+    _signalled.clear()
     try:
         code = _backup(status, RepositorySpec(repo_location, endpoint_url,
                                               PasswordSource(file=password_file, env=password_env)),
@@ -135,21 +131,28 @@ def backup(repo_location, endpoint_url, password_file, password_env, mode, paths
     except KdistError as exc:
         click.echo(f"kdist: error: {printable(str(exc))}", err=True)
         code, outcome, error = exit_codes.exit_code_for(exc), "error", str(exc)
-    except _Terminated as exc:
-        click.echo(f"kdist: error: stopped by signal {exc.signum}", err=True)
-        code, outcome, error = 128 + exc.signum, "error", f"stopped by signal {exc.signum}"
     except KeyboardInterrupt:
         click.echo("kdist: interrupted", err=True)
         code, outcome, error = 130, "error", "interrupted"
-    except Exception as exc:  # a bug: one line, and the status file still says it ended
-        click.echo(f"kdist: internal error: {type(exc).__name__}: {exc}"[:2000], err=True)
-        code, outcome, error = exit_codes.FAILURE, "error", f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:  # a signal (which Ray's calls may wrap), a bug, an exit from below
+        if _signalled:
+            code, error = 128 + _signalled[0], f"stopped by signal {_signalled[0]}"
+        elif isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else exit_codes.FAILURE
+            error = f"exited with {exc.code}"
+        else:
+            code, error = exit_codes.FAILURE, f"{type(exc).__name__}: {exc}"
+        click.echo(f"kdist: error: {error}"[:2000], err=True)
+        outcome = "error"
     else:
         outcome, error = None, ""
+    restore_signals()  # a signal during _finish must not cut the status file or the exit line
     _finish(status_file, status, started, code, outcome, error, metrics)  # its exit line is the last output
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
     sys.exit(code)
+
+
+_signalled: list[int] = []  # the signal that stopped the run (Ray's calls may wrap what the handler raises)
+_previous_handlers: dict = {}
 
 
 class _Terminated(BaseException):
@@ -159,7 +162,25 @@ class _Terminated(BaseException):
 
 
 def _terminated(signum, _frame):
+    _signalled.append(signum)
     raise _Terminated(signum)
+
+
+def catch_signals() -> None:
+    """SIGTERM (`ray job stop`, a deleted RayJob) and SIGHUP (a closed terminal) end the run
+    through ``_finish``: status file, metrics and exit line say 143 or 129. Installed after
+    ``ray.init``, which puts a handler of its own (an exit without a word) on SIGTERM."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            _previous_handlers.setdefault(sig, signal.signal(sig, _terminated))
+        except ValueError:  # not the main thread (a caller running the command in a thread)
+            pass
+
+
+def restore_signals() -> None:
+    for sig, handler in list(_previous_handlers.items()):
+        signal.signal(sig, handler)
+    _previous_handlers.clear()
 
 
 def _node_name(node: dict) -> str:
@@ -178,6 +199,7 @@ def _finish(path, status: dict, started: float, code: int, outcome: str | None =
     if outcome is not None:
         status["status"] = outcome
         status["error"] = error
+    write_status(path, status)  # before the metrics: a hung Pushgateway must not cost the status file
     if metrics:
         from kdist.metrics import export
 
@@ -194,7 +216,6 @@ def _finish(path, status: dict, started: float, code: int, outcome: str | None =
                           "1 if the node (fleet) or part (shard) finished its backup in the last run"),
                          ("node_errors", float((n.get("stats") or n).get("errors", 0) or 0),
                           "Files or directories the node's backup could not read"))])
-    write_status(path, status)
     # the last line of the output, whatever happened: `ray submit` and `ray job submit` pass the
     # output on but turn every failure into exit 1; cluster/exit-code.sh gives this code back
     sys.stderr.flush()
@@ -218,6 +239,7 @@ def _backup(status: dict, spec: RepositorySpec, mode, paths, address, node_confi
         raise click.UsageError("--mode shard backs up exactly one --path (a tree every node can read)")
     started = clock.monotonic()
     stop = connect(address)
+    catch_signals()
     try:
         show = sys.stderr.isatty() and not as_json
         if mode == "fleet":

@@ -108,8 +108,8 @@ def _answering_cluster_file(timeout: float) -> str | None:
 
 def _running_here(timeout: float) -> str | None:
     """A Ray cluster that runs on this machine and answers: the one the cluster file names, else
-    a GCS process found running (a head started with another --temp-dir, or whose cluster file a
-    tmp cleaner removed); None if there is none."""
+    the GCS a Ray process running here points at (a head started with another --temp-dir, or
+    whose cluster file a tmp cleaner removed; on a worker node, its head); None if there is none."""
     recorded = _answering_cluster_file(timeout)
     if recorded:
         return f"{recorded}, named by {cluster_file()}"
@@ -118,7 +118,7 @@ def _running_here(timeout: float) -> str | None:
     for address in sorted(find_gcs_addresses()):
         try:
             check_answers(address, min(timeout, 3.0))
-            return f"{address}, a GCS process"
+            return f"{address}, the GCS of a Ray process running here"
         except RayUnavailable:
             continue
     return None

@@ -59,16 +59,14 @@ def read_node_config(path: str | None) -> dict:
     if not path or not os.path.exists(path):
         return {}
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise NodeSetupError(f"cannot read node config {path} on {socket.gethostname()}: {exc.strerror}") from None
-    # it names the password file, the key and the AWS profile (whose credential_process runs a
-    # command): whoever may write it may act as this node, so only root or this user may
-    if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
-        raise NodeSetupError(f"node config {path} on {socket.gethostname()} must be owned by root or the user Ray "
-                             "runs as and writable by no one else (chmod go-w)")
-    try:
         with open(path, encoding="utf-8") as f:
+            # it names the password file, the key and the AWS profile (whose credential_process
+            # runs a command): whoever may write it may act as this node, so only root or this
+            # user may (checked on the file opened, not on a name that could change meanwhile)
+            st = os.fstat(f.fileno())
+            if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+                raise NodeSetupError(f"node config {path} on {socket.gethostname()} must be owned by root or the "
+                                     "user Ray runs as and writable by no one else (chmod go-w)")
             cfg = json.load(f)
     except (OSError, ValueError) as exc:
         raise NodeSetupError(f"cannot read node config {path} on {socket.gethostname()}: {exc}") from None

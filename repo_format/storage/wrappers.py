@@ -397,6 +397,8 @@ class _Bucket:
     then waits until the rate has paid them back ("debt"), so the average stays at ``rate``
     whatever the sizes and however many threads there are, with a burst of at most one second."""
 
+    MAX_DEBT = 10.0  # seconds of debt small requests may run up before they wait too
+
     def __init__(self, rate: float, monotonic: Callable[[], float], sleep: Callable[[float], None]):
         if not rate > 0:
             raise ValueError("a rate limit must be positive")
@@ -413,7 +415,9 @@ class _Bucket:
             now = self._monotonic()
             self._credit = min(self.rate, self._credit + (now - self._last) * self.rate) - n
             self._last = now
-            delay = -self._credit / self.rate if self._credit < 0 and wait else 0.0
+            # small requests do not wait, unless they alone have run up more than MAX_DEBT
+            owed = -self._credit / self.rate if self._credit < 0 else 0.0
+            delay = owed if wait or owed > self.MAX_DEBT else 0.0
         if delay > 0:
             self._sleep(delay)
 

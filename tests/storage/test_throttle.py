@@ -84,3 +84,12 @@ def test_small_requests_never_wait_and_the_next_big_one_pays_for_them():
     assert clock.slept == pytest.approx(2.0)
     storage.put("pack2", b"p" * MB)  # pays for itself and the 10 kB before it
     assert clock.slept == pytest.approx(2.0 + 1.01)
+
+
+def test_small_requests_alone_still_keep_to_the_limit_past_a_bounded_debt():
+    clock = FakeTime()
+    storage = ThrottledStorage(MemoryStorage(), upload=1 * MB, monotonic=clock.monotonic, sleep=clock.sleep)
+    for i in range(400):  # 400 x 60 kB = 24 MB, each under the small size
+        storage.put(f"s{i}", b"s" * 60_000)
+    # they ran up at most MAX_DEBT seconds of debt, then waited: ~24 s of data over ~13-14 s
+    assert 24 - 1 - storage.upload.MAX_DEBT - 0.1 <= clock.slept <= 24
