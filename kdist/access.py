@@ -142,7 +142,7 @@ def at_deadline(hook: Callable[[], None], first: bool = False) -> None:
 DEADLINE_THREAD = "kdist-deadline"  # holds no lock of kdist's: a multi-process backup may fork beside it
 
 
-def start_deadline(seconds: float, exit: Callable[[int], None] = os._exit) -> threading.Timer:
+def start_deadline(seconds: float) -> threading.Timer:
     """End this process ``seconds`` from now, whatever it is doing (a request that never
     returns included), with a message and exit 14; ``at_deadline`` hooks run first (the
     multi-process backup's hook kills its children). Once per process."""
@@ -165,7 +165,7 @@ def start_deadline(seconds: float, exit: Callable[[int], None] = os._exit) -> th
         hooks = threading.Thread(target=run_hooks, name="kdist-deadline-hooks", daemon=True)
         hooks.start()
         hooks.join(DEADLINE_HOOKS_WAIT)
-        exit(DEADLINE_EXIT)
+        os._exit(DEADLINE_EXIT)
 
     with _deadline_lock:
         if _deadline:

@@ -61,7 +61,7 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         row.errors = int(s.totals.get("errors", 0))
         row.unfinished_since = 0.0  # checkpoints before this snapshot belong to backups it outlived
     hosts_seen = {host for host, _ in rows}
-    for key in getattr(manifests, "keys", {}).values():
+    for key in manifests.keys.values():  # filled by the listing above
         if key.role == HOST and not key.revoked and key.host not in hosts_seen and \
                 labels.get("host", key.host) == key.host and (not where.hosts or key.host in where.hosts):
             rows[(key.host, "")] = SourceStatus(key.host, "")

@@ -342,7 +342,7 @@ class SnapshotFilter:
                 and (not self.tags or any(all(t in snap.tags for t in group) for group in self.tags)))
 
     def select(self, snaps: list["Snapshot"]) -> list["Snapshot"]:
-        return [s for s in snaps if self.matches(s)] if self else list(snaps)
+        return [s for s in snaps if self.matches(s)]
 
     def describe(self) -> str:
         parts = []

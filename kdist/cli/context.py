@@ -25,17 +25,26 @@ from kdist.cli.exit_codes import exit_code_for
 
 
 
-def _duration_option(name: str, envvar: str, apply, help: str):
-    def callback(ctx, param, value):
-        if value is None:
-            return
-        try:
-            apply(parse_duration(value))
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+class Duration(click.ParamType):
+    """A duration option's value (``90s``, ``15m``, ``2h``, ``1d``, ``1h30m``) in seconds."""
 
-    return click.option(name, envvar=envvar, default=None, metavar="DURATION", expose_value=False,
-                        callback=callback, help=help)
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+def _duration_option(name: str, envvar: str, apply, help: str):
+    return click.option(name, envvar=envvar, type=DURATION, default=None, metavar="DURATION", expose_value=False,
+                        callback=lambda ctx, param, value: value is not None and apply(value), help=help)
 
 
 def time_limit_options(fn):
@@ -48,6 +57,29 @@ def time_limit_options(fn):
                           "Stop the whole command after this long, e.g. 6h (env KDIST_TIMEOUT): exit 14; a backup "
                           "stopped so keeps what its checkpoints hold.")(fn)
     return fn
+
+
+def filter_options(fn):
+    """``--host``, ``--path``, ``--tag``: which snapshots a command means (``latest`` among them;
+    restic's semantics). Passed as ``where`` (``kdist.snapshot.SnapshotFilter``)."""
+    fn = click.option("--tag", "filter_tags", multiple=True, metavar="TAG[,TAG...]",
+                      help="Only snapshots with these tags (all of a comma-separated list; repeat the option "
+                           "for any of several lists).")(fn)
+    fn = click.option("--path", "filter_paths", multiple=True, metavar="PATH",
+                      help="Only snapshots of this source path, as `snapshot list` shows it (repeatable).")(fn)
+    fn = click.option("--host", "filter_hosts", multiple=True, metavar="HOST",
+                      help="Only snapshots of this host (repeatable).")(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, filter_hosts=(), filter_paths=(), filter_tags=(), **kwargs):
+        for option, values in (("--host", filter_hosts), ("--path", filter_paths), ("--tag", filter_tags)):
+            if any(not v.strip(" ,") for v in values):  # "$EMPTY" must not mean "every snapshot"
+                raise click.UsageError(f"{option} was given an empty value")
+        from kdist.snapshot import SnapshotFilter
+
+        return fn(*args, where=SnapshotFilter.of(filter_hosts, filter_paths, filter_tags), **kwargs)
+
+    return wrapper
 
 
 def metrics_options(job: str, labels_of=lambda kwargs: {}):

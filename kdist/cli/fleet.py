@@ -24,8 +24,8 @@ from repo_format.errors import KdistError
 
 from kdist.access import PasswordSource, RepositorySpec
 from kdist.cli import exit_codes
-from kdist.cli.context import metrics_options, repo_options, with_repository
-from kdist.cli.text import printable
+from kdist.cli.context import DURATION, filter_options, metrics_options, repo_options, with_repository
+from kdist.cli.text import local_time, printable
 
 
 @click.group("fleet")
@@ -93,7 +93,7 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
               help="CPUs a backup actor asks Ray for; fleet mode leaves out nodes that offer fewer.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Reader threads per actor; 0: the node's CPU count (at least 2).")
-@click.option("--jitter", default=None, callback=lambda ctx, param, v: _duration(ctx, param, v) if v else 0.0,
+@click.option("--jitter", type=DURATION, default=0.0,
               metavar="DURATION", help="Fleet: each node waits a random time up to DURATION (e.g. 15m) before it "
                                        "starts, so hundreds of hosts do not reach the storage in the same second.")
 @click.option("--host", default=None, help="Shard: host name recorded in the snapshot (default: this machine's).")
@@ -259,15 +259,6 @@ def _backup(status: dict, spec: RepositorySpec, mode, paths, address, node_confi
     return summary.exit_code()
 
 
-def _duration(ctx, param, value):
-    from kdist.access import parse_duration
-
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "never"
@@ -276,16 +267,10 @@ def _age(seconds: float | None) -> str:
     return f"{days}d {hours}h" if days else (f"{hours}h {minutes}m" if hours else f"{minutes}m")
 
 
-def _filters(fn):
-    from kdist.cli.snapshot import filter_options
-
-    return filter_options(fn)
-
-
 @fleet_group.command("status")
-@click.option("--max-age", default="26h", show_default=True, callback=_duration, metavar="DURATION",
+@click.option("--max-age", type=DURATION, default="26h", show_default=True, metavar="DURATION",
               help="A host and path whose last snapshot is older than this (or that has none) is stale.")
-@_filters
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @metrics_options("fleet_status")
 @with_repository(read_only=True)
@@ -294,8 +279,7 @@ def status(repo, max_age, where, as_json, metrics):
     since and did not finish. Exit 22 when any is stale (listed on stderr), so cron can alert; a
     host key without any snapshot counts as stale."""
     from kdist.cli.progress import human_bytes
-    from kdist.cli.snapshot import _when
-    from kdist.cli.text import printable
+    from kdist.cli.text import local_time, printable
     from kdist.fleet_status import fleet_status
     from kdist.snapshot import visible_labels
 
@@ -316,8 +300,8 @@ def status(repo, max_age, where, as_json, metrics):
         for r, host, path in zip(rows, hosts, paths):
             state = "STALE" if r.stale else "ok"
             if r.unfinished_since:
-                state += f", a backup started {_when(r.unfinished_since)} did not finish"
-            last = _when(r.time) if r.snapshot else "-"
+                state += f", a backup started {local_time(r.unfinished_since)} did not finish"
+            last = local_time(r.time) if r.snapshot else "-"
             click.echo(f"{host:<{hw}}{path:<{pw}}{last:<21}{_age(r.age):>8}{r.files:>9}{human_bytes(r.bytes):>11}"
                        f"{r.errors:>8}  {state}")
     if stale:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import click
@@ -13,7 +12,7 @@ from repo_format.local_cache import parse_size
 from repo_format.safety import PRESETS
 
 from kdist.cli.context import metrics_options, with_repository
-from kdist.cli.text import printable
+from kdist.cli.text import local_time, printable
 from kdist.cli.progress import human_bytes
 from kdist.gc import DEFAULT_MEMORY_LIMIT
 
@@ -185,7 +184,7 @@ def maintenance_status(repo, as_json):
     click.echo(f"{'started':<20}{'mode':<7}{'took':>8}{'marked':>9}{'packs del':>10}{'bytes freed':>13}"
                f"{'rewritten':>10}{'checkpts':>9}{'manifests':>10}  result")
     for r in runs[-20:]:
-        when = datetime.datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S")
+        when = local_time(r.start)
         steps = r.steps if isinstance(r.steps, dict) else {}
 
         def step(name: str, key: str | None = None) -> int:

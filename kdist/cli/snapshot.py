@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import json
 import socket
@@ -17,12 +16,11 @@ from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
 from repo_format.storage.wrappers import throttled_storage
 
 from kdist.cli import exit_codes
-from kdist.cli.context import metrics_options, storage_requests, with_repository
+from kdist.cli.context import DURATION, filter_options, metrics_options, storage_requests, with_repository
 from kdist.cli.progress import ProgressLine, human_bytes
-from kdist.cli.text import printable
+from kdist.cli.text import local_time, printable
 from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
-from kdist.snapshot import (TYPE_DIR, Snapshot, SnapshotFilter, backup_host, list_snapshots, resolve_snapshot,
-                            visible_labels)
+from kdist.snapshot import TYPE_DIR, Snapshot, backup_host, list_snapshots, resolve_snapshot, visible_labels
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -30,10 +28,6 @@ from kdist import browse
 @click.group("snapshot")
 def snapshot_group():
     """Create, list, restore and verify snapshots."""
-
-
-def _when(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _minus(after: dict, before: dict) -> dict:
@@ -46,27 +40,6 @@ def _snapshot_json(s: Snapshot) -> dict:
         "start": s.start, "end": s.end, "root": s.root, "totals": s.totals, "tags": s.tags,
         "description": s.description, "checkpoint": s.checkpoint, "errors": s.errors,
     }
-
-
-def filter_options(fn):
-    """``--host``, ``--path``, ``--tag``: which snapshots a command means (``latest`` among them;
-    restic's semantics). Passed as ``where`` (``kdist.snapshot.SnapshotFilter``)."""
-    fn = click.option("--tag", "filter_tags", multiple=True, metavar="TAG[,TAG...]",
-                      help="Only snapshots with these tags (all of a comma-separated list; repeat the option "
-                           "for any of several lists).")(fn)
-    fn = click.option("--path", "filter_paths", multiple=True, metavar="PATH",
-                      help="Only snapshots of this source path, as `snapshot list` shows it (repeatable).")(fn)
-    fn = click.option("--host", "filter_hosts", multiple=True, metavar="HOST",
-                      help="Only snapshots of this host (repeatable).")(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, filter_hosts=(), filter_paths=(), filter_tags=(), **kwargs):
-        for option, values in (("--host", filter_hosts), ("--path", filter_paths), ("--tag", filter_tags)):
-            if any(not v.strip(" ,") for v in values):  # "$EMPTY" must not mean "every snapshot"
-                raise click.UsageError(f"{option} was given an empty value")
-        return fn(*args, where=SnapshotFilter.of(filter_hosts, filter_paths, filter_tags), **kwargs)
-
-    return wrapper
 
 
 def _resolve(repo, ref: str, where) -> Snapshot:
@@ -204,7 +177,7 @@ def list_(repo, where, include_checkpoints, as_json):
     for s, host in zip(snaps, hosts):
         mark = " (checkpoint)" if s.checkpoint else ""
         tags = f"  [{', '.join(printable(t) for t in s.tags)}]" if s.tags else ""
-        click.echo(f"{s.short_id:<10}{_when(s.end):<21}{host:<{width}}{s.totals.get('files', 0):>8}"
+        click.echo(f"{s.short_id:<10}{local_time(s.end):<21}{host:<{width}}{s.totals.get('files', 0):>8}"
                    f"{human_bytes(s.totals.get('bytes', 0)):>12}  {printable(s.source.path)}{mark}{tags}")
     click.echo(f"{len(snaps)} snapshot(s)")
 
@@ -260,7 +233,7 @@ def ls(repo, snapshot_ref, path, recursive, where, as_json):
         return
     for p, e in rows:
         extra = f" -> {printable(e.target)}" if e.target else ("/" if e.type == TYPE_DIR else "")
-        click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {_when(e.mtime_ns / 1e9)}  {printable(p)}{extra}")
+        click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {local_time(e.mtime_ns / 1e9)}  {printable(p)}{extra}")
 
 
 @snapshot_group.command("cat")
@@ -332,17 +305,6 @@ def _group_by(ctx, param, value):
     return fields
 
 
-def _within(ctx, param, value):
-    if value is None:
-        return 0.0
-    from kdist.access import parse_duration
-
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @snapshot_group.command("forget")
 @click.option("--keep-last", type=click.IntRange(0), default=0)
 @click.option("--keep-hourly", type=click.IntRange(0), default=0)
@@ -350,7 +312,7 @@ def _within(ctx, param, value):
 @click.option("--keep-weekly", type=click.IntRange(0), default=0)
 @click.option("--keep-monthly", type=click.IntRange(0), default=0)
 @click.option("--keep-yearly", type=click.IntRange(0), default=0)
-@click.option("--keep-within", default=None, metavar="DURATION", callback=_within,
+@click.option("--keep-within", type=DURATION, default=0.0, metavar="DURATION",
               help="Keep every snapshot taken within DURATION (e.g. 14d, 36h) before the newest of its group.")
 @click.option("--keep-tag", "keep_tags", multiple=True, help="Always keep snapshots with this tag.")
 @filter_options
@@ -392,12 +354,12 @@ def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, 
                                "checkpoints": [s.id for s in plan.checkpoints]}, indent=2))
     else:
         for s in plan.keep:
-            click.echo(f"keep    {s.short_id}  {_when(s.end)}  {printable(str(s.source))}  "
+            click.echo(f"keep    {s.short_id}  {local_time(s.end)}  {printable(str(s.source))}  "
                        f"({', '.join(plan.reasons.get(s.id, []))})")
         for s in plan.forget:
-            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {printable(str(s.source))}")
+            click.echo(f"forget  {s.short_id}  {local_time(s.end)}  {printable(str(s.source))}")
         for s in plan.checkpoints:
-            click.echo(f"forget  {s.short_id}  {_when(s.end)}  {printable(str(s.source))}  (checkpoint of a backup "
+            click.echo(f"forget  {s.short_id}  {local_time(s.end)}  {printable(str(s.source))}  (checkpoint of a backup "
                        "that died; a later snapshot of its source exists)")
     gone = plan.forget + plan.checkpoints
     if not dry_run:

@@ -10,6 +10,7 @@ unambiguous. JSON output is left as it is (already escaped).
 
 from __future__ import annotations
 
+import datetime
 import re
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
@@ -30,3 +31,8 @@ def _escape(m: re.Match) -> str:
 def printable(text: str) -> str:
     """``text`` with control characters and backslashes escaped (see the module)."""
     return _UNSAFE.sub(_escape, text)
+
+
+def local_time(t: float) -> str:
+    """Seconds since the epoch as this machine's local time, the way every listing shows it."""
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")

@@ -90,68 +90,53 @@ def cluster_file() -> str:
     return os.path.join(base, "ray", "ray_current_cluster")
 
 
-def _answering_cluster_file(timeout: float) -> str | None:
-    """The address the cluster file names, if one does and it answers (a stale file: None)."""
+def _survey(timeout: float) -> tuple[str | None, list[str], list[str]]:
+    """What runs on this machine and answers: the address the cluster file names (None if there
+    is no file or it is stale), the GCS addresses that Ray processes running here point at (a
+    head started with another --temp-dir, or whose file a tmp cleaner removed; on a worker node,
+    its head; looked for only when the file does not answer), and what was tried."""
+    tried: list[str] = []
+    path = cluster_file()
     try:
-        with open(cluster_file(), encoding="utf-8") as f:
-            recorded = f.read().strip()
+        with open(path, encoding="utf-8") as f:
+            recorded = f.read().strip() or None
     except OSError:
-        return None
-    if not recorded:
-        return None
-    try:
-        check_answers(recorded, min(timeout, 3.0))
-        return recorded
-    except RayUnavailable:
-        return None
+        recorded = None
+    if recorded is None:
+        tried.append(f"no cluster file at {path}")
+    else:
+        try:
+            check_answers(recorded, timeout)
+        except RayUnavailable as exc:
+            tried.append(f"{path} names {recorded}, which does not answer: a file left by a cluster that is gone "
+                         f"({exc})")
+            recorded = None
+    answering: list[str] = []
+    if recorded is None:
+        from ray._private.services import find_gcs_addresses
+
+        for address in sorted(find_gcs_addresses()):
+            try:
+                check_answers(address, timeout)
+                answering.append(address)
+            except RayUnavailable:
+                tried.append(f"a GCS process for {address} does not answer")
+    return recorded, answering, tried
 
 
 def _running_here(timeout: float) -> str | None:
-    """A Ray cluster that runs on this machine and answers: the one the cluster file names, else
-    the GCS a Ray process running here points at (a head started with another --temp-dir, or
-    whose cluster file a tmp cleaner removed; on a worker node, its head); None if there is none."""
-    recorded = _answering_cluster_file(timeout)
+    """A Ray cluster that runs on this machine and answers, described; None if there is none."""
+    recorded, answering, _ = _survey(min(timeout, 3.0))
     if recorded:
         return f"{recorded}, named by {cluster_file()}"
-    from ray._private.services import find_gcs_addresses
-
-    for address in sorted(find_gcs_addresses()):
-        try:
-            check_answers(address, min(timeout, 3.0))
-            return f"{address}, the GCS of a Ray process running here"
-        except RayUnavailable:
-            continue
-    return None
+    return f"{answering[0]}, the GCS of a Ray process running here" if answering else None
 
 
 def local_cluster(timeout: float = DEFAULT_TIMEOUT) -> str:
     """The address of the Ray cluster running on this machine (``--address auto``)."""
-    tried = []
-    path = cluster_file()
-    try:
-        with open(path, encoding="utf-8") as f:
-            recorded = f.read().strip()
-    except OSError:
-        recorded = ""
+    recorded, answering, tried = _survey(timeout)
     if recorded:
-        try:
-            check_answers(recorded, timeout)
-            return recorded
-        except RayUnavailable as exc:
-            tried.append(f"{path} names {recorded}, which does not answer: a file left by a cluster that is gone "
-                         f"({exc})")
-    else:
-        tried.append(f"no cluster file at {path}")
-    from ray._private.services import find_gcs_addresses
-
-    running = sorted(find_gcs_addresses())
-    answering = []
-    for a in running:
-        try:
-            check_answers(a, timeout)
-            answering.append(a)
-        except RayUnavailable:
-            tried.append(f"a GCS process for {a} does not answer")
+        return recorded
     if len(answering) == 1:
         return answering[0]
     if len(answering) > 1:

@@ -126,11 +126,12 @@ class BackupWorker:
         self._last_report = 0.0
         self._report_lock = threading.Lock()
 
-    def _open(self) -> None:
+    def _open(self, cfg: dict | None = None) -> None:
         """Open the repository on first use, so that a node without a password or storage access
-        reports that as its failure (a constructor error would look like a dead actor)."""
+        reports that as its failure (a constructor error would look like a dead actor).
+        ``cfg``: the node config, if the caller read it already."""
         if self.repo is None:
-            spec = provisioned(self.spec, read_node_config(self.node_config))
+            spec = provisioned(self.spec, read_node_config(self.node_config) if cfg is None else cfg)
             # append-only: a backup never deletes or replaces; it passes over unreadable manifests
             self.repo = open_on_node(spec, append_only=True)
             self._counting = counting_storage(self.repo.storage)
@@ -152,8 +153,8 @@ class BackupWorker:
             clock.sleep(out["jitter_wait"])
         try:
             self.node_config = request.node_config
-            self._open()
-            cfg = read_node_config(request.node_config)
+            cfg = read_node_config(request.node_config)  # read once: how to get in, and what to back up
+            self._open(cfg)
             host = str(cfg.get("host") or self.host)
             out["host"] = host
             paths = cfg.get("paths") or request.paths

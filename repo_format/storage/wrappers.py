@@ -81,7 +81,7 @@ class RetryingStorage(StorageWrapper):
 
     def __init__(self, inner: BlobStorage, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 5.0,
                  sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
-                 deadline: float | None = None, monotonic: Callable[[], float] = time.monotonic):
+                 deadline: float | None = None):
         super().__init__(inner)
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -93,7 +93,6 @@ class RetryingStorage(StorageWrapper):
         # nothing here (a slow link's long upload is retried), only the attempt count bounds that
         self.deadline = deadline
         self._sleep = sleep
-        self._monotonic = monotonic
         self._rng = rng or random.Random()
 
     def _backoff(self, failures: int, waited: float, exc: RetryableStorageError) -> float:
@@ -385,11 +384,16 @@ class FaultInjectingStorage(StorageWrapper):
         self.inner.delete(name)
 
 
+def find_wrapper(storage: BlobStorage, kind: type):
+    """The wrapper of type ``kind`` in ``storage``'s chain of wrappers, if there is one."""
+    while not isinstance(storage, kind) and isinstance(storage, StorageWrapper):
+        storage = storage.inner
+    return storage if isinstance(storage, kind) else None
+
+
 def counting_storage(storage: BlobStorage) -> CountingStorage | None:
     """The ``CountingStorage`` in ``storage``'s chain of wrappers, if there is one."""
-    while not isinstance(storage, CountingStorage) and isinstance(storage, StorageWrapper):
-        storage = storage.inner
-    return storage if isinstance(storage, CountingStorage) else None
+    return find_wrapper(storage, CountingStorage)
 
 
 class _Bucket:
@@ -471,6 +475,4 @@ class ThrottledStorage(StorageWrapper):
 
 def throttled_storage(storage: BlobStorage) -> ThrottledStorage | None:
     """The ``ThrottledStorage`` in ``storage``'s chain of wrappers, if there is one."""
-    while not isinstance(storage, ThrottledStorage) and isinstance(storage, StorageWrapper):
-        storage = storage.inner
-    return storage if isinstance(storage, ThrottledStorage) else None
+    return find_wrapper(storage, ThrottledStorage)

@@ -71,8 +71,6 @@ def test_maintenance_and_fleet_status_metrics(repo, tmp_path):
     assert s[("kdist_fleet_status_last_snapshot_timestamp_seconds", where)] > 1.7e9
 
 
-
-
 class _Gateway(http.server.BaseHTTPRequestHandler):
     received: list = []
 
