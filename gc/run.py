@@ -7,7 +7,8 @@ Steps, in order (a full run does all; ``quick`` skips the three that walk snapsh
 3. blob GC (full): delete packs no index entry points into that an earlier run found so too,
    record the newly found ones for a later run;
 4. pack rewrite (full): move live contents out of mostly dead or small packs;
-5. checkpoints: forget those of dead backups that a later snapshot supersedes;
+5. checkpoints: forget those of dead backups that a later snapshot supersedes; and failure
+   records (``kdist.failures``) stored more than 30 days ago;
 6. manifests: compact many small manifest blobs into one;
 7. housekeeping: delete stale probe blobs, dead session markers and the slots of removed keys;
    reclaim what cut writes left in the storage (temp files, empty shard directories, unfinished
@@ -29,6 +30,7 @@ from repo_format.session import live_sessions
 from repo_format.keyslots import slot_name
 from repo_format.storage.base import BlobStorage
 
+from kdist.failures import FAILURE_KEEP, plan_failures
 from kdist.gc import DEFAULT_MEMORY_LIMIT, history
 from kdist.gc.blob_gc import Rules as BlobRules
 from kdist.gc.blob_gc import confirmation_margin, execute_blob_gc, plan_from
@@ -58,6 +60,7 @@ class Rules:
     checkpoint_session: bool = True
     merge_copies_first: bool = True
     spent_tombstones: bool = True
+    failure_type: bool = True
 
 
 @dataclass
@@ -67,6 +70,7 @@ class MaintenanceOptions:
     safety: SafetyParameters | None = None  # None: the repository's own
     rules: Rules = field(default_factory=Rules)
     memory_limit: int = DEFAULT_MEMORY_LIMIT  # what the plans hold at once (the index is mapped, not counted)
+    failure_keep: float = FAILURE_KEEP  # seconds a failure record is kept (the simulator scales it)
     pool: object = None  # Ray actors sharing content GC's walk and plan (kdist.gc.ray_pool.RayPool)
 
 
@@ -187,9 +191,15 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
             report.steps["pack_rewrite"] = execute_rewrite(repo.contents, rplan, clock)
             yield "pack-rewrite executed"
 
+    old_failures = plan_failures(repo.manifests, clock.now(), options.failure_keep,  # 5. failure records,
+                                 rules.failure_type)
+    report.plans.append(f"failure records: forget {len(old_failures)} stored more than "
+                        f"{options.failure_keep / 86400:g} days ago")
     cplan = plan_checkpoints(repo.manifests, storage, clock.now(), safety, rules.checkpoint_session)
-    report.plans.append(cplan.describe())  # 5. checkpoints of dead backups
+    report.plans.append(cplan.describe())  # checkpoints of dead backups
     if not options.dry_run:
+        repo.manifests.delete([r.id for r in old_failures])
+        report.steps["failures_forgotten"] = len(old_failures)
         report.steps["checkpoints_forgotten"] = execute_checkpoints(repo.manifests, cplan)
 
     if not options.dry_run:  # 6. manifests, 7. housekeeping

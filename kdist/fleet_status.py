@@ -1,9 +1,10 @@
 """How the fleet's backups stand (``kdist fleet status``): for every host and path, its last
-snapshot, how old it is, what it held, and whether a backup started since and did not finish.
+snapshot, how old it is, what it held, whether a backup started since and did not finish, and its
+last recorded failure (``kdist.failures``).
 
-Read from the manifests alone: what a host published is the only truth about it that no driver,
-cron or Ray can lose. A host that has a key (``kdist key add --role host``) but no snapshot is
-listed too ("never"): the host a fleet forgot is the one that matters at 3 a.m. (restic #1968).
+Read from the manifests alone: what a host published, and the failures recorded there, are the
+truth about it that no driver, cron or Ray can lose. A host that has a key (``kdist key add
+--role host``) but no snapshot is listed too ("never"): the host a fleet forgot is the one that matters at 3 a.m. (restic #1968).
 Ages are measured from a snapshot's time bounded by when its manifest was stored (the storage's
 clock, ``kdist.retention.storage_bounded_time``), so a host's clock cannot make it look fresh.
 """
@@ -14,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
 
-from kdist.retention import storage_bounded_time
+from kdist.failures import read_failures
+from kdist.retention import bounded_by_storage, storage_bounded_time
 from kdist.snapshot import Snapshot, SnapshotFilter, list_snapshots
 
 DEFAULT_MAX_AGE = 26 * 3600.0  # a nightly backup, with two hours of slack
@@ -32,6 +34,10 @@ class SourceStatus:
     bytes: int = 0
     errors: int = 0  # files or directories its backup could not read
     unfinished_since: float = 0.0  # a backup started after it left checkpoints and no snapshot (died, or running)
+    failed_at: float = 0.0  # the last recorded failure of this path, or of the whole host (storage-bounded)
+    failure: str = ""  # its error
+    failure_exit_code: int = 0
+    failing: bool = False  # that failure came after the last snapshot
     stale: bool = False
 
     def as_dict(self) -> dict:
@@ -60,6 +66,17 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         row.files, row.bytes = int(s.totals.get("files", 0)), int(s.totals.get("bytes", 0))
         row.errors = int(s.totals.get("errors", 0))
         row.unfinished_since = 0.0  # checkpoints before this snapshot belong to backups it outlived
+    for f in read_failures(manifests, **labels):
+        if where.hosts and f.host not in where.hosts:
+            continue
+        t = bounded_by_storage(f.time, f.stored, manifests.signer_role(f.signer) in (ADMIN, MAINTENANCE))
+        # a path's failure is that path's; a failure of the whole host (path "") is each of its paths'
+        targets = [r for (h, p), r in rows.items() if h == f.host and (p == f.path or not f.path)]
+        if not targets and not where.tags and (not where.paths or f.path in where.paths):
+            targets = [rows.setdefault((f.host, f.path), SourceStatus(f.host, f.path, f.user))]
+        for row in targets:
+            if t >= row.failed_at:
+                row.failed_at, row.failure, row.failure_exit_code = t, f.error, f.exit_code
     hosts_seen = {host for host, _ in rows}
     for key in manifests.keys.values():  # filled by the listing above
         if key.role == HOST and not key.revoked and key.host not in hosts_seen and \
@@ -70,4 +87,5 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         if r.snapshot:
             r.age = max(0.0, now - r.time)
         r.stale = r.age is None or r.age > max_age
+        r.failing = r.failed_at > r.time
     return out

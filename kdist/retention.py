@@ -197,11 +197,17 @@ def storage_bounded_time(snap, trusted_writer: bool, span: float = MAX_BACKUP_SP
     no earlier than ``span`` before it, so a past-dated one can take at most the buckets of the
     last ``span`` of its own host and source. Admin and maintenance records (a repository
     upgrade re-signs old snapshots) keep their earlier times."""
-    if not snap.stored:
-        return snap.end
+    return bounded_by_storage(snap.end, snap.stored, trusted_writer, span)
+
+
+def bounded_by_storage(t: float, stored: float, trusted_writer: bool, span: float = MAX_BACKUP_SPAN) -> float:
+    """A writer's time ``t`` of a record first stored at ``stored`` (storage clock; 0: unknown),
+    bounded as ``storage_bounded_time`` says."""
+    if not stored:
+        return t
     if trusted_writer:
-        return min(snap.end, snap.stored)
-    return min(max(snap.end, snap.stored - span), snap.stored)
+        return min(t, stored)
+    return min(max(t, stored - span), stored)
 
 
 def group_by_source(

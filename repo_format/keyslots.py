@@ -8,9 +8,10 @@ Never logs, prints or puts a key or password into an exception message.
 Roles (SECURITY.md): ``admin`` signs with the repository's root key (kept in the format blob and
 in admin slots) and may write anything; ``maintenance`` signs with its own key and may write any
 record but a key record; ``host`` signs with its own key and may write only snapshot records
-that carry its host name, under ids of 24 hex and its key id, each id once, and tombstones of its
-own checkpoints (or of a snapshot within ``WITHDRAW_WINDOW`` of publishing it). Every non-root
-record carries the root's certificate of its key. A root-signed record of type ``key`` lists a
+and failure records (``kdist.failures``) that carry its host name, under ids of 24 hex and its
+key id, each id once, and tombstones of its own checkpoints (or of a snapshot within
+``WITHDRAW_WINDOW`` of publishing it). Every non-root record carries the root's certificate of
+its key. A root-signed record of type ``key`` lists a
 key; a removed key's lists the records it signed before removal, and nothing else it signs counts.
 """
 
@@ -36,8 +37,9 @@ ROLES = (ADMIN, MAINTENANCE, HOST)
 ROOT_KEY_ID = "root"  # admins share the root key; its public half is in every slot
 KEY_RECORD_TYPE = "key"
 # the only records a host key may write (besides tombstones of its own): what maintenance trusts
-# from its own runs (history: watermarks, pack candidates, set merges) must never come from one
-HOST_RECORD_TYPES = ("snapshot",)
+# from its own runs (history: watermarks, pack candidates, set merges) must never come from one.
+# A failure record (kdist.failures) refers to nothing and decides nothing maintenance does.
+HOST_RECORD_TYPES = ("snapshot", "failure")
 WITHDRAW_WINDOW = 3600.0  # seconds (storage clock): how long after publishing a host may withdraw a snapshot
 MAX_RECORD_TS = 2**62  # microseconds: a later record time is implausible (and its tombstone's would overflow)
 _HEX = re.compile(r"[0-9a-f]+")
@@ -325,7 +327,8 @@ class Trust:
             if not (len(r.id) == 32 and r.id.endswith(r.signer) and _HEX.fullmatch(r.id)):
                 return f"host key {r.signer} ({key.host}) wrote a record of another writer's id"
             if not r.deleted and r.labels.get("type") not in HOST_RECORD_TYPES:
-                return f"host key {r.signer} ({key.host}) wrote a {r.labels.get('type')!r} record (hosts write snapshots)"
+                return (f"host key {r.signer} ({key.host}) wrote a {r.labels.get('type')!r} record "
+                        "(hosts write snapshots and failure records)")
             if not r.deleted and r.labels.get("host") != key.host:
                 return f"host key {r.signer} ({key.host}) wrote a record for host {r.labels.get('host')!r}"
         return None

@@ -18,7 +18,7 @@
 | 19 | permission refused: this key's role may not do that (a host key running maintenance, forget, key changes; a host key backing up as another host) |
 | 20 | the Ray cluster cannot be reached or started (`kdist fleet backup`, `gc run --ray`): a wrong or stale address, a head that does not answer |
 | 21 | retryable: the repository's manifest or index blobs kept changing while the command read them (maintenance compacting them); nothing is wrong, run it again |
-| 22 | `kdist fleet status`: some host or path has no snapshot within `--max-age` (or a host key has none at all) |
+| 22 | `kdist fleet status`: some host or path has no snapshot within `--max-age` (or a host key has none at all), or its backup failed after its last snapshot |
 """
 
 from repo_format import errors as E

@@ -275,21 +275,22 @@ def _age(seconds: float | None) -> str:
 @metrics_options("fleet_status")
 @with_repository(read_only=True)
 def status(repo, max_age, where, as_json, metrics):
-    """Every host and path: its last snapshot, age, files, size, errors, and a backup that started
-    since and did not finish. Exit 22 when any is stale (listed on stderr), so cron can alert; a
-    host key without any snapshot counts as stale."""
+    """Every host and path: its last snapshot, age, files, size, errors, a backup that started
+    since and did not finish, and the last failure a backup recorded. Exit 22 when any is stale or
+    failed after its last snapshot (listed on stderr), so cron can alert; a host key without any
+    snapshot counts as stale."""
     from kdist.cli.progress import human_bytes
-    from kdist.cli.text import local_time, printable
     from kdist.fleet_status import fleet_status
     from kdist.snapshot import visible_labels
 
     started = clock.monotonic()
     rows = fleet_status(repo.manifests, clock.now(), max_age, where, **visible_labels(repo.identity))
     stale = [r for r in rows if r.stale]
+    failing = [r for r in rows if r.failing]
     _status_metrics(metrics, rows, stale, clock.monotonic() - started)
     if as_json:
         click.echo(json.dumps({"max_age": max_age, "sources": [r.as_dict() for r in rows],
-                               "stale": len(stale)}, indent=2))
+                               "stale": len(stale), "failing": len(failing)}, indent=2))
     elif not rows:
         click.echo("no snapshots")
     else:
@@ -299,14 +300,24 @@ def status(repo, max_age, where, as_json, metrics):
         click.echo(f"{'HOST':<{hw}}{'PATH':<{pw}}{'LAST':<21}{'AGE':>8}{'FILES':>9}{'SIZE':>11}{'ERRORS':>8}  STATUS")
         for r, host, path in zip(rows, hosts, paths):
             state = "STALE" if r.stale else "ok"
-            if r.unfinished_since:
+            if r.failing:
+                state += (f", FAILED {local_time(r.failed_at)} (exit {r.failure_exit_code}): "
+                          f"{printable(r.failure)}")
+            elif r.unfinished_since:
                 state += f", a backup started {local_time(r.unfinished_since)} did not finish"
             last = local_time(r.time) if r.snapshot else "-"
             click.echo(f"{host:<{hw}}{path:<{pw}}{last:<21}{_age(r.age):>8}{r.files:>9}{human_bytes(r.bytes):>11}"
                        f"{r.errors:>8}  {state}")
+    def name(r) -> str:
+        return f"{printable(r.host)}{':' + printable(r.path) if r.path else ''}"
+
     if stale:
         click.echo(f"{len(stale)} of {len(rows)} stale (no snapshot within {_age(max_age)}): " + ", ".join(
-            f"{printable(r.host)}{':' + printable(r.path) if r.path else ''} ({_age(r.age)})" for r in stale), err=True)
+            f"{name(r)} ({_age(r.age)})" for r in stale), err=True)
+    if failing:
+        click.echo(f"{len(failing)} of {len(rows)} failed since their last snapshot: " + ", ".join(
+            f"{name(r)} ({local_time(r.failed_at)}, exit {r.failure_exit_code})" for r in failing), err=True)
+    if stale or failing:
         sys.exit(exit_codes.STALE)
 
 
@@ -320,11 +331,17 @@ def _status_metrics(metrics, rows, stale, duration: float) -> None:
         where = {"host": r.host, "path": r.path}
         samples.append(("stale", where, 1.0 if r.stale else 0.0, "1 if this host and path has no snapshot within "
                                                                   "--max-age"))
+        samples.append(("failing", where, 1.0 if r.failing else 0.0, "1 if a backup of this host and path failed "
+                                                                      "after its last snapshot"))
+        if r.failed_at:
+            samples.append(("last_failure_timestamp_seconds", where, r.failed_at, "When a backup of this host and "
+                                                                                  "path last recorded a failure"))
         if r.snapshot:
             samples += [("last_snapshot_timestamp_seconds", where, r.time, "When the last snapshot was taken "
                                                                           "(bounded by the storage's clock)"),
                         ("last_snapshot_files", where, r.files, "Files in the last snapshot"),
                         ("last_snapshot_bytes", where, r.bytes, "Bytes in the last snapshot"),
                         ("last_snapshot_errors", where, r.errors, "Files the last snapshot's backup could not read")]
-    export(metrics, "fleet_status", {}, {"sources": len(rows), "stale_sources": len(stale)}, True, duration,
+    export(metrics, "fleet_status", {}, {"sources": len(rows), "stale_sources": len(stale),
+                                         "failing_sources": sum(1 for r in rows if r.failing)}, True, duration,
            rows=samples)

@@ -46,3 +46,4 @@ class ProgressLine:
         if self.enabled and self._shown:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+            self._shown = False

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import os
 import socket
 import sys
 from dataclasses import replace
@@ -12,6 +12,7 @@ from dataclasses import replace
 import click
 
 from repo_format import clock
+from repo_format.errors import KdistError
 from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
 from repo_format.storage.wrappers import throttled_storage
 
@@ -20,7 +21,7 @@ from kdist.cli.context import DURATION, filter_options, metrics_options, storage
 from kdist.cli.progress import ProgressLine, human_bytes
 from kdist.cli.text import local_time, printable
 from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
-from kdist.snapshot import TYPE_DIR, Snapshot, backup_host, list_snapshots, resolve_snapshot, visible_labels
+from kdist.snapshot import TYPE_DIR, Snapshot, Source, backup_host, list_snapshots, resolve_snapshot, visible_labels
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -91,6 +92,19 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
         sys.exit(exit_codes.PARTIAL)
 
 
+def _record_failure(repo, path: str, host: str, exc: KdistError) -> None:
+    """Record the failed backup of ``path`` in the repository (``kdist fleet status`` shows it),
+    if the repository still takes a blob; the backup's own error is what the command reports."""
+    from kdist.failures import try_record_failure
+
+    source = Source.local(os.path.abspath(path), host)
+    why = try_record_failure(repo.manifests, source.host, source.user, source.path, str(exc),
+                             exit_codes.exit_code_for(exc))
+    if why:
+        click.echo(f"kdist: warning: the failure could not be recorded in the repository: {printable(why)}",
+                   err=True)
+
+
 def _backup_metrics(metrics, host: str, results: list, success: bool, duration: float) -> None:
     from kdist.metrics import export
 
@@ -113,7 +127,12 @@ def _create(repo, paths, excludes, tags, description, one_file_system, checkpoin
     # Several processes fork before this process starts a thread, so the trees are measured first.
     measured, auto = {}, not processes
     if processes != 1 and repo.storage.shared_between_processes:
-        measured = {path: measure(path, opts) for path in paths}
+        for path in paths:
+            try:
+                measured[path] = measure(path, opts)
+            except KdistError as exc:
+                _record_failure(repo, path, opts.host, exc)
+                raise
         if auto:
             processes = max(auto_processes(m.entries) for m in measured.values())
     if processes > 1 and measured and (throttle := throttled_storage(repo.storage)) is not None:
@@ -131,6 +150,10 @@ def _create(repo, paths, excludes, tags, description, one_file_system, checkpoin
                     snap = pool.backup(path, opts, measured[path], progress=show)
                 else:
                     snap = Uploader(repo, replace(opts), progress=show).backup(path)
+            except KdistError as exc:
+                progress.close()
+                _record_failure(repo, path, opts.host, exc)
+                raise
             finally:
                 progress.close()
             results.append(snap)

@@ -18,17 +18,19 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import click
 
 from repo_format import clock
+from repo_format.errors import KdistError
 
 from kdist.access import RepositorySpec
 from kdist.cli import exit_codes
 from kdist.cli.text import printable
 from kdist.distributed.plan import parts_totals, plan_tree, publish_parts
 from kdist.distributed.workers import HOST_LABEL, BackupWorker, FleetRequest, ProgressBoard, entries_from_wire
+from kdist.failures import try_record_failure
 from kdist.snapshot import Source, backup_host, previous_root
 from kdist.uploader import BackupOptions, stat_source
 
@@ -46,6 +48,7 @@ class Summary:
     totals: dict = field(default_factory=dict)
     cluster: dict = field(default_factory=dict)  # the Ray cluster it ran on: address, alive nodes
     left_out: list = field(default_factory=list)  # fleet: nodes that cannot run a backup actor, and why
+    unrecorded: list = field(default_factory=list)  # hosts whose failure is not recorded in the repository
     duration: float = 0.0
     error: str = ""
 
@@ -118,7 +121,11 @@ def run_fleet(spec: RepositorySpec, request: FleetRequest, labels: dict, paralle
         summary.status = "failed"
         summary.error = "no matching node can run a backup actor: " + "; ".join(
             f"{n['host']}: {n['reason']}" for n in summary.left_out)
+        if labels:
+            summary.unrecorded = record_node_failures(spec, [{**n, "error": n["reason"]} for n in summary.left_out],
+                                                      request.run)
         return summary
+    request = replace(request, run=request.run or secrets.token_hex(8))
     board = progress_board()
     display = Display(board, show)
     worker_cls = ray.remote(BackupWorker)
@@ -145,14 +152,59 @@ def run_fleet(spec: RepositorySpec, request: FleetRequest, labels: dict, paralle
     summary.totals = _sum(results, ("files", "bytes_read", "new_bytes", "errors"))
     if any(r["status"] == "failed" for r in results):
         summary.status = "failed"
-    elif labels and summary.left_out:
+    if labels and summary.left_out:
         # the operator chose these nodes by label: one that cannot run is a node not backed up
         # (without labels, a head started with --num-cpus 0 is expected to be left out)
         summary.status = "failed"
         summary.error = f"{len(summary.left_out)} node(s) with the labels {labels} cannot run a backup actor"
-    elif any(r["status"] == "partial" for r in results):
+    elif summary.status != "failed" and any(r["status"] == "partial" for r in results):
         summary.status = "partial"
+    unrecorded = [r for r in results if r["status"] == "failed" and not r.get("recorded")]
+    if labels:
+        unrecorded += [{**n, "error": n["reason"]} for n in summary.left_out]
+    summary.unrecorded = record_node_failures(spec, unrecorded, request.run)
     return summary
+
+
+def record_node_failures(spec: RepositorySpec, nodes: list[dict], run: str) -> list[str]:
+    """Record in the repository the failures of nodes that could not record their own (an actor
+    that died, a node that could not open the repository or was left out), as failures of the
+    whole host (path ""), so that ``kdist fleet status`` shows them whatever becomes of this
+    run's output. The driver's key must be allowed to write for those hosts (an admin or
+    maintenance key; a host key only for its own host). Returns the hosts it could not record."""
+    if not nodes:
+        return []
+    from repo_format.keyslots import HOST
+
+    from kdist.failures import record_failure
+
+    try:
+        repo = spec.open(append_only=True)
+    except (KdistError, OSError) as exc:
+        click.echo(f"kdist: warning: the failures of {', '.join(sorted({printable(n['host']) for n in nodes}))} "
+                   f"are not recorded in the repository: this driver cannot open it ({printable(str(exc))})", err=True)
+        return sorted({n["host"] for n in nodes})
+    missed = []
+    try:
+        for n in nodes:
+            if repo.identity.role == HOST and n["host"] != repo.identity.host:
+                missed.append(n["host"])  # readers would refuse it: a host key writes only for its host
+                continue
+            try:
+                record_failure(repo.manifests, n["host"], "", "", n.get("error") or "failed",
+                               exit_codes.DISTRIBUTED_FAILED, run)
+            except KdistError:
+                missed.append(n["host"])
+    finally:
+        try:
+            repo.close()
+        except KdistError:
+            pass
+    if missed:
+        click.echo(f"kdist: warning: the failures of {', '.join(sorted(map(printable, set(missed))))} are not "
+                   "recorded in the repository (this driver's key may not write for them, or the storage failed)",
+                   err=True)
+    return sorted(set(missed))
 
 
 def _node_result(ref, node) -> dict:
@@ -208,10 +260,23 @@ def run_shard(spec: RepositorySpec, root: str, options: BackupOptions, host: str
             summary.status = "failed"
             summary.error = (f"{len(plan.parts) - len(results)} of {len(plan.parts)} parts failed; no snapshot was "
                              "published (what the others stored is kept by their checkpoints)")
+            errors = sorted({str(f.get("error") or "") for f in failures} - {""})
+            why = try_record_failure(repo.manifests, source.host, source.user, source.path,
+                                     summary.error + (": " + "; ".join(errors) if errors else ""),
+                                     exit_codes.DISTRIBUTED_FAILED, run)
+            if why:
+                summary.unrecorded = [source.host]
+                click.echo(f"kdist: warning: the failure is not recorded in the repository: {printable(why)}",
+                           err=True)
             return summary
         for r in results.values():
             r["entries"] = entries_from_wire(r["entries"])
-        snap = publish_parts(repo, options, source, plan, results, run, started)
+        try:
+            snap = publish_parts(repo, options, source, plan, results, run, started)
+        except KdistError as exc:
+            try_record_failure(repo.manifests, source.host, source.user, source.path,
+                               f"publishing the snapshot: {exc}", exit_codes.exit_code_for(exc), run)
+            raise
         summary.snapshots = [{"path": root_path, "id": snap.id, "root": snap.root, **{
             k: snap.totals.get(k, 0) for k in ("files", "bytes_read", "new_bytes", "errors")}}]
         summary.totals["new_bytes"] = snap.totals.get("new_bytes", 0)

@@ -24,8 +24,9 @@ from repo_format.storage.wrappers import counting_storage
 
 from kdist.access import AccessError, RepositorySpec
 from kdist.allocator import tune_process
+from kdist.failures import try_record_failure
 from kdist.snapshot import Entry, Source, backup_host
-from kdist.uploader import BackupOptions, BackupStats, TreePart, Uploader
+from kdist.uploader import BackupOptions, BackupStats, SourceError, TreePart, Uploader
 
 NODE_CONFIG_ENV = "KDIST_NODE_CONFIG"
 HOST_LABEL = "kdist-host"  # a Ray node label naming the host in snapshots (else the node's host name)
@@ -46,6 +47,7 @@ class FleetRequest:
     node_config: str | None = None  # JSON file on each node: {"paths": [...], "excludes": [...], "host": "..."}
     workers: int = 0  # reader threads per node; 0: the node's CPU count
     jitter: float = 0.0  # seconds: each node waits a random share of it before it starts
+    run: str = ""  # the fleet run's id, in the failure records of its nodes
 
 
 # what a node config may provision besides paths, so that nothing depends on the environment
@@ -162,21 +164,29 @@ class BackupWorker:
                 raise NodeSetupError(f"nothing to back up on {host}: no paths given and no node config")
             excludes = list(request.excludes) + list(cfg.get("excludes", []))
             host = backup_host(self.repo.identity, "") or host  # a host key backs up as its own host
+            out["host"] = host
+            failed = []
             for path in paths:
-                options = BackupOptions(excludes=excludes, tags=list(request.tags) + ["fleet"],
-                                        workers=node_threads(request.workers))
-                up = Uploader(self.repo, options, progress=self._progress(host, path))
-                local = Source.local(os.path.abspath(path))
-                snap = up.backup(path, Source(host, local.user, local.path))
+                local = Source.local(os.path.abspath(path), host)
+                try:
+                    snap = self._backup_path(request, excludes, path, local)
+                except SourceError as exc:  # this path cannot be read: the node's other paths still can
+                    failed.append(self._failed(out, local, exc, request.run))
+                    continue
+                except KdistError as exc:  # the repository or the storage: the rest would fail alike
+                    failed.append(self._failed(out, local, exc, request.run))
+                    break
                 t = snap.totals
                 out["snapshots"].append({"path": snap.source.path, "id": snap.id, "files": t["files"],
                                          "bytes_read": t["bytes_read"], "new_bytes": t["new_bytes"],
                                          "errors": t["errors"]})
                 for k in ("files", "bytes_read", "new_bytes", "errors"):
                     out[k] += t[k]
-            if out["errors"]:
+            if failed:
+                out["status"], out["error"] = "failed", "; ".join(failed)
+            elif out["errors"]:
                 out["status"] = "partial"
-        except KdistError as exc:
+        except KdistError as exc:  # before any path: the node's setup, or the repository would not open
             out["status"], out["error"] = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             self._close_quietly(out)  # retire the session marker: this node's backup is over
@@ -184,6 +194,23 @@ class BackupWorker:
         out["requests"] = _diff(before, self._counts())
         out["peak_rss_mb"] = peak_rss_mb()
         return out
+
+    def _backup_path(self, request: FleetRequest, excludes: list[str], path: str, source: Source):
+        options = BackupOptions(excludes=excludes, tags=list(request.tags) + ["fleet"],
+                                workers=node_threads(request.workers))
+        return Uploader(self.repo, options, progress=self._progress(source.host, path)).backup(path, source)
+
+    def _failed(self, out: dict, source: Source, exc: KdistError, run: str) -> str:
+        """Record the failed backup of ``source`` in the repository; the error, for the summary.
+        ``out["recorded"]``: every failure of this node is in the repository (the driver records
+        the others)."""
+        from kdist.cli.exit_codes import exit_code_for
+
+        error = f"{source.path}: {type(exc).__name__}: {exc}"
+        why = try_record_failure(self.repo.manifests, source.host, source.user, source.path, str(exc),
+                                 exit_code_for(exc), run)
+        out["recorded"] = out.get("recorded", True) and not why
+        return error + (f" (not recorded in the repository: {why})" if why else "")
 
     # ---- shard mode: one part of a shared tree --------------------------------------------------
     def backup_part(self, index: int, part: TreePart, source: Source, root_dev: int, run: str,

@@ -37,6 +37,8 @@ from kdist.cli import exit_codes  # noqa: E402
 from kdist.distributed.driver import run_fleet, run_shard  # noqa: E402
 from kdist.access import PasswordSource, RepositorySpec  # noqa: E402
 from kdist.distributed.workers import FleetRequest  # noqa: E402
+from kdist.failures import read_failures  # noqa: E402
+from kdist.fleet_status import fleet_status  # noqa: E402
 from kdist.gc.run import run_maintenance  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
 from kdist.snapshot import list_snapshots  # noqa: E402
@@ -288,6 +290,11 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
         assert _restores(repo, s, roots[host], tmp_path / f"out-{host}")
     checkpoint = [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.source.host == "node-c"]
     assert checkpoint and checkpoint[-1].checkpoint
+    # the driver recorded the dead node's failure, which fleet status shows whatever became of the run's output
+    [f] = read_failures(repo.manifests)
+    assert (f.host, f.path) == ("node-c", "") and "died" in f.error and summary.unrecorded == []
+    rows = {r.host: r for r in fleet_status(repo.manifests, _storage_now(storage))}
+    assert rows["node-c"].failing and not rows["node-a"].failing and not rows["node-b"].failing
     Restorer(repo).restore(checkpoint[-1], str(tmp_path / "out-c"))  # what it finished restores
     restored = [p for p in (tmp_path / "out-c").rglob("f*") if p.is_file()]
     assert restored and all(p.read_bytes() == (victim_root / p.relative_to(tmp_path / "out-c")).read_bytes()
@@ -484,8 +491,11 @@ def test_node_configs_provision_password_and_key_without_the_raylets_environment
     roots = _trees(tmp_path)
     secret = tmp_path / "node-password"
     secret.write_text(PASSWORD + "\n")
+    missing = str(tmp_path / "not-on-node-b")
     for host, root in roots.items():
         cfg = {"host": host, "paths": [root], "password_file": str(secret)}
+        if host == "node-b":
+            cfg["paths"] = [missing, root]  # a path it cannot read: its other paths still back up
         if host == "node-c":
             cfg["key_id"] = "00000000deadbeef"
         with open(cluster["base"] / f"{host}.json", "w") as f:
@@ -493,10 +503,16 @@ def test_node_configs_provision_password_and_key_without_the_raylets_environment
     spec = RepositorySpec(location, None, PasswordSource(env="KDIST_NO_SUCH_VARIABLE"))
     summary = run_fleet(spec, FleetRequest(), LABEL, None, 1, False)
     by = {n["host"]: n for n in summary.nodes}
-    assert by["node-a"]["status"] == by["node-b"]["status"] == "ok", summary
+    assert by["node-a"]["status"] == "ok", summary
+    assert by["node-b"]["status"] == "failed" and missing in by["node-b"]["error"] and by["node-b"]["recorded"]
     assert by["node-c"]["status"] == "failed" and "no key 00000000deadbeef" in by["node-c"]["error"]
     repo = _open(location)
     assert sorted(s.source.host for s in list_snapshots(repo.manifests)) == ["node-a", "node-b"]
+    # node-b recorded its own failure; node-c could not open the repository, nor can the driver
+    # (it has no password here): node-c's failure is said to be unrecorded, not lost silently
+    [f] = read_failures(repo.manifests)
+    assert (f.host, f.path, f.exit_code) == ("node-b", missing, exit_codes.SOURCE_OR_TARGET) and f.run
+    assert summary.unrecorded == ["node-c"]
 
 
 def test_a_head_without_cpus_is_left_out_not_reported_dying(cluster, tmp_path):

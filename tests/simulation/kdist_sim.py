@@ -63,12 +63,14 @@ from repo_format.session import SessionExpired  # noqa: E402
 from repo_format.storage.base import BlobStorage, Retention  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
 
+from kdist.failures import read_failures, record_failure  # noqa: E402
 from kdist.gc.clock_guard import StorageClock  # noqa: E402
 from kdist.gc.run import MaintenanceOptions, Rules, maintenance_steps  # noqa: E402
 from kdist.snapshot import Entry, Snapshot, Source, TYPE_FILE, encode_directory, read_directory  # noqa: E402
 
 T0 = 1_800_000_000.0  # the virtual clock's start
 SIM_MEMORY_LIMIT = 16 * 240  # bytes: key ranges of ~8 index entries, runs of 60 reached keys
+SIM_FAILURE_KEEP = 6.0  # H: how long maintenance keeps a failure record (30 days in real runs)
 H = 1.0  # one simulated hour; the repository's safety margins are the full preset in hours
 SAFETY = SAFETY_FULL.scaled(1 / 3600)  # e.g. pack_age 24 H, drop_margin 4 H, session_expiry 2 H
 PASSWORD = "sim"
@@ -114,7 +116,7 @@ def profile(name: str) -> dict:
 
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
              "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped", "checkpoint_session",
-             "merge_copies_first", "spent_tombstones")
+             "merge_copies_first", "spent_tombstones", "failure_type")
 
 # Local caches (repo_format/local_cache.py): one directory per World, shared by the processes
 # that use one, like processes on one host. Their choices and the events below draw from a
@@ -515,7 +517,7 @@ class World:
         repo = self.open(st, cache=self.uses_cache("maintenance") if cache is None else cache)
         rules = Rules()
         if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation",
-                             "checkpoint_session", "merge_copies_first", "spent_tombstones"):
+                             "checkpoint_session", "merge_copies_first", "spent_tombstones", "failure_type"):
             setattr(rules, self.mutation, False)
         gc_clock = None
         if self.mutation == "storage_clock":
@@ -524,7 +526,8 @@ class World:
             full = self.rng.random() < 0.5  # half of the runs are `maintenance run --quick`
         # a memory limit this small splits the simulator's small indexes into several key ranges
         # and spills the reached keys in several runs: the bounded-memory plan, not one range
-        options = MaintenanceOptions(full=full, rules=rules, memory_limit=SIM_MEMORY_LIMIT)
+        options = MaintenanceOptions(full=full, rules=rules, memory_limit=SIM_MEMORY_LIMIT,
+                                     failure_keep=SIM_FAILURE_KEEP)
         return (yield from maintenance_steps(repo, options, clock=gc_clock))
 
     def forgetter(self, actor: Actor):
@@ -799,6 +802,12 @@ class Director:
         for _ in range(count):
             self.wait(every)
             self.run(self.spawn("maintenance", full=False))
+
+    def record_failure(self, host: str) -> None:
+        """A backup of ``host`` failed and recorded it (``kdist.failures``)."""
+        repo = self.w.open(ActorStorage(self.w, None))
+        record_failure(repo.manifests, host, "sim", "/data", "simulated failure", 14)
+        self.w.log.append(f"    t={self.w.t - 1_800_000_000:8.2f} recorded a failure of {host}")
 
     def forget(self, ids) -> None:
         repo = self.w.open(ActorStorage(self.w, None))
@@ -1089,6 +1098,20 @@ def scenario_spent_tombstones(world: World) -> None:
     d.quick_runs(3, 0.5)
 
 
+def scenario_failure_type(world: World) -> None:
+    """Maintenance forgets failure records (``kdist/failures.py``) once they are older than
+    their keep, and only those: a snapshot is published and a failed backup of the same host
+    is recorded; both grow old, runs forget the record and the snapshot stays. With the
+    mutation the step takes every old record, and the snapshot goes with it."""
+    d = Director(world)
+    d.run(d.spawn("writer", files=[world.rng.randbytes(500)], host="h"))
+    d.record_failure("h")
+    d.wait(SIM_FAILURE_KEEP + 1)
+    d.quick_runs(2, 1)
+    if read_failures(world.open(ActorStorage(world, None)).manifests):
+        raise AssertionError("the scenario's failure record was never forgotten")
+
+
 def _snapshot_contents(world: World, sid: str) -> set[bytes]:
     """The content ids a published snapshot reaches (its tree's files' chunks)."""
     reader = world.open(ActorStorage(world, None))
@@ -1110,6 +1133,7 @@ SCENARIOS = {"pause_revalidation": scenario_pause_revalidation, "pack_age": scen
              "checkpoint_session": scenario_checkpoint_session,
              "merge_copies_first": scenario_merge_copies_first,
              "spent_tombstones": scenario_spent_tombstones,
+             "failure_type": scenario_failure_type,
              "merge_paused_and_racing": scenario_merge_paused_and_racing}
 OPEN_BUGS: tuple[str, ...] = ()
 
