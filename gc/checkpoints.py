@@ -14,8 +14,12 @@ A checkpoint is forgotten (a tombstone, as ``forget`` writes) when all of these 
 3. a later complete snapshot of the same source (host, user, path) exists: until a backup of the
    source finishes, the dead backup's last checkpoint is the newest copy there is (restic keeps
    such partial snapshots too);
-4. it is no part of a sharded or fleet backup (label ``run``): its driver forgets those itself
-   when it publishes, and parts finish (retiring their sessions) before their driver does.
+A part of a sharded backup (label ``run``: on Ray, or by local processes) is its driver's
+backup: parts finish and retire their sessions before their driver publishes, and the driver
+forgets them itself when it does. So a part's checkpoint is judged by its driver's session
+(label ``driver``), held from before the first part was handed out, and not by its own: a
+driver that died leaves them to this rule, a live one keeps them. A part without the label
+(older kdist) is kept.
 Checkpoints written before kdist labelled them with their session are judged by the session in
 their manifest blob's name, if that blob is not a compacted one; otherwise they are kept.
 """
@@ -30,7 +34,7 @@ from repo_format.safety import SafetyParameters
 from repo_format.session import live_sessions, session_of
 from repo_format.storage.base import BlobStorage
 
-from kdist.snapshot import SNAPSHOT_LABEL
+from kdist.snapshot import DRIVER_LABEL, SNAPSHOT_LABEL
 
 SESSION_LABEL = "session"
 
@@ -47,7 +51,8 @@ class CheckpointPlan:
     def describe(self) -> str:
         return (f"checkpoints: forget {len(self.forget)} of dead backups that a later snapshot supersedes; kept "
                 f"{self.kept_live} of live backups, {self.kept_young} too recent to judge, {self.kept_latest} "
-                f"not superseded, {self.kept_parts} parts of sharded backups, {self.kept_unknown} of unknown writers")
+                f"not superseded, {self.kept_parts} parts of sharded backups by older kdist, {self.kept_unknown} of "
+                "unknown writers")
 
 
 def writer_session(rec: ManifestRecord) -> str | None:
@@ -59,9 +64,10 @@ def writer_session(rec: ManifestRecord) -> str | None:
 
 
 def plan_checkpoints(manifests: ManifestStore, storage: BlobStorage, now: float, safety: SafetyParameters,
-                     live_rule: bool = True, gone: frozenset = frozenset()) -> CheckpointPlan:
+                     live_rule: bool = True, gone: frozenset = frozenset(),
+                     driver_rule: bool = True) -> CheckpointPlan:
     """``gone``: ids of snapshots about to be forgotten with this plan (``snapshot forget``):
-    they supersede nothing."""
+    they supersede nothing. ``live_rule`` and ``driver_rule`` off are the simulator's mutations."""
     plan = CheckpointPlan()
     records = [r for r in manifests.find(type=SNAPSHOT_LABEL) if r.id not in gone]
     checkpoints = [r for r in records if r.labels.get("checkpoint") == "1"]
@@ -76,9 +82,12 @@ def plan_checkpoints(manifests: ManifestStore, storage: BlobStorage, now: float,
     live = live_sessions(list(storage.list(C.SESSION_PREFIX)), now, safety.session_expiry)
     for r in checkpoints:
         session = writer_session(r)
-        if r.labels.get("run"):
-            plan.kept_parts += 1
-        elif newest.get(_source(r), -1) <= r.ts:
+        if r.labels.get("run") and driver_rule:
+            session = r.labels.get(DRIVER_LABEL)  # a part lives as long as its driver
+            if session is None:
+                plan.kept_parts += 1
+                continue
+        if newest.get(_source(r), -1) <= r.ts:
             plan.kept_latest += 1
         elif not live_rule:
             plan.forget.append(r)  # the simulator's mutation: liveness and age not looked at

@@ -7,8 +7,9 @@ Steps, in order (a full run does all; ``quick`` skips the three that walk snapsh
 3. blob GC (full): delete packs no index entry points into that an earlier run found so too,
    record the newly found ones for a later run;
 4. pack rewrite (full): move live contents out of mostly dead or small packs;
-5. checkpoints: forget those of dead backups that a later snapshot supersedes; and failure
-   records (``kdist.failures``) stored more than 30 days ago;
+5. checkpoints: forget those of dead backups (a sharded backup's parts: of dead drivers) that a
+   later snapshot supersedes; and failure records (``kdist.failures``) stored more than 30 days
+   ago;
 6. manifests: compact many small manifest blobs into one;
 7. housekeeping: delete stale probe blobs, dead session markers and the slots of removed keys;
    reclaim what cut writes left in the storage (temp files, empty shard directories, unfinished
@@ -61,6 +62,7 @@ class Rules:
     merge_copies_first: bool = True
     spent_tombstones: bool = True
     failure_type: bool = True
+    part_driver: bool = True
 
 
 @dataclass
@@ -195,7 +197,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
                                  rules.failure_type)
     report.plans.append(f"failure records: forget {len(old_failures)} stored more than "
                         f"{options.failure_keep / 86400:g} days ago")
-    cplan = plan_checkpoints(repo.manifests, storage, clock.now(), safety, rules.checkpoint_session)
+    cplan = plan_checkpoints(repo.manifests, storage, clock.now(), safety, rules.checkpoint_session,
+                             driver_rule=rules.part_driver)
     report.plans.append(cplan.describe())  # checkpoints of dead backups
     if not options.dry_run:
         repo.manifests.delete([r.id for r in old_failures])

@@ -13,14 +13,15 @@ How:
 - Each process opens a ``Repository`` of its own over its own copy of the storage
   (``BlobStorage.after_fork``): its own session, packs and index blobs. It backs up the parts it
   is handed with ``Uploader.backup_part``: each part ends with a checkpoint manifest labelled with
-  the run, which keeps what the part stored reachable until the snapshot is published
-  (gc/checkpoints.py, rule 4). Parts go out one at a time to whichever process is free.
+  the run and the parent's session (label ``driver``, held from before the first part), which
+  keeps what the part stored reachable until the snapshot is published (gc/checkpoints.py).
+  Parts go out one at a time to whichever process is free.
 - The parent writes the split directories and publishes the snapshot (``publish_parts``): its root
   object is the one a single process writes for the same tree.
 - A part that fails fails the backup with the part's own error; a process that dies fails it with
   ``BackupProcessDied``. Nothing is published then; what finished parts stored stays, and the next
-  run stores none of it again (deduplication). The run's checkpoints stay too, as a killed sharded
-  backup's do.
+  run stores none of it again (deduplication). The run's checkpoints stay until maintenance (or
+  ``snapshot forget``) finds the parent's session dead and a later snapshot of the tree.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class ProcessPool:
         plan = plan_tree(root_path, list(options.excludes), self.size, options.one_file_system, previous,
                          self.repo.objects, PARTS_PER_PROCESS, measured)
         run = secrets.token_hex(8)
+        self.repo.contents.hold_session()  # the parts' checkpoints live as long as it (after the fork: a thread)
         threads = max(2, (os.cpu_count() or 2) // self.size)
         part_options = replace(options, workers=min(options.workers, threads))
         results: dict[int, dict] = {}
@@ -139,7 +141,7 @@ class ProcessPool:
         while queue or busy:
             while queue and idle:
                 conn, i = idle.pop(), queue.pop(0)
-                conn.send((plan.parts[i], source, st.st_dev, run, part_options))
+                conn.send((plan.parts[i], source, st.st_dev, run, self.repo.session, part_options))
                 busy[conn] = i
             for conn in wait(list(busy)):
                 i = busy.pop(conn)
@@ -211,7 +213,7 @@ def _serve(conn: Connection, parent_repo: Repository) -> None:
         task = conn.recv()
         if task is None:
             break
-        part, source, root_dev, run, options = task
+        part, source, root_dev, run, driver, options = task
         out = {"entries": [], "stats": {}, "error_list": [], "error": None}
         try:
             if repo is None:
@@ -220,7 +222,7 @@ def _serve(conn: Connection, parent_repo: Repository) -> None:
                 repo.contents.refresh_index()
             last_run = run
             up = Uploader(repo, options)
-            out["entries"], out["checkpoint"] = up.backup_part(part, source, root_dev, run)
+            out["entries"], out["checkpoint"] = up.backup_part(part, source, root_dev, run, driver)
             out["stats"], out["error_list"] = up.stats.as_dict(), up.error_list
             # the part's checkpoint protects what it refers to until the snapshot is published:
             # the next part's revalidation checks only its own references, not every part's so far

@@ -28,6 +28,8 @@ from repo_format.objects import ObjectStore, parse_object_id
 
 DIR_VERSION = 1
 SNAPSHOT_LABEL = "snapshot"
+# on a part's checkpoint (label ``run``): the session of the process that publishes the snapshot
+DRIVER_LABEL = "driver"
 TYPE_FILE, TYPE_DIR, TYPE_SYMLINK = "f", "d", "l"
 ENTRY_TYPES = (TYPE_FILE, TYPE_DIR, TYPE_SYMLINK)
 MAX_NAME_BYTES = 4096

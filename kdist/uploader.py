@@ -30,7 +30,8 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host, encode_directory,
+    DRIVER_LABEL, ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host,
+    encode_directory,
     fewer_collections, previous_root, read_directory,
 )
 
@@ -315,7 +316,8 @@ class Uploader:
             self.repo.manifests.delete(self._checkpoint_ids)  # the final snapshot supersedes them
         return snap
 
-    def backup_part(self, part: "TreePart", source: Source, root_dev: int, run: str) -> tuple[list[Entry], str]:
+    def backup_part(self, part: "TreePart", source: Source, root_dev: int, run: str,
+                    driver: str = "") -> tuple[list[Entry], str]:
         """Back up one part of a tree whose snapshot another process assembles (the sharded
         backup, ``kdist.distributed``, and ``kdist.processes``): a whole directory, or some
         names of one.
@@ -324,8 +326,11 @@ class Uploader:
         id of a checkpoint manifest whose tree holds them: it keeps what they refer to reachable
         for maintenance until the whole snapshot is published, whatever happens to this process.
         ``source`` is the whole tree's, so excludes match as they do in a single-process backup.
+        ``driver``: the session of the process that will publish the snapshot (its label on the
+        checkpoint: maintenance keeps the checkpoint while that session is live).
         """
         self._begin(source, root_dev, run)
+        self._driver = driver
         if part.names is None:
             try:
                 st = os.stat(part.path, follow_symlinks=False)
@@ -372,6 +377,7 @@ class Uploader:
         self._source = source
         self._root_dev = root_dev
         self._run_id = run
+        self._driver = ""
         self._start = clock.now()
         self._last_checkpoint = clock.monotonic()
         self._new_bytes_base = self.repo.contents.stats.bytes_original
@@ -692,6 +698,8 @@ class Uploader:
         labels = snap.labels()
         if checkpoint:  # maintenance forgets a dead backup's checkpoints, never a live one's (kdist.gc.checkpoints)
             labels["session"] = self.repo.session
+            if self._driver:  # a part: its backup lives as long as the session that will publish it
+                labels[DRIVER_LABEL] = self._driver
         rec = self.repo.manifests.put(labels, snap.payload())
         snap.id, snap.ts = rec.id, rec.ts
         try:

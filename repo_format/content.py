@@ -103,6 +103,13 @@ class ContentStore:
     def revalidated_at(self) -> float:
         return self.index.revalidated_at
 
+    def hold_session(self) -> None:
+        """Start this client's session marker now (it otherwise starts with the first write). A
+        driver that publishes what other processes back up (their checkpoints name its session)
+        holds it from before it hands out the first part: maintenance keeps the parts'
+        checkpoints while it is live, and a driver whose session lapsed publishes nothing."""
+        self._session.ensure()
+
     @property
     def _marker_started(self) -> bool:  # read by the simulator's scheduled heartbeat
         return self._session.started

@@ -237,6 +237,7 @@ def run_shard(spec: RepositorySpec, root: str, options: BackupOptions, host: str
         plan = plan_tree(root_path, list(options.excludes), workers, options.one_file_system,
                          previous, repo.objects)
         run = secrets.token_hex(8)
+        repo.contents.hold_session()  # the parts' checkpoints name it: maintenance keeps them while it is live
         board = progress_board()
         display = Display(board, show)
         placements = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=True) for n in nodes]  # any node can read it
@@ -248,7 +249,7 @@ def run_shard(spec: RepositorySpec, root: str, options: BackupOptions, host: str
             return remote_cls.options(num_cpus=cpus, scheduling_strategy=strategy).remote(
                 spec, board, node_config)
 
-        results, failures, requeued = _pull_parts(spawn, plan.parts, (source, st.st_dev, run, options),
+        results, failures, requeued = _pull_parts(spawn, plan.parts, (source, st.st_dev, run, options, repo.session),
                                         min(workers, len(plan.parts)), display)
         summary.nodes = [{k: v for k, v in r.items() if k not in ("entries", "error_list")}
                          for r in [results[i] for i in sorted(results)] + failures]
@@ -300,12 +301,12 @@ def _pull_parts(spawn, parts, part_args, pool_size: int, display: Display):
     requeued = 0
     load = {a: 0 for a in actors}
     running: dict = {}  # ref -> (actor, part index)
-    source, root_dev, run, options = part_args
+    source, root_dev, run, options, driver = part_args
     while queue or running:
         for a in list(load):
             while queue and load[a] < IN_FLIGHT:
                 i = queue.pop(0)
-                running[a.backup_part.remote(i, parts[i], source, root_dev, run, options)] = (a, i)
+                running[a.backup_part.remote(i, parts[i], source, root_dev, run, options, driver)] = (a, i)
                 load[a] += 1
         if not running:
             break

@@ -214,7 +214,7 @@ class BackupWorker:
 
     # ---- shard mode: one part of a shared tree --------------------------------------------------
     def backup_part(self, index: int, part: TreePart, source: Source, root_dev: int, run: str,
-                    options: BackupOptions) -> dict:
+                    options: BackupOptions, driver: str = "") -> dict:
         started, before = clock.monotonic(), self._counts()
         out = {"index": index, "path": part.path, "names": len(part.names) if part.names is not None else None,
                "node_id": self.where()["node_id"], "host": self.host, "status": "ok", "error": ""}
@@ -223,7 +223,7 @@ class BackupWorker:
             self._open()
             options = replace(options, workers=node_threads(options.workers))
             up = Uploader(self.repo, options, progress=self._progress(self.host, f"part {index}"))
-            entries, checkpoint = up.backup_part(part, source, root_dev, run)
+            entries, checkpoint = up.backup_part(part, source, root_dev, run, driver)
             out["entries"] = [e.to_wire() for e in entries]
             out["checkpoint"] = checkpoint
             # the part's checkpoint protects what it refers to until the driver publishes: the

@@ -123,7 +123,7 @@ def test_a_killed_process_fails_the_backup_and_loses_nothing(dir_repo, tmp_path)
             return real_read(self, path, entry)
 
         Uploader._read_small = read_or_die
-        print(json.dumps(outcome(2)))
+        print(json.dumps({**outcome(2), "driver": repo.session}))
     """)
     assert got["raised"] == "BackupProcessDied" and "a backup process died" in got["message"]
 
@@ -131,6 +131,13 @@ def test_a_killed_process_fails_the_backup_and_loses_nothing(dir_repo, tmp_path)
     assert not list_snapshots(repo.manifests)  # nothing was published
     kept = [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.checkpoint]
     assert kept and all(s.run for s in kept)  # the finished parts' checkpoints keep their data
+    # each names the parent, which publishes, as its driver (maintenance judges the part by that
+    # session), and the parent's session marker was written before any part existed
+    parts = repo.manifests.find(type="snapshot", checkpoint="1")
+    assert {r.labels["driver"] for r in parts} == {got["driver"]}
+    assert {r.labels["session"] for r in parts}.isdisjoint({got["driver"]})
+    markers = [m for m in repo.storage.list(C.SESSION_PREFIX) if m.name.startswith(f"s{got['driver']}-b")]
+    assert markers and min(m.timestamp for m in markers) <= min(r.stored for r in parts)
     report = check_repository(repo.storage, repo.format)
     assert report.healthy, report.problems
     again = Uploader(repo, BackupOptions()).backup(str(src))

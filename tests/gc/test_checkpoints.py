@@ -134,6 +134,35 @@ def test_another_sources_snapshot_does_not_supersede_and_parts_are_left_to_their
     assert "not superseded" in report.plans[-1] and len(_checkpoints(storage)) == len(cps) + 1
 
 
+def test_a_part_lives_as_long_as_its_driver(world):
+    """A sharded backup's parts retire their sessions when they finish; the driver that will
+    publish them runs on. Its parts' checkpoints (label ``driver``) are kept while its session is
+    live, even once a later snapshot of the tree supersedes them, and forgotten once it is dead;
+    a part without the label (older kdist) is kept."""
+    storage, t, src = world
+    _killed_backup(storage, src)
+    cp = _checkpoints(storage)[-1]
+    driver = _open(storage)
+    driver.contents.hold_session()
+    writer = _open(storage)
+    part = writer.manifests.put({**cp.labels(), "run": "r1", "session": "00" * 8, "driver": driver.session},
+                                cp.payload())
+    old = writer.manifests.put({**cp.labels(), "run": "r0", "session": "00" * 8}, cp.payload())
+    t[0] += 1
+    _backup(storage, src)  # a later snapshot of the same tree
+    for _ in range(4):
+        t[0] += SAFETY.session_expiry / 2
+        driver.contents.marker.refresh()
+        run_maintenance(_open(storage), MaintenanceOptions(full=False))
+        left = {r.id for r in _open(storage).manifests.find(type="snapshot", checkpoint="1")}
+        assert {part.id, old.id} <= left  # the driver is live: its part stays
+    t[0] += SAFETY.session_expiry + SAFETY.listing_settle + 1  # the driver died
+    report = run_maintenance(_open(storage), MaintenanceOptions(full=False))
+    left = {r.id for r in _open(storage).manifests.find(type="snapshot", checkpoint="1")}
+    assert part.id not in left and old.id in left
+    assert "1 parts of sharded backups by older kdist" in report.plans[-1]
+
+
 def test_forget_finds_the_same_dead_checkpoints_as_maintenance(world):
     """``snapshot forget`` removes at once what maintenance would (``dead_checkpoints``): none
     while the dead backup's checkpoint is the newest copy or its session may be live, all once a

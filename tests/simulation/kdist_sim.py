@@ -116,7 +116,7 @@ def profile(name: str) -> dict:
 
 MUTATIONS = ("content_age", "two_cycle_drop", "pack_age", "live_session", "view_staleness",
              "pause_revalidation", "storage_clock", "listing_decides", "reauthenticate_mapped", "checkpoint_session",
-             "merge_copies_first", "spent_tombstones", "failure_type")
+             "merge_copies_first", "spent_tombstones", "failure_type", "part_driver")
 
 # Local caches (repo_format/local_cache.py): one directory per World, shared by the processes
 # that use one, like processes on one host. Their choices and the events below draw from a
@@ -448,10 +448,13 @@ class World:
 
     # ---- actors ----------------------------------------------------------------------------
     def writer(self, actor: Actor, crash_at: int | None, files: list[bytes] | None = None,
-               cache: bool | None = None, host: str | None = None, reuse: dict | None = None, idle: int = 0):
+               cache: bool | None = None, host: str | None = None, reuse: dict | None = None, idle: int = 0,
+               part: bool = False):
         """``reuse``: name -> (entry, digest) of unchanged files taken from an earlier snapshot's
         tree without reading them (only a checkpoint protects them, writer rule 6); ``idle``:
-        publish a checkpoint after the files, then heartbeat for that many steps first."""
+        publish a checkpoint after the files, then heartbeat for that many steps first. ``part``:
+        that checkpoint is a sharded backup's part, whose process has retired its session, and
+        this writer is its driver (labels ``run``, ``driver``; kdist.distributed)."""
         st = ActorStorage(self, crash_at)
         repo = actor.repo = self.open(st, cache=self.uses_cache("writer") if cache is None else cache)
         if self.mutation == "view_staleness":
@@ -487,8 +490,11 @@ class World:
             croot = repo.objects.write_bytes(encode_directory(entries), metadata=True)
             repo.flush()
             repo.contents.revalidate()
-            cp = Snapshot(source=source, root=croot, start=0, end=self.t, checkpoint=True)
-            repo.manifests.put({**cp.labels(), "session": repo.session}, cp.payload())
+            cp = Snapshot(source=source, root=croot, start=0, end=self.t, checkpoint=True, run="r" if part else "")
+            labels = {**cp.labels(), "session": repo.session}
+            if part:  # the part's own session, retired; the driver's, live
+                labels.update(session="0" * len(repo.session), driver=repo.session)
+            repo.manifests.put(labels, cp.payload())
             yield "checkpointed"
             for _ in range(idle):
                 _heartbeat(repo, marker)
@@ -517,7 +523,8 @@ class World:
         repo = self.open(st, cache=self.uses_cache("maintenance") if cache is None else cache)
         rules = Rules()
         if self.mutation in ("content_age", "two_cycle_drop", "pack_age", "live_session", "pause_revalidation",
-                             "checkpoint_session", "merge_copies_first", "spent_tombstones", "failure_type"):
+                             "checkpoint_session", "merge_copies_first", "spent_tombstones", "failure_type",
+                             "part_driver"):
             setattr(rules, self.mutation, False)
         gc_clock = None
         if self.mutation == "storage_clock":
@@ -1024,6 +1031,38 @@ def scenario_checkpoint_session(world: World) -> None:
     d.run(w)  # publishes: its tree names the reused file
 
 
+def scenario_part_driver(world: World) -> None:
+    """As ``checkpoint_session``, for a sharded backup: its part reuses an unchanged file of
+    snapshot P and publishes a checkpoint naming its run and its driver's session; the part's
+    own session is retired (parts finish before their driver publishes) while the driver runs
+    on, heartbeating. P is forgotten and a later backup of the same source finishes. Only judging
+    the part by its driver's session keeps maintenance from forgetting it: with the mutation it
+    is judged by its own, forgotten, the file's contents are marked and dropped, and the
+    driver's snapshot does not restore."""
+    d = Director(world)
+    f = world.rng.randbytes(3000)
+    d.run(d.spawn("writer", files=[f], host="h"))
+    [p] = list(world.published)
+    reader = world.open(ActorStorage(world, None))
+    rec = next(r for r in reader.manifests.find(type="snapshot") if r.id == p)
+    [old] = read_directory(reader.objects, Snapshot.from_record(rec).root)
+    w = d.spawn("writer", files=[world.rng.randbytes(500)], host="h", idle=60, part=True,
+                reuse={"unchanged": (old, hashlib.sha256(f).hexdigest())})
+    d.run(w, until="checkpointed")
+    d.forget([p])
+    d.run(d.spawn("writer", files=[world.rng.randbytes(500)], host="h"))  # supersedes the part
+    for hour in range(50):
+        d.wait(1)
+        d.run(w, until="idle")
+        d.run(d.spawn("maintenance", full=hour % 2 == 0))
+    d.run(w)  # the driver publishes (its tree names the reused file) and, unlike kdist's, keeps its part
+    d.wait(SAFETY.session_expiry + SAFETY.listing_settle + 1)  # then its session ends: the part goes
+    d.run(d.spawn("maintenance", full=False))
+    reader = world.open(ActorStorage(world, None))
+    if any(r.labels.get("run") for r in reader.manifests.find(type="snapshot")):
+        raise AssertionError("a dead driver's part was never forgotten")
+
+
 def scenario_merge_copies_first(world: World) -> None:
     """Leveled compaction: the xs sets of four epochs above the range set are merged forward into
     the current epoch. They hold the only entries of published snapshots' contents (the epochs'
@@ -1134,6 +1173,7 @@ SCENARIOS = {"pause_revalidation": scenario_pause_revalidation, "pack_age": scen
              "merge_copies_first": scenario_merge_copies_first,
              "spent_tombstones": scenario_spent_tombstones,
              "failure_type": scenario_failure_type,
+             "part_driver": scenario_part_driver,
              "merge_paused_and_racing": scenario_merge_paused_and_racing}
 OPEN_BUGS: tuple[str, ...] = ()
 
