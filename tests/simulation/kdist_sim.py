@@ -1012,7 +1012,11 @@ def scenario_checkpoint_session(world: World) -> None:
     maintenance from taking the checkpoint for a dead backup's: without it the checkpoint is
     forgotten, content GC marks the file's contents, a merge two cycles later drops them, and the
     long backup's snapshot does not restore."""
-    d = Director(world)
+    _long_backup_reusing_a_forgotten_file(world, Director(world))
+
+
+def _long_backup_reusing_a_forgotten_file(world: World, d: "Director", **writer) -> None:
+    """``checkpoint_session``'s schedule; ``writer``: the long backup's other options."""
     f = world.rng.randbytes(3000)
     d.run(d.spawn("writer", files=[f], host="h"))
     [p] = list(world.published)
@@ -1020,7 +1024,7 @@ def scenario_checkpoint_session(world: World) -> None:
     rec = next(r for r in reader.manifests.find(type="snapshot") if r.id == p)
     [old] = read_directory(reader.objects, Snapshot.from_record(rec).root)
     w = d.spawn("writer", files=[world.rng.randbytes(500)], host="h", idle=60,
-                reuse={"unchanged": (old, hashlib.sha256(f).hexdigest())})
+                reuse={"unchanged": (old, hashlib.sha256(f).hexdigest())}, **writer)
     d.run(w, until="checkpointed")
     d.forget([p])
     d.run(d.spawn("writer", files=[world.rng.randbytes(500)], host="h"))  # supersedes the checkpoint
@@ -1038,25 +1042,11 @@ def scenario_part_driver(world: World) -> None:
     on, heartbeating. P is forgotten and a later backup of the same source finishes. Only judging
     the part by its driver's session keeps maintenance from forgetting it: with the mutation it
     is judged by its own, forgotten, the file's contents are marked and dropped, and the
-    driver's snapshot does not restore."""
+    driver's snapshot does not restore. The driver here, unlike kdist's, keeps its part when it
+    publishes: once its session has ended, maintenance must forget the part."""
     d = Director(world)
-    f = world.rng.randbytes(3000)
-    d.run(d.spawn("writer", files=[f], host="h"))
-    [p] = list(world.published)
-    reader = world.open(ActorStorage(world, None))
-    rec = next(r for r in reader.manifests.find(type="snapshot") if r.id == p)
-    [old] = read_directory(reader.objects, Snapshot.from_record(rec).root)
-    w = d.spawn("writer", files=[world.rng.randbytes(500)], host="h", idle=60, part=True,
-                reuse={"unchanged": (old, hashlib.sha256(f).hexdigest())})
-    d.run(w, until="checkpointed")
-    d.forget([p])
-    d.run(d.spawn("writer", files=[world.rng.randbytes(500)], host="h"))  # supersedes the part
-    for hour in range(50):
-        d.wait(1)
-        d.run(w, until="idle")
-        d.run(d.spawn("maintenance", full=hour % 2 == 0))
-    d.run(w)  # the driver publishes (its tree names the reused file) and, unlike kdist's, keeps its part
-    d.wait(SAFETY.session_expiry + SAFETY.listing_settle + 1)  # then its session ends: the part goes
+    _long_backup_reusing_a_forgotten_file(world, d, part=True)
+    d.wait(SAFETY.session_expiry + SAFETY.listing_settle + 1)
     d.run(d.spawn("maintenance", full=False))
     reader = world.open(ActorStorage(world, None))
     if any(r.labels.get("run") for r in reader.manifests.find(type="snapshot")):
