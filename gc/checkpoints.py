@@ -15,8 +15,8 @@ A checkpoint is forgotten (a tombstone, as ``forget`` writes) when all of these 
    source finishes, the dead backup's last checkpoint is the newest copy there is (restic keeps
    such partial snapshots too);
 A part of a sharded backup (label ``run``: on Ray, or by local processes) is its driver's
-backup: parts finish and retire their sessions before their driver publishes, and the driver
-forgets them itself when it does. So a part's checkpoint is judged by its driver's session
+backup: a part's own session may end before its driver publishes (Ray actors retire theirs when
+they finish), and the driver forgets them itself when it does. So a part's checkpoint is judged by its driver's session
 (label ``driver``), held from before the first part was handed out, and not by its own: a
 driver that died leaves them to this rule, a live one keeps them. A part without the label
 (older kdist) is kept.

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import msgpack
 
 from repo_format import clock
-from repo_format.errors import KdistError
 from repo_format.manifest import ManifestRecord, ManifestStore
 
 FAILURE_LABEL = "failure"
@@ -50,10 +49,15 @@ class Failure:
 
 def record_failure(manifests: ManifestStore, host: str, user: str, path: str, error: str, exit_code: int,
                    run: str = "") -> ManifestRecord:
-    """Write one failure record (a new manifest blob: append-only writers may)."""
-    payload = {"time": clock.now(), "error": error[:MAX_ERROR], "exit_code": int(exit_code), "run": run}
-    return manifests.put({"type": FAILURE_LABEL, "host": host, "user": user, "path": path},
+    """Write one failure record (a new manifest blob: append-only writers may). Text that is
+    not valid Unicode (a file name's undecodable bytes) is kept escaped."""
+    payload = {"time": clock.now(), "error": _text(error)[:MAX_ERROR], "exit_code": int(exit_code), "run": run}
+    return manifests.put({"type": FAILURE_LABEL, "host": _text(host), "user": _text(user), "path": _text(path)},
                          msgpack.packb(payload))
+
+
+def _text(s: str) -> str:
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def try_record_failure(manifests: ManifestStore, host: str, user: str, path: str, error: str, exit_code: int,
@@ -62,7 +66,7 @@ def try_record_failure(manifests: ManifestStore, host: str, user: str, path: str
     (the storage that failed the backup may fail this put too; the backup's own error stands)."""
     try:
         record_failure(manifests, host, user, path, error, exit_code, run)
-    except (KdistError, OSError) as exc:
+    except Exception as exc:  # whatever it is, the backup's own error is the one to report
         return f"{type(exc).__name__}: {exc}"
     return ""
 
@@ -89,8 +93,8 @@ def _decode(r: ManifestRecord) -> Failure | None:
         return None
     if not 0 <= doc["time"] < 2**37:
         return None
-    return Failure(r.labels["host"], r.labels["user"], r.labels["path"], float(doc["time"]), doc["error"],
-                   doc["exit_code"], doc["run"], r.id, r.stored, r.signer)
+    return Failure(r.labels["host"], r.labels["user"], r.labels["path"], float(doc["time"]),
+                   doc["error"][:MAX_ERROR], doc["exit_code"], doc["run"], r.id, r.stored, r.signer)
 
 
 def plan_failures(manifests: ManifestStore, now: float, keep: float = FAILURE_KEEP,

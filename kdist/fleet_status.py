@@ -55,6 +55,9 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         return storage_bounded_time(s, manifests.signer_role(s.signer) in (ADMIN, MAINTENANCE))
 
     rows: dict[tuple[str, str], SourceStatus] = {}
+    # what came after what, by the storage's clock (no writer's clock can reorder it): when the
+    # last snapshot's and the last failure's records were stored, per row (0.0: unknown)
+    order: dict[int, list[float]] = {}
     for s in sorted(snaps, key=when):
         row = rows.setdefault((s.source.host, s.source.path), SourceStatus(s.source.host, s.source.path))
         t = when(s)
@@ -63,6 +66,7 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
                 row.unfinished_since = t
             continue
         row.user, row.snapshot, row.time = s.source.user, s.id, t
+        order.setdefault(id(row), [0.0, 0.0])[0] = s.stored
         row.files, row.bytes = int(s.totals.get("files", 0)), int(s.totals.get("bytes", 0))
         row.errors = int(s.totals.get("errors", 0))
         row.unfinished_since = 0.0  # checkpoints before this snapshot belong to backups it outlived
@@ -77,6 +81,7 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         for row in targets:
             if t >= row.failed_at:
                 row.failed_at, row.failure, row.failure_exit_code = t, f.error, f.exit_code
+                order.setdefault(id(row), [0.0, 0.0])[1] = f.stored
     hosts_seen = {host for host, _ in rows}
     for key in manifests.keys.values():  # filled by the listing above
         if key.role == HOST and not key.revoked and key.host not in hosts_seen and \
@@ -87,5 +92,11 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
         if r.snapshot:
             r.age = max(0.0, now - r.time)
         r.stale = r.age is None or r.age > max_age
-        r.failing = r.failed_at > r.time
+        snapshot_stored, failure_stored = order.get(id(r), (0.0, 0.0))
+        if not r.failed_at:
+            r.failing = False
+        elif r.snapshot and snapshot_stored and failure_stored:
+            r.failing = failure_stored > snapshot_stored
+        else:
+            r.failing = r.failed_at > r.time
     return out

@@ -21,6 +21,7 @@ import click
 
 from repo_format import clock
 from repo_format.errors import KdistError
+from repo_format.keyslots import ADMIN, MAINTENANCE
 
 from kdist.access import PasswordSource, RepositorySpec
 from kdist.cli import exit_codes
@@ -319,6 +320,29 @@ def status(repo, max_age, where, as_json, metrics):
             f"{name(r)} ({local_time(r.failed_at)}, exit {r.failure_exit_code})" for r in failing), err=True)
     if stale or failing:
         sys.exit(exit_codes.STALE)
+
+
+@fleet_group.command("clear")
+@click.option("--host", "hosts", multiple=True, required=True, help="Clear the failures of this host (repeatable).")
+@click.option("--path", "paths", multiple=True,
+              help="Only those of this path (repeatable; \"\" for failures of the whole host); default: all.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be cleared.")
+@with_repository(roles=(ADMIN, MAINTENANCE), what="clear recorded failures")
+def clear(repo, hosts, paths, dry_run):
+    """Forget the recorded failures of a host (or some of its paths), e.g. of a path given by
+    mistake that will never back up, which `fleet status` would show as FAILED until maintenance
+    forgets the record after 30 days. Snapshots are not touched."""
+    from kdist.failures import read_failures
+
+    chosen = [f for f in read_failures(repo.manifests) if f.host in hosts and (not paths or f.path in paths)]
+    for f in chosen:
+        click.echo(f"{'would clear' if dry_run else 'cleared'}: {printable(f.host)}"
+                   f"{':' + printable(f.path) if f.path else ''} {local_time(f.stored or f.time)} "
+                   f"(exit {f.exit_code}) {printable(f.error)}")
+    if not dry_run:
+        repo.manifests.delete([f.id for f in chosen])
+    if not chosen:
+        click.echo("no recorded failures match")
 
 
 def _status_metrics(metrics, rows, stale, duration: float) -> None:

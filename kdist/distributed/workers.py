@@ -99,12 +99,19 @@ class ProgressBoard:
 
     def __init__(self):
         self.lines: dict[str, dict] = {}
+        self.hosts: dict[str, str] = {}  # node id -> the host its snapshots are published as
 
     def report(self, key: str, line: dict) -> None:
         self.lines[key] = line
 
     def read(self) -> dict[str, dict]:
         return dict(self.lines)
+
+    def announce(self, node_id: str, host: str) -> None:
+        self.hosts[node_id] = host
+
+    def read_hosts(self) -> dict[str, str]:
+        return dict(self.hosts)
 
 
 def open_on_node(spec: RepositorySpec, **kwargs) -> Repository:
@@ -165,8 +172,10 @@ class BackupWorker:
             excludes = list(request.excludes) + list(cfg.get("excludes", []))
             host = backup_host(self.repo.identity, "") or host  # a host key backs up as its own host
             out["host"] = host
+            if self.board is not None:  # so that if this node dies, its failure is filed under this name
+                self.board.announce.remote(out["node_id"], host)
             failed = []
-            for path in paths:
+            for i, path in enumerate(paths):
                 local = Source.local(os.path.abspath(path), host)
                 try:
                     snap = self._backup_path(request, excludes, path, local)
@@ -175,6 +184,8 @@ class BackupWorker:
                     continue
                 except KdistError as exc:  # the repository or the storage: the rest would fail alike
                     failed.append(self._failed(out, local, exc, request.run))
+                    if i + 1 < len(paths):  # not tried: the driver records the host's failure
+                        out["recorded"] = False
                     break
                 t = snap.totals
                 out["snapshots"].append({"path": snap.source.path, "id": snap.id, "files": t["files"],
@@ -250,6 +261,8 @@ class BackupWorker:
         except KdistError as exc:
             if out["status"] != "failed":
                 out["status"], out["error"] = "failed", f"closing the repository: {type(exc).__name__}: {exc}"
+                # its snapshots are published: no backup of it failed, so none is recorded
+                out["recorded"] = True
 
     def _progress(self, host: str, what: str):
         if self.board is None:

@@ -100,3 +100,53 @@ def test_fleet_status_metrics_name_the_failing(repo, tmp_path):
     assert f"kdist_fleet_status_failing{{{where}}} 1.0" in text
     assert f"kdist_fleet_status_last_failure_timestamp_seconds{{{where}}}" in text
     assert "kdist_fleet_status_failing_sources 1.0" in text
+
+
+def test_a_path_that_is_not_valid_unicode_keeps_its_own_error(repo, tmp_path):
+    """A file name's undecodable bytes reach kdist as surrogates, which msgpack cannot pack: the
+    record keeps them escaped, and the backup still exits with its own error (17), not 1."""
+    import os
+
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    r = run_cli("snapshot", "create", *repo, "--host", "web1", odd, code=exit_codes.SOURCE_OR_TARGET)
+    assert "not recorded" not in r.stderr
+    [f] = failures.read_failures(Repository.open(open_storage(repo[1]), PASSWORD).manifests)
+    assert f.path == f"{tmp_path}/caf\\xe9" and f.exit_code == exit_codes.SOURCE_OR_TARGET
+
+
+def test_fleet_clear_forgets_a_failure_that_will_not_recur(repo, tmp_path, monkeypatch):
+    (tmp_path / "srv").mkdir()
+    run_cli("snapshot", "create", *repo, "--host", "web1", tmp_path / "srv")
+    run_cli("snapshot", "create", *repo, "--host", "web1", tmp_path / "typo", code=exit_codes.SOURCE_OR_TARGET)
+    run_cli("fleet", "status", *repo, code=exit_codes.STALE)  # the typo's row: FAILED
+    out = run_cli("fleet", "clear", *repo, "--host", "web1", "--path", tmp_path / "typo", "--dry-run")
+    assert "would clear: web1:" in out.stdout and len(failures.read_failures(
+        Repository.open(open_storage(repo[1]), PASSWORD).manifests)) == 1
+    pw = tmp_path / "web1-pw"
+    pw.write_text("web1-password\n")
+    run_cli("key", "add", *repo, "--role", "host", "--host", "web1", "--new-password-file", pw)
+    run_cli("fleet", "clear", *repo, "--host", "web1", "--password-file", pw, code=exit_codes.PERMISSION)
+    out = run_cli("fleet", "clear", *repo, "--host", "web1", "--path", tmp_path / "typo")
+    assert "cleared: web1:" in out.stdout
+    doc = _rows(run_cli("fleet", "status", *repo, "--json"))  # exit 0: the real path is fine
+    assert set(doc) == {("web1", str(tmp_path / "srv"))}
+    assert "no recorded failures match" in run_cli("fleet", "clear", *repo, "--host", "web1").stdout
+
+
+def test_a_host_whose_clock_is_behind_recovers_by_the_storage_clock(repo, tmp_path):
+    """The failure was recorded by a machine whose clock is right; the rerun that worked ran on a
+    host whose clock is two hours behind, so its snapshot claims to be older than the failure.
+    Which came first is read from the storage's clock: the host is not FAILED."""
+    from repo_format import clock
+
+    src = tmp_path / "srv"
+    run_cli("snapshot", "create", *repo, "--host", "web1", src, code=exit_codes.SOURCE_OR_TARGET)
+    src.mkdir()
+    now = clock.now()
+    clock.set_clock(lambda: now - 7200)
+    try:
+        run_cli("snapshot", "create", *repo, "--host", "web1", src)
+    finally:
+        clock.set_clock(None)
+    s = _rows(run_cli("fleet", "status", *repo, "--json"))[("web1", str(src))]
+    assert s["failed_at"] > s["time"] and not s["failing"]

@@ -272,15 +272,17 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
         (d / f"f{i}").write_bytes(os.urandom(256 * 1024))
     roots["node-c"] = str(victim_root)
     _configure(cluster, roots)
+    with open(cluster["base"] / "node-c.json", "w") as f:  # it publishes under a name of its config's
+        json.dump({"host": "db-c", "paths": [str(victim_root)]}, f)
     storage = open_storage(location)
     t, result = _in_thread(lambda: _fleet(location))
     try:
-        victim_session = _wait_for_checkpoint_and_orphans(location, "node-c", t)
+        victim_session = _wait_for_checkpoint_and_orphans(location, "db-c", t)
     finally:
         summary = _kill_node_and_finish(cluster, "node-c", t, result)
     by_host = {n["host"]: n for n in summary.nodes}
     assert summary.status == "failed" and summary.exit_code() == exit_codes.DISTRIBUTED_FAILED
-    assert by_host["node-c"]["status"] == "failed" and "died" in by_host["node-c"]["error"]
+    assert by_host["db-c"]["status"] == "failed" and "died" in by_host["db-c"]["error"]
     assert by_host["node-a"]["status"] == by_host["node-b"]["status"] == "ok"
 
     repo = _open(location)
@@ -288,13 +290,15 @@ def test_a_node_dies_mid_backup(cluster, tmp_path):
     assert sorted(finals) == ["node-a", "node-b"]
     for host, s in finals.items():
         assert _restores(repo, s, roots[host], tmp_path / f"out-{host}")
-    checkpoint = [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.source.host == "node-c"]
+    checkpoint = [s for s in list_snapshots(repo.manifests, include_checkpoints=True) if s.source.host == "db-c"]
     assert checkpoint and checkpoint[-1].checkpoint
-    # the driver recorded the dead node's failure, which fleet status shows whatever became of the run's output
+    # the driver recorded the dead node's failure, under the name it publishes as (which it
+    # announced), so fleet status shows it on that host's row whatever became of the run's output
     [f] = read_failures(repo.manifests)
-    assert (f.host, f.path) == ("node-c", "") and "died" in f.error and summary.unrecorded == []
+    assert (f.host, f.path) == ("db-c", "") and "died" in f.error and summary.unrecorded == []
     rows = {r.host: r for r in fleet_status(repo.manifests, _storage_now(storage))}
-    assert rows["node-c"].failing and not rows["node-a"].failing and not rows["node-b"].failing
+    assert set(rows) == {"node-a", "node-b", "db-c"}
+    assert rows["db-c"].failing and not rows["node-a"].failing and not rows["node-b"].failing
     Restorer(repo).restore(checkpoint[-1], str(tmp_path / "out-c"))  # what it finished restores
     restored = [p for p in (tmp_path / "out-c").rglob("f*") if p.is_file()]
     assert restored and all(p.read_bytes() == (victim_root / p.relative_to(tmp_path / "out-c")).read_bytes()
