@@ -35,7 +35,7 @@ class Failure:
     host: str
     user: str
     path: str  # "" for the whole host
-    time: float  # when it failed (the writer's clock; see ``bounded_time``)
+    time: float  # when it failed (the writer's clock; ``kdist.retention.bounded_by_storage``)
     error: str
     exit_code: int
     run: str = ""  # the fleet run it belongs to ("" outside one)
@@ -57,7 +57,11 @@ def record_failure(manifests: ManifestStore, host: str, user: str, path: str, er
 
 
 def _text(s: str) -> str:
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``s`` as valid Unicode: an undecodable byte of a file name (a surrogate) as ``\\xe9``."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def try_record_failure(manifests: ManifestStore, host: str, user: str, path: str, error: str, exit_code: int,

@@ -147,7 +147,10 @@ def run_fleet(spec: RepositorySpec, request: FleetRequest, labels: dict, paralle
             results.append(_node_result(ref, node))
             ray.kill(actor)
         display.tick(len(results), len(nodes))
-    announced = ray.get(board.read_hosts.remote(), timeout=30)
+    try:
+        announced = ray.get(board.read_hosts.remote(), timeout=30)
+    except ray.exceptions.RayError:  # the names only: the nodes' outcomes stand
+        announced = {}
     for r in results:  # a node that died is named as it publishes (node config, host key), if it said so
         r["host"] = announced.get(r["node_id"], r["host"])
     summary.nodes = sorted(results, key=lambda r: r["host"])

@@ -105,3 +105,10 @@ def test_a_malformed_failure_record_is_left_out(virtual_time, memory_repository)
     failures.record_failure(repo.manifests, "h", "u", "/p", "x" * 5000, 14, run="r1")
     [f] = failures.read_failures(repo.manifests)
     assert (f.host, f.path, f.exit_code, f.run, len(f.error)) == ("h", "/p", 14, "r1", failures.MAX_ERROR)
+
+
+def test_text_that_is_not_valid_unicode_is_recorded_escaped(virtual_time, memory_repository):
+    repo = _open(memory_repository(PARAMS))
+    failures.record_failure(repo.manifests, "h\ud800", "u", "/srv/caf\udce9", "cannot read /srv/caf\udce9", 17)
+    [f] = failures.read_failures(repo.manifests)
+    assert (f.host, f.path, f.error) == ("h\\ud800", "/srv/caf\\xe9", "cannot read /srv/caf\\xe9")
