@@ -16,10 +16,10 @@ A checkpoint is forgotten (a tombstone, as ``forget`` writes) when all of these 
    such partial snapshots too);
 A part of a sharded backup (label ``run``: on Ray, or by local processes) is its driver's
 backup: a part's own session may end before its driver publishes (Ray actors retire theirs when
-they finish), and the driver forgets them itself when it does. So a part's checkpoint is judged by its driver's session
-(label ``driver``), held from before the first part was handed out, and not by its own: a
-driver that died leaves them to this rule, a live one keeps them. A part without the label
-(older kdist) is kept.
+they finish), and the driver forgets the parts itself when it publishes. So a part's checkpoint
+is judged by its driver's session (label ``driver``), held from before the first part was
+handed out, and not by its own: a driver that died leaves them to this rule, a live one keeps
+them. A part without the label (older kdist) is kept.
 Checkpoints written before kdist labelled them with their session are judged by the session in
 their manifest blob's name, if that blob is not a compacted one; otherwise they are kept.
 """

@@ -193,13 +193,13 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
             report.steps["pack_rewrite"] = execute_rewrite(repo.contents, rplan, clock)
             yield "pack-rewrite executed"
 
-    old_failures = plan_failures(repo.manifests, clock.now(), options.failure_keep,  # 5. failure records,
-                                 rules.failure_type)
+    # 5. old failure records, and checkpoints of dead backups
+    old_failures = plan_failures(repo.manifests, clock.now(), options.failure_keep, rules.failure_type)
     report.plans.append(f"failure records: forget {len(old_failures)} stored more than "
                         f"{options.failure_keep / 86400:g} days ago")
     cplan = plan_checkpoints(repo.manifests, storage, clock.now(), safety, rules.checkpoint_session,
                              driver_rule=rules.part_driver)
-    report.plans.append(cplan.describe())  # checkpoints of dead backups
+    report.plans.append(cplan.describe())
     if not options.dry_run:
         repo.manifests.delete([r.id for r in old_failures])
         report.steps["failures_forgotten"] = len(old_failures)

@@ -77,11 +77,12 @@ def try_record_failure(manifests: ManifestStore, host: str, user: str, path: str
 
 def read_failures(manifests: ManifestStore, **labels) -> list[Failure]:
     """The failure records that count (a malformed payload is left out), oldest first."""
-    out = []
-    for r in manifests.find(type=FAILURE_LABEL, **labels):
-        f = _decode(r)
-        if f is not None:
-            out.append(f)
+    return decode_failures(manifests.find(type=FAILURE_LABEL, **labels))
+
+
+def decode_failures(records) -> list[Failure]:
+    """The failures of these failure records (a malformed payload is left out), oldest first."""
+    out = [f for f in map(_decode, records) if f is not None]
     return sorted(out, key=lambda f: (f.stored or f.time, f.id))
 
 

@@ -329,8 +329,7 @@ class Uploader:
         ``driver``: the session of the process that will publish the snapshot (its label on the
         checkpoint: maintenance keeps the checkpoint while that session is live).
         """
-        self._begin(source, root_dev, run)
-        self._driver = driver
+        self._begin(source, root_dev, run, driver)
         if part.names is None:
             try:
                 st = os.stat(part.path, follow_symlinks=False)
@@ -367,7 +366,7 @@ class Uploader:
         return self._publish(self._write_tree(root, final=True), checkpoint=False)
 
     # ---- walking -------------------------------------------------------------------------
-    def _begin(self, source: Source, root_dev: int, run: str = "") -> None:
+    def _begin(self, source: Source, root_dev: int, run: str = "", driver: str = "") -> None:
         backup_host(self.repo.identity, source.host)  # a host key publishes only as its own host
         # Maintenance assumes a checkpoint at least every safety.checkpoint_interval (gc/README.md):
         # reused files are protected by being in a published tree, so never checkpoint less often.
@@ -377,7 +376,7 @@ class Uploader:
         self._source = source
         self._root_dev = root_dev
         self._run_id = run
-        self._driver = ""
+        self._driver = driver
         self._start = clock.now()
         self._last_checkpoint = clock.monotonic()
         self._new_bytes_base = self.repo.contents.stats.bytes_original

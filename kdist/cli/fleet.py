@@ -260,6 +260,11 @@ def _backup(status: dict, spec: RepositorySpec, mode, paths, address, node_confi
     return summary.exit_code()
 
 
+def _source(host: str, path: str) -> str:
+    """``host:path``, or ``host`` for the whole host, escaped for the terminal."""
+    return f"{printable(host)}{':' + printable(path) if path else ''}"
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "never"
@@ -309,15 +314,13 @@ def status(repo, max_age, where, as_json, metrics):
             last = local_time(r.time) if r.snapshot else "-"
             click.echo(f"{host:<{hw}}{path:<{pw}}{last:<21}{_age(r.age):>8}{r.files:>9}{human_bytes(r.bytes):>11}"
                        f"{r.errors:>8}  {state}")
-    def name(r) -> str:
-        return f"{printable(r.host)}{':' + printable(r.path) if r.path else ''}"
-
     if stale:
         click.echo(f"{len(stale)} of {len(rows)} stale (no snapshot within {_age(max_age)}): " + ", ".join(
-            f"{name(r)} ({_age(r.age)})" for r in stale), err=True)
+            f"{_source(r.host, r.path)} ({_age(r.age)})" for r in stale), err=True)
     if failing:
         click.echo(f"{len(failing)} of {len(rows)} failed since their last snapshot: " + ", ".join(
-            f"{name(r)} ({local_time(r.failed_at)}, exit {r.failure_exit_code})" for r in failing), err=True)
+            f"{_source(r.host, r.path)} ({local_time(r.failed_at)}, exit {r.failure_exit_code})" for r in failing),
+            err=True)
     if stale or failing:
         sys.exit(exit_codes.STALE)
 
@@ -336,9 +339,8 @@ def clear(repo, hosts, paths, dry_run):
 
     chosen = [f for f in read_failures(repo.manifests) if f.host in hosts and (not paths or f.path in paths)]
     for f in chosen:
-        click.echo(f"{'would clear' if dry_run else 'cleared'}: {printable(f.host)}"
-                   f"{':' + printable(f.path) if f.path else ''} {local_time(f.stored or f.time)} "
-                   f"(exit {f.exit_code}) {printable(f.error)}")
+        click.echo(f"{'would clear' if dry_run else 'cleared'}: {_source(f.host, f.path)} "
+                   f"{local_time(f.stored or f.time)} (exit {f.exit_code}) {printable(f.error)}")
     if not dry_run:
         repo.manifests.delete([f.id for f in chosen])
     if not chosen:
