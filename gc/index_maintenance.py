@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from repo_format import constants as C
 from repo_format.epoch import EpochManager, EpochView, IndexSet
 from repo_format.errors import BlobNotFound
-from repo_format.index_scan import merge_into_set, merged_plaintexts
+from repo_format.index_scan import Verify, merge_into_set, merged_plaintexts
 from repo_format.storage.base import BlobMeta
 
 from kdist.gc.clock_guard import StorageClock
@@ -131,7 +131,9 @@ def _in_range(view: EpochView, epoch: int) -> bool:
 
 
 def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
-    """Index blobs whose content is in a complete set that has been listed for ``margin``."""
+    """Index blobs whose content is in a complete set that has been listed for ``margin``; and,
+    ``margin`` after they were stored, sets that do not count (unsigned where a signature is
+    needed, or signed by a host) and set signatures whose members are all gone."""
     out: list[BlobMeta] = []
 
     def old_enough(s) -> bool:
@@ -145,7 +147,9 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
             duplicate = chosen is not None and st is not chosen and old_enough(chosen)
             abandoned = not st.complete and now - st.newest >= margin
             if covered_by_range or duplicate or abandoned:
-                out += st.members.values()
+                out += st.blobs()
+    out += [m for st in view.ignored_sets if now - st.newest >= margin for m in st.blobs()]
+    out += [m for m in view.stray_signatures if now - m.timestamp >= margin]
     for e, blobs in view.raw.items():
         xs = view.complete_set(C.COMPACTED_PREFIX, e)
         if old_enough(xs) or (old_enough(rng) and e <= rng.epoch):
@@ -154,7 +158,7 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
 
 
 def _merge_forward(epochs: EpochManager, view: EpochView, merge: list[int], memory_limit: int,
-                   copies_first: bool = True) -> dict:
+                   copies_first: bool = True, verify: Verify | None = None) -> dict:
     """Write the winners of the chosen sets of epochs ``merge`` into the current epoch as raw
     blobs (as a writer writes: ``write_index``, which follows the epoch if it advances). The
     sources are deleted by a later run, once the run's record is a cleanup margin old and every
@@ -166,7 +170,7 @@ def _merge_forward(epochs: EpochManager, view: EpochView, merge: list[int], memo
         for n in sources:
             epochs.storage.delete(n)
     copies, written = [], 0
-    for plaintext in merged_plaintexts(blobs, memory_limit):
+    for plaintext in merged_plaintexts(blobs, memory_limit, verify):
         name = epochs.write_plaintext(plaintext)
         copies.append(name)
         written += len(plaintext)
@@ -178,12 +182,28 @@ def _written(epochs: EpochManager, s) -> int:
     return sum(m.length for m in s.members.values())
 
 
+class _Counted:
+    """A ``verify`` that counts the records it read and those not where their entry said."""
+
+    def __init__(self, verify: Verify):
+        self.verify, self.read, self.absent = verify, 0, 0
+
+    def __call__(self, entries):
+        ok = self.verify(entries)
+        self.read += len(ok)
+        self.absent += ok.count(False)
+        return ok
+
+
 def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, clock: StorageClock,
-                  delete, memory_limit: int = 256 * 2**20, copies_first: bool = True) -> dict:
+                  delete, memory_limit: int = 256 * 2**20, copies_first: bool = True,
+                  verify: Verify | None = None) -> dict:
     """Compactions and merges go range by range through the winners (``merge_into_set``), so
     they hold ``memory_limit`` whatever the index's size. ``delete(name, put time)``:
-    maintenance's (``object_lock.Deletions``)."""
+    maintenance's (``object_lock.Deletions``). ``verify`` reads the records of winners that
+    compete with entries elsewhere before a merge lets those go (``IndexScan._relocate``)."""
     done = {"advanced": False, "compacted": [], "range": None, "deleted": 0, "written_bytes": 0}
+    verify = _Counted(verify) if verify is not None else None
     if epochs.sign_epochs(epochs.refresh()):  # an upgraded repository's first run
         done["signed_epochs"] = True
     if plan.advance_to is not None:
@@ -195,11 +215,11 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
                 continue  # done by a concurrent run since we planned (its sources may be gone)
             names = [m.name for m in view.raw.get(e, [])]
             s, _kept, _dropped = merge_into_set(epochs, C.COMPACTED_PREFIX, e, epochs.read_blobs(names),
-                                                memory_limit=memory_limit)
+                                                memory_limit=memory_limit, verify=verify)
             done["compacted"].append(e)
             done["written_bytes"] += _written(epochs, s)
         if plan.merge_sets:
-            done["merged"] = _merge_forward(epochs, view, plan.merge_sets, memory_limit, copies_first)
+            done["merged"] = _merge_forward(epochs, view, plan.merge_sets, memory_limit, copies_first, verify)
             done["written_bytes"] += done["merged"].pop("bytes", 0)
         if plan.range_to is not None:
             view = epochs.refresh()
@@ -211,13 +231,17 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
             s, kept, dropped = merge_into_set(
                 epochs, C.RANGE_PREFIX, plan.range_to, blobs, keep, memory_limit,
                 # the watermark was derived at the run's start
-                before_put=lambda: clock.check(plan.now, "writing a range set"))
+                before_put=lambda: clock.check(plan.now, "writing a range set"), verify=verify)
             done["range"] = {"to": plan.range_to, "entries": kept, "dropped": dropped, "watermark": watermark_us / 1e6}
             done["written_bytes"] += _written(epochs, s)
     except BlobNotFound:
         # a concurrent maintenance run cleaned up a source after our listing: it has done (or
         # will do) this compaction; a half-written set of ours is incomplete and never used
         done["skipped"] = "sources changed under a concurrent maintenance run"
+    if verify is not None and verify.read:
+        done["records_verified"] = verify.read
+        if verify.absent:  # forged entries (or damage): their contents kept another place
+            done["records_not_where_indexed"] = verify.absent
     if plan.delete:
         clock.check(plan.now, "deleting superseded index blobs")
         kept = [m for m in plan.delete if not delete(m.name, m.timestamp)]

@@ -105,6 +105,9 @@ def execute_rewrite(contents: ContentStore, plan: RewritePlan, clock: StorageClo
     if not current:
         return done
     clock.check(plan.now, "rewriting packs")
-    done["bytes"] = contents.rewrite(current)
+    done["bytes"], unreadable = contents.rewrite(current)
+    if unreadable:  # forged entries (or damage): not moved
+        done["moved"] -= unreadable
+        done["not_where_indexed"] = unreadable
     contents.flush()
     return done

@@ -63,6 +63,9 @@ class Rules:
     spent_tombstones: bool = True
     failure_type: bool = True
     part_driver: bool = True
+    # merges read a winner competing with entries elsewhere before letting those go (a host's
+    # forged entries; its mutation check is in tests/security/test_hostile_host.py)
+    relocate: bool = True
 
 
 @dataclass
@@ -157,7 +160,8 @@ def maintenance_steps(repo: Repository, options: MaintenanceOptions | None = Non
     yield "index planned"
     if not options.dry_run:
         report.steps["index"] = execute_index(epochs, iplan, int(watermark * 1e6), clock, delete,
-                                              options.memory_limit // 2, copies_first=rules.merge_copies_first)
+                                              options.memory_limit // 2, copies_first=rules.merge_copies_first,
+                                              verify=repo.contents.reader.authentic if rules.relocate else None)
         yield "index executed"
 
     if options.full:  # 3. blob GC: list packs, then read the index that may point into them

@@ -20,12 +20,14 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import blake3
+
 from repo_format import constants as C
 from repo_format import changing
 from repo_format.epoch import EpochView
-from repo_format.errors import BlobNotFound, ContentNotFound, KdistError, is_outage
+from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError, KdistError, is_outage
 from repo_format.format_blob import FormatBlob
-from repo_format.index import IndexEntry, MergedIndex, open_index
+from repo_format.index import IndexEntry, MergedIndex, open_index, place_of
 from repo_format.index_rebuild import entries_from_packs
 from repo_format.io_pool import parallel_map
 from repo_format.manifest import newer
@@ -104,10 +106,27 @@ class _IndexedReader:
         return self._checker.index.lookup(content_id)
 
     def read(self, content_id: bytes) -> bytes:
-        entry, reason = self._checker.locate(content_id)
-        if reason is not None:
+        """As readers read: the winner's record, else the content's other places in the index
+        (``ContentReader.read``); a winner whose record is elsewhere is named as a forgery."""
+        checker = self._checker
+        entry, reason = checker.locate(content_id)
+        if entry is None:
             raise ContentNotFound(f"content {content_id.hex()} {reason}")
-        return self._checker.contents.read_entry(entry)
+        try:
+            if reason is not None:
+                raise ContentNotFound(f"content {content_id.hex()} {reason}")
+            return checker.contents.read_entry(entry)
+        except (ContentNotFound, CorruptionError, BlobNotFound) as first:
+            for other in checker.index.locations(content_id):
+                if place_of(other) == place_of(entry) or checker.unusable(other) is not None:
+                    continue
+                try:
+                    data = checker.contents.read_entry(other)
+                except (CorruptionError, BlobNotFound):
+                    continue
+                checker.misplaced(entry, other)
+                return data
+            raise first
 
 
 class Checker:
@@ -130,6 +149,7 @@ class Checker:
         self._dir_oids: list[str] = []
         self._damaged_dirs: dict[str, str] = {}  # directory oid -> where its subtree's problems were reported
         self._files: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # oid -> (contents, unreadable ones)
+        self._misplaced: set[bytes] = set()  # contents whose winning entry was named as misplaced
 
     def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
         snapshots = self.read_snapshots()
@@ -155,7 +175,8 @@ class Checker:
         for _ in changing.attempts("the index blobs"):
             view = self.epochs.refresh()
             names = view.assembly()
-            results = parallel_map(self._open_index_blob, names)
+            digests = view.digests()
+            results = parallel_map(lambda n: self._open_index_blob(n, digests.get(n)), names)
             if not any(isinstance(r, BlobNotFound) for r in results):
                 break  # else superseded and cleaned up after our listing: list again
         blobs = []
@@ -170,9 +191,13 @@ class Checker:
         self._check_sets(view)
         return self.index
 
-    def _open_index_blob(self, name: str):
+    def _open_index_blob(self, name: str, digest: bytes | None):
         try:
-            return open_index(self.fmt.keys.index_aead(), name, self.storage.get(name))
+            sealed = self.storage.get(name)
+            if digest is not None and blake3.blake3(sealed).digest() != digest:
+                raise CorruptionError("is not the blob its set's signature names (written by someone other "
+                                      "than maintenance)")
+            return open_index(self.fmt.keys.index_aead(), name, sealed)
         except KdistError as exc:
             return exc
 
@@ -198,10 +223,22 @@ class Checker:
                 else:
                     self.report.notes.append(f"incomplete index set {name} ({len(s.members)} of {s.count}) left by "
                                              "an interrupted compaction; readers ignore it")
+        for st in view.ignored_sets:
+            name = f"{st.kind}{st.epoch}_{st.set_id}"
+            self._problem("forgery", f"index set {name} ({st.count} member(s)) is not signed by the root or a "
+                          "maintenance key and was written after sets were signed (forged; readers ignore it)",
+                          blob=name)
+        for m in view.stray_signatures:
+            if self.epochs.signed_digests(m) is None:
+                self._problem("forgery", f"index set signature {m.name} is not signed by the root or a "
+                              "maintenance key (forged; readers ignore it)", blob=m.name)
         signed_since = min((m.timestamp for m in view.markers.values()), default=0.0) if view.signed else 0.0
         for m in view.ignored:
             name, number = m.name, m.name[len(C.EPOCH_MARKER_PREFIX):]
-            if "_" in number:
+            if name.startswith(C.SIGNED_SETS_PREFIX):
+                self._problem("forgery", f"signed-sets blob {name} is not signed by the root or a maintenance key "
+                              "(forged; readers ignore it)", blob=name)
+            elif "_" in number:
                 self._problem("forgery", f"epoch marker {name} is not signed by the root or a maintenance key "
                               "(forged or damaged; readers ignore it)", blob=name)
             elif not view.signed:
@@ -215,6 +252,18 @@ class Checker:
             else:
                 self.report.notes.append(f"epoch marker {name} is from before markers were signed; readers "
                                          "ignore it")
+
+    def misplaced(self, entry: IndexEntry, genuine: IndexEntry) -> None:
+        """The winning entry of a content points where its record is not, while another entry's
+        record is the content: a host's forged entry (or damage). Readers and maintenance's
+        merges use the other place."""
+        if entry.content_id in self._misplaced:
+            return
+        self._misplaced.add(entry.content_id)
+        self._problem("forgery", f"index entry of content {entry.content_id.hex()} points into pack {entry.pack} "
+                      f"(offset {entry.offset}), where its record is not; readers use its copy in pack "
+                      f"{genuine.pack}, and maintenance's next merges keep that place (forged or damaged)",
+                      content=entry.content_id.hex(), pack=entry.pack)
 
     def unusable(self, e: IndexEntry) -> str | None:
         """Why the record an entry points to cannot be where it says, or None."""
@@ -231,7 +280,13 @@ class Checker:
         e = self.index.lookup(content_id)
         if e is None:
             return None, "is not in the index"
-        return e, self.unusable(e)
+        why = self.unusable(e)
+        if why is not None:  # readers try the content's other places (``ContentReader.read``)
+            for other in self.index.locations(content_id):
+                if place_of(other) != place_of(e) and self.unusable(other) is None:
+                    self.misplaced(e, other)
+                    return replace(other, deleted=e.deleted, timestamp_us=e.timestamp_us), None
+        return e, why
 
     def _check_entries(self) -> list[str]:
         """Every winning live entry points inside a listed pack. Returns the packs they use."""

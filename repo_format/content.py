@@ -43,10 +43,12 @@ def make_epoch_manager(storage: BlobStorage, fmt: FormatBlob, session: str,
 
 
 def start_signed_epochs(storage: BlobStorage, fmt: FormatBlob) -> None:
-    """A new signed repository's first marker (epoch 0, signed by the root): from the start only
-    signed markers count (``repo_format.epoch``)."""
+    """A new signed repository's first marker (epoch 0, signed by the root) and its signed-sets
+    blob: from the start only signed markers and signed index sets count (``repo_format.epoch``)."""
     if fmt.identity is not None:
-        make_epoch_manager(storage, fmt, "0" * 2 * C.SESSION_ID_BYTES).write_marker(0)
+        epochs = make_epoch_manager(storage, fmt, "0" * 2 * C.SESSION_ID_BYTES)
+        epochs.write_marker(0)
+        epochs.sign_epochs(epochs.refresh())
 
 
 def load_committed_index(storage: BlobStorage, fmt: FormatBlob) -> MergedIndex:
@@ -121,7 +123,7 @@ class ContentStore:
     def write(self, data, metadata: bool = False) -> bytes:
         return self.writer.write(data, metadata)
 
-    def rewrite(self, entries: list[IndexEntry]) -> int:
+    def rewrite(self, entries: list[IndexEntry]) -> tuple[int, int]:
         return self.writer.rewrite(entries)
 
     def flush(self) -> str | None:

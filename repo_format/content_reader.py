@@ -20,7 +20,8 @@ from repo_format import constants as C
 from repo_format.compression import decompress
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError
-from repo_format.index import IndexEntry
+from repo_format.index import IndexEntry, place_of
+from repo_format.io_pool import parallel_map
 from repo_format.index_view import IndexView
 from repo_format.local_cache import LocalCache
 from repo_format.pack import content_aad
@@ -62,10 +63,40 @@ class ContentReader:
         self._block_limit = 0
 
     def read(self, content_id: bytes) -> bytes:
+        """The content's plaintext. If the winning entry's record does not open (or its pack is
+        gone for good), the content's other places in the index are tried, best first: a host
+        with the index key can write an entry that wins, pointing anywhere; it cannot make a
+        record other than the genuine one open as this content."""
         entry = self._view.lookup(content_id)
         if entry is None:
             raise ContentNotFound(f"content {content_id.hex()} is not in the index")
-        return self.read_entry(entry)
+        try:
+            return self.read_entry(entry)
+        except (CorruptionError, BlobNotFound) as first:
+            for other in self._view.locations(content_id):
+                if place_of(other) == place_of(entry):
+                    continue
+                try:
+                    return self.read_entry(other)
+                except (CorruptionError, BlobNotFound):
+                    continue
+            raise first
+
+    def authentic(self, entries: list[IndexEntry]) -> list[bool]:
+        """Whether each entry's record is where it says: read, authenticated and checked against
+        its id (maintenance's merges, before they let another place of the content go). A
+        missing pack or a record that does not open is False; any other error raises."""
+        def one(e: IndexEntry) -> bool:
+            try:
+                sealed = self.storage.get(e.pack, e.offset, e.packed_length)
+                if len(sealed) != e.packed_length:
+                    return False
+                self._open(e, sealed)
+                return True
+            except (BlobNotFound, CorruptionError):
+                return False
+
+        return parallel_map(one, entries)
 
     def read_entry(self, entry: IndexEntry) -> bytes:
         """The content's plaintext, authenticated. If its pack is gone, the index may have moved

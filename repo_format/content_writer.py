@@ -149,26 +149,32 @@ class ContentWriter:
             self._upload(full)
         return cid
 
-    def rewrite(self, entries: list[IndexEntry]) -> int:
+    def rewrite(self, entries: list[IndexEntry]) -> tuple[int, int]:
         """Maintenance (pack rewrite): copy these contents into new packs of this session, as
         entries that win over the given ones; ``flush`` then publishes them, packs first. Each
         record is authenticated, then copied sealed as it is: its AAD binds the content id and
         compression, not the pack. Not deduplicated, and not counted as referenced by this
         writer (a rewrite must not keep garbage alive). Reads one span per source pack. Returns
-        the bytes copied."""
+        the bytes copied and the number of records that were not where their entry said (left alone)."""
         self._session.ensure()
         by_pack: dict[str, list[IndexEntry]] = {}
         for e in entries:
             by_pack.setdefault(e.pack, []).append(e)
-        copied = 0
+        copied = unreadable = 0
         for pack, group in by_pack.items():
             lo = min(e.offset for e in group)
             span = self.storage.get(pack, lo, max(e.offset + e.packed_length for e in group) - lo)
             for e in group:
                 sealed = span[e.offset - lo:e.offset - lo + e.packed_length]
-                if len(sealed) != e.packed_length:
-                    raise CorruptionError(f"pack {pack} is truncated: content {e.content_id.hex()} is cut off")
-                open_content(self._content_aead, self._hash, e, sealed)
+                try:
+                    if len(sealed) != e.packed_length:
+                        raise CorruptionError(f"pack {pack} is truncated: content {e.content_id.hex()} is cut off")
+                    open_content(self._content_aead, self._hash, e, sealed)
+                except CorruptionError:
+                    # not where the entry says (a host's forged entry, or damage): left as it
+                    # is, for the merges to replace with a place where it is (IndexScan._relocate)
+                    unreadable += 1
+                    continue
                 stamp = max(int(clock.now() * 1e6), e.timestamp_us + 1)  # wins over the old entry
                 metadata = pack.startswith(C.METADATA_PACK_PREFIX)
                 with self._lock:
@@ -176,7 +182,7 @@ class ContentWriter:
                 if full is not None:
                     self._upload(full)
                 copied += len(sealed)
-        return copied
+        return copied, unreadable
 
     def unflushed_record(self, entry: IndexEntry) -> bytes | None:
         """The entry's sealed record if its pack is still here (open, or not yet confirmed

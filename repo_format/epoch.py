@@ -32,12 +32,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import blake3
+
 from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.io_pool import parallel_map
-from repo_format.keyslots import signed_marker
+from repo_format.keyslots import signed_marker, signed_set
 from repo_format.index import (
     IndexBlob, IndexEntry, MergedIndex, encode_index, index_blob_name, open_index, seal_index, wins,
 )
@@ -49,10 +51,16 @@ if TYPE_CHECKING:
     from repo_format.local_cache import LocalCache
 
 _RAW = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
-_SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})" + r"(\d+)_([0-9a-f]+)_(\d+)of(\d+)$")
+_NUMBER = r"(0|[1-9][0-9]*)"  # canonical: no other spelling of a number names the same blob
+_SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})" + _NUMBER
+                  + r"_([0-9a-f]+)_" + _NUMBER + r"of([1-9][0-9]*)$")
 _MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)$")
 _SIGNED_MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)_([0-9a-f]{16})$")
+_SET_SIGNATURE = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})"
+                            + _NUMBER + r"_([0-9a-f]+)" + re.escape(C.SET_SIGNATURE_SUFFIX) + "$")
+_SIGNED_SETS = re.compile(re.escape(C.SIGNED_SETS_PREFIX) + r"[0-9a-f]{16}$")
 MAX_MARKER = 1024  # bytes: a sealed "epoch N", or a signature with its certificate
+MAX_SET_SIGNATURE = 1 << 20  # bytes: a signature, a certificate and 32 bytes a member
 DOWNLOAD_BUDGET = 32 * 1024 * 1024  # bytes of index blobs being downloaded and decoded at once
 
 
@@ -88,14 +96,21 @@ class IndexSet:
     set_id: str
     count: int
     members: dict[int, BlobMeta] = field(default_factory=dict)
+    signature: BlobMeta | None = None  # ``<kind><epoch>_<set id>_sig``, put after the members
+    digests: list[bytes] | None = None  # the members' digests, once the signature verified
 
     @property
     def complete(self) -> bool:
         return len(self.members) == self.count
 
+    def blobs(self) -> list[BlobMeta]:
+        """Its members, then its signature (what deleting the set deletes, in that order)."""
+        return [self.members[i] for i in sorted(self.members)] + ([self.signature] if self.signature else [])
+
     @property
     def newest(self) -> float:
-        return max(m.timestamp for m in self.members.values())
+        """When the last of its blobs (its signature included: the set counts from then) was stored."""
+        return max(m.timestamp for m in self.blobs())
 
     def names(self) -> list[str]:
         return [self.members[i].name for i in sorted(self.members)]
@@ -110,7 +125,16 @@ class EpochView:
     sets: dict[tuple[str, int], list[IndexSet]]
     taken_at: float  # monotonic
     signed: bool = False  # the markers that count are signed ones
-    ignored: list = field(default_factory=list)  # listed markers that do not count (BlobMeta)
+    ignored: list = field(default_factory=list)  # listed markers and signed-sets blobs that do not count (BlobMeta)
+    # a signed repository's sets count only if signed when stored after this (storage clock)
+    signed_sets_since: float | None = None
+    ignored_sets: list = field(default_factory=list)  # complete sets that do not count (IndexSet)
+    stray_signatures: list = field(default_factory=list)  # set signatures with no member listed
+
+    def digests(self) -> dict[str, bytes]:
+        """The signed digest of every member of a set that counts by its signature, by name."""
+        return {m.name: st.digests[i] for sets in self.sets.values() for st in sets if st.digests
+                for i, m in st.members.items()}
 
     @property
     def current(self) -> int:
@@ -168,6 +192,7 @@ class EpochManager:
         self._marker_aead = marker_aead
         self._verified_markers: set[str] = set()
         self._rejected_markers: set[str] = set()  # a blob never changes under its name: not fetched again
+        self._set_signatures: dict[str, list[bytes] | None] = {}
         self.view: EpochView | None = None
         # the blobs of the last assembly, by name: a blob never changes under its name, so a
         # reload fetches only what is new (the local cache does the same across processes)
@@ -180,18 +205,22 @@ class EpochManager:
     def refresh(self) -> EpochView:
         listed: dict[bool, list[tuple[int, BlobMeta]]] = {True: [], False: []}  # signed? -> markers
         raw: dict[int, list[BlobMeta]] = {}
-        sets: dict[tuple[str, int], dict[str, IndexSet]] = {}
+        sets: dict[tuple[str, int], dict[tuple[str, int], IndexSet]] = {}  # (kind, epoch) -> (id, count) -> set
+        signatures: dict[tuple[str, int, str], BlobMeta] = {}
+        since: list[BlobMeta] = []
         for m in self.storage.list(C.INDEX_FAMILY_PREFIX):
             if (mk := _MARKER.fullmatch(m.name)) or (mk := _SIGNED_MARKER.fullmatch(m.name)):
                 listed[mk.re is _SIGNED_MARKER].append((int(mk.group(1)), m))
+            elif mg := _SET_SIGNATURE.fullmatch(m.name):
+                signatures[(mg.group(1), int(mg.group(2)), mg.group(3))] = m
+            elif _SIGNED_SETS.fullmatch(m.name):
+                since.append(m)
             elif mr := _RAW.fullmatch(m.name):
                 raw.setdefault(int(mr.group(1)), []).append(m)
             elif ms := _SET.fullmatch(m.name):
                 kind, e, sid, i, n = ms.group(1), int(ms.group(2)), ms.group(3), int(ms.group(4)), int(ms.group(5))
-                if 0 <= i < n:
-                    s = sets.setdefault((kind, e), {}).setdefault(sid, IndexSet(kind, e, sid, n))
-                    if s.count == n:
-                        s.members[i] = m
+                if i < n:  # a member of another count is of another set (a forgery's, say)
+                    sets.setdefault((kind, e), {}).setdefault((sid, n), IndexSet(kind, e, sid, n)).members[i] = m
         ignored: list[BlobMeta] = []
         signed = self._valid_markers(listed[True], True, ignored) if self._trust is not None else {}
         if signed:  # the older kind counts no more once a signed marker is listed: not even read
@@ -201,9 +230,72 @@ class EpochManager:
             if self._trust is None:  # an unsigned repository has no signed markers: it reads none
                 ignored += [m for _e, m in listed[True]]
             markers = self._valid_markers(listed[False], False, ignored)
-        self.view = EpochView(markers, raw, {k: list(v.values()) for k, v in sets.items()}, clock.monotonic(),
-                              signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name))
+        since_t = self._signed_sets_since(since, ignored)
+        counted, ignored_sets = self._judge_sets(sets, signatures, since_t)
+        self.view = EpochView(markers, raw, counted, clock.monotonic(),
+                              signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name),
+                              signed_sets_since=since_t, ignored_sets=ignored_sets,
+                              stray_signatures=sorted(signatures.values(), key=lambda m: m.name))
         return self.view
+
+    def _signed_sets_since(self, listed: list[BlobMeta], ignored: list) -> float | None:
+        """The storage time of the earliest authentic signed-sets blob (``xv_``, signed like a
+        marker by the root or a maintenance key); the others go to ``ignored``."""
+        valid = [m for m in listed
+                 if self._trust is not None and m.length <= MAX_MARKER and self._marker_valid(m.name, True)]
+        ignored += [m for m in listed if m not in valid]
+        return min(m.timestamp for m in valid) if valid else None
+
+    def _judge_sets(self, sets: dict, signatures: dict, since_t: float | None) -> tuple[dict, list]:
+        """Which listed sets count. In a signed repository, once a signed-sets blob (``xv_``) is
+        listed, a complete set counts only if the root or a maintenance key signed its members'
+        digests, or if every member was stored before the earliest such blob (sets written before
+        signed sets, trusted as they were). ``signatures`` is left holding the strays: those
+        that vouch for no listed set."""
+        counted: dict[tuple[str, int], list[IndexSet]] = {}
+        ignored: list[IndexSet] = []
+        attached: set[tuple] = set()
+        for (kind, e), by_key in sets.items():
+            for (sid, n), st in by_key.items():
+                sig = signatures.get((kind, e, sid))
+                if sig is not None and self._trust is not None:
+                    digests = self.signed_digests(sig)
+                    if digests is not None and len(digests) == n:
+                        st.signature, st.digests = sig, digests
+                        attached.add((kind, e, sid))
+                trusted = (st.digests is not None or since_t is None
+                           or all(m.timestamp < since_t for m in st.members.values()))
+                if trusted or not st.complete:  # an incomplete set counts for nothing anyway
+                    counted.setdefault((kind, e), []).append(st)
+                else:
+                    ignored.append(st)
+        for k in attached:
+            del signatures[k]
+        return counted, ignored
+
+    def signed_digests(self, sig: BlobMeta) -> list[bytes] | None:
+        """The member digests a set signature vouches for, or None if no root or maintenance key
+        signed it (remembered, and kept in the local cache: a blob never changes under its name)."""
+        if sig.name in self._set_signatures:
+            return self._set_signatures[sig.name]
+        body = self.cache.sealed_blob(sig.name, MAX_SET_SIGNATURE) if self.cache is not None else None
+        digests = self._vouched(sig.name, body) if body is not None else None
+        if digests is None:
+            try:
+                body = self.storage.get(sig.name) if sig.length <= MAX_SET_SIGNATURE else b""
+            except BlobNotFound:
+                return None  # deleted since the listing (its set superseded): not remembered
+            digests = self._vouched(sig.name, body)
+            if digests is not None and self.cache is not None:
+                self.cache.store_blob(sig.name, body)
+        self._set_signatures[sig.name] = digests
+        return digests
+
+    def _vouched(self, name: str, body: bytes) -> list[bytes] | None:
+        try:
+            return self._trust.set_digests(name, body) if self._trust is not None else None
+        except Exception:  # whatever a hostile body holds, it vouches for nothing (and stops no reader)
+            return None
 
     def _valid_markers(self, listed: list, signed: bool, ignored: list) -> dict[int, BlobMeta]:
         """The earliest authentic marker of each epoch among ``listed``; the others to ``ignored``."""
@@ -273,6 +365,9 @@ class EpochManager:
                 self._loaded = dict(zip(names, blobs))
             if self.cache is not None:
                 self.cache.retain_index(set(names))
+                signatures = {st.signature.name for sets in view.sets.values() for st in sets if st.signature}
+                for kind in (C.COMPACTED_PREFIX, C.RANGE_PREFIX):  # superseded sets' signatures go too
+                    self.cache.retain_blobs(kind, signatures)
             return MergedIndex(blobs, names)
         raise AssertionError("unreachable: changing.attempts raises when they run out")
 
@@ -283,6 +378,7 @@ class EpochManager:
 
     def _read_blobs(self, names: list[str]) -> list[IndexBlob]:
         lengths = self.view.lengths() if self.view is not None else {}
+        digests = self.view.digests() if self.view is not None else {}
 
         def read(name):
             with self._loaded_lock:
@@ -292,7 +388,11 @@ class EpochManager:
             if self.cache is not None and (blob := self.cache.index_blob(name)) is not None:
                 return blob
             with self._in_flight.hold(lengths.get(name, 0)):
-                blob = open_index(self._aead, name, self.storage.get(name))
+                sealed = self.storage.get(name)
+                if name in digests and blake3.blake3(sealed).digest() != digests[name]:
+                    raise CorruptionError(f"index set member {name} is not the blob its set's signature names "
+                                          "(written by someone other than maintenance)")
+                blob = open_index(self._aead, name, sealed)
                 if self.cache is not None:  # then read through the mapping: the download is let go
                     blob = self.cache.store_index(name, blob) or blob
             return blob
@@ -340,10 +440,13 @@ class EpochManager:
 
     def sign_epochs(self, view: EpochView) -> bool:
         """In a signed repository whose markers are all of the older kind (one upgraded from
-        format version 1), sign its current epoch: from then on only signed markers count."""
-        if self._trust is None or self._signer is None or view.signed:
+        format version 1), sign its current epoch: from then on only signed markers count. In
+        one without a signed-sets blob (made before signed sets), put one. Returns whether it
+        wrote anything."""
+        if self._trust is None or self._signer is None:
             return False
-        return self.write_marker(view.current)
+        marker = not view.signed and self.write_marker(view.current)
+        return self.require_signed_sets(view) or marker
 
     # ---- maintenance ---------------------------------------------------------------------
     def should_advance(self, view: EpochView, now: float) -> bool:
@@ -375,14 +478,33 @@ class EpochManager:
     def put_set(self, kind: str, epoch: int, members: list) -> IndexSet:
         """Put a set whose members' plaintexts (sorted, covering consecutive id ranges) the
         callables ``members`` give, one at a time (a set larger than memory is put from files)."""
+        if self._trust is not None and self._signer is None:
+            raise KdistError("only the root and maintenance keys may write index sets")
         set_id = secrets.token_hex(8)
         s = IndexSet(kind, epoch, set_id, len(members))
+        digests = []
         for i, plaintext in enumerate(members):
             name = f"{kind}{epoch}_{set_id}_{i}of{len(members)}"
             sealed = seal_index(self._aead, name, plaintext())
-            self.storage.put(name, sealed)
+            if not self.storage.put_if_absent(name, sealed):  # someone took the name first
+                raise KdistError(f"index set member {name} exists already: the set is abandoned")
             s.members[i] = BlobMeta(name, len(sealed), 0.0)
+            digests.append(blake3.blake3(sealed).digest())
+        if self._trust is not None:  # last: the set counts once its signature is listed
+            name = f"{kind}{epoch}_{set_id}{C.SET_SIGNATURE_SUFFIX}"
+            body = signed_set(self._signer, self._unique_id, name, digests)
+            if not self.storage.put_if_absent(name, body):
+                raise KdistError(f"index set signature {name} exists already: the set is abandoned")
+            s.signature, s.digests = BlobMeta(name, len(body), 0.0), digests
         return s
+
+    def require_signed_sets(self, view: EpochView) -> bool:
+        """In a signed repository without a signed-sets blob (one made before signed sets), put
+        one: sets stored from then on count only if signed. Returns whether it wrote one."""
+        if self._trust is None or self._signer is None or view.signed_sets_since is not None:
+            return False
+        name = C.SIGNED_SETS_PREFIX + secrets.token_hex(8)
+        return self.storage.put_if_absent(name, signed_marker(self._signer, self._unique_id, name))
 
     def read_blobs(self, names: list[str]) -> list[IndexBlob]:
         """The blobs named, through this manager's memory and the local cache."""

@@ -12,6 +12,7 @@ every reader picks the same entry.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 import threading
@@ -48,6 +49,15 @@ def wins(a: IndexEntry, b: IndexEntry) -> bool:
         return not a.deleted
     return ((a.pack, a.offset, a.packed_length, a.original_length, a.compression)
             < (b.pack, b.offset, b.packed_length, b.original_length, b.compression))
+
+
+def _conflict_order(a: IndexEntry, b: IndexEntry) -> int:
+    return -1 if wins(a, b) else (1 if wins(b, a) else 0)
+
+
+def place_of(e: IndexEntry) -> tuple:
+    """Where an entry says its record is, and how to open it."""
+    return e.pack, e.offset, e.packed_length, e.original_length, e.compression
 
 
 def pick(entries: Iterable[IndexEntry]) -> IndexEntry | None:
@@ -483,6 +493,21 @@ class MergedIndex:
             candidates = [self._overlay.get(content_id)]
         candidates += [b.lookup(content_id) for b in self._blobs]
         return pick(c for c in candidates if c is not None)
+
+    def locations(self, content_id: bytes) -> list[IndexEntry]:
+        """Every entry of ``content_id`` at a place of its own (pack, offset and record fields),
+        best first by the conflict rule: where a reader looks when the winner's record does not
+        open (a host's forged entry wins by its timestamp; a genuine copy may still be listed)."""
+        with self._lock:
+            found = [self._overlay.get(content_id)]
+        found += [b.lookup(content_id) for b in self._blobs]
+        out: list[IndexEntry] = []
+        seen: set[tuple] = set()
+        for e in sorted((e for e in found if e is not None), key=functools.cmp_to_key(_conflict_order)):
+            if (place := place_of(e)) not in seen:
+                seen.add(place)
+                out.append(e)
+        return out
 
     def referenced_packs(self) -> set[str]:
         """Every pack an entry of any blob points into, losers and deleted entries included: a

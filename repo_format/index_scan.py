@@ -29,6 +29,7 @@ from repo_format.index import IndexBlob, IndexEntry, encode_index
 if TYPE_CHECKING:
     from repo_format.epoch import EpochManager, IndexSet
 
+Verify = Callable[[list[IndexEntry]], list[bool]]  # whether each entry's record is where it says
 ROW = C.INDEX_ENTRY.size
 ROW_BYTES = 4 * ROW  # a gathered entry, its key, pack number and the sort's temporaries
 # where each field of an entry (C.INDEX_ENTRY, >32sIIIIBBHq) starts in its row
@@ -87,7 +88,10 @@ class IndexScan:
     """Winners over ``blobs`` (and loose ``extra`` entries) range by range; see the module doc."""
 
     def __init__(self, blobs: Iterable[IndexBlob], extra: Iterable[IndexEntry] = (),
-                 memory_limit: int = 256 * 2**20):
+                 memory_limit: int = 256 * 2**20, verify: "Verify | None" = None):
+        """``verify`` (merges): see ``_relocate``; counts go to ``verified`` and ``relocated``."""
+        self.verify = verify
+        self.verified = self.relocated = 0
         self.blobs = [b for b in blobs if b.count]
         extra = list(extra)
         if extra:
@@ -159,6 +163,8 @@ class IndexScan:
         ids = np.column_stack([keys[dup][order]] + [w[order] for w in words])
         head = np.ones(len(order), bool)
         head[1:] = (ids[1:] != ids[:-1]).any(axis=1)  # the first row of each id wins
+        if self.verify is not None:
+            self._relocate(rows, dup[order], head)
         keep = np.ones(len(keys), bool)
         keep[dup] = False
         keep[dup[order][head]] = True
@@ -167,6 +173,47 @@ class IndexScan:
             order = np.lexsort(tuple(column(rows, at, ">u8") for at in (24, 16, 8)) + (keys,))
             rows, keys = rows[order], keys[order]
         return Winners(lo, hi, rows, keys)
+
+    def _relocate(self, rows: np.ndarray, at: np.ndarray, head: np.ndarray) -> None:
+        """Before a merge keeps only the winners: for every id whose entries point to more than
+        one place, read the winner's record (``verify``); if it is not there (a host's forged
+        entry, or damage), give the winner the place of the best other entry whose record is,
+        keeping the winner's timestamp and flags. So a merge never lets go of the last genuine
+        place of a content. ``at``: the rows of the ids with several entries, each id's in
+        conflict order; ``head``: which of them are winners. Changes ``rows`` in place."""
+        place = rows[at][:, PACK_AT:COMP_AT + 1]
+        group = np.cumsum(head) - 1
+        first = np.flatnonzero(head)
+        other = (place != place[first[group]]).any(axis=1)  # a place other than its winner's
+        contested = np.unique(group[other])
+        if not len(contested):
+            return
+        candidates: dict[int, list[int]] = {}  # group -> positions in ``at``: the winner, then other places
+        for g in contested.tolist():
+            lo = int(first[g])
+            hi = int(first[g + 1]) if g + 1 < len(first) else len(at)
+            seen, order = set(), []
+            for i in range(lo, hi):
+                key = place[i].tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    order.append(i)
+            candidates[g] = order
+        tried = 0
+        while candidates:  # round k tries each unresolved id's k-th place
+            ask = {g: c[tried] for g, c in candidates.items() if tried < len(c)}
+            if not ask:
+                break
+            ok = self.verify(entries_of(rows[at[list(ask.values())]], self.packs))
+            self.verified += len(ask)
+            for (g, i), good in zip(ask.items(), ok):
+                if good:
+                    if tried:  # the winner's record was not there: take this place
+                        winner = at[first[g]]
+                        rows[winner, PACK_AT:COMP_AT + 1] = rows[at[i], PACK_AT:COMP_AT + 1]
+                        self.relocated += 1
+                    del candidates[g]
+            tried += 1
 
     def referenced_packs(self) -> set[str]:
         """Every pack some entry points into, losers and deleted entries included."""
@@ -187,10 +234,12 @@ def encode_rows(rows: np.ndarray, packs: list[str]) -> bytes:
 
 def winner_blobs(blobs: list[IndexBlob], keep: Callable[[Winners], np.ndarray] | None = None,
                 memory_limit: int = 256 * 2**20, per: int = C.INDEX_BLOB_MAX_ENTRIES,
-                counts: list | None = None) -> Iterator[bytes]:
+                counts: list | None = None, verify: Verify | None = None) -> Iterator[bytes]:
     """The winners of ``blobs`` (those ``keep`` selects), encoded as blobs of ``per`` entries
-    (the last one fewer; one empty blob for nothing), in id order. ``counts`` gets [kept, dropped]."""
-    scan = IndexScan(blobs, memory_limit=memory_limit)
+    (the last one fewer; one empty blob for nothing), in id order. ``counts`` gets [kept, dropped].
+    With ``verify``, a winner whose record is not where it says takes another entry's place
+    (``IndexScan._relocate``)."""
+    scan = IndexScan(blobs, memory_limit=memory_limit, verify=verify)
     kept = dropped = 0
     pending: list[np.ndarray] = []
     held = 0
@@ -212,16 +261,18 @@ def winner_blobs(blobs: list[IndexBlob], keep: Callable[[Winners], np.ndarray] |
         yield encode_rows(np.concatenate(pending) if pending else np.zeros((0, ROW), np.uint8), scan.packs)
 
 
-def merged_plaintexts(blobs: list[IndexBlob], memory_limit: int = 256 * 2**20) -> Iterator[bytes]:
+def merged_plaintexts(blobs: list[IndexBlob], memory_limit: int = 256 * 2**20,
+                      verify: Verify | None = None) -> Iterator[bytes]:
     """Every winner of ``blobs``, as index blob plaintexts of at most 200,000 entries."""
-    for plaintext in winner_blobs(blobs, memory_limit=memory_limit):
+    for plaintext in winner_blobs(blobs, memory_limit=memory_limit, verify=verify):
         if C.INDEX_HEADER.unpack_from(plaintext)[4]:  # (no empty blob for nothing)
             yield plaintext
 
 
 def merge_into_set(epochs: "EpochManager", kind: str, epoch: int, blobs: list[IndexBlob],
                    keep: Callable[[Winners], np.ndarray] | None = None, memory_limit: int = 256 * 2**20,
-                   before_put: Callable[[], None] | None = None) -> tuple["IndexSet", int, int]:
+                   before_put: Callable[[], None] | None = None,
+                   verify: Verify | None = None) -> tuple["IndexSet", int, int]:
     """Merge ``blobs`` (the conflict rule: winners only) into one set ``kind``/``epoch``, keeping
     the winners ``keep`` selects (all by default), in bounded memory: the scan goes range by
     range and full members wait in temporary files until their number is known. ``before_put``
@@ -230,7 +281,7 @@ def merge_into_set(epochs: "EpochManager", kind: str, epoch: int, blobs: list[In
     counts = [0, 0]
     with tempfile.TemporaryDirectory(prefix="kdist-merge-") as tmp:
         files: list[str] = []
-        for plaintext in winner_blobs(blobs, keep, memory_limit, counts=counts):
+        for plaintext in winner_blobs(blobs, keep, memory_limit, counts=counts, verify=verify):
             path = os.path.join(tmp, f"{len(files)}.bin")
             with open(path, "wb") as f:
                 f.write(plaintext)

@@ -80,6 +80,9 @@ class IndexView:
             e = self._pending.get(content_id)
         return e if e is not None else self.current().lookup(content_id)
 
+    def locations(self, content_id: bytes) -> list[IndexEntry]:
+        return self.current().locations(content_id)
+
     def contains(self, content_id: bytes) -> bool:
         """True if the content is stored (or pending) and not marked deleted."""
         with self._lock:

@@ -103,7 +103,8 @@ class Identity:
 RECORD_DOMAIN = b"kdist/v2/manifest-record\x00"
 COMPACTED_DOMAIN = b"kdist/v2/compacted-manifest\x00"
 CERT_DOMAIN = b"kdist/v2/key-certificate\x00"
-MARKER_DOMAIN = b"kdist/v2/epoch-marker\x00"
+MARKER_DOMAIN = b"kdist/v2/epoch-marker\x00"  # epoch markers and the signed-sets blob: a name only
+SET_DOMAIN = b"kdist/v2/index-set\x00"  # an index set's signature: its name and its members' digests
 
 
 def sign(identity: Identity, domain: bytes, unique_id: bytes, message: bytes) -> bytes:
@@ -113,7 +114,23 @@ def sign(identity: Identity, domain: bytes, unique_id: bytes, message: bytes) ->
 def signed_marker(identity: Identity, unique_id: bytes, name: str) -> bytes:
     """The body of a signed epoch marker ``name``: msgpack ``{"k": key id, "s": signature of the
     name, "c", "cs": the key's certificate}`` (no certificate for the root)."""
-    doc = {"k": identity.key_id, "s": sign(identity, MARKER_DOMAIN, unique_id, name.encode("ascii"))}
+    return _signed_doc(identity, {"s": sign(identity, MARKER_DOMAIN, unique_id, name.encode("ascii"))})
+
+
+def set_message(name: str, digests: list[bytes]) -> bytes:
+    """What an index set's signature covers: the signature blob's name (the set's kind, epoch and
+    id) and the BLAKE3 digest of each member's stored bytes, in member order."""
+    return name.encode("ascii") + b"\x00" + b"".join(digests)
+
+
+def signed_set(identity: Identity, unique_id: bytes, name: str, digests: list[bytes]) -> bytes:
+    """The body of index set signature ``name``: the marker's fields plus ``"d"``, the digests."""
+    return _signed_doc(identity, {"d": list(digests), "s": sign(identity, SET_DOMAIN, unique_id,
+                                                                  set_message(name, digests))})
+
+
+def _signed_doc(identity: Identity, doc: dict) -> bytes:
+    doc["k"] = identity.key_id
     if identity.cert:
         doc.update(c=identity.cert, cs=identity.cert_sig)
     return msgpack.packb(doc)
@@ -206,21 +223,37 @@ class Trust:
     def marker_signed(self, name: str, body: bytes) -> bool:
         """Whether ``body`` is epoch marker ``name`` signed by the root or a maintenance key the
         root certified (hosts hold the key that seals markers: only a signature is theirs alone)."""
+        doc = self._maintenance_doc(body)
+        return doc is not None and self.verify_once(MARKER_DOMAIN, doc[0], doc[1], name.encode("ascii"))
+
+    def set_digests(self, name: str, body: bytes) -> list[bytes] | None:
+        """The member digests index set signature ``name`` holds, if the root or a maintenance
+        key signed them (``signed_set``); None for anything else."""
+        doc = self._maintenance_doc(body)
+        if doc is None:
+            return None
+        digests = doc[2].get("d")
+        if type(digests) is not list or not digests or not all(type(d) is bytes and len(d) == 32 for d in digests):
+            return None
+        ok = self.verify_once(SET_DOMAIN, doc[0], doc[1], set_message(name, digests))
+        return digests if ok else None
+
+    def _maintenance_doc(self, body: bytes) -> tuple[bytes, bytes, dict] | None:
+        """(public key, signature, document) of a body signed by the root or a maintenance key
+        whose root-signed certificate it carries; None for anything else, however malformed."""
         try:
             doc = msgpack.unpackb(body, raw=False)
             key_id, sig = doc["k"], doc["s"]
         except (ValueError, KeyError, TypeError, IndexError):
-            return False
+            return None
         if type(sig) is not bytes or type(key_id) is not str:
-            return False
+            return None
         if key_id == ROOT_KEY_ID:
-            public = self.root_public
-        else:
-            key = self.certificate(doc.get("c"), doc.get("cs"))
-            if key is None or key.key_id != key_id or key.role != MAINTENANCE:
-                return False
-            public = key.public
-        return self.verify_once(MARKER_DOMAIN, public, sig, name.encode("ascii"))
+            return self.root_public, sig, doc
+        key = self.certificate(doc.get("c"), doc.get("cs"))
+        if key is None or key.key_id != key_id or key.role != MAINTENANCE:
+            return None
+        return key.public, sig, doc
 
     def registry(self, records) -> dict[str, KeyInfo]:
         """Every key record the root signed (newest per key): what ``key list`` shows and which

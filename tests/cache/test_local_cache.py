@@ -183,7 +183,7 @@ def test_compaction_fetches_the_new_set_and_drops_what_it_replaced(storage, sett
 
     repo, log = opened(storage, settings)
     assert_all_found(repo, ids)
-    assert log.index_gets() == compacted.names()
+    assert log.index_gets() == [compacted.signature.name] + compacted.names()  # its signature, then the set
     left = set(os.listdir(settings.directory(repo.format.unique_id) / INDEX_DIR))
     assert left == set(compacted.names())
 

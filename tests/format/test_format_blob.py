@@ -42,9 +42,10 @@ def test_create_open_round_trip(storage, password, small_parameters):
     opened = Repository.open(storage, password)
     assert opened.format == created.format
     assert opened.parameters == small_parameters
-    names = sorted(m.name for m in storage.list())  # the format blob, and epoch 0's markers (signed, older kind)
-    assert names[0] == C.FORMAT_BLOB_NAME and names[1] == C.EPOCH_MARKER_PREFIX + "0" and len(names) == 3
-    assert names[2].startswith(C.EPOCH_MARKER_PREFIX + "0_")
+    # the format blob, epoch 0's markers (signed, older kind) and the signed-sets blob
+    names = sorted(m.name for m in storage.list())
+    assert names[0] == C.FORMAT_BLOB_NAME and names[1] == C.EPOCH_MARKER_PREFIX + "0" and len(names) == 4
+    assert names[2].startswith(C.EPOCH_MARKER_PREFIX + "0_") and names[3].startswith(C.SIGNED_SETS_PREFIX)
 
 
 def test_change_password_keeps_keys_and_rewrites_only_the_format_blob(repo, password):

@@ -71,3 +71,38 @@ def test_live_many_equals_lookups(seed, vectorised, monkeypatch):
     assert merged.live_many(asked) == expected
     assert 0 < sum(expected) < len(expected)
     assert MergedIndex(blobs).live_many(asked) == [e is not None and not e.deleted for e in map(MergedIndex(blobs).lookup, asked)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_winner_whose_record_is_elsewhere_takes_a_genuine_place(seed):
+    """The merges' rule (``IndexScan._relocate``): with ``verify`` saying which places hold their
+    record, every winner keeps its timestamp and flag, takes the best place that holds the record
+    when its own does not, and stays as it is when none does; places are read only for ids whose
+    entries point to more than one place, and the winners equal ``MergedIndex``'s otherwise."""
+    rng = random.Random(seed)
+    blobs, cids = _random_index(rng, 300, 4)
+    genuine = {(c, p) for c in cids for p in ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
+               if rng.random() < 0.5}
+    blob_packs = sorted({p for b in blobs for p in b.packs})
+    genuine = {(c, blob_packs[int(p[1])]) for c, p in genuine}
+    asked = []
+
+    def verify(entries):
+        asked.extend(entries)
+        return [(e.content_id, e.pack) in genuine for e in entries]
+
+    merged = MergedIndex(blobs)
+    scan = IndexScan(blobs, memory_limit=ROW_BYTES * 150, verify=verify)
+    found = {e.content_id: e for w in scan for e in w.entries(scan.packs)}
+    places = {c: merged.locations(c) for c in cids}
+    for c, e in found.items():
+        best = merged.lookup(c)
+        assert (e.timestamp_us, e.deleted) == (best.timestamp_us, best.deleted)
+        held = [p for p in places[c] if (c, p.pack) in genuine]
+        if len(places[c]) == 1 or (c, best.pack) in genuine or not held:
+            assert e == best  # one place, or the winner's holds the record, or none does
+        else:
+            assert (e.pack, e.offset, e.packed_length) == (held[0].pack, held[0].offset, held[0].packed_length)
+    assert {e.content_id for e in asked} <= {c for c, p in places.items() if len(p) > 1}
+    assert scan.relocated == sum(found[c] != merged.lookup(c) for c in found)
+    assert scan.relocated > 0 and scan.verified == len(asked)

@@ -218,15 +218,23 @@ def test_oversized_manifest_and_format_blobs_are_refused_without_reading_them_wh
 
 # ---- raw bytes, no key: index blobs and packs under other names ----------------------------
 
-def test_index_blob_under_another_epoch_or_set_name_fails_authentication(mem_repo):
+def test_index_blob_under_another_name_fails_authentication_or_is_no_set(mem_repo):
     repo = mem_repo
     repo.contents.write(b"indexed content")
     name = repo.flush()
     sealed = repo.storage.get(name)
-    for other in (name.replace("xn0_", "xn7_"), f"xs0_{'12' * 8}_0of1", f"xr0_{'34' * 8}_0of1"):
+    other = name.replace("xn0_", "xn7_")
+    repo.storage.put(other, sealed)
+    with pytest.raises(CorruptionError, match=other):
+        load_committed_index(repo.storage, repo.format)
+    repo.storage.delete(other)
+    # under a set's name it is not even read: a signed repository's sets count only when signed
+    for other in (f"xs0_{'12' * 8}_0of1", f"xr0_{'34' * 8}_0of1"):
         repo.storage.put(other, sealed)
-        with pytest.raises(CorruptionError, match=other):
-            load_committed_index(repo.storage, repo.format)
+        view = repo.contents.epochs.refresh()
+        assert [s.names() for s in view.ignored_sets] == [[other]]
+        assert other not in view.assembly()
+        assert len(list(load_committed_index(repo.storage, repo.format))) == 1
         repo.storage.delete(other)
 
 

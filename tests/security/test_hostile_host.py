@@ -13,6 +13,7 @@ import os
 import secrets
 from dataclasses import replace
 
+import blake3
 import msgpack
 import pytest
 
@@ -22,7 +23,7 @@ from kdist_trees import build_tree, tree_state  # noqa: E402
 from repo_format import constants as C  # noqa: E402
 from repo_format import keyslots  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
-from repo_format.errors import AppendOnlyViolation  # noqa: E402
+from repo_format.errors import AppendOnlyViolation, KdistError  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.index import encode_index, seal_index  # noqa: E402
 from repo_format.keyslots import COMPACTED_DOMAIN, HOST, MAINTENANCE, sign  # noqa: E402
@@ -319,18 +320,91 @@ def attack_removed_key(fleet: Fleet) -> str:
     return "written by removed key"
 
 
+def _put_set(fleet: Fleet, kind: str, epoch: int, entries: list, sign: bool = True, sid: str = "",
+             count: int = 1, body: bytes | None = None) -> str:
+    """alice puts the ``count`` members of a set (``entries`` in the first; with the index key,
+    which every host holds) and, if ``sign``, the set's signature by her own key (or ``body``).
+    Returns the set's name."""
+    alice = fleet.open("alice")
+    sid = sid or secrets.token_hex(8)
+    digests = []
+    for i in range(count):
+        member = f"{kind}{epoch}_{sid}_{i}of{count}"
+        sealed = seal_index(alice.contents.epochs._aead, member, encode_index(entries if i == 0 else []))
+        alice.storage.put(member, sealed)
+        digests.append(blake3.blake3(sealed).digest())
+    if sign or body is not None:
+        sig = f"{kind}{epoch}_{sid}{C.SET_SIGNATURE_SUFFIX}"
+        alice.storage.put(sig, body if body is not None else
+                          keyslots.signed_set(alice.identity, alice.format.unique_id, sig, digests))
+    return f"{kind}{epoch}_{sid}"
+
+
+def attack_forged_index_sets(fleet: Fleet) -> list[str]:
+    """Sets that hide every entry: empty range sets far ahead (readers would take one for the
+    whole index, and maintenance would delete every blob it covers) and an empty compacted set for
+    every epoch (readers use an epoch's first complete one), unsigned and signed by alice."""
+    cur = fleet.open("alice").contents.epochs.refresh().current
+    names = [_put_set(fleet, C.RANGE_PREFIX, cur + 1000, [], sign=False), _put_set(fleet, C.RANGE_PREFIX, cur + 1001, [])]
+    names += [_put_set(fleet, C.COMPACTED_PREFIX, e, [], sign=e % 2 == 0) for e in range(cur + 4)]
+    return [f"index set {n} " for n in names], [n + "_" for n in names]
+
+
+def attack_copied_set_signature(fleet: Fleet) -> list[str]:
+    """Once maintenance has signed sets: a genuine signature copied onto alice's own empty sets
+    (a range set far ahead, and under the genuine set's id with another member count)."""
+    fleet.gc_cycles()
+    view = fleet.open("alice").contents.epochs.refresh()
+    genuine = [st for sets in view.sets.values() for st in sets if st.digests]
+    assert genuine  # maintenance compacted, and signed what it wrote
+    st = genuine[0]
+    body = fleet.storage.get(st.signature.name)
+    forged = [_put_set(fleet, C.RANGE_PREFIX, view.current + 1000, [], sign=False, body=body),
+              _put_set(fleet, st.kind, st.epoch, [], sign=False, sid=st.set_id, count=st.count + 1)]
+    return ([f"index set signature {forged[0]}_sig", f"index set {forged[1]} "],
+            [forged[0] + "_", f"{forged[1]}_0of{st.count + 1}", f"{forged[1]}_{st.count}of{st.count + 1}"])
+
+
+def attack_forged_index_entries(fleet: Fleet) -> tuple[list[str], list[str]]:
+    """Entries for every content, newer than the genuine ones, pointing elsewhere: into a pack of
+    junk alice wrote, into a pack that does not exist, and (deleted, so that maintenance's
+    undeletes copy the place) into the junk again. Readers would fail to read the contents and
+    merges (which keep winners only) would let the genuine entries go, then blob GC the packs."""
+    alice = fleet.open("alice")
+    junk = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
+    alice.storage.put(junk, os.urandom(64 * 1024))
+    nowhere = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
+    later = int(10 * DAY * 1e6)
+    forged = []
+    for i, e in enumerate(sorted(alice.contents.index.current(), key=lambda e: e.content_id)):
+        pack = (junk, nowhere, junk)[i % 3]
+        forged.append(replace(e, pack=pack, offset=0, timestamp_us=e.timestamp_us + later, deleted=i % 3 == 2))
+    name = alice.contents.epochs.write_index(forged)
+    return ["where its record is not"], [name]
+
+
 ATTACKS = [attack_signed_as_the_root, attack_transplanted_signature, attack_reencoded_certificate,
            attack_forged_snapshot, attack_tombstone_of_bobs_snapshot, attack_record_over_bobs_id,
            attack_self_certified_key, attack_forged_key_removal, attack_forged_maintenance_record,
            attack_forget_own_history, attack_rewrite_own_history, attack_record_over_an_admins_snapshot, attack_own_key_record, attack_unsigned_tombstone, attack_forged_compaction, attack_removed_key,
-           attack_forged_epoch_markers]
+           attack_forged_epoch_markers, attack_forged_index_sets, attack_copied_set_signature,
+           attack_forged_index_entries]
 
 
 def _defended(fleet: Fleet, attack) -> None:
+    """A forgery is named while it is there. One that maintenance reclaims (the index sets: the
+    attack returns what check says and the blob name prefixes) is gone after the cycles; the
+    others are named still."""
     named = attack(fleet)
+    said, blobs = (named, None) if isinstance(named, str) else named
+    fleet.check_names(*([said] if isinstance(said, str) else said))
     fleet.gc_cycles()
     fleet.assert_intact()
-    fleet.check_names(named)
+    if blobs is None:
+        fleet.check_names(named)
+    else:
+        left = {m.name for m in fleet.storage.list(C.INDEX_FAMILY_PREFIX)}
+        assert not [b for b in blobs if any(x.startswith(b) for x in left)]
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.__name__[len("attack_"):])
@@ -580,6 +654,13 @@ def _any_compaction_trusted(monkeypatch):
     monkeypatch.setattr(ManifestStore, "_trusted_compaction", lambda self, name, extra, keys: True)
 
 
+def _every_set_counts(monkeypatch):
+    from repo_format import epoch
+
+    real = epoch.EpochManager._judge_sets
+    monkeypatch.setattr(epoch.EpochManager, "_judge_sets", lambda self, sets, sigs, since: real(self, sets, sigs, None))
+
+
 def _no_storage_clock(monkeypatch):
     monkeypatch.setattr(retention, "storage_bounded_time", lambda snap, trusted, span=0: snap.end)
 
@@ -610,6 +691,46 @@ def test_each_defence_is_needed(fleet, monkeypatch, defence):
     attack(fleet)
     fleet.gc_cycles()
     with pytest.raises(AssertionError):
+        fleet.assert_intact()
+
+
+def test_signed_sets_are_needed(fleet, monkeypatch):
+    """Without the rule the forged sets hide the index: bob's snapshot no longer restores, and
+    maintenance stops (it cannot walk what it cannot find)."""
+    _every_set_counts(monkeypatch)
+    attack_forged_index_sets(fleet)
+    with pytest.raises(AssertionError):  # the restore misses every file
+        fleet.assert_intact()
+    with pytest.raises(KdistError, match="cannot be walked"):
+        fleet.gc_cycles(1)
+
+
+def _no_other_places(monkeypatch):
+    from repo_format.index import MergedIndex
+
+    monkeypatch.setattr(MergedIndex, "locations", lambda self, content_id: [])
+
+
+def _merges_trust_winners(monkeypatch):
+    from repo_format.content_reader import ContentReader
+
+    monkeypatch.setattr(ContentReader, "authentic", lambda self, entries: [True] * len(entries))
+
+
+@pytest.mark.parametrize("switch_off, cycles", [(_no_other_places, 0), (_merges_trust_winners, 4)],
+                         ids=["readers try other places", "merges read contested winners"])
+def test_each_forged_entry_rule_is_needed(fleet, monkeypatch, switch_off, cycles):
+    """Without readers trying a content's other places, bob's restore fails at once; without
+    merges reading a contested winner, maintenance lets the genuine places go and collects them."""
+    from kdist.gc.content_gc import IncompleteWalk
+
+    switch_off(monkeypatch)
+    attack_forged_index_entries(fleet)
+    try:
+        fleet.gc_cycles(cycles)
+    except IncompleteWalk:  # the genuine places are gone: maintenance can no longer walk bob's tree
+        pass
+    with pytest.raises((AssertionError, KdistError)):
         fleet.assert_intact()
 
 
