@@ -199,7 +199,6 @@ def write_synthetic_index(storage: FilesystemStorage, fmt, n: int, seed: int = 1
     rng = np.random.default_rng(seed)
     total_packs = max(1, -(-n // contents_per_pack)) if contents_per_pack else None
     salt = int(rng.integers(0, 2**63))
-    aead = fmt.keys.index_aead()
     now_us = int(time.time() * 1e6)
     plan = plan_index(n, rng, raw_entries)
     written = {"entries": 0, "blobs": 0, "bytes": 0, "raw_entries": sum(c for _e, c in plan["xn"])}
@@ -209,17 +208,18 @@ def write_synthetic_index(storage: FilesystemStorage, fmt, n: int, seed: int = 1
         written["blobs"] += 1
         written["bytes"] += size
 
+    epochs = make_epoch_manager(storage, fmt, "0" * 2 * C.SESSION_ID_BYTES)  # signs sets, as maintenance does
+
     def write_set(kind: str, epoch: int, entries: int) -> None:
         """Members cover consecutive slices of the 64-bit key space: disjoint, in increasing order."""
         members = max(1, -(-entries // C.INDEX_BLOB_MAX_ENTRIES))
-        set_id = secrets.token_hex(8)
         bounds = [i * 2**64 // members for i in range(members + 1)]
-        for i, c in enumerate(_split(entries, members)):
-            name = f"{kind}{epoch}_{set_id}_{i}of{members}"
-            sealed = seal_index(aead, name, index_plaintext(rng, bounds[i], bounds[i + 1], c, epoch, now_us,
-                                                            total_packs, salt, on_blob))
-            storage.put(name, sealed)
-            count(c, len(sealed))
+        counts = _split(entries, members)
+        st = epochs.put_set(kind, epoch, [
+            lambda i=i, c=c: index_plaintext(rng, bounds[i], bounds[i + 1], c, epoch, now_us, total_packs, salt,
+                                             on_blob) for i, c in enumerate(counts)])
+        for i, c in enumerate(counts):
+            count(c, st.members[i].length)
 
     write_set("xr", *plan["xr"])
     for epoch, entries in plan["xs"].items():

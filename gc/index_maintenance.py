@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from repo_format import constants as C
-from repo_format.epoch import EpochManager, EpochView, IndexSet
+from repo_format.epoch import EpochManager, EpochView, IndexSet, SetAbandoned, set_key
 from repo_format.errors import BlobNotFound
 from repo_format.index_scan import Verify, merge_into_set, merged_plaintexts
 from repo_format.storage.base import BlobMeta
@@ -109,10 +109,14 @@ def merged_sources(view: EpochView, merged) -> list[BlobMeta]:
     for sets in view.sets.values():
         listed.update((m.name, m) for st in sets for m in st.members.values())
     rng = view.best_range()
+    sets = {n: st for e_sets in view.sets.values() for st in e_sets for n in st.names()}
     out: list[BlobMeta] = []
     for sources, copies in merged:
         if all(_covered(view, rng, listed, name) for name in copies):
-            out += [listed[n] for n in sources if n in listed and n.startswith(C.COMPACTED_PREFIX)]
+            for n in sources:
+                if n in listed and n.startswith(C.COMPACTED_PREFIX):
+                    st = sets.get(n)
+                    out += [m for m in (st.blobs() if st is not None else [listed[n]]) if m not in out]
     return out
 
 
@@ -182,6 +186,21 @@ def _written(epochs: EpochManager, s) -> int:
     return sum(m.length for m in s.members.values())
 
 
+def _delete_in_order(blobs: list[BlobMeta], delete) -> list[BlobMeta]:
+    """Delete ``blobs`` in order; once a set's blob is kept (Object Lock refused it), the rest of
+    that set is kept too: a set's signatures go first, and no member may go while one of them
+    stays (a signature over members that are gone could vouch for blobs a host puts there).
+    Returns what was kept."""
+    kept, held = [], set()
+    for m in blobs:
+        key = set_key(m.name)
+        if key is not None and key in held or not delete(m.name, m.timestamp):
+            kept.append(m)
+            if key is not None:
+                held.add(key)
+    return kept
+
+
 class _Counted:
     """A ``verify`` that counts the records it read and those not where their entry said."""
 
@@ -238,13 +257,15 @@ def execute_index(epochs: EpochManager, plan: IndexPlan, watermark_us: int, cloc
         # a concurrent maintenance run cleaned up a source after our listing: it has done (or
         # will do) this compaction; a half-written set of ours is incomplete and never used
         done["skipped"] = "sources changed under a concurrent maintenance run"
+    except SetAbandoned as exc:  # a later run writes the set under another id
+        done["skipped"] = str(exc)
     if verify is not None and verify.read:
         done["records_verified"] = verify.read
         if verify.absent:  # forged entries (or damage): their contents kept another place
             done["records_not_where_indexed"] = verify.absent
     if plan.delete:
         clock.check(plan.now, "deleting superseded index blobs")
-        kept = [m for m in plan.delete if not delete(m.name, m.timestamp)]
+        kept = _delete_in_order(plan.delete, delete)
         done["deleted"] = len(plan.delete) - len(kept)
         if kept:
             done["kept_locked"] = len(kept)

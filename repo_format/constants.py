@@ -83,8 +83,8 @@ EPOCH_MARKER_PREFIX = "xe"
 COMPACTED_PREFIX = "xs"  # xs<epoch>_<set id>_<member>of<count>
 RANGE_PREFIX = "xr"  # xr<last epoch>_<set id>_<member>of<count>: every epoch 0..last
 PROBE_PREFIX = "xt"  # short-lived blobs that read the storage's clock
-SET_SIGNATURE_SUFFIX = "_sig"  # xs<epoch>_<set id>_sig: a set's signature, put after its members
-SIGNED_SETS_PREFIX = "xv_"  # xv_<16 hex>: from its storage time on, a set counts only if signed
+SET_SIGNATURE_INFIX = "_sig"  # xs<epoch>_<set id>_sig<16 hex>: a set's signature, put after its members
+SIGNED_SETS_PREFIX = "xv_"  # xv_<16 hex>: once listed, a set counts only if signed
 # the first letter of INDEX_PREFIX and of every prefix above: one listing finds all the blobs
 # of the index and its epochs (probes too, which the index ignores)
 INDEX_FAMILY_PREFIX = "x"

@@ -64,23 +64,27 @@ class ContentReader:
 
     def read(self, content_id: bytes) -> bytes:
         """The content's plaintext. If the winning entry's record does not open (or its pack is
-        gone for good), the content's other places in the index are tried, best first: a host
-        with the index key can write an entry that wins, pointing anywhere; it cannot make a
-        record other than the genuine one open as this content."""
+        gone), the content's other places in this index are tried, best first: a host with the
+        index key can write an entry that wins and points anywhere, but no record other than the
+        genuine one opens as this content. Only then, for a pack that is gone, is the index
+        reloaded once (a pack rewrite moved the content after this index was loaded)."""
         entry = self._view.lookup(content_id)
         if entry is None:
             raise ContentNotFound(f"content {content_id.hex()} is not in the index")
         try:
-            return self.read_entry(entry)
+            return self._read_at(entry)
         except (CorruptionError, BlobNotFound) as first:
             for other in self._view.locations(content_id):
                 if place_of(other) == place_of(entry):
                     continue
                 try:
-                    return self.read_entry(other)
+                    return self._read_at(other)
                 except (CorruptionError, BlobNotFound):
                     continue
-            raise first
+            moved = self._moved(entry) if isinstance(first, BlobNotFound) else None
+            if moved is None:
+                raise first
+            return self._read_at(moved)
 
     def authentic(self, entries: list[IndexEntry]) -> list[bool]:
         """Whether each entry's record is where it says: read, authenticated and checked against
@@ -101,7 +105,17 @@ class ContentReader:
     def read_entry(self, entry: IndexEntry) -> bytes:
         """The content's plaintext, authenticated. If its pack is gone, the index may have moved
         the content meanwhile (a pack rewrite, then blob GC, after this index was loaded): reload
-        the index once and read the new location. Metadata contents come from the local cache
+        the index once and read the new location."""
+        try:
+            return self._read_at(entry)
+        except BlobNotFound:
+            moved = self._moved(entry)
+            if moved is None:
+                raise
+            return self._read_at(moved)
+
+    def _read_at(self, entry: IndexEntry) -> bytes:
+        """The record the entry points to, opened. Metadata contents come from the local cache
         when it has them (authenticated like any other copy; a copy that fails is dropped)."""
         if self._cached(entry):
             sealed = self.cache.content(entry.content_id, entry.packed_length)
@@ -110,13 +124,7 @@ class ContentReader:
                     return self._open(entry, sealed)
                 except CorruptionError:
                     self.cache.drop_content(entry.content_id)
-        try:
-            sealed = self._fetch(entry)
-        except BlobNotFound:
-            moved = self._moved(entry)
-            if moved is None:
-                raise
-            entry, sealed = moved, self._fetch(moved)
+        sealed = self._fetch(entry)
         data = self._open(entry, sealed)
         if self._cached(entry):
             self.cache.store_content(entry.content_id, sealed)

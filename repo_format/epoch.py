@@ -57,11 +57,22 @@ _SET = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)}
 _MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)$")
 _SIGNED_MARKER = re.compile(re.escape(C.EPOCH_MARKER_PREFIX) + r"(\d+)_([0-9a-f]{16})$")
 _SET_SIGNATURE = re.compile(f"({re.escape(C.COMPACTED_PREFIX)}|{re.escape(C.RANGE_PREFIX)})"
-                            + _NUMBER + r"_([0-9a-f]+)" + re.escape(C.SET_SIGNATURE_SUFFIX) + "$")
+                            + _NUMBER + r"_([0-9a-f]+)" + re.escape(C.SET_SIGNATURE_INFIX) + "[0-9a-f]{16}$")
 _SIGNED_SETS = re.compile(re.escape(C.SIGNED_SETS_PREFIX) + r"[0-9a-f]{16}$")
 MAX_MARKER = 1024  # bytes: a sealed "epoch N", or a signature with its certificate
 MAX_SET_SIGNATURE = 1 << 20  # bytes: a signature, a certificate and 32 bytes a member
 DOWNLOAD_BUDGET = 32 * 1024 * 1024  # bytes of index blobs being downloaded and decoded at once
+
+
+class SetAbandoned(KdistError):
+    """A set's member name was taken before maintenance put it (a host watching the listing):
+    the set is left incomplete and unsigned, and the step is done by a later run."""
+
+
+def set_key(name: str) -> tuple[str, int, str] | None:
+    """(kind, epoch, set id) of a set member's or a set signature's name; None for other blobs."""
+    m = _SET.fullmatch(name) or _SET_SIGNATURE.fullmatch(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 
 def _set_preference(s: "IndexSet") -> tuple:
@@ -96,21 +107,26 @@ class IndexSet:
     set_id: str
     count: int
     members: dict[int, BlobMeta] = field(default_factory=dict)
-    signature: BlobMeta | None = None  # ``<kind><epoch>_<set id>_sig``, put after the members
+    signature: BlobMeta | None = None  # ``<kind><epoch>_<set id>_sig<16 hex>``, put after the members
     digests: list[bytes] | None = None  # the members' digests, once the signature verified
+    # every signature listed under its kind, epoch and id (a host's too): deleted with the set
+    signatures: list[BlobMeta] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return len(self.members) == self.count
 
     def blobs(self) -> list[BlobMeta]:
-        """Its members, then its signature (what deleting the set deletes, in that order)."""
-        return [self.members[i] for i in sorted(self.members)] + ([self.signature] if self.signature else [])
+        """What deleting the set deletes, in that order: its signatures first (it stops counting
+        before a member goes, so no signature is ever listed over members that are gone, where
+        someone could put others), then its members. ``set_of`` groups them for the deletion."""
+        return list(self.signatures) + [self.members[i] for i in sorted(self.members)]
 
     @property
     def newest(self) -> float:
-        """When the last of its blobs (its signature included: the set counts from then) was stored."""
-        return max(m.timestamp for m in self.blobs())
+        """When the last of its members and the signature that makes it count was stored (it
+        counts from then)."""
+        return max([m.timestamp for m in self.members.values()] + ([self.signature.timestamp] if self.signature else []))
 
     def names(self) -> list[str]:
         return [self.members[i].name for i in sorted(self.members)]
@@ -126,10 +142,9 @@ class EpochView:
     taken_at: float  # monotonic
     signed: bool = False  # the markers that count are signed ones
     ignored: list = field(default_factory=list)  # listed markers and signed-sets blobs that do not count (BlobMeta)
-    # a signed repository's sets count only if signed when stored after this (storage clock)
-    signed_sets_since: float | None = None
+    signed_sets: bool = False  # a signed-sets blob is listed: a set counts only if signed
     ignored_sets: list = field(default_factory=list)  # complete sets that do not count (IndexSet)
-    stray_signatures: list = field(default_factory=list)  # set signatures with no member listed
+    stray_signatures: list = field(default_factory=list)  # set signatures of no listed set
 
     def digests(self) -> dict[str, bytes]:
         """The signed digest of every member of a set that counts by its signature, by name."""
@@ -206,13 +221,13 @@ class EpochManager:
         listed: dict[bool, list[tuple[int, BlobMeta]]] = {True: [], False: []}  # signed? -> markers
         raw: dict[int, list[BlobMeta]] = {}
         sets: dict[tuple[str, int], dict[tuple[str, int], IndexSet]] = {}  # (kind, epoch) -> (id, count) -> set
-        signatures: dict[tuple[str, int, str], BlobMeta] = {}
+        signatures: dict[tuple[str, int, str], list[BlobMeta]] = {}
         since: list[BlobMeta] = []
         for m in self.storage.list(C.INDEX_FAMILY_PREFIX):
             if (mk := _MARKER.fullmatch(m.name)) or (mk := _SIGNED_MARKER.fullmatch(m.name)):
                 listed[mk.re is _SIGNED_MARKER].append((int(mk.group(1)), m))
             elif mg := _SET_SIGNATURE.fullmatch(m.name):
-                signatures[(mg.group(1), int(mg.group(2)), mg.group(3))] = m
+                signatures.setdefault((mg.group(1), int(mg.group(2)), mg.group(3)), []).append(m)
             elif _SIGNED_SETS.fullmatch(m.name):
                 since.append(m)
             elif mr := _RAW.fullmatch(m.name):
@@ -230,47 +245,53 @@ class EpochManager:
             if self._trust is None:  # an unsigned repository has no signed markers: it reads none
                 ignored += [m for _e, m in listed[True]]
             markers = self._valid_markers(listed[False], False, ignored)
-        since_t = self._signed_sets_since(since, ignored)
-        counted, ignored_sets = self._judge_sets(sets, signatures, since_t)
+        signed_sets = self._signed_sets(since, ignored)
+        counted, ignored_sets = self._judge_sets(sets, signatures, signed_sets)
         self.view = EpochView(markers, raw, counted, clock.monotonic(),
                               signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name),
-                              signed_sets_since=since_t, ignored_sets=ignored_sets,
-                              stray_signatures=sorted(signatures.values(), key=lambda m: m.name))
+                              signed_sets=signed_sets, ignored_sets=ignored_sets,
+                              stray_signatures=sorted((m for sigs in signatures.values() for m in sigs),
+                                                      key=lambda m: m.name))
         return self.view
 
-    def _signed_sets_since(self, listed: list[BlobMeta], ignored: list) -> float | None:
-        """The storage time of the earliest authentic signed-sets blob (``xv_``, signed like a
-        marker by the root or a maintenance key); the others go to ``ignored``."""
+    def _signed_sets(self, listed: list[BlobMeta], ignored: list) -> bool:
+        """Whether an authentic signed-sets blob (``xv_``, signed like a marker by the root or a
+        maintenance key) is listed; the others go to ``ignored``."""
         valid = [m for m in listed
                  if self._trust is not None and m.length <= MAX_MARKER and self._marker_valid(m.name, True)]
         ignored += [m for m in listed if m not in valid]
-        return min(m.timestamp for m in valid) if valid else None
+        return bool(valid)
 
-    def _judge_sets(self, sets: dict, signatures: dict, since_t: float | None) -> tuple[dict, list]:
-        """Which listed sets count. In a signed repository, once a signed-sets blob (``xv_``) is
-        listed, a complete set counts only if the root or a maintenance key signed its members'
-        digests, or if every member was stored before the earliest such blob (sets written before
-        signed sets, trusted as they were). ``signatures`` is left holding the strays: those
-        that vouch for no listed set."""
+    def _judge_sets(self, sets: dict, signatures: dict, signed_sets: bool) -> tuple[dict, list]:
+        """Which listed sets count: every one, until a signed-sets blob (``xv_``) is listed; then
+        a complete set only if the root or a maintenance key signed its members' digests (the
+        first such signature listed is the set's). Nothing here depends on when a blob was
+        stored (a copy of the repository changes that). ``signatures`` is left holding those of
+        no listed set (the strays)."""
         counted: dict[tuple[str, int], list[IndexSet]] = {}
         ignored: list[IndexSet] = []
-        attached: set[tuple] = set()
+        by_id: dict[tuple[str, int, str], list[IndexSet]] = {}
         for (kind, e), by_key in sets.items():
-            for (sid, n), st in by_key.items():
-                sig = signatures.get((kind, e, sid))
-                if sig is not None and self._trust is not None:
+            for (sid, _n), st in by_key.items():
+                by_id.setdefault((kind, e, sid), []).append(st)
+        for key, group in by_id.items():
+            sigs = signatures.pop(key, [])
+            for st in group:
+                for sig in sigs if self._trust is not None else ():
                     digests = self.signed_digests(sig)
-                    if digests is not None and len(digests) == n:
-                        st.signature, st.digests = sig, digests
-                        attached.add((kind, e, sid))
-                trusted = (st.digests is not None or since_t is None
-                           or all(m.timestamp < since_t for m in st.members.values()))
-                if trusted or not st.complete:  # an incomplete set counts for nothing anyway
-                    counted.setdefault((kind, e), []).append(st)
+                    if digests is not None and len(digests) == st.count:
+                        st.signature, st.digests, st.signatures = sig, digests, [sig]
+                        sigs = [x for x in sigs if x is not sig]
+                        break
+            if len(group) == 1:  # the others under its id go with it (a host's, or damaged)
+                group[0].signatures += sigs
+            elif sigs:  # an id of several counts: a forgery's; a signature of none is a stray
+                signatures[key] = sigs
+            for st in group:
+                if st.digests is not None or not signed_sets or not st.complete:
+                    counted.setdefault((st.kind, st.epoch), []).append(st)  # an incomplete set counts for nothing anyway
                 else:
                     ignored.append(st)
-        for k in attached:
-            del signatures[k]
         return counted, ignored
 
     def signed_digests(self, sig: BlobMeta) -> list[bytes] | None:
@@ -284,7 +305,10 @@ class EpochManager:
             try:
                 body = self.storage.get(sig.name) if sig.length <= MAX_SET_SIGNATURE else b""
             except BlobNotFound:
-                return None  # deleted since the listing (its set superseded): not remembered
+                # deleted since the listing: its set is being deleted (signature first), which
+                # happens only once what replaces it has been listed for cleanup_margin, so the
+                # assembly without it is the one a listing after the deletion gives
+                return None
             digests = self._vouched(sig.name, body)
             if digests is not None and self.cache is not None:
                 self.cache.store_blob(sig.name, body)
@@ -487,22 +511,37 @@ class EpochManager:
             name = f"{kind}{epoch}_{set_id}_{i}of{len(members)}"
             sealed = seal_index(self._aead, name, plaintext())
             if not self.storage.put_if_absent(name, sealed):  # someone took the name first
-                raise KdistError(f"index set member {name} exists already: the set is abandoned")
+                raise SetAbandoned(f"index set member {name} exists already: the set is abandoned")
             s.members[i] = BlobMeta(name, len(sealed), 0.0)
             digests.append(blake3.blake3(sealed).digest())
         if self._trust is not None:  # last: the set counts once its signature is listed
-            name = f"{kind}{epoch}_{set_id}{C.SET_SIGNATURE_SUFFIX}"
-            body = signed_set(self._signer, self._unique_id, name, digests)
-            if not self.storage.put_if_absent(name, body):
-                raise KdistError(f"index set signature {name} exists already: the set is abandoned")
-            s.signature, s.digests = BlobMeta(name, len(body), 0.0), digests
+            s.signature, s.digests = self._sign_set(s, digests), digests
+            s.signatures = [s.signature]
         return s
 
+    def _sign_set(self, s: IndexSet, digests: list[bytes]) -> BlobMeta:
+        """Put the signature of set ``s`` over its members' digests, under a name of its own (no
+        one can take it first)."""
+        name = f"{s.kind}{s.epoch}_{s.set_id}{C.SET_SIGNATURE_INFIX}{secrets.token_hex(8)}"
+        body = signed_set(self._signer, self._unique_id, name, digests)
+        self.storage.put_if_absent(name, body)
+        return BlobMeta(name, len(body), 0.0)
+
     def require_signed_sets(self, view: EpochView) -> bool:
-        """In a signed repository without a signed-sets blob (one made before signed sets), put
-        one: sets stored from then on count only if signed. Returns whether it wrote one."""
-        if self._trust is None or self._signer is None or view.signed_sets_since is not None:
+        """In a signed repository without a signed-sets blob (one made before signed sets): sign
+        every complete set that counts now (reading its members), then put that blob; from then
+        on a set counts only if signed. Returns whether it wrote the blob. (Trust on first use: a
+        set a host forged before this is signed too; SECURITY.md.)"""
+        if self._trust is None or self._signer is None or view.signed_sets:
             return False
+        for sets in view.sets.values():
+            for st in sets:
+                if st.complete and st.digests is None:
+                    try:
+                        digests = [blake3.blake3(self.storage.get(n)).digest() for n in st.names()]
+                    except BlobNotFound:
+                        continue  # deleted since the listing: superseded, not needed
+                    self._sign_set(st, digests)
         name = C.SIGNED_SETS_PREFIX + secrets.token_hex(8)
         return self.storage.put_if_absent(name, signed_marker(self._signer, self._unique_id, name))
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from repo_format.epoch import EpochManager, IndexSet
 
 Verify = Callable[[list[IndexEntry]], list[bool]]  # whether each entry's record is where it says
+VERIFY_BATCH = 4096  # records read (and entries made) at once
 ROW = C.INDEX_ENTRY.size
 ROW_BYTES = 4 * ROW  # a gathered entry, its key, pack number and the sort's temporaries
 # where each field of an entry (C.INDEX_ENTRY, >32sIIIIBBHq) starts in its row
@@ -88,9 +89,11 @@ class IndexScan:
     """Winners over ``blobs`` (and loose ``extra`` entries) range by range; see the module doc."""
 
     def __init__(self, blobs: Iterable[IndexBlob], extra: Iterable[IndexEntry] = (),
-                 memory_limit: int = 256 * 2**20, verify: "Verify | None" = None):
-        """``verify`` (merges): see ``_relocate``; counts go to ``verified`` and ``relocated``."""
-        self.verify = verify
+                 memory_limit: int = 256 * 2**20, verify: "Verify | None" = None,
+                 keep: Callable[[Winners], np.ndarray] | None = None):
+        """``verify`` (merges): see ``_relocate``, which skips the winners ``keep`` drops; counts
+        go to ``verified`` and ``relocated``."""
+        self.verify, self.keep = verify, keep
         self.verified = self.relocated = 0
         self.blobs = [b for b in blobs if b.count]
         extra = list(extra)
@@ -186,6 +189,9 @@ class IndexScan:
         first = np.flatnonzero(head)
         other = (place != place[first[group]]).any(axis=1)  # a place other than its winner's
         contested = np.unique(group[other])
+        if self.keep is not None and len(contested):  # a winner the merge drops needs no place
+            winners = rows[at[first[contested]]]
+            contested = contested[self.keep(Winners(0, 0, winners, np.zeros(len(winners), np.uint64)))]
         if not len(contested):
             return
         candidates: dict[int, list[int]] = {}  # group -> positions in ``at``: the winner, then other places
@@ -200,19 +206,20 @@ class IndexScan:
                     order.append(i)
             candidates[g] = order
         tried = 0
-        while candidates:  # round k tries each unresolved id's k-th place
-            ask = {g: c[tried] for g, c in candidates.items() if tried < len(c)}
-            if not ask:
+        while candidates:  # round k tries each unresolved id's k-th place, VERIFY_BATCH at a time
+            asked = [(g, c[tried]) for g, c in candidates.items() if tried < len(c)]
+            if not asked:
                 break
-            ok = self.verify(entries_of(rows[at[list(ask.values())]], self.packs))
-            self.verified += len(ask)
-            for (g, i), good in zip(ask.items(), ok):
-                if good:
-                    if tried:  # the winner's record was not there: take this place
-                        winner = at[first[g]]
-                        rows[winner, PACK_AT:COMP_AT + 1] = rows[at[i], PACK_AT:COMP_AT + 1]
-                        self.relocated += 1
-                    del candidates[g]
+            for b in range(0, len(asked), VERIFY_BATCH):
+                batch = asked[b:b + VERIFY_BATCH]
+                ok = self.verify(entries_of(rows[at[[i for _g, i in batch]]], self.packs))
+                self.verified += len(batch)
+                for (g, i), good in zip(batch, ok):
+                    if good:
+                        if tried:  # the winner's record was not there: take this place
+                            rows[at[first[g]], PACK_AT:COMP_AT + 1] = rows[at[i], PACK_AT:COMP_AT + 1]
+                            self.relocated += 1
+                        del candidates[g]
             tried += 1
 
     def referenced_packs(self) -> set[str]:
@@ -239,7 +246,7 @@ def winner_blobs(blobs: list[IndexBlob], keep: Callable[[Winners], np.ndarray] |
     (the last one fewer; one empty blob for nothing), in id order. ``counts`` gets [kept, dropped].
     With ``verify``, a winner whose record is not where it says takes another entry's place
     (``IndexScan._relocate``)."""
-    scan = IndexScan(blobs, memory_limit=memory_limit, verify=verify)
+    scan = IndexScan(blobs, memory_limit=memory_limit, verify=verify, keep=keep)
     kept = dropped = 0
     pending: list[np.ndarray] = []
     held = 0

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 
-from test_hostile_host import Fleet  # noqa: E402
+from test_hostile_host import SAFETY, Fleet  # noqa: E402
 
 from repo_format import constants as C  # noqa: E402
 from repo_format.epoch import EpochView  # noqa: E402
@@ -78,13 +78,14 @@ def test_a_taken_member_name_abandons_the_set(fleet, monkeypatch):
     monkeypatch.setattr(C, "INDEX_BLOB_MAX_ENTRIES", 1)
     with pytest.raises(KdistError, match="exists already: the set is abandoned"):
         maint.contents.epochs.write_set(C.RANGE_PREFIX, 99, [entry(1), entry(2)])
-    assert not [m for m in fleet.storage.list(C.RANGE_PREFIX) if m.name.endswith(C.SET_SIGNATURE_SUFFIX)]
+    assert not [m for m in fleet.storage.list(C.RANGE_PREFIX) if C.SET_SIGNATURE_INFIX in m.name]
 
 
-def test_sets_from_before_signed_sets_count_and_later_unsigned_ones_do_not(fleet):
-    """A signed repository made before signed sets (no ``xv_`` blob): its unsigned set counts,
-    before maintenance's first run with signed sets and after it; an unsigned set stored after
-    that run does not, and ``repo check`` names it."""
+def test_sets_from_before_signed_sets_are_signed_and_later_unsigned_ones_do_not_count(fleet):
+    """A signed repository made before signed sets (no ``xv_`` blob): its unsigned set counts; the
+    first maintenance run with signed sets signs it before it puts the signed-sets blob (so no
+    rule depends on when a blob was stored), and an unsigned set stored after does not count;
+    ``repo check`` names that one."""
     for m in fleet.storage.list(C.SIGNED_SETS_PREFIX):
         fleet.storage.delete(m.name)
     maint = fleet.open("maint")
@@ -95,20 +96,38 @@ def test_sets_from_before_signed_sets_count_and_later_unsigned_ones_do_not(fleet
         return name
 
     old = unsigned_range(40, [entry(1)])
-    fleet.t[0] += 10
     assert fleet.open("bob").contents.epochs.refresh().best_range().names() == [old]
     epochs = maint.contents.epochs
     assert epochs.sign_epochs(epochs.refresh())  # what a maintenance run does first
-    fleet.t[0] += 10
     late = unsigned_range(41, [])
+    fleet.t[0] += SAFETY.cleanup_margin
     view = fleet.open("bob").contents.epochs.refresh()
-    assert view.signed_sets_since is not None
-    assert view.best_range().names() == [old]
+    assert view.signed_sets and view.best_range().names() == [old] and view.best_range().digests
     assert [s.names() for s in view.ignored_sets] == [[late]]
     assert bytes([1]) * 32 in ids(fleet.open("bob"))
     forgeries = [p.message for p in check_repository(fleet.storage, maint.format).problems if p.kind == "forgery"]
     assert any(late.rsplit("_", 1)[0] in f for f in forgeries), forgeries
     assert not any(old.rsplit("_", 1)[0] in f for f in forgeries)
+
+
+def test_a_set_loses_its_signatures_before_its_members(fleet):
+    """Deleting a set deletes its signatures first, and none of its members while a signature
+    stays (Object Lock refused it): a signature listed over members that are gone would vouch
+    for whatever a host puts under their names, which readers then refuse as corrupt."""
+    from kdist.gc.index_maintenance import _delete_in_order
+
+    maint = fleet.open("maint")
+    st = maint.contents.epochs.write_set(C.RANGE_PREFIX, 60, [entry(1)])
+    view = maint.contents.epochs.refresh()
+    listed = view.best_range()
+    assert listed.blobs()[0] == listed.signature and listed.signature.name == st.signature.name
+    kept = _delete_in_order(listed.blobs(), lambda name, t: C.SET_SIGNATURE_INFIX not in name)  # the lock
+    assert kept == listed.blobs()
+    for name in st.names():  # had the members gone first, alice could put others under their names
+        fleet.storage.delete(name)
+        fleet.storage.put(name, seal_index(maint.contents.epochs._aead, name, encode_index([entry(9)])))
+    with pytest.raises(CorruptionError, match="is not the blob its set's signature names"):
+        fleet.open("bob").contents.epochs.load_index()
 
 
 def test_maintenance_reclaims_sets_that_do_not_count(fleet):
@@ -117,7 +136,7 @@ def test_maintenance_reclaims_sets_that_do_not_count(fleet):
     alice = fleet.open("alice")
     forged = f"{C.COMPACTED_PREFIX}0_{secrets.token_hex(8)}_0of1"
     alice.storage.put(forged, seal_index(alice.contents.epochs._aead, forged, encode_index([])))
-    stray = f"{C.RANGE_PREFIX}7_{secrets.token_hex(8)}{C.SET_SIGNATURE_SUFFIX}"
+    stray = f"{C.RANGE_PREFIX}7_{secrets.token_hex(8)}{C.SET_SIGNATURE_INFIX}{secrets.token_hex(8)}"
     alice.storage.put(stray, b"\x80")
     fleet.gc_cycles()
     left = {m.name for m in fleet.storage.list(C.INDEX_FAMILY_PREFIX)}
