@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat as statmod
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +36,9 @@ from kdist.snapshot import (
     MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections,
     read_directory,
 )
+from kdist.restore_plan import ABSENT, DEFAULT_OVERWRITE, DIFFERENT, OVERWRITE_POLICIES, action, existing_state
 from kdist.tree import Directory, TooDeep, TreeWalker
 
-OVERWRITE_POLICIES = ("never", "always", "if-changed")
 MAX_DEPTH = MAX_TREE_DEPTH  # one limit for restore and browsing (ls, diff, verify)
 # Files up to this size are restored in batches of up to BATCH_FILES entries of one directory (a
 # task per file would cost more Python than the file itself); a larger file is a pool task alone.
@@ -82,7 +81,9 @@ class RestoreStats:
     dirs: int = 0
     symlinks: int = 0
     bytes: int = 0
-    skipped_existing: int = 0
+    skipped_existing: int = 0  # existing files and symlinks kept: unchanged + left_different
+    unchanged: int = 0  # ... that already matched the snapshot (their metadata set, but by ``never``)
+    left_different: int = 0  # ... that differ from it (``never``): the restore exits 3
     errors: int = 0
     error_list: list = field(default_factory=list)
 
@@ -119,7 +120,7 @@ class _Dir:
 
 
 class Restorer:
-    def __init__(self, repo: Repository, overwrite: str = "never", workers: int = 8,
+    def __init__(self, repo: Repository, overwrite: str = DEFAULT_OVERWRITE, workers: int = 8,
                  progress: Callable[[RestoreStats], None] | None = None):
         if overwrite not in OVERWRITE_POLICIES:
             raise ValueError(f"overwrite policy must be one of {OVERWRITE_POLICIES}")
@@ -370,22 +371,40 @@ class Restorer:
         return files, nbytes, symlinks
 
     def _make_room(self, d: _Dir, e: Entry) -> bool:
-        """Whether ``e`` may be created where something exists; removes an existing
-        non-directory when allowed."""
-        try:
-            st = os.stat(e.name, dir_fd=d.fd, follow_symlinks=False)
-        except FileNotFoundError:
+        """Whether ``e`` is to be created where something exists, which is then removed; what
+        the policy keeps gets the entry's metadata (``kdist.restore_plan``)."""
+        state = existing_state(self.repo, d.fd, e, self._owner) if self.overwrite != "always" else DIFFERENT
+        if state == ABSENT:
             return True
-        if statmod.S_ISDIR(st.st_mode):
+        what = action(state, self.overwrite)
+        if what == "blocked":
             self._error(os.path.join(d.path, e.name), "a directory is in the way; not replaced")
             return False
-        unchanged = e.type == TYPE_FILE and statmod.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns)
-        if self.overwrite == "never" or (self.overwrite == "if-changed" and unchanged):
+        if what in ("keep", "left"):
+            if what == "keep" and self.overwrite != "never":
+                self._settle(d, e)
             with self._lock:
                 self.stats.skipped_existing += 1
+                if what == "keep":
+                    self.stats.unchanged += 1
+                else:
+                    self.stats.left_different += 1
             return False
         os.unlink(e.name, dir_fd=d.fd)  # removes a symlink itself, never its target
         return True
+
+    def _settle(self, d: _Dir, e: Entry) -> None:
+        """Give a kept file or symlink that has the entry's bytes the entry's metadata."""
+        if e.type == TYPE_SYMLINK:
+            if self._owner:
+                os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
+            os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
+            return
+        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
+        try:
+            self._apply_metadata(fd, e)
+        finally:
+            os.close(fd)
 
     def _restore_symlink(self, d: _Dir, e: Entry) -> bool:
         try:

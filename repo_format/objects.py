@@ -124,6 +124,20 @@ class ObjectStore:
         listing = msgpack.packb({"v": C.OBJECT_LIST_VERSION, "chunks": [[c, n] for c, n in chunks]})
         return C.INDIRECT_OBJECT_PREFIX + self.contents.write(listing, metadata=True).hex()
 
+    def same_content(self, oid: str, stream: BinaryIO) -> bool:
+        """Whether ``stream`` holds exactly object ``oid``'s bytes: cut and hashed as a backup
+        would and compared with the object's chunk list, so nothing is downloaded (but an
+        indirect object's list). Stops at the first chunk that differs."""
+        want = [cid for cid, _n in self.chunks(oid)]
+        got = 0
+        for data in self.splitter.split(stream):
+            if got >= len(want) or self.contents.content_id(data) != want[got]:
+                return False
+            got += 1
+        if not got:  # an empty stream is the object of the empty content
+            return want == [self.contents.content_id(b"")]
+        return got == len(want)
+
     def chunks(self, oid: str) -> list[tuple[bytes, int]]:
         """The object's chunk list ``[(content id, length)]``."""
         indirect, cid = parse_object_id(oid)

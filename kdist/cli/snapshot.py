@@ -1,4 +1,4 @@
-"""``kdist snapshot create|list|restore|ls|cat|diff|verify|forget``."""
+"""``kdist snapshot create|list|restore|ls|diff|verify|forget`` (``find|cat|dump``: ``snapshot_out``)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from repo_format.storage.wrappers import throttled_storage
 from kdist.cli import exit_codes
 from kdist.cli.context import DURATION, filter_options, metrics_options, storage_requests, with_repository
 from kdist.cli.progress import ProgressLine, human_bytes
+from kdist.cli.snapshot_out import cat, dump, find, resolve
 from kdist.cli.text import local_time, printable
-from kdist.restore import OVERWRITE_POLICIES, Restorer, find_subtree
+from kdist.restore import Restorer, find_subtree
+from kdist.restore_plan import DEFAULT_OVERWRITE, OVERWRITE_POLICIES
 from kdist.snapshot import TYPE_DIR, Snapshot, Source, backup_host, list_snapshots, resolve_snapshot, visible_labels
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
@@ -29,6 +31,10 @@ from kdist import browse
 @click.group("snapshot")
 def snapshot_group():
     """Create, list, restore and verify snapshots."""
+
+
+for _command in (find, cat, dump):
+    snapshot_group.add_command(_command)
 
 
 def _minus(after: dict, before: dict) -> dict:
@@ -41,10 +47,6 @@ def _snapshot_json(s: Snapshot) -> dict:
         "start": s.start, "end": s.end, "root": s.root, "totals": s.totals, "tags": s.tags,
         "description": s.description, "checkpoint": s.checkpoint, "errors": s.errors,
     }
-
-
-def _resolve(repo, ref: str, where) -> Snapshot:
-    return resolve_snapshot(repo.manifests, ref, where=where, **visible_labels(repo.identity))
 
 
 def _processes(ctx, param, value):
@@ -211,13 +213,21 @@ def list_(repo, where, include_checkpoints, as_json):
 @click.option("--include", "subpath", default=None, metavar="PATH",
               help="Restore only this path inside the snapshot (a file or a directory, as `ls` shows it).")
 @filter_options
-@click.option("--overwrite", type=click.Choice(OVERWRITE_POLICIES), default="never", show_default=True,
-              help="What to do with files that already exist in the target.")
+@click.option("--overwrite", type=click.Choice(OVERWRITE_POLICIES), default=DEFAULT_OVERWRITE, show_default=True,
+              help="Existing files: if-changed keeps those with the snapshot's bytes (compared by hash: read, "
+                   "not downloaded) and replaces the others; always replaces them all; never keeps them all "
+                   "(exit 3 if any differs from the snapshot).")
+@click.option("--dry-run", is_flag=True, help="Show what would be created, replaced or left, and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @with_repository(read_only=True)
-def restore(repo, snapshot_ref, target, subpath, where, overwrite, as_json):
-    """Restore SNAPSHOT (id prefix, or 'latest' of the snapshots --host/--path/--tag select) into TARGET."""
-    snap = _resolve(repo, snapshot_ref, where)
+def restore(repo, snapshot_ref, target, subpath, where, overwrite, dry_run, as_json):
+    """Restore SNAPSHOT (id prefix, or 'latest' of the snapshots --host/--path/--tag select) into TARGET.
+
+    Afterwards every file and symlink restored matches the snapshot (with --overwrite if-changed,
+    the default, or always): a second restore into the same target writes nothing."""
+    snap = resolve(repo, snapshot_ref, where)
+    if dry_run:
+        return _restore_plan(repo, snap, target, subpath, overwrite, as_json)
     progress = ProgressLine(total_bytes=snap.totals.get("bytes"))
     try:
         stats = Restorer(repo, overwrite=overwrite,
@@ -230,11 +240,31 @@ def restore(repo, snapshot_ref, target, subpath, where, overwrite, as_json):
     else:
         click.echo(f"restored snapshot {snap.short_id} to {printable(target)}: {stats.files} files, {stats.dirs} dirs, "
                    f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"
-                   + (f"; {stats.skipped_existing} existing files left alone" if stats.skipped_existing else ""))
+                   + (f"; {stats.unchanged} existing files already matched" if stats.unchanged else ""))
         for err in stats.error_list:
             click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}", err=True)
+    if stats.left_different:
+        click.echo(f"{stats.left_different} existing file(s) differ from the snapshot and were left alone "
+                   "(--overwrite never)", err=True)
     if stats.errors:
         click.echo(f"{stats.errors} item(s) could not be restored", err=True)
+    if stats.errors or stats.left_different:
+        sys.exit(exit_codes.PARTIAL)
+
+
+def _restore_plan(repo, snap, target, subpath, overwrite, as_json) -> None:
+    from kdist.restore_plan import plan_restore
+
+    plan = plan_restore(repo, find_subtree(repo, snap, subpath), target, overwrite)
+    if as_json:
+        click.echo(json.dumps({"snapshot": snap.id, "target": target, "dry_run": True, "overwrite": overwrite,
+                               "counts": plan.counts, "changes": [{"action": a, "path": p} for a, p in plan.changes]},
+                              indent=2))
+    else:
+        for what, path in plan.changes:
+            click.echo(f"{what:<8} {printable(path)}")
+        click.echo(", ".join(f"{n} to {what}" for what, n in sorted(plan.counts.items())) or "nothing to restore")
+    if plan.differences_left:
         sys.exit(exit_codes.PARTIAL)
 
 
@@ -247,7 +277,7 @@ def restore(repo, snapshot_ref, target, subpath, where, overwrite, as_json):
 @with_repository(read_only=True)
 def ls(repo, snapshot_ref, path, recursive, where, as_json):
     """List the entries of a directory in a snapshot."""
-    snap = _resolve(repo, snapshot_ref, where)
+    snap = resolve(repo, snapshot_ref, where)
     start = find_subtree(repo, snap, path)
     rows = browse.walk(repo, start, (path or "").strip("/"), recursive)
     if as_json:
@@ -259,24 +289,6 @@ def ls(repo, snapshot_ref, path, recursive, where, as_json):
         click.echo(f"{e.type} {oct(e.mode)[2:]:>4} {e.size:>12} {local_time(e.mtime_ns / 1e9)}  {printable(p)}{extra}")
 
 
-@snapshot_group.command("cat")
-@click.argument("snapshot_ref")
-@click.argument("path")
-@filter_options
-@with_repository(read_only=True)
-def cat(repo, snapshot_ref, path, where):
-    """Write one file of a snapshot to standard output."""
-    snap = _resolve(repo, snapshot_ref, where)
-    entry = find_subtree(repo, snap, path)
-    if entry.type != "f":
-        raise click.UsageError(f"{path} is not a file in the snapshot")
-    out = sys.stdout.buffer
-    with repo.objects.open(entry.oid) as reader:
-        while chunk := reader.read(1 << 20):
-            out.write(chunk)
-    out.flush()
-
-
 @snapshot_group.command("diff")
 @click.argument("first")
 @click.argument("second")
@@ -285,7 +297,7 @@ def cat(repo, snapshot_ref, path, where):
 @with_repository(read_only=True)
 def diff(repo, first, second, where, as_json):
     """Show what was added (+), removed (-) and modified (M) between two snapshots."""
-    a, b = _resolve(repo, first, where), _resolve(repo, second, where)
+    a, b = resolve(repo, first, where), resolve(repo, second, where)
     changes = browse.diff(repo, a.root, b.root)
     if as_json:
         click.echo(json.dumps([{"change": c, "path": p} for c, p in changes], indent=2))
@@ -305,7 +317,7 @@ def diff(repo, first, second, where, as_json):
 def verify(repo, snapshot_ref, percent, where, as_json):
     """Re-read and authenticate every content of a snapshot (or a random share)."""
     repo.contents.cache_contents = False  # verify what the repository holds, not the local copies
-    snap = _resolve(repo, snapshot_ref, where)
+    snap = resolve(repo, snapshot_ref, where)
     report = browse.verify(repo, snap.root, percent)
     if as_json:
         click.echo(json.dumps({"snapshot": snap.id, **report.as_dict()}, indent=2))

@@ -176,7 +176,7 @@ def test_the_pool_takes_the_files_while_creating_them_is_slow_and_hands_them_bac
     assert writers[200:].count(threading.current_thread().name) >= 500
 
 
-def test_second_restore_into_the_same_target_keeps_or_replaces_by_policy(repo, source, tmp_path):
+def test_second_restore_into_the_same_target_keeps_what_matches(repo, source, tmp_path):
     src, _dirs = source
     snap = _backup(repo, src)
     dst = tmp_path / "dst"
@@ -184,8 +184,8 @@ def test_second_restore_into_the_same_target_keeps_or_replaces_by_policy(repo, s
     again = Restorer(repo, overwrite="never").restore(snap, str(dst))
     assert again.errors == 0 and again.files == again.symlinks == 0
     assert again.skipped_existing == first.files + first.symlinks
-    changed = Restorer(repo, overwrite="if-changed").restore(snap, str(dst))
-    assert changed.skipped_existing == first.files and changed.symlinks == first.symlinks
+    changed = Restorer(repo, overwrite="if-changed").restore(snap, str(dst))  # symlinks that match stay too
+    assert changed.unchanged == changed.skipped_existing == first.files + first.symlinks and changed.files == 0
     assert tree_state(str(dst)) == tree_state(str(src))
 
 

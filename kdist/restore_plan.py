@@ -1,0 +1,145 @@
+"""What a restore does with what already exists in its target: the comparison behind the
+``--overwrite`` policies, and ``snapshot restore --dry-run``'s plan.
+
+An existing file *matches* its snapshot entry when its bytes are the entry's (same size, then
+cut and hashed as a backup would and compared with the stored chunk list: the file is read,
+nothing is downloaded) and its mode and mtime (and owner, for root) are the entry's. A symlink
+matches when its target is the same. Policies (``Restorer``):
+- ``if-changed`` (the default): a file whose bytes match is kept and gets the entry's metadata;
+  anything else is replaced. The target then matches the snapshot, and a second restore into it
+  reads the target but writes and downloads nothing.
+- ``always``: every existing file or symlink is replaced.
+- ``never``: what exists stays; what differs from the snapshot is counted and makes the restore
+  exit 3, so a restore that left differences says so.
+A directory where a file goes (or a file where a directory goes) is never replaced: reported.
+Never writes anything itself.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as statmod
+from dataclasses import dataclass, field
+
+from repo_format.errors import CorruptionError
+from repo_format.repository import Repository
+
+from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, check_entry_name, read_directory
+
+OVERWRITE_POLICIES = ("if-changed", "always", "never")
+DEFAULT_OVERWRITE = "if-changed"
+
+ABSENT, SAME, METADATA, DIFFERENT, IN_THE_WAY = "absent", "same", "metadata", "different", "in the way"
+
+
+def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool) -> str:
+    """How what exists at ``e.name`` in directory ``dir_fd`` stands to entry ``e`` (a file or a
+    symlink): ABSENT, SAME, METADATA (the same bytes, other mode, mtime or owner), DIFFERENT, or
+    IN_THE_WAY (a directory)."""
+    try:
+        st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return ABSENT
+    if statmod.S_ISDIR(st.st_mode):
+        return IN_THE_WAY
+    if e.type == TYPE_SYMLINK:
+        return SAME if statmod.S_ISLNK(st.st_mode) and os.readlink(e.name, dir_fd=dir_fd) == e.target else DIFFERENT
+    if not statmod.S_ISREG(st.st_mode) or st.st_size != e.size:
+        return DIFFERENT
+    fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        if not repo.objects.same_content(e.oid, f):
+            return DIFFERENT
+    same_meta = (statmod.S_IMODE(st.st_mode) == e.mode & 0o7777 and st.st_mtime_ns == e.mtime_ns
+                 and (not owner or (st.st_uid, st.st_gid) == (e.uid, e.gid)))
+    return SAME if same_meta else METADATA
+
+
+# what a restore does, by policy and state: create, replace, keep (set metadata), left (differs), blocked
+_ACTION = {
+    ABSENT: ("create", "create", "create"),
+    SAME: ("keep", "replace", "keep"),
+    METADATA: ("keep", "replace", "left"),
+    DIFFERENT: ("replace", "replace", "left"),
+    IN_THE_WAY: ("blocked", "blocked", "blocked"),
+}
+
+
+def action(state: str, policy: str) -> str:
+    return _ACTION[state][OVERWRITE_POLICIES.index(policy)]
+
+
+@dataclass
+class RestorePlan:
+    """``--dry-run``: what a restore with ``policy`` would do, path by path (kept files that
+    already match are only counted)."""
+
+    policy: str
+    changes: list = field(default_factory=list)  # (action, path), in walk order
+    counts: dict = field(default_factory=dict)
+
+    def add(self, what: str, path: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+        if what != "keep":
+            self.changes.append((what, path))
+
+    @property
+    def differences_left(self) -> int:
+        return self.counts.get("left", 0) + self.counts.get("blocked", 0)
+
+
+def plan_restore(repo: Repository, entry: Entry, target: str, policy: str) -> RestorePlan:
+    """What restoring ``entry`` (a snapshot's subtree, or one file) into ``target`` would do."""
+    plan = RestorePlan(policy)
+    owner = hasattr(os, "geteuid") and os.geteuid() == 0
+    if entry.type != TYPE_DIR:
+        _plan_dir(repo, plan, target, "", [entry], owner, policy)
+        return plan
+    stack = [("", entry.oid, 0)]
+    while stack:
+        rel, oid, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise CorruptionError(f"directory nesting deeper than {MAX_TREE_DEPTH} at {rel!r}")
+        subdirs = _plan_dir(repo, plan, os.path.join(target, rel), rel, read_directory(repo.objects, oid),
+                            owner, policy)
+        stack += [(os.path.join(rel, s.name), s.oid, depth + 1) for s in reversed(subdirs)]
+    return plan
+
+
+def _plan_dir(repo: Repository, plan: RestorePlan, here: str, rel: str, entries: list[Entry], owner: bool,
+              policy: str) -> list[Entry]:
+    """Plan one directory's entries; returns the subdirectories to visit (those that exist or
+    will be created: one in the way is reported, and nothing under it)."""
+    try:
+        dir_fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        dir_fd = None  # the whole directory is new
+    except NotADirectoryError:
+        plan.add("blocked", rel)
+        return []
+    subdirs = []
+    try:
+        for e in entries:
+            check_entry_name(e.name)
+            path = os.path.join(rel, e.name)
+            if dir_fd is None:
+                plan.add("create", path)
+                if e.type == TYPE_DIR:
+                    subdirs.append(e)
+                continue
+            if e.type == TYPE_DIR:
+                try:
+                    st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+                    if not statmod.S_ISDIR(st.st_mode):
+                        plan.add("blocked", path)
+                        continue
+                    plan.add("keep", path)
+                except FileNotFoundError:
+                    plan.add("create", path)
+                subdirs.append(e)
+            elif e.type in (TYPE_FILE, TYPE_SYMLINK):
+                plan.add(action(existing_state(repo, dir_fd, e, owner), policy), path)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return subdirs
