@@ -12,13 +12,17 @@ search for ``/etc/ssh/*`` reads only the directories on that path.
 from __future__ import annotations
 
 import fnmatch
+import os
 import tarfile
 from dataclasses import dataclass
 
 from repo_format.errors import CorruptionError
 from repo_format.repository import Repository
 
-from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, read_directory
+from kdist.snapshot import (
+    DEVICE_TYPES, MAX_TREE_DEPTH, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE, TYPE_SOCKET, TYPE_SYMLINK, Entry,
+    Snapshot, read_directory,
+)
 from kdist.tree import TreeWalker
 
 
@@ -143,6 +147,11 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
         info.type = tarfile.DIRTYPE
     elif e.type == TYPE_SYMLINK:
         info.type, info.linkname = tarfile.SYMTYPE, e.target
+    elif e.type == TYPE_FIFO:
+        info.type = tarfile.FIFOTYPE
+    elif e.type in DEVICE_TYPES:
+        info.type = tarfile.CHRTYPE if e.type == TYPE_CHAR_DEVICE else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
     else:
         info.type, info.size = tarfile.REGTYPE, e.size
     return info
@@ -167,6 +176,8 @@ def write_tar(repo: Repository, start: Entry, name: str, out) -> int:
 
 
 def _add(repo: Repository, tar: tarfile.TarFile, path: str, e: Entry) -> int:
+    if e.type == TYPE_SOCKET:  # tar has no sockets (GNU tar leaves them out too)
+        return 0
     info = tar_info(path, e)
     if e.type == TYPE_FILE and e.size:
         with repo.objects.open(e.oid) as reader:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat as statmod
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,8 @@ from repo_format.errors import KdistError, is_outage
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections,
-    read_directory,
+    DEVICE_TYPES, MAX_TREE_DEPTH, SPECIAL_TYPES, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
+    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections, read_directory,
 )
 from kdist.restore_plan import ABSENT, DEFAULT_OVERWRITE, DIFFERENT, OVERWRITE_POLICIES, action, existing_state
 from kdist.tree import Directory, TooDeep, TreeWalker
@@ -84,6 +85,8 @@ class RestoreStats:
     skipped_existing: int = 0  # existing files and symlinks kept: unchanged + left_different
     unchanged: int = 0  # ... that already matched the snapshot (their metadata set, but by ``never``)
     left_different: int = 0  # ... that differ from it (``never``): the restore exits 3
+    special: int = 0  # fifos and devices made
+    special_skipped: int = 0  # sockets, and devices when not root: recorded, not made
     errors: int = 0
     error_list: list = field(default_factory=list)
 
@@ -260,7 +263,7 @@ class Restorer:
                     subdirs.append(child)
                 elif child.type == TYPE_FILE and child.size > SMALL_FILE_SIZE:
                     self._submit(d, [child], "alone")
-                elif child.type in (TYPE_FILE, TYPE_SYMLINK):
+                elif child.type in (TYPE_FILE, TYPE_SYMLINK) or child.type in SPECIAL_TYPES:
                     batch.append(child)
                     if len(batch) == BATCH_FILES:
                         self._hand_out(d, batch)
@@ -363,11 +366,13 @@ class Restorer:
                     if written is not None:
                         files += 1
                         nbytes += written
-                elif self._restore_symlink(d, e):
-                    symlinks += 1
+                elif e.type == TYPE_SYMLINK:
+                    symlinks += self._restore_symlink(d, e)
+                else:
+                    self._restore_special(d, e)
             except (KdistError, OSError) as exc:
-                self._failed(os.path.join(d.path, e.name), exc,
-                             "cannot restore" if e.type == TYPE_FILE else "cannot restore symlink")
+                self._failed(os.path.join(d.path, e.name), exc, {TYPE_FILE: "cannot restore", TYPE_SYMLINK:
+                             "cannot restore symlink"}.get(e.type, "cannot restore special file"))
         return files, nbytes, symlinks
 
     def _make_room(self, d: _Dir, e: Entry) -> bool:
@@ -394,7 +399,14 @@ class Restorer:
         return True
 
     def _settle(self, d: _Dir, e: Entry) -> None:
-        """Give a kept file or symlink that has the entry's bytes the entry's metadata."""
+        """Give a file, symlink or special file that has the entry's bytes the entry's metadata
+        (a fifo or device is never opened: that could block, or touch the device)."""
+        if e.type in SPECIAL_TYPES:
+            if self._owner:
+                os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
+            os.chmod(e.name, e.mode & 0o7777, dir_fd=d.fd)  # a node just made or checked: no symlink
+            os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
+            return
         if e.type == TYPE_SYMLINK:
             if self._owner:
                 os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
@@ -417,6 +429,25 @@ class Restorer:
             os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
         os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
         return True
+
+    def _restore_special(self, d: _Dir, e: Entry) -> None:
+        """A fifo is made again, a device too when running as root; a socket is not (the program
+        that listens makes it: a file in its place would be in the way), nor a device without
+        root: both are counted in ``special_skipped``."""
+        if e.type == TYPE_SOCKET or (e.type in DEVICE_TYPES and not self._owner):
+            with self._lock:
+                self.stats.special_skipped += 1
+            return
+        kind = {TYPE_FIFO: statmod.S_IFIFO, TYPE_CHAR_DEVICE: statmod.S_IFCHR, TYPE_BLOCK_DEVICE: statmod.S_IFBLK}[e.type]
+        try:
+            os.mknod(e.name, kind | 0o600, e.rdev, dir_fd=d.fd)
+        except FileExistsError:
+            if not self._make_room(d, e):
+                return
+            os.mknod(e.name, kind | 0o600, e.rdev, dir_fd=d.fd)
+        self._settle(d, e)
+        with self._lock:
+            self.stats.special += 1
 
     def _restore_file(self, d: _Dir, e: Entry) -> int | None:
         """The bytes written, or None where an existing file stays."""

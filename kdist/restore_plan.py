@@ -24,12 +24,17 @@ from dataclasses import dataclass, field
 from repo_format.errors import CorruptionError
 from repo_format.repository import Repository
 
-from kdist.snapshot import MAX_TREE_DEPTH, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, check_entry_name, read_directory
+from kdist.snapshot import (
+    DEVICE_TYPES, MAX_TREE_DEPTH, SPECIAL_TYPES, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO,
+    TYPE_SOCKET, TYPE_SYMLINK, Entry, check_entry_name, read_directory,
+)
 
 OVERWRITE_POLICIES = ("if-changed", "always", "never")
 DEFAULT_OVERWRITE = "if-changed"
 
 ABSENT, SAME, METADATA, DIFFERENT, IN_THE_WAY = "absent", "same", "metadata", "different", "in the way"
+_KIND = {TYPE_FIFO: statmod.S_IFIFO, TYPE_SOCKET: statmod.S_IFSOCK, TYPE_CHAR_DEVICE: statmod.S_IFCHR,
+         TYPE_BLOCK_DEVICE: statmod.S_IFBLK}
 
 
 def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool) -> str:
@@ -44,12 +49,16 @@ def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool) -> str:
         return IN_THE_WAY
     if e.type == TYPE_SYMLINK:
         return SAME if statmod.S_ISLNK(st.st_mode) and os.readlink(e.name, dir_fd=dir_fd) == e.target else DIFFERENT
-    if not statmod.S_ISREG(st.st_mode) or st.st_size != e.size:
-        return DIFFERENT
-    fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        if not repo.objects.same_content(e.oid, f):
+    if e.type in SPECIAL_TYPES:  # the same kind of node (and device), never opened
+        if statmod.S_IFMT(st.st_mode) != _KIND[e.type] or (e.type in DEVICE_TYPES and st.st_rdev != e.rdev):
             return DIFFERENT
+    elif not statmod.S_ISREG(st.st_mode) or st.st_size != e.size:
+        return DIFFERENT
+    else:
+        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            if not repo.objects.same_content(e.oid, f):
+                return DIFFERENT
     same_meta = (statmod.S_IMODE(st.st_mode) == e.mode & 0o7777 and st.st_mtime_ns == e.mtime_ns
                  and (not owner or (st.st_uid, st.st_gid) == (e.uid, e.gid)))
     return SAME if same_meta else METADATA
@@ -123,7 +132,8 @@ def _plan_dir(repo: Repository, plan: RestorePlan, here: str, rel: str, entries:
             check_entry_name(e.name)
             path = os.path.join(rel, e.name)
             if dir_fd is None:
-                plan.add("create", path)
+                plan.add("not made" if e.type == TYPE_SOCKET or (e.type in DEVICE_TYPES and not owner) else "create",
+                         path)
                 if e.type == TYPE_DIR:
                     subdirs.append(e)
                 continue
@@ -137,7 +147,9 @@ def _plan_dir(repo: Repository, plan: RestorePlan, here: str, rel: str, entries:
                 except FileNotFoundError:
                     plan.add("create", path)
                 subdirs.append(e)
-            elif e.type in (TYPE_FILE, TYPE_SYMLINK):
+            elif e.type == TYPE_SOCKET or (e.type in DEVICE_TYPES and not owner):
+                plan.add("not made", path)  # a socket is its program's to make; a device, root's
+            else:
                 plan.add(action(existing_state(repo, dir_fd, e, owner), policy), path)
     finally:
         if dir_fd is not None:

@@ -26,12 +26,17 @@ from repo_format.keyslots import ADMIN, HOST, MAINTENANCE, PermissionRefused
 from repo_format.manifest import ManifestRecord
 from repo_format.objects import ObjectStore, parse_object_id
 
-DIR_VERSION = 1
+DIR_VERSION = 1  # a directory without special entries; one with any is DIR_VERSION_SPECIAL
+DIR_VERSION_SPECIAL = 2  # kdist before special entries refuses it ("unknown version 2")
 SNAPSHOT_LABEL = "snapshot"
 # on a part's checkpoint (label ``run``): the session of the process that publishes the snapshot
 DRIVER_LABEL = "driver"
 TYPE_FILE, TYPE_DIR, TYPE_SYMLINK = "f", "d", "l"
-ENTRY_TYPES = (TYPE_FILE, TYPE_DIR, TYPE_SYMLINK)
+# special files: recorded (type, mode, owner, times; rdev for devices), nothing to read
+TYPE_FIFO, TYPE_SOCKET, TYPE_CHAR_DEVICE, TYPE_BLOCK_DEVICE = "p", "s", "c", "b"
+SPECIAL_TYPES = (TYPE_FIFO, TYPE_SOCKET, TYPE_CHAR_DEVICE, TYPE_BLOCK_DEVICE)
+DEVICE_TYPES = (TYPE_CHAR_DEVICE, TYPE_BLOCK_DEVICE)
+ENTRY_TYPES = (TYPE_FILE, TYPE_DIR, TYPE_SYMLINK) + SPECIAL_TYPES
 MAX_NAME_BYTES = 4096
 # How deep ls, diff and verify follow directories (restore stops at the same depth): a hostile
 # chain of directory objects must not make them run or print without bound.
@@ -72,6 +77,7 @@ class Entry:
     nlink: int = 1
     # directories: totals of the subtree (files, dirs, bytes), for fast ls/diff/stats
     summary: dict = field(default_factory=dict)
+    rdev: int = 0  # character and block devices: the device number (st_rdev)
 
     def to_wire(self) -> dict:
         # one pass, in field order as always, empty values left out (name and type never): this
@@ -106,7 +112,7 @@ class Entry:
 _INT_RANGES = (
     ("mode", 0, 0o177777), ("size", 0, 2**63 - 1), ("mtime_ns", -(2**63), 2**63 - 1),
     ("ctime_ns", -(2**63), 2**63 - 1), ("uid", 0, 2**32 - 1), ("gid", 0, 2**32 - 1),
-    ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1),
+    ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1), ("rdev", 0, 2**64 - 1),
 )
 _STR_FIELDS = ("user", "group", "target", "oid")
 MAX_OID_LENGTH = 65  # "I" and 64 hex characters
@@ -166,17 +172,21 @@ _ALWAYS_ON_WIRE = ("name", "type")
 
 def encode_directory(entries: list[Entry]) -> bytes:
     entries = sorted(entries, key=lambda e: e.name)
-    return msgpack.packb({"v": DIR_VERSION, "entries": [e.to_wire() for e in entries]}, use_bin_type=True)
+    version = DIR_VERSION_SPECIAL if any(e.type in SPECIAL_TYPES for e in entries) else DIR_VERSION
+    return msgpack.packb({"v": version, "entries": [e.to_wire() for e in entries]}, use_bin_type=True)
 
 
 def decode_directory(data: bytes) -> list[Entry]:
     try:
         doc = msgpack.unpackb(data, raw=False)
-        if doc.get("v") != DIR_VERSION:
-            raise CorruptionError(f"directory object has unknown version {doc.get('v')!r}")
+        version = doc.get("v")
+        if version not in (DIR_VERSION, DIR_VERSION_SPECIAL):
+            raise CorruptionError(f"directory object has unknown version {version!r}")
         entries = [Entry.from_wire(d) for d in doc["entries"]]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptionError("directory object is malformed") from exc
+    if version == DIR_VERSION and any(e.type in SPECIAL_TYPES for e in entries):
+        raise CorruptionError(f"directory object of version {DIR_VERSION} holds special entries")
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise CorruptionError("directory object has duplicate entry names")

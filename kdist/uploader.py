@@ -30,7 +30,8 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    DRIVER_LABEL, ENTRY_FIELDS, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host,
+    DEVICE_TYPES, DRIVER_LABEL, ENTRY_FIELDS, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
+    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host,
     encode_directory,
     fewer_collections, previous_root, read_directory,
 )
@@ -128,6 +129,7 @@ class BackupStats:
     new_bytes: int = 0
     errors: int = 0
     skipped: int = 0
+    special: int = 0  # fifos, sockets and devices recorded
     checkpoints: int = 0
 
     def as_dict(self) -> dict:
@@ -209,6 +211,19 @@ def _same_file(st: os.stat_result, old: Entry) -> bool:
             and old.ctime_ns == st.st_ctime_ns and old.inode == st.st_ino and old.mode == statmod.S_IMODE(st.st_mode)
             and old.uid == st.st_uid and old.gid == st.st_gid and old.nlink == st.st_nlink
             and old.user == _user(st.st_uid) and old.group == _group(st.st_gid))
+
+
+def _special_entry(name: str, st: os.stat_result) -> Entry | None:
+    """The entry of a fifo, socket or device (its device number too), or None for another kind."""
+    mode = st.st_mode
+    kind = (TYPE_FIFO if statmod.S_ISFIFO(mode) else TYPE_SOCKET if statmod.S_ISSOCK(mode)
+            else TYPE_CHAR_DEVICE if statmod.S_ISCHR(mode) else TYPE_BLOCK_DEVICE if statmod.S_ISBLK(mode) else None)
+    if kind is None:
+        return None
+    entry = _entry_from_stat(name, st, kind)
+    if kind in DEVICE_TYPES:
+        entry.rdev = st.st_rdev
+    return entry
 
 
 def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
@@ -474,10 +489,17 @@ class Uploader:
             got = self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK))
             node.children.append(got)
             same = got is not None and got == old
-        else:
-            with self._lock:
-                self.stats.skipped += 1
-            self._error(child_path, "skipped: special file (device, fifo or socket) is not backed up")
+        else:  # a fifo, socket or device: recorded, nothing to read
+            got = _special_entry(name, st)
+            if got is None:
+                with self._lock:
+                    self.stats.skipped += 1
+                self._error(child_path, "skipped: a file of an unknown kind")
+            else:
+                node.children.append(got)
+                with self._lock:
+                    self.stats.special += 1
+                same = got == old
         self._maybe_checkpoint()
         return same
 

@@ -163,8 +163,8 @@ def _create(repo, paths, excludes, tags, description, one_file_system, checkpoin
             if not as_json:
                 t = snap.totals
                 click.echo(f"snapshot {snap.short_id} of {printable(snap.source.path)}: {t['files']} files, "
-                           f"{t['dirs']} dirs, "
-                           f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
+                           f"{t['dirs']} dirs, " + (f"{t['special']} special, " if t.get("special") else "")
+                           + f"{human_bytes(t['bytes'])}; read {t['files_read']} files ({human_bytes(t['bytes_read'])}), "
                            f"reused {t['files_reused']}, new data {human_bytes(t['new_bytes'])}, "
                            f"{snap.end - snap.start:.1f} s")
                 for err in snap.errors:
@@ -240,7 +240,11 @@ def restore(repo, snapshot_ref, target, subpath, where, overwrite, dry_run, as_j
     else:
         click.echo(f"restored snapshot {snap.short_id} to {printable(target)}: {stats.files} files, {stats.dirs} dirs, "
                    f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"
+                   + (f", {stats.special} fifos and devices" if stats.special else "")
                    + (f"; {stats.unchanged} existing files already matched" if stats.unchanged else ""))
+        if stats.special_skipped:
+            click.echo(f"{stats.special_skipped} socket(s) or device(s) recorded in the snapshot were not made "
+                       "(a socket is made by the program that listens on it; a device node needs root)", err=True)
         for err in stats.error_list:
             click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}", err=True)
     if stats.left_different:
