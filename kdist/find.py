@@ -82,7 +82,8 @@ class Finder:
     def __init__(self, repo: Repository, pattern: Pattern):
         self.repo = repo
         self.pattern = pattern
-        self._under: dict[str, list[tuple[str, Entry]]] = {}  # directory oid -> matches below it
+        # directory oid -> (its entries that match, (name, oid) of its subdirectories holding some)
+        self._under: dict[str, tuple[list[Entry], list[tuple[str, str]]]] = {}
 
     def find(self, snap: Snapshot) -> list[Match]:
         rows = self._by_path(snap.root) if self.pattern.by_path else self._by_name(snap.root)
@@ -107,7 +108,9 @@ class Finder:
         return out
 
     def _by_name(self, root: str) -> list[tuple[str, Entry]]:
-        """Bottom up over the directory graph, each directory object once (``_under``)."""
+        """Bottom up over the directory graph, each directory object once across snapshots:
+        ``_under`` keeps, per directory, its own matches and its subdirectories that hold some
+        (so memory follows the matches, not the tree); the paths are made top down."""
         memo = self._under
         listing: dict[str, list[Entry]] = {}
         stack = [(root, 0)]
@@ -125,15 +128,27 @@ class Finder:
                     stack.append((oid, depth))
                     stack += [(b, depth + 1) for b in below]
                     continue
-            rows = []
-            for e in entries:
-                if self.pattern.name_matches(e.name):
-                    rows.append((e.name, e))
-                if e.type == TYPE_DIR:
-                    rows += [(f"{e.name}/{p}", x) for p, x in memo[e.oid]]
-            memo[oid] = rows
+            own = [e for e in entries if self.pattern.name_matches(e.name)]
+            holding = [(e.name, e.oid) for e in entries if e.type == TYPE_DIR and memo[e.oid] != ([], [])]
+            memo[oid] = (own, holding)
             del listing[oid]
-        return memo[root]
+        rows: list[tuple[str, Entry]] = []
+        paths = [("", root, 0)]
+        while paths:
+            base, oid, depth = paths.pop()
+            if depth > MAX_TREE_DEPTH:
+                raise CorruptionError(f"directory nesting deeper than {MAX_TREE_DEPTH} at {base!r}")
+            own, holding = memo[oid]
+            rows += [(f"{base}/{e.name}" if base else e.name, e) for e in own]
+            paths += [(f"{base}/{name}" if base else name, sub, depth + 1) for name, sub in holding]
+        return rows
+
+
+def pax_time(ns: int) -> str:
+    """Nanoseconds since the epoch as a pax time: exact decimal seconds, never an exponent."""
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    seconds, rest = divmod(ns, 10**9)
+    return f"{sign}{seconds}.{rest:09d}"
 
 
 def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
@@ -142,7 +157,8 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
     info.mode = e.mode & 0o7777
     info.uid, info.gid = e.uid, e.gid
     info.uname, info.gname = e.user or "", e.group or ""
-    info.mtime = e.mtime_ns / 1e9
+    info.mtime = e.mtime_ns // 10**9
+    info.pax_headers = {"mtime": pax_time(e.mtime_ns)}  # to the nanosecond
     if e.type == TYPE_DIR:
         info.type = tarfile.DIRTYPE
     elif e.type == TYPE_SYMLINK:
@@ -152,6 +168,8 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
     elif e.type in DEVICE_TYPES:
         info.type = tarfile.CHRTYPE if e.type == TYPE_CHAR_DEVICE else tarfile.BLKTYPE
         info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
+        if max(info.devmajor, info.devminor) >= 8**7:  # what a tar header's field holds
+            raise CorruptionError(f"device {e.name!r} has a device number tar cannot hold")
     else:
         info.type, info.size = tarfile.REGTYPE, e.size
     return info

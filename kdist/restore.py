@@ -37,7 +37,9 @@ from kdist.snapshot import (
     DEVICE_TYPES, MAX_TREE_DEPTH, SPECIAL_TYPES, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
     TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections, read_directory,
 )
-from kdist.restore_plan import ABSENT, DEFAULT_OVERWRITE, DIFFERENT, OVERWRITE_POLICIES, action, existing_state
+from kdist.restore_plan import (
+    ABSENT, DEFAULT_OVERWRITE, OVERWRITE_POLICIES, action, existing_state, made_node, set_metadata,
+)
 from kdist.tree import Directory, TooDeep, TreeWalker
 
 MAX_DEPTH = MAX_TREE_DEPTH  # one limit for restore and browsing (ls, diff, verify)
@@ -161,7 +163,7 @@ class Restorer:
                 try:
                     if entry.type == TYPE_DIR:
                         self._walk(root, entry)
-                    elif entry.type in (TYPE_FILE, TYPE_SYMLINK):  # a single file or symlink
+                    elif entry.type in (TYPE_FILE, TYPE_SYMLINK) or entry.type in SPECIAL_TYPES:  # one entry alone
                         check_entry_name(entry.name)
                         self._submit(root, [entry], "alone")
                 except BaseException as exc:
@@ -376,9 +378,11 @@ class Restorer:
         return files, nbytes, symlinks
 
     def _make_room(self, d: _Dir, e: Entry) -> bool:
-        """Whether ``e`` is to be created where something exists, which is then removed; what
-        the policy keeps gets the entry's metadata (``kdist.restore_plan``)."""
-        state = existing_state(self.repo, d.fd, e, self._owner) if self.overwrite != "always" else DIFFERENT
+        """Whether ``e`` is to be created where something exists, which is then removed. What
+        the policy keeps that has the entry's bytes but not its metadata gets it, through the
+        very node compared (``kdist.restore_plan.existing_state``)."""
+        state = existing_state(self.repo, d.fd, e, self._owner, compare=self.overwrite != "always",
+                               settle=self.overwrite == "if-changed")
         if state == ABSENT:
             return True
         what = action(state, self.overwrite)
@@ -386,8 +390,6 @@ class Restorer:
             self._error(os.path.join(d.path, e.name), "a directory is in the way; not replaced")
             return False
         if what in ("keep", "left"):
-            if what == "keep" and self.overwrite != "never":
-                self._settle(d, e)
             with self._lock:
                 self.stats.skipped_existing += 1
                 if what == "keep":
@@ -397,26 +399,6 @@ class Restorer:
             return False
         os.unlink(e.name, dir_fd=d.fd)  # removes a symlink itself, never its target
         return True
-
-    def _settle(self, d: _Dir, e: Entry) -> None:
-        """Give a file, symlink or special file that has the entry's bytes the entry's metadata
-        (a fifo or device is never opened: that could block, or touch the device)."""
-        if e.type in SPECIAL_TYPES:
-            if self._owner:
-                os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
-            os.chmod(e.name, e.mode & 0o7777, dir_fd=d.fd)  # a node just made or checked: no symlink
-            os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
-            return
-        if e.type == TYPE_SYMLINK:
-            if self._owner:
-                os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
-            os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
-            return
-        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
-        try:
-            self._apply_metadata(fd, e)
-        finally:
-            os.close(fd)
 
     def _restore_symlink(self, d: _Dir, e: Entry) -> bool:
         try:
@@ -445,7 +427,7 @@ class Restorer:
             if not self._make_room(d, e):
                 return
             os.mknod(e.name, kind | 0o600, e.rdev, dir_fd=d.fd)
-        self._settle(d, e)
+        made_node(d.fd, e, self._owner)
         with self._lock:
             self.stats.special += 1
 
@@ -488,7 +470,4 @@ class Restorer:
         return written
 
     def _apply_metadata(self, fd: int, e: Entry) -> None:
-        if self._owner:
-            os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode & 0o7777)
-        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        set_metadata(fd, e, self._owner)

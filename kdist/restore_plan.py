@@ -17,6 +17,7 @@ Never writes anything itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as statmod
 from dataclasses import dataclass, field
@@ -37,31 +38,78 @@ _KIND = {TYPE_FIFO: statmod.S_IFIFO, TYPE_SOCKET: statmod.S_IFSOCK, TYPE_CHAR_DE
          TYPE_BLOCK_DEVICE: statmod.S_IFBLK}
 
 
-def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool) -> str:
-    """How what exists at ``e.name`` in directory ``dir_fd`` stands to entry ``e`` (a file or a
-    symlink): ABSENT, SAME, METADATA (the same bytes, other mode, mtime or owner), DIFFERENT, or
-    IN_THE_WAY (a directory)."""
+def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare: bool = True,
+                   settle: bool = False) -> str:
+    """How what exists at ``e.name`` in directory ``dir_fd`` stands to entry ``e`` (not a
+    directory): ABSENT, SAME, METADATA (the same bytes, other mode, mtime or owner), DIFFERENT, or
+    IN_THE_WAY (a directory). Without ``compare`` only ABSENT, IN_THE_WAY or DIFFERENT.
+
+    The node compared is opened once, without following a symlink and without blocking (a fifo
+    or device swapped in is never read), checked to be the one listed, and, with ``settle``, a
+    METADATA one gets the entry's metadata through that same descriptor: nothing is done by
+    name to whatever may have taken its place. A file of several links is DIFFERENT (keeping it
+    would change the others' metadata), and so is one this user cannot open: replacing it needs
+    only the directory. A symlink is compared by its target alone."""
     try:
         st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return ABSENT
     if statmod.S_ISDIR(st.st_mode):
         return IN_THE_WAY
+    if not compare:
+        return DIFFERENT
     if e.type == TYPE_SYMLINK:
         return SAME if statmod.S_ISLNK(st.st_mode) and os.readlink(e.name, dir_fd=dir_fd) == e.target else DIFFERENT
-    if e.type in SPECIAL_TYPES:  # the same kind of node (and device), never opened
-        if statmod.S_IFMT(st.st_mode) != _KIND[e.type] or (e.type in DEVICE_TYPES and st.st_rdev != e.rdev):
-            return DIFFERENT
-    elif not statmod.S_ISREG(st.st_mode) or st.st_size != e.size:
+    special = e.type in SPECIAL_TYPES
+    kind = _KIND[e.type] if special else statmod.S_IFREG
+    if statmod.S_IFMT(st.st_mode) != kind or st.st_nlink != 1 or (not special and st.st_size != e.size):
         return DIFFERENT
-    else:
-        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as f:
-            if not repo.objects.same_content(e.oid, f):
-                return DIFFERENT
-    same_meta = (statmod.S_IMODE(st.st_mode) == e.mode & 0o7777 and st.st_mtime_ns == e.mtime_ns
-                 and (not owner or (st.st_uid, st.st_gid) == (e.uid, e.gid)))
-    return SAME if same_meta else METADATA
+    if e.type in DEVICE_TYPES and st.st_rdev != e.rdev:
+        return DIFFERENT
+    try:
+        fd = os.open(e.name, (os.O_PATH if special else os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY) | os.O_NOFOLLOW,
+                     dir_fd=dir_fd)
+    except OSError:  # gone, swapped for a symlink (ELOOP), or not readable by this user
+        return DIFFERENT
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino, statmod.S_IFMT(now.st_mode)) != (st.st_dev, st.st_ino, kind):
+            return DIFFERENT  # replaced since it was listed
+        if not special:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                if not repo.objects.same_content(e.oid, f):
+                    return DIFFERENT
+        same_meta = (statmod.S_IMODE(now.st_mode) == e.mode & 0o7777 and now.st_mtime_ns == e.mtime_ns
+                     and (not owner or (now.st_uid, now.st_gid) == (e.uid, e.gid)))
+        if same_meta:
+            return SAME
+        if settle:
+            set_metadata(f"/proc/self/fd/{fd}" if special else fd, e, owner)
+        return METADATA
+    finally:
+        os.close(fd)
+
+
+def set_metadata(node: int | str, e: Entry, owner: bool) -> None:
+    """The entry's owner (as root), mode and mtime on ``node``: a descriptor, or the
+    ``/proc/self/fd`` path of an ``O_PATH`` one (a fifo or device is never opened for I/O)."""
+    if owner:
+        os.chown(node, e.uid, e.gid)
+    os.chmod(node, e.mode & 0o7777)
+    os.utime(node, ns=(e.mtime_ns, e.mtime_ns))
+
+
+def made_node(dir_fd: int, e: Entry, owner: bool) -> None:
+    """Give the fifo or device node just made at ``e.name`` the entry's metadata, once it is
+    checked to be that node (not something put in its place meanwhile)."""
+    fd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if statmod.S_IFMT(st.st_mode) != _KIND[e.type] or (e.type in DEVICE_TYPES and st.st_rdev != e.rdev):
+            raise OSError(errno.EEXIST, "replaced while it was restored")
+        set_metadata(f"/proc/self/fd/{fd}", e, owner)
+    finally:
+        os.close(fd)
 
 
 # what a restore does, by policy and state: create, replace, keep (set metadata), left (differs), blocked

@@ -134,6 +134,10 @@ def _malformed_field(e: Entry) -> str:
         return "target"
     if e.type == TYPE_SYMLINK and not e.target:
         return "target"
+    if e.type in SPECIAL_TYPES and (e.oid or e.size or e.target):  # a special entry holds no data
+        return "oid" if e.oid else "size" if e.size else "target"
+    if e.rdev and e.type not in DEVICE_TYPES:
+        return "rdev"
     if type(e.summary) is not dict or any(type(k) is not str or type(v) is not int for k, v in e.summary.items()):
         return "summary"
     return ""

@@ -5,7 +5,7 @@
 | 0  | success |
 | 1  | failure not covered below (a bug or an unexpected error) |
 | 2  | usage error (bad arguments or options; an empty `--repo`; a password source that is named but unreadable, or two that conflict; a key that cannot be added or removed as asked) |
-| 3  | partial success: finished, but some files were skipped or could not be restored (or, by `restore --overwrite never`, existing files that differ from the snapshot were left) |
+| 3  | partial success: finished, but some files were skipped or could not be restored (or, by `restore --overwrite never`, existing files that differ from the snapshot were left; `restore --dry-run`: the restore would leave or block some) |
 | 10 | repository not found |
 | 11 | repository already exists |
 | 12 | wrong password |

@@ -1,13 +1,14 @@
 """``kdist snapshot find|cat|dump``: what a help desk asks of old snapshots without restoring.
 
-``cat`` and ``dump`` write to standard output and stop the way ``cat`` does when its reader goes
-away (``| head``): killed by SIGPIPE, exit status 141 in a shell, nothing on standard error.
+All three write to standard output and stop the way ``cat`` does when its reader goes away
+(``| head``): killed by SIGPIPE, exit status 141 in a shell, nothing on standard error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 
@@ -24,19 +25,20 @@ def resolve(repo, ref: str, where) -> Snapshot:
 
 
 @contextlib.contextmanager
-def _dying_on_closed_pipe():
-    """While writing, a closed standard output ends the process as it ends ``cat``: by SIGPIPE
-    (Python ignores it, and would turn it into an exception and exit status 1). The handler is
-    put back afterwards (a test runs commands in its own process)."""
-    try:
-        before = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    except (AttributeError, ValueError):  # no SIGPIPE here, or not the main thread
-        yield
-        return
+def _ending_like_cat_on_a_closed_pipe():
+    """A reader of standard output that goes away (``| head``) ends the command as it ends
+    ``cat``: killed by SIGPIPE (status 141 in a shell), nothing on standard error. Python ignores
+    SIGPIPE, which stays so while the command runs (a reset S3 connection is an error botocore
+    retries, not a signal); only the write that finds the pipe closed raises the signal."""
     try:
         yield
-    finally:
-        signal.signal(signal.SIGPIPE, before)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush must not fail again
+        os.dup2(devnull, sys.stdout.fileno())
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+        raise  # (only where the signal is ignored after all)
 
 
 def _write_object(repo, oid: str, out) -> None:
@@ -69,6 +71,11 @@ def find(repo, pattern, where, ignore_case, newest, as_json):
     snaps.sort(key=lambda s: (s.end, s.ts), reverse=True)
     snaps = snaps[:newest] if newest else snaps
     found = [(s, finder.find(s)) for s in snaps]
+    with _ending_like_cat_on_a_closed_pipe():
+        _print_found(found, as_json)
+
+
+def _print_found(found: list, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([
             {"snapshot": s.id, "time": s.end, "host": s.source.host, "path": s.source.path,
@@ -101,7 +108,7 @@ def cat(repo, snapshot_ref, path, where):
     if entry.type != "f":
         raise click.UsageError(f"{path} is not a file in the snapshot (`snapshot dump` writes a directory as tar)")
     out = sys.stdout.buffer
-    with _dying_on_closed_pipe():
+    with _ending_like_cat_on_a_closed_pipe():
         _write_object(repo, entry.oid, out)
         out.flush()
 
@@ -124,9 +131,10 @@ def dump(repo, snapshot_ref, path, where):
     if entry.type != "f" and sys.stdout.isatty():
         raise click.UsageError("standard output is a terminal: send the tar stream to a file or a pipe")
     out = sys.stdout.buffer
-    with _dying_on_closed_pipe():
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    with _ending_like_cat_on_a_closed_pipe():
         if entry.type == "f":
             _write_object(repo, entry.oid, out)
         else:
-            write_tar(repo, entry, path.strip("/").rsplit("/", 1)[-1], out)
+            write_tar(repo, entry, parts[-1] if parts else "", out)
         out.flush()

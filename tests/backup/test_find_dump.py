@@ -93,6 +93,7 @@ def test_dump_writes_a_directory_as_tar_with_its_metadata(repo_args, nights, tmp
     os.utime(src / "etc" / "ssh" / "sshd_config", ns=(1_600_000_000_123_456_789,) * 2)
     backup(repo_args, src)
     raw = run_cli("snapshot", "dump", *repo_args, "latest", "/etc").stdout_bytes
+    assert b"mtime=1600000000.123456789" in raw  # pax times to the nanosecond
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tar:
         members = {m.name: (m, tar.extractfile(m).read() if m.isfile() else None) for m in tar}
     assert sorted(members) == ["etc", "etc/ssh", "etc/ssh/sshd_config"]

@@ -279,10 +279,10 @@ def test_an_unexpected_error_is_raised(repo, source, tmp_path, monkeypatch, lane
     src, _dirs = source
     snap = _backup(repo, src)
 
-    def broken(fd, mode):
+    def broken(node, entry, owner):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(restore_module.os, "fchmod", broken)
+    monkeypatch.setattr(restore_module, "set_metadata", broken)
     with pytest.raises(ValueError, match="a bug"):
         Restorer(repo).restore(snap, str(tmp_path / "dst"))
     assert not _restore_threads()

@@ -54,14 +54,15 @@ def spoil(src, dst) -> dict:
 def test_the_default_makes_the_target_match_and_keeps_what_already_does(repo, restored):
     snap, src, dst = restored
     spoiled = spoil(src, dst)
-    os.link(spoiled["same"], src.parent / "kept")
+    held = os.open(spoiled["same"], os.O_RDONLY)  # (an open file's inode number cannot be reused)
     plan = plan_restore(repo, _root(snap), str(dst), "if-changed")
     assert sorted(plan.changes) == sorted([("replace", "with space"), ("replace", "empty-file"),
                                            ("replace", spoiled["link"].name)])
     assert tree_state(str(dst)) != tree_state(str(src))  # a dry run changes nothing
     stats = Restorer(repo).restore(snap, str(dst))
     assert tree_state(str(dst)) == tree_state(str(src))
-    assert os.path.samefile(spoiled["same"], src.parent / "kept")  # kept, its mode and mtime set back
+    assert os.fstat(held).st_ino == os.stat(spoiled["same"]).st_ino  # kept, its mode and mtime set back
+    os.close(held)
     assert (stats.files, stats.symlinks) == (2, 1) and stats.left_different == 0
     again = Restorer(repo).restore(snap, str(dst))  # now everything matches: nothing is written
     assert again.files == again.symlinks == 0 and again.unchanged == again.skipped_existing > 0
@@ -80,10 +81,28 @@ def test_never_keeps_every_existing_file_and_counts_those_that_differ(repo, rest
 def test_always_replaces_every_existing_file(repo, restored):
     snap, src, dst = restored
     spoil(src, dst)
-    os.link(dst / "docs" / "readme.txt", src.parent / "old-readme")  # (an inode number may be reused)
+    held = os.open(dst / "docs" / "readme.txt", os.O_RDONLY)  # (an open file's inode number cannot be reused)
     stats = Restorer(repo, overwrite="always").restore(snap, str(dst))
     assert tree_state(str(dst)) == tree_state(str(src)) and stats.skipped_existing == 0
-    assert not os.path.samefile(dst / "docs" / "readme.txt", src.parent / "old-readme")
+    assert os.fstat(held).st_ino != os.stat(dst / "docs" / "readme.txt").st_ino
+    os.close(held)
+
+
+def test_a_linked_or_directory_shaped_existing_entry_is_never_kept_or_removed(repo, restored):
+    """A file with the snapshot's bytes but a second hard link is replaced, not given the
+    snapshot's metadata (that would change the other path too); a directory where a file goes
+    is reported by every policy, never removed."""
+    snap, src, dst = restored
+    readme = dst / "docs" / "readme.txt"
+    os.chmod(readme, 0o666)
+    os.link(readme, src.parent / "other-link")
+    (dst / "run.sh").unlink()
+    (dst / "run.sh").mkdir()
+    for policy in ("if-changed", "always", "never"):
+        stats = Restorer(repo, overwrite=policy).restore(snap, str(dst))
+        assert [e["error"] for e in stats.error_list] == ["a directory is in the way; not replaced"], policy
+    assert not os.path.samefile(readme, src.parent / "other-link")  # replaced by if-changed
+    assert os.stat(src.parent / "other-link").st_mode & 0o777 == 0o666 and (dst / "run.sh").is_dir()
 
 
 def _root(snap):

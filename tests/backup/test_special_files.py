@@ -71,6 +71,8 @@ def test_restore_makes_fifos_and_devices_and_says_which_it_did_not(repo, tmp_pat
     assert stats.errors == 0 and set(kinds) >= {p.name for p in dst.iterdir()}
     again = Restorer(repo).restore(snap, str(dst))  # what exists and matches is kept
     assert again.special == 0 and again.unchanged == stats.files + stats.special
+    alone = Restorer(repo).restore(snap, str(tmp_path / "one"), "queue")  # --include a fifo
+    assert alone.special == 1 and stat.S_ISFIFO(os.lstat(tmp_path / "one" / "queue").st_mode)
 
 
 def test_dump_writes_fifos_and_devices_to_tar(repo, tmp_path):
@@ -103,3 +105,8 @@ def test_a_directory_with_special_entries_is_version_2(repo, tmp_path):
     forged = msgpack.packb({"v": 1, "entries": [e.to_wire() for e in entries]}, use_bin_type=True)
     with pytest.raises(CorruptionError, match="version 1 holds special entries"):
         decode_directory(forged)
+    fifo = next(e for e in entries if e.type == "p")
+    for bad in ({"oid": plain[0].oid}, {"size": 5}, {"rdev": 7}):  # a special entry holds no data
+        wire = {**fifo.to_wire(), **bad}
+        with pytest.raises(CorruptionError, match="malformed metadata"):
+            decode_directory(msgpack.packb({"v": 2, "entries": [wire]}, use_bin_type=True))
