@@ -1195,7 +1195,7 @@ _SECRETS_USERS = ("repo_format.repository", "repo_format.crypto", "repo_format.p
                   "repo_format.format_blob", "repo_format.session", "repo_format.manifest", "repo_format.keyslots")
 
 
-_SERIAL_USERS = ("repo_format.epoch", "repo_format.manifest")
+_SERIAL_USERS = ("repo_format.epoch", "repo_format.manifest", "repo_format.content_reader")
 
 
 def _serial_map(fn, items):
