@@ -55,9 +55,15 @@ def diff(repo: Repository, root_a: str, root_b: str) -> list[tuple[str, str]]:
                                   depth + 1))
             elif x.type == TYPE_DIR and y.type == TYPE_DIR:
                 stack.append((p, x.oid, y.oid, depth + 1))
-            elif (x.type, x.oid, x.target, x.mode, x.mtime_ns) != (y.type, y.oid, y.target, y.mode, y.mtime_ns):
+            elif _compared(x) != _compared(y):
                 out.append(("M", p))
     return sorted(out, key=lambda c: c[1])
+
+
+def _compared(e):
+    """What ``diff`` compares of a file, symlink or special entry: content and the metadata a
+    restore sets (the attributes, ACLs and capabilities among them)."""
+    return (e.type, e.oid, e.target, e.mode, e.mtime_ns, e.uid, e.gid, e.rdev, e.xattrs)
 
 
 @dataclass

@@ -159,6 +159,9 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
     info.uname, info.gname = e.user or "", e.group or ""
     info.mtime = e.mtime_ns // 10**9
     info.pax_headers = {"mtime": pax_time(e.mtime_ns)}  # to the nanosecond
+    for name, value in e.xattrs:  # as GNU tar --xattrs and bsdtar read them (ACLs and capabilities too)
+        info.pax_headers["SCHILY.xattr." + name.decode("utf-8", "surrogateescape")] = \
+            value.decode("utf-8", "surrogateescape")
     if e.type == TYPE_DIR:
         info.type = tarfile.DIRTYPE
     elif e.type == TYPE_SYMLINK:
@@ -179,24 +182,32 @@ def write_tar(repo: Repository, start: Entry, name: str, out) -> int:
     """Write ``start`` (a directory, or one entry) and everything under it to ``out`` as a POSIX
     (pax) tar stream, under the top name ``name`` ("" for a snapshot's root: its entries at the
     top). Returns the number of entries written. A content that cannot be read raises (the
-    stream is then cut short: tar reports it)."""
+    stream is then cut short: tar reports it). The files of a link group after the first are
+    hard links to it, as tar writes them."""
     count = 0
+    links: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                       errors="surrogateescape") as tar:
         if name:
-            count += _add(repo, tar, name, start)
+            count += _add(repo, tar, name, start, links)
         if start.type != TYPE_DIR:
             return count
         for d in TreeWalker.over(repo.objects, once=False).walk(start.oid, name):
             for e in d.entries:
-                count += _add(repo, tar, d.child_path(e.name), e)
+                count += _add(repo, tar, d.child_path(e.name), e, links)
     return count
 
 
-def _add(repo: Repository, tar: tarfile.TarFile, path: str, e: Entry) -> int:
+def _add(repo: Repository, tar: tarfile.TarFile, path: str, e: Entry, links: dict) -> int:
     if e.type == TYPE_SOCKET:  # tar has no sockets (GNU tar leaves them out too)
         return 0
     info = tar_info(path, e)
+    if e.dev:
+        first = links.setdefault((e.dev, e.inode), path)
+        if first != path:
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
+            tar.addfile(info)
+            return 1
     if e.type == TYPE_FILE and e.size:
         with repo.objects.open(e.oid) as reader:
             tar.addfile(info, reader)

@@ -35,7 +35,7 @@ from repo_format.repository import Repository
 
 from kdist.snapshot import (
     DEVICE_TYPES, MAX_TREE_DEPTH, SPECIAL_TYPES, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
-    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections, read_directory,
+    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, check_entry_name, fewer_collections, read_directory, read_listing,
 )
 from kdist.restore_plan import (
     ABSENT, DEFAULT_OVERWRITE, OVERWRITE_POLICIES, action, existing_state, made_node, set_metadata,
@@ -89,6 +89,8 @@ class RestoreStats:
     left_different: int = 0  # ... that differ from it (``never``): the restore exits 3
     special: int = 0  # fifos and devices made
     special_skipped: int = 0  # sockets, and devices when not root: recorded, not made
+    hardlinks: int = 0  # files made as another link of a file restored (counted in ``files`` too)
+    xattrs_skipped: int = 0  # extended attributes this user may not write (not root: all but user.* and ACLs)
     errors: int = 0
     error_list: list = field(default_factory=list)
 
@@ -97,8 +99,19 @@ class RestoreStats:
 
 
 def find_subtree(repo: Repository, snap: Snapshot, subpath: str | None) -> Entry:
-    """The entry at ``subpath`` inside the snapshot (the root for ``None``)."""
+    """The entry at ``subpath`` inside the snapshot (the root for ``None``: with the root
+    directory's own metadata when its object holds it, else a bare 0755 one)."""
     entry = Entry(name="", type=TYPE_DIR, oid=snap.root, mode=0o755)
+    if not [p for p in (subpath or "").split("/") if p and p != "."]:
+        try:
+            top = read_listing(repo.objects, snap.root).top
+        except KdistError as exc:
+            if is_outage(exc):
+                raise
+            return entry  # a damaged root: the walk reports it, as for any directory
+        if top is not None:
+            top.oid = snap.root
+            return top
     for part in [p for p in (subpath or "").split("/") if p and p != "."]:
         if entry.type != TYPE_DIR:
             raise RestoreError(f"{subpath!r} is not in the snapshot ({entry.name!r} is not a directory)")
@@ -114,7 +127,7 @@ class _Dir:
     set and its fd closed: the walker's listing of it, its tasks in the pool, and its
     subdirectories. The target itself (``entry`` None) is the caller's: never set or closed."""
 
-    __slots__ = ("fd", "entry", "path", "parent", "pending")
+    __slots__ = ("fd", "entry", "path", "parent", "pending", "rel")
 
     def __init__(self, fd: int, entry: Entry | None, path: str, parent: "_Dir | None"):
         self.fd = fd
@@ -122,6 +135,18 @@ class _Dir:
         self.path = path
         self.parent = parent
         self.pending = 1
+        self.rel = parent.rel + (entry.name,) if parent is not None else ()  # names from the target
+
+
+class _LinkGroup:
+    """The files of one link group (a device and inode in the snapshot): the first met is
+    restored with its data, the others are linked to it once every file is written (``_link``).
+    ``ok``: the first now holds the entry's bytes (written, or kept because they matched)."""
+
+    __slots__ = ("rel", "name", "ok")
+
+    def __init__(self, rel: tuple, name: str):
+        self.rel, self.name, self.ok = rel, name, False
 
 
 class Restorer:
@@ -147,15 +172,22 @@ class Restorer:
         self._timed = (0, 0.0)
         self._pool_until = 0.0
         self._pool_seconds = POOL_SECONDS[0]
+        self._groups: dict[tuple[int, int], _LinkGroup] = {}
+        self._links: list[tuple[tuple, Entry | None, Entry]] = []  # (directory, its entry, file) to link
 
     def restore(self, snap: Snapshot, target: str, subpath: str | None = None) -> RestoreStats:
+        """Restore ``subpath`` of the snapshot (all of it for None) into ``target``. A directory
+        restored into a target this creates gives the target its mode, owner, attributes and
+        times; an existing target keeps its own (it may be /tmp, or the original place)."""
         entry = find_subtree(self.repo, snap, subpath)
         try:
+            created = not os.path.lexists(target)
             os.makedirs(target, exist_ok=True)
             root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise TargetUnusable(f"cannot use {target} as the restore target: {exc.strerror}") from None
         root = _Dir(root_fd, None, target, None)
+        self._target = target
         try:
             with fewer_collections(), self.repo.contents.reading_ahead(), \
                     ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
@@ -169,6 +201,11 @@ class Restorer:
                 except BaseException as exc:
                     self._stop(exc)  # the batches still queued skip their files: the pool's exit waits for them
                     raise
+            if self._fatal is None:
+                top = entry if created and entry.type == TYPE_DIR else None
+                self._link_all(root_fd, top)
+                if top is not None:
+                    self._settle(root_fd, top, target)
         finally:
             for d in self._open:  # left by a restore that stopped: no metadata, just closed
                 os.close(d.fd)
@@ -331,9 +368,7 @@ class Restorer:
             self._changed.notify_all()
         while finished:
             try:  # post-order: every child exists, so nothing changes its mtime after this
-                self._apply_metadata(d.fd, d.entry)
-            except OSError as exc:
-                self._error(d.path, f"cannot set directory metadata: {exc.strerror}")
+                self._settle(d.fd, d.entry, d.path)  # (but hard links, which come last: _link_all)
             finally:
                 with self._lock:  # closed here, whatever happened: never again by restore()
                     self._open.discard(d)
@@ -364,7 +399,16 @@ class Restorer:
                 break
             try:
                 if e.type == TYPE_FILE:
-                    written = self._restore_file(d, e)
+                    group = None
+                    if e.dev:  # one of a link group: the first is restored, the others linked to it
+                        with self._lock:
+                            group = self._groups.get((e.dev, e.inode))
+                            if group is None:
+                                group = self._groups[(e.dev, e.inode)] = _LinkGroup(d.rel, e.name)
+                            else:
+                                self._links.append((d.rel, d.entry, e))
+                                continue
+                    written = self._restore_file(d, e, group)
                     if written is not None:
                         files += 1
                         nbytes += written
@@ -377,12 +421,16 @@ class Restorer:
                              "cannot restore symlink"}.get(e.type, "cannot restore special file"))
         return files, nbytes, symlinks
 
-    def _make_room(self, d: _Dir, e: Entry) -> bool:
+    def _make_room(self, d: _Dir, e: Entry, group: _LinkGroup | None = None) -> bool:
         """Whether ``e`` is to be created where something exists, which is then removed. What
         the policy keeps that has the entry's bytes but not its metadata gets it, through the
-        very node compared (``kdist.restore_plan.existing_state``)."""
+        very node compared (``kdist.restore_plan.existing_state``). A file kept because it
+        matches makes its link ``group`` ``ok``."""
+        settled: list = []
         state = existing_state(self.repo, d.fd, e, self._owner, compare=self.overwrite != "always",
-                               settle=self.overwrite == "if-changed")
+                               settle=self.overwrite == "if-changed", outcome=settled)
+        for got in settled:
+            self._metadata_outcome(os.path.join(d.path, e.name), got)
         if state == ABSENT:
             return True
         what = action(state, self.overwrite)
@@ -396,9 +444,27 @@ class Restorer:
                     self.stats.unchanged += 1
                 else:
                     self.stats.left_different += 1
+            if group is not None and what == "keep":
+                group.ok = True
             return False
         os.unlink(e.name, dir_fd=d.fd)  # removes a symlink itself, never its target
         return True
+
+    def _metadata_outcome(self, path: str, outcome: tuple[int, list[str]]) -> None:
+        """What ``set_metadata`` could not do: attributes skipped (counted) or failed (reported)."""
+        skipped, failed = outcome
+        if skipped:
+            with self._lock:
+                self.stats.xattrs_skipped += skipped
+        for message in failed:
+            self._error(path, message)
+
+    def _settle(self, fd: int, e: Entry, path: str) -> None:
+        """A directory's metadata, once everything in it is made."""
+        try:
+            self._metadata_outcome(path, set_metadata(fd, e, self._owner))
+        except OSError as exc:
+            self._error(path, f"cannot set directory metadata: {exc.strerror}")
 
     def _restore_symlink(self, d: _Dir, e: Entry) -> bool:
         try:
@@ -407,6 +473,10 @@ class Restorer:
             if not self._make_room(d, e):
                 return False
             os.symlink(e.target, e.name, dir_fd=d.fd)
+        if e.xattrs:  # by a path the kernel resolves through this directory's descriptor
+            path = os.path.join(d.path, e.name)
+            self._metadata_outcome(path, set_metadata(f"/proc/self/fd/{d.fd}/{e.name}", e, self._owner, follow=False))
+            return True
         if self._owner:
             os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
         os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
@@ -427,17 +497,18 @@ class Restorer:
             if not self._make_room(d, e):
                 return
             os.mknod(e.name, kind | 0o600, e.rdev, dir_fd=d.fd)
-        made_node(d.fd, e, self._owner)
+        self._metadata_outcome(os.path.join(d.path, e.name), made_node(d.fd, e, self._owner))
         with self._lock:
             self.stats.special += 1
 
-    def _restore_file(self, d: _Dir, e: Entry) -> int | None:
-        """The bytes written, or None where an existing file stays."""
+    def _restore_file(self, d: _Dir, e: Entry, group: _LinkGroup | None = None) -> int | None:
+        """The bytes written, or None where an existing file stays. A file written, or kept
+        because it matches, makes its link ``group`` ``ok``."""
         chunks = self.repo.objects.chunks(e.oid)  # a malformed id is refused before anything is created
         try:
             fd = os.open(e.name, _FILE_FLAGS, 0o600, dir_fd=d.fd)
         except FileExistsError:  # the overwrite policy is asked only then, not with a stat per file
-            if not self._make_room(d, e):
+            if not self._make_room(d, e, group):
                 return None
             fd = os.open(e.name, _FILE_FLAGS, 0o600, dir_fd=d.fd)
         ok = False
@@ -458,7 +529,7 @@ class Restorer:
                 raise KdistError(f"stored data has {written} bytes, the snapshot says {e.size}")
             if hole:  # a seek alone does not make the file longer
                 os.ftruncate(fd, written)
-            self._apply_metadata(fd, e)
+            outcome = set_metadata(fd, e, self._owner)
             ok = True
         finally:
             os.close(fd)
@@ -467,7 +538,102 @@ class Restorer:
                     os.unlink(e.name, dir_fd=d.fd)  # never leave a partial file looking complete
                 except OSError:
                     pass
+        self._metadata_outcome(os.path.join(d.path, e.name), outcome)
+        if group is not None:
+            group.ok = True
         return written
 
-    def _apply_metadata(self, fd: int, e: Entry) -> None:
-        set_metadata(fd, e, self._owner)
+    # ---- hard links, once every file is written --------------------------------------------
+
+    def _link_all(self, root_fd: int, top: Entry | None) -> None:
+        """Make each file met after the first of its link group a link to that first file, then
+        give the directories this changed their mtime back (``top``: the target's entry, if the
+        restore sets its metadata). Directories are opened again from the target, one name at a
+        time without following symlinks, as the walk opened them. A group whose first file was
+        not restored (damaged data, or left different by ``never``) has its next file restored
+        with the data, which the others then link to."""
+        if not self._links:
+            return
+        fds: dict[tuple, int] = {(): root_fd}
+        touched: dict[tuple, Entry | None] = {}
+        try:
+            for rel, dir_entry, e in self._links:
+                if self._fatal is not None:
+                    return
+                if len(fds) > MAX_OPEN_DIRS:  # (never within one link: both its descriptors stay open)
+                    for k in [k for k in fds if k]:
+                        os.close(fds.pop(k))
+                path = os.path.join(self._target_path(rel), e.name)
+                group = self._groups[(e.dev, e.inode)]
+                try:
+                    dst = self._dir_fd(fds, root_fd, rel)
+                    if group.ok:
+                        self._link(self._dir_fd(fds, root_fd, group.rel), group.name, dst, e, path)
+                    else:
+                        written = self._restore_file(_Dir(dst, None, os.path.dirname(path), None), e, group)
+                        if written is not None or group.ok:
+                            group.rel, group.name = rel, e.name
+                        if written is not None:
+                            with self._lock:
+                                self.stats.files += 1
+                                self.stats.bytes += written
+                    touched[rel] = dir_entry if rel else top
+                except (KdistError, OSError) as exc:
+                    self._failed(path, exc, "cannot restore hard link")
+            for rel, dir_entry in touched.items():
+                if dir_entry is not None:
+                    try:
+                        os.utime(self._dir_fd(fds, root_fd, rel), ns=(dir_entry.mtime_ns, dir_entry.mtime_ns))
+                    except OSError as exc:
+                        self._error(self._target_path(rel), f"cannot set directory metadata: {exc.strerror}")
+        finally:
+            for rel, fd in fds.items():
+                if rel:
+                    os.close(fd)
+
+    def _target_path(self, rel: tuple) -> str:
+        return os.path.join(self._target, *rel)
+
+    @staticmethod
+    def _dir_fd(fds: dict, root_fd: int, rel: tuple) -> int:
+        """The descriptor of the restored directory ``rel`` (names from the target), opened
+        name by name without following symlinks; kept for the other links."""
+        fd = fds.get(rel)
+        if fd is not None:
+            return fd
+        fd = root_fd
+        for i, name in enumerate(rel):
+            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            if i:
+                os.close(fd)
+            fd = sub
+        fds[rel] = fd
+        return fd
+
+    def _link(self, src_fd: int, src_name: str, dst_fd: int, e: Entry, path: str) -> None:
+        """Link ``e.name`` in ``dst_fd`` to the group's first file; what is in its way is dealt
+        with as the overwrite policy says (the same file already: unchanged)."""
+        src = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
+        try:
+            st = os.stat(e.name, dir_fd=dst_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino):
+                with self._lock:
+                    self.stats.skipped_existing += 1
+                    self.stats.unchanged += 1
+                return
+            if statmod.S_ISDIR(st.st_mode):
+                self._error(path, "a directory is in the way; not replaced")
+                return
+            if self.overwrite == "never":
+                with self._lock:
+                    self.stats.skipped_existing += 1
+                    self.stats.left_different += 1
+                return
+            os.unlink(e.name, dir_fd=dst_fd)
+        os.link(src_name, e.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+        with self._lock:
+            self.stats.files += 1
+            self.stats.hardlinks += 1

@@ -39,7 +39,7 @@ _KIND = {TYPE_FIFO: statmod.S_IFIFO, TYPE_SOCKET: statmod.S_IFSOCK, TYPE_CHAR_DE
 
 
 def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare: bool = True,
-                   settle: bool = False) -> str:
+                   settle: bool = False, outcome: list | None = None) -> str:
     """How what exists at ``e.name`` in directory ``dir_fd`` stands to entry ``e`` (not a
     directory): ABSENT, SAME, METADATA (the same bytes, other mode, mtime or owner), DIFFERENT, or
     IN_THE_WAY (a directory). Without ``compare`` only ABSENT, IN_THE_WAY or DIFFERENT.
@@ -48,8 +48,11 @@ def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare
     or device swapped in is never read), checked to be the one listed, and, with ``settle``, a
     METADATA one gets the entry's metadata through that same descriptor: nothing is done by
     name to whatever may have taken its place. A file of several links is DIFFERENT (keeping it
-    would change the others' metadata), and so is one this user cannot open: replacing it needs
-    only the directory. A symlink is compared by its target alone."""
+    would change the others' metadata), unless the entry is one of a link group too; and so is
+    one this user cannot open: replacing it needs only the directory. A symlink is compared by
+    its target alone. Extended attributes the entry has that this user may write must be there
+    with the entry's values (others on the node are left alone); ``outcome`` receives what
+    settling returned (``set_metadata``)."""
     try:
         st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -62,7 +65,8 @@ def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare
         return SAME if statmod.S_ISLNK(st.st_mode) and os.readlink(e.name, dir_fd=dir_fd) == e.target else DIFFERENT
     special = e.type in SPECIAL_TYPES
     kind = _KIND[e.type] if special else statmod.S_IFREG
-    if statmod.S_IFMT(st.st_mode) != kind or st.st_nlink != 1 or (not special and st.st_size != e.size):
+    if (statmod.S_IFMT(st.st_mode) != kind or (st.st_nlink != 1 and not e.dev)
+            or (not special and st.st_size != e.size)):
         return DIFFERENT
     if e.type in DEVICE_TYPES and st.st_rdev != e.rdev:
         return DIFFERENT
@@ -79,27 +83,70 @@ def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare
             with os.fdopen(os.dup(fd), "rb") as f:
                 if not repo.objects.same_content(e.oid, f):
                     return DIFFERENT
+        node = f"/proc/self/fd/{fd}" if special else fd
         same_meta = (statmod.S_IMODE(now.st_mode) == e.mode & 0o7777 and now.st_mtime_ns == e.mtime_ns
-                     and (not owner or (now.st_uid, now.st_gid) == (e.uid, e.gid)))
+                     and (not owner or (now.st_uid, now.st_gid) == (e.uid, e.gid))
+                     and _has_xattrs(node, writable_xattrs(e, owner)[0]))
         if same_meta:
             return SAME
         if settle:
-            set_metadata(f"/proc/self/fd/{fd}" if special else fd, e, owner)
+            got = set_metadata(node, e, owner)
+            if outcome is not None:
+                outcome.append(got)
         return METADATA
     finally:
         os.close(fd)
 
 
-def set_metadata(node: int | str, e: Entry, owner: bool) -> None:
-    """The entry's owner (as root), mode and mtime on ``node``: a descriptor, or the
-    ``/proc/self/fd`` path of an ``O_PATH`` one (a fifo or device is never opened for I/O)."""
+# The namespaces of extended attributes a user may write on files it owns: its own, and ACLs.
+# Root writes every namespace (security.* holds file capabilities and SELinux labels; trusted.*).
+USER_XATTR_PREFIXES = (b"user.", b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def writable_xattrs(e: Entry, owner: bool) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The entry's extended attributes a restore by this user writes, and how many it skips."""
     if owner:
-        os.chown(node, e.uid, e.gid)
-    os.chmod(node, e.mode & 0o7777)
-    os.utime(node, ns=(e.mtime_ns, e.mtime_ns))
+        return e.xattrs, 0
+    mine = [(n, v) for n, v in e.xattrs if n.startswith(USER_XATTR_PREFIXES)]
+    return mine, len(e.xattrs) - len(mine)
 
 
-def made_node(dir_fd: int, e: Entry, owner: bool) -> None:
+def _has_xattrs(node: int | str, pairs: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in pairs:
+        try:
+            if os.getxattr(node, name) != value:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def set_metadata(node: int | str, e: Entry, owner: bool, follow: bool = True) -> tuple[int, list[str]]:
+    """The entry's owner (as root), extended attributes, mode and mtime on ``node``: a
+    descriptor, or the ``/proc/self/fd`` path of an ``O_PATH`` one (a fifo or device is never
+    opened for I/O), or with ``follow`` False a path whose last component is not followed (a
+    symlink's, below a ``/proc/self/fd`` directory). Attributes come after the owner (chown
+    clears file capabilities) and before the mode (an ACL sets the group bits it masks with).
+
+    Returns how many attributes this user may not write (skipped), and a message for each that
+    could not be written: the node is restored, those are reported (an OSError from the owner,
+    mode or times raises: the node is not as the snapshot says)."""
+    if owner:
+        os.chown(node, e.uid, e.gid, follow_symlinks=follow)
+    pairs, skipped = writable_xattrs(e, owner)
+    failed = []
+    for name, value in pairs:
+        try:
+            os.setxattr(node, name, value, follow_symlinks=follow)
+        except OSError as exc:
+            failed.append(f"cannot set extended attribute {os.fsdecode(name)}: {exc.strerror}")
+    if follow:  # a symlink has no mode of its own (Linux)
+        os.chmod(node, e.mode & 0o7777)
+    os.utime(node, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=follow)
+    return skipped, failed
+
+
+def made_node(dir_fd: int, e: Entry, owner: bool) -> tuple[int, list[str]]:
     """Give the fifo or device node just made at ``e.name`` the entry's metadata, once it is
     checked to be that node (not something put in its place meanwhile)."""
     fd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
@@ -107,7 +154,7 @@ def made_node(dir_fd: int, e: Entry, owner: bool) -> None:
         st = os.fstat(fd)
         if statmod.S_IFMT(st.st_mode) != _KIND[e.type] or (e.type in DEVICE_TYPES and st.st_rdev != e.rdev):
             raise OSError(errno.EEXIST, "replaced while it was restored")
-        set_metadata(f"/proc/self/fd/{fd}", e, owner)
+        return set_metadata(f"/proc/self/fd/{fd}", e, owner)
     finally:
         os.close(fd)
 

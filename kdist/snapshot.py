@@ -26,8 +26,15 @@ from repo_format.keyslots import ADMIN, HOST, MAINTENANCE, PermissionRefused
 from repo_format.manifest import ManifestRecord
 from repo_format.objects import ObjectStore, parse_object_id
 
-DIR_VERSION = 1  # a directory without special entries; one with any is DIR_VERSION_SPECIAL
-DIR_VERSION_SPECIAL = 2  # kdist before special entries refuses it ("unknown version 2")
+DIR_VERSION = 1  # a directory whose entries need nothing newer
+DIR_VERSION_SPECIAL = 2  # one holding special entries: kdist before them refuses it ("unknown version 2")
+DIR_VERSION_LINKS = 3  # one with extended attributes or hard-link devices (special entries too, or not)
+DIR_VERSIONS = (DIR_VERSION, DIR_VERSION_SPECIAL, DIR_VERSION_LINKS)
+# Linux's limits (XATTR_NAME_MAX, XATTR_SIZE_MAX, XATTR_LIST_MAX): a name of at most 255 bytes,
+# a value of at most 64 KiB, and the names of one file together at most 64 KiB
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+MAX_XATTRS = 65536 // 2
 SNAPSHOT_LABEL = "snapshot"
 # on a part's checkpoint (label ``run``): the session of the process that publishes the snapshot
 DRIVER_LABEL = "driver"
@@ -78,6 +85,11 @@ class Entry:
     # directories: totals of the subtree (files, dirs, bytes), for fast ls/diff/stats
     summary: dict = field(default_factory=dict)
     rdev: int = 0  # character and block devices: the device number (st_rdev)
+    # extended attributes (every namespace the backup could read: user, security, trusted,
+    # system.posix_acl_* for ACLs; security.capability for file capabilities), as
+    # (name, value) byte pairs sorted by name
+    xattrs: list = field(default_factory=list)
+    dev: int = 0  # a file of several links: its device (st_dev); with ``inode`` it names the link group
 
     def to_wire(self) -> dict:
         # one pass, in field order as always, empty values left out (name and type never): this
@@ -95,6 +107,8 @@ class Entry:
             for k in ("name", "target"):
                 if isinstance(d.get(k), bytes):
                     d[k] = os.fsdecode(d[k])
+            if "xattrs" in d:
+                d["xattrs"] = _xattrs_from_wire(d["xattrs"])
             e = cls(**d)
         except TypeError as exc:
             raise CorruptionError("directory entry has unknown or missing fields") from exc
@@ -112,7 +126,7 @@ class Entry:
 _INT_RANGES = (
     ("mode", 0, 0o177777), ("size", 0, 2**63 - 1), ("mtime_ns", -(2**63), 2**63 - 1),
     ("ctime_ns", -(2**63), 2**63 - 1), ("uid", 0, 2**32 - 1), ("gid", 0, 2**32 - 1),
-    ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1), ("rdev", 0, 2**64 - 1),
+    ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1), ("rdev", 0, 2**64 - 1), ("dev", 0, 2**64 - 1),
 )
 _STR_FIELDS = ("user", "group", "target", "oid")
 MAX_OID_LENGTH = 65  # "I" and 64 hex characters
@@ -138,9 +152,42 @@ def _malformed_field(e: Entry) -> str:
         return "oid" if e.oid else "size" if e.size else "target"
     if e.rdev and e.type not in DEVICE_TYPES:
         return "rdev"
+    if e.dev and e.type != TYPE_FILE:  # hard links are kept for regular files
+        return "dev"
+    if _malformed_xattrs(e.xattrs):
+        return "xattrs"
     if type(e.summary) is not dict or any(type(k) is not str or type(v) is not int for k, v in e.summary.items()):
         return "summary"
     return ""
+
+
+def _xattrs_from_wire(pairs) -> list | None:
+    """``[[name, value], ...]`` as a list of (bytes, bytes) tuples; None (malformed) for another shape."""
+    if type(pairs) is not list or len(pairs) > MAX_XATTRS:
+        return None
+    out = []
+    for p in pairs:
+        if type(p) not in (list, tuple) or len(p) != 2:
+            return None
+        out.append((p[0], p[1]))
+    return out
+
+
+def _malformed_xattrs(xattrs) -> bool:
+    if type(xattrs) is not list:
+        return True
+    last = b""
+    for pair in xattrs:
+        if type(pair) is not tuple or len(pair) != 2:
+            return True
+        name, value = pair
+        if type(name) is not bytes or type(value) is not bytes:
+            return True
+        # sorted and unique, no NUL (the kernel's names are C strings), within Linux's limits
+        if not last < name or b"\x00" in name or len(name) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
+            return True
+        last = name
+    return False
 
 
 _collections_lock = threading.Lock()
@@ -174,31 +221,78 @@ _entry_values = operator.attrgetter(*ENTRY_FIELDS)
 _ALWAYS_ON_WIRE = ("name", "type")
 
 
-def encode_directory(entries: list[Entry]) -> bytes:
+def _needed_version(e: Entry) -> int:
+    if e.xattrs or e.dev:
+        return DIR_VERSION_LINKS
+    return DIR_VERSION_SPECIAL if e.type in SPECIAL_TYPES else DIR_VERSION
+
+
+@dataclass
+class Listing:
+    """A directory object decoded. ``complete``: its writer recorded extended attributes and
+    hard-link devices (kdist before them did not: its entries cannot be taken as a file's whole
+    metadata). ``top``: a snapshot's root directory's own metadata (mode, owner, times,
+    attributes), which no parent entry carries; None in every other directory object."""
+
+    entries: list[Entry]
+    complete: bool = True
+    top: Entry | None = None
+
+
+_TOP_LEFT_OUT = ("name", "oid", "summary")  # what a directory's own metadata does not repeat
+
+
+def encode_directory(entries: list[Entry], top: Entry | None = None) -> bytes:
+    """A directory object. ``top``: the directory's own metadata, for a snapshot's root."""
     entries = sorted(entries, key=lambda e: e.name)
-    version = DIR_VERSION_SPECIAL if any(e.type in SPECIAL_TYPES for e in entries) else DIR_VERSION
-    return msgpack.packb({"v": version, "entries": [e.to_wire() for e in entries]}, use_bin_type=True)
+    version = max([_needed_version(e) for e in entries] + [DIR_VERSION_LINKS if top is not None and top.xattrs
+                                                           else DIR_VERSION])
+    doc = {"v": version, "entries": [e.to_wire() for e in entries], "x": True}
+    if top is not None:
+        doc["self"] = {k: v for k, v in top.to_wire().items() if k not in _TOP_LEFT_OUT}
+    return msgpack.packb(doc, use_bin_type=True)
 
 
-def decode_directory(data: bytes) -> list[Entry]:
+def decode_listing(data: bytes) -> Listing:
+    """Decode and validate a directory object (SPEC.md section 7)."""
     try:
         doc = msgpack.unpackb(data, raw=False)
         version = doc.get("v")
-        if version not in (DIR_VERSION, DIR_VERSION_SPECIAL):
+        if version not in DIR_VERSIONS:
             raise CorruptionError(f"directory object has unknown version {version!r}")
         entries = [Entry.from_wire(d) for d in doc["entries"]]
+        complete, top = doc.get("x", False), doc.get("self")
+        if complete is not True and complete is not False:
+            raise CorruptionError("directory object is malformed (x)")
+        if top is not None:
+            if type(top) is not dict or any(k in top for k in _TOP_LEFT_OUT):
+                raise CorruptionError("directory object is malformed (self)")
+            top = Entry.from_wire({**top, "name": "self"})
+            top.name = ""
+            if top.type != TYPE_DIR:
+                raise CorruptionError("directory object's own metadata is not a directory's")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptionError("directory object is malformed") from exc
-    if version == DIR_VERSION and any(e.type in SPECIAL_TYPES for e in entries):
-        raise CorruptionError(f"directory object of version {DIR_VERSION} holds special entries")
+    for e in entries + ([top] if top is not None else []):
+        if _needed_version(e) > version:
+            what = "special entries" if _needed_version(e) == DIR_VERSION_SPECIAL else "extended attributes or links"
+            raise CorruptionError(f"directory object of version {version} holds {what}")
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise CorruptionError("directory object has duplicate entry names")
-    return entries
+    return Listing(entries, complete, top)
+
+
+def decode_directory(data: bytes) -> list[Entry]:
+    return decode_listing(data).entries
 
 
 def read_directory(objects: ObjectStore, oid: str) -> list[Entry]:
     return decode_directory(objects.read_all(oid))
+
+
+def read_listing(objects: ObjectStore, oid: str) -> Listing:
+    return decode_listing(objects.read_all(oid))
 
 
 @dataclass

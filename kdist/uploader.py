@@ -13,6 +13,7 @@ reported. The uploader never deletes anything.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import operator
@@ -32,8 +33,7 @@ from repo_format.repository import Repository
 from kdist.snapshot import (
     DEVICE_TYPES, DRIVER_LABEL, ENTRY_FIELDS, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
     TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host,
-    encode_directory,
-    fewer_collections, previous_root, read_directory,
+    Listing, encode_directory, fewer_collections, previous_root, read_listing,
 )
 
 IGNORE_FILE = ".kdistignore"
@@ -148,6 +148,10 @@ class DirNode:
     prev_oid: str | None = None
     same: bool = False
     reused: bool = False
+    # a snapshot's root: its object also holds its own metadata (``encode_directory``'s top),
+    # and ``prev_top`` is the previous root's, which it must equal to be reused
+    top: bool = False
+    prev_top: Entry | None = None
 
 
 class _Batch:
@@ -205,24 +209,59 @@ def _same_metadata(entry: Entry, old: Entry | None) -> bool:
 
 
 def _same_file(st: os.stat_result, old: Entry) -> bool:
-    """Whether a file's stat gives exactly the previous entry's metadata (what ``_entry_from_stat``
-    would make of it), without making an entry: the unchanged re-run's common case."""
+    """Whether a file's stat gives exactly the previous entry's metadata (what ``make_entry``
+    would make of it), without making an entry: the unchanged re-run's common case. Extended
+    attributes are not read: changing them changes the ctime. The previous entry must come from
+    a complete listing (``Listing.complete``: its writer recorded attributes and links)."""
     return (old.type == TYPE_FILE and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns
             and old.ctime_ns == st.st_ctime_ns and old.inode == st.st_ino and old.mode == statmod.S_IMODE(st.st_mode)
             and old.uid == st.st_uid and old.gid == st.st_gid and old.nlink == st.st_nlink
+            and old.dev == (st.st_dev if st.st_nlink > 1 else 0)
             and old.user == _user(st.st_uid) and old.group == _group(st.st_gid))
 
 
-def _special_entry(name: str, st: os.stat_result) -> Entry | None:
-    """The entry of a fifo, socket or device (its device number too), or None for another kind."""
+def _special_kind(st: os.stat_result) -> str | None:
+    """The entry type of a fifo, socket or device, or None for another kind."""
     mode = st.st_mode
-    kind = (TYPE_FIFO if statmod.S_ISFIFO(mode) else TYPE_SOCKET if statmod.S_ISSOCK(mode)
+    return (TYPE_FIFO if statmod.S_ISFIFO(mode) else TYPE_SOCKET if statmod.S_ISSOCK(mode)
             else TYPE_CHAR_DEVICE if statmod.S_ISCHR(mode) else TYPE_BLOCK_DEVICE if statmod.S_ISBLK(mode) else None)
-    if kind is None:
-        return None
-    entry = _entry_from_stat(name, st, kind)
-    if kind in DEVICE_TYPES:
+
+
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA)
+
+
+def read_xattrs(path: str, on_error: Callable[[str, str], None]) -> list[tuple[bytes, bytes]]:
+    """The extended attributes of ``path`` itself (never a symlink's target) that this user can
+    read, as sorted (name, value) pairs: ACLs (``system.posix_acl_*``) and file capabilities
+    (``security.capability``) among them. A file system without them has none; one that cannot
+    be read is reported and the others are kept."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_XATTRS:
+            on_error(path, f"cannot list extended attributes: {exc.strerror}")
+        return []
+    pairs = []
+    for name in names:
+        try:
+            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed since it was listed
+                on_error(path, f"cannot read extended attribute {name}: {exc.strerror}")
+    pairs.sort()
+    return pairs
+
+
+def make_entry(path: str, name: str, st: os.stat_result, etype: str,
+               on_error: Callable[[str, str], None]) -> Entry:
+    """The entry of what the walk found at ``path``: its stat, its extended attributes, and for
+    a file of several links the device that, with the inode, names its link group."""
+    entry = _entry_from_stat(name, st, etype)
+    if etype in DEVICE_TYPES:
         entry.rdev = st.st_rdev
+    elif etype == TYPE_FILE and st.st_nlink > 1:
+        entry.dev = st.st_dev
+    entry.xattrs = read_xattrs(path, on_error)
     return entry
 
 
@@ -321,7 +360,7 @@ class Uploader:
         root_path, st = stat_source(path)
         self._begin(source or Source.local(root_path, self.options.host), st.st_dev)
         previous = self._previous_root()
-        self._root = DirNode(_entry_from_stat("", st, TYPE_DIR))
+        self._root = DirNode(make_entry(root_path, "", st, TYPE_DIR, self._error), top=True)
         # the previous snapshot's directory objects lie together in metadata packs: read ahead
         with self.repo.contents.reading_ahead() if previous else contextlib.nullcontext():
             self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
@@ -350,7 +389,7 @@ class Uploader:
                 st = os.stat(part.path, follow_symlinks=False)
             except OSError as exc:
                 raise SourceError(f"cannot back up {part.path}: {exc.strerror}") from None
-            self._root = DirNode(_entry_from_stat(os.path.basename(part.path), st, TYPE_DIR))
+            self._root = DirNode(make_entry(part.path, os.path.basename(part.path), st, TYPE_DIR, self._error))
             self._run(lambda: self._walk(part.path, self._root, part.prev_oid, list(part.patterns)))
             made = self._write_tree(self._root, final=True)
             holder, entries = made, [made]
@@ -378,6 +417,7 @@ class Uploader:
         self.stats = parts_stats
         self.error_list = list(parts_errors)[:MAX_REPORTED_ERRORS]
         self._new_bytes_base -= parts_stats.new_bytes  # the parts' new bytes plus ours
+        root.top = True
         return self._publish(self._write_tree(root, final=True), checkpoint=False)
 
     # ---- walking -------------------------------------------------------------------------
@@ -438,9 +478,12 @@ class Uploader:
             self._error(path, f"cannot read directory: {exc.strerror}")
             return
         patterns = patterns + ignore_patterns(path, self._error)
-        prev = self._previous_entries(prev_oid)
-        same, matched = prev is not None, 0
-        prev = prev or {}
+        listing = self._previous_listing(prev_oid)
+        same, matched = listing is not None, 0
+        prev = {e.name: e for e in listing.entries} if listing is not None else {}
+        complete = listing is not None and listing.complete
+        if node.top:
+            node.prev_top = listing.top if listing is not None else None
         for d in dirents:
             child_path = os.path.join(path, d.name)
             if is_excluded(child_path, d.name, self._source.path, patterns):
@@ -452,11 +495,13 @@ class Uploader:
                 continue
             old = prev.get(d.name)
             matched += old is not None
-            same = self._add_child(node, child_path, d.name, st, old, patterns) and same
+            same = self._add_child(node, child_path, d.name, st, old, patterns, complete) and same
         node.prev_oid, node.same = prev_oid, same and matched == len(prev)
 
     def _add_names(self, part: "TreePart") -> None:
-        prev = self._previous_entries(part.prev_oid) or {}
+        listing = self._previous_listing(part.prev_oid)
+        prev = {e.name: e for e in listing.entries} if listing is not None else {}
+        complete = listing is not None and listing.complete
         for name in part.names:
             child_path = os.path.join(part.path, name)
             try:
@@ -464,38 +509,40 @@ class Uploader:
             except OSError as exc:
                 self._error(child_path, f"cannot stat: {exc.strerror}")
                 continue
-            self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns))
+            self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns), complete)
 
     def _add_child(self, node: DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
-                   patterns: list[str]) -> bool:
-        """Add one child; returns whether it looks as it did in the previous snapshot (``DirNode.same``)."""
+                   patterns: list[str], complete: bool) -> bool:
+        """Add one child; returns whether it looks as it did in the previous snapshot
+        (``DirNode.same``). ``complete``: ``old`` comes from a complete listing."""
         same = False
         if statmod.S_ISDIR(st.st_mode):
             if self.options.one_file_system and st.st_dev != self._root_dev:
                 return False
             old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
-            child = DirNode(_entry_from_stat(name, st, TYPE_DIR))
+            child = DirNode(make_entry(child_path, name, st, TYPE_DIR, self._error))
             node.children.append(child)
             self._walk(child_path, child, old_oid, patterns)
             same = child.same and _same_metadata(child.entry, old)
         elif statmod.S_ISREG(st.st_mode):
-            if old is not None and _same_file(st, old):  # the previous entry is this one, as it is
+            if old is not None and complete and _same_file(st, old):  # the previous entry is this one, as it is
                 got, same = self._file(child_path, old, old), True
             else:
-                got, same = self._file(child_path, _entry_from_stat(name, st, TYPE_FILE), old), False
+                got, same = self._file(child_path, make_entry(child_path, name, st, TYPE_FILE, self._error), old), False
             node.children.append(got)
             same = same and isinstance(got, _Reuse)
         elif statmod.S_ISLNK(st.st_mode):
-            got = self._symlink(child_path, _entry_from_stat(name, st, TYPE_SYMLINK))
+            got = self._symlink(child_path, make_entry(child_path, name, st, TYPE_SYMLINK, self._error))
             node.children.append(got)
             same = got is not None and got == old
         else:  # a fifo, socket or device: recorded, nothing to read
-            got = _special_entry(name, st)
-            if got is None:
+            kind = _special_kind(st)
+            if kind is None:
                 with self._lock:
                     self.stats.skipped += 1
                 self._error(child_path, "skipped: a file of an unknown kind")
             else:
+                got = make_entry(child_path, name, st, kind, self._error)
                 node.children.append(got)
                 with self._lock:
                     self.stats.special += 1
@@ -503,13 +550,13 @@ class Uploader:
         self._maybe_checkpoint()
         return same
 
-    def _previous_entries(self, prev_oid: str | None) -> dict[str, Entry] | None:
-        """The previous snapshot's entries of a directory by name; None if there are none to
-        compare with (no previous directory, or a damaged one)."""
+    def _previous_listing(self, prev_oid: str | None) -> Listing | None:
+        """The previous snapshot's listing of a directory; None if there is none to compare
+        with (no previous directory, or a damaged one)."""
         if not prev_oid:
             return None
         try:
-            return {e.name: e for e in read_directory(self.repo.objects, prev_oid)}
+            return read_listing(self.repo.objects, prev_oid)
         except KdistError as exc:  # a damaged previous snapshot only costs re-reading
             if is_outage(exc):  # the storage failing is not damage: stop with its error
                 raise
@@ -650,7 +697,8 @@ class Uploader:
     def _write_tree(self, node: DirNode, final: bool) -> Entry:
         entries = []
         summary = {"files": 0, "dirs": 0, "bytes": 0}
-        reuse = final and node.same  # every child must turn out as it was, too
+        # every child must turn out as it was, too (and a root's own metadata be the same)
+        reuse = final and node.same and (not node.top or _same_metadata(node.entry, node.prev_top))
         for child in node.children:
             if isinstance(child, PENDING):
                 if not final and not child.done():
@@ -674,7 +722,8 @@ class Uploader:
         if reuse and self._still_stored(node.prev_oid):
             entry.oid, node.reused = node.prev_oid, True  # the same entries encode to the same object
         else:
-            entry.oid = self.repo.objects.write_bytes(encode_directory(entries), metadata=True)
+            entry.oid = self.repo.objects.write_bytes(encode_directory(entries, node.entry if node.top else None),
+                                                      metadata=True)
         entry.summary = summary
         return entry
 

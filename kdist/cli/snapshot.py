@@ -241,10 +241,14 @@ def restore(repo, snapshot_ref, target, subpath, where, overwrite, dry_run, as_j
         click.echo(f"restored snapshot {snap.short_id} to {printable(target)}: {stats.files} files, {stats.dirs} dirs, "
                    f"{stats.symlinks} symlinks, {human_bytes(stats.bytes)}"
                    + (f", {stats.special} fifos and devices" if stats.special else "")
+                   + (f" ({stats.hardlinks} of the files as hard links)" if stats.hardlinks else "")
                    + (f"; {stats.unchanged} existing files already matched" if stats.unchanged else ""))
         if stats.special_skipped:
             click.echo(f"{stats.special_skipped} socket(s) or device(s) recorded in the snapshot were not made "
                        "(a socket is made by the program that listens on it; a device node needs root)", err=True)
+        if stats.xattrs_skipped:
+            click.echo(f"{stats.xattrs_skipped} extended attribute(s) outside user.* and ACLs were not written "
+                       "(security.* and trusted.* need root)", err=True)
         for err in stats.error_list:
             click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}", err=True)
     if stats.left_different:

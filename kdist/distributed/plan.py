@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from repo_format.errors import KdistError
 
 from kdist.snapshot import SNAPSHOT_LABEL, TYPE_DIR, Entry, Snapshot, Source, read_directory
-from kdist.uploader import (BackupOptions, BackupStats, DirNode, TreePart, Uploader, _entry_from_stat,
+from kdist.uploader import (BackupOptions, BackupStats, DirNode, TreePart, Uploader, make_entry,
                             ignore_patterns, is_excluded)
 
 ENTRY_COST = 64 * 1024  # what one entry costs beside its bytes (open, stat, metadata): ~64 KiB of reading
@@ -73,8 +73,9 @@ def plan_tree(root_path: str, excludes: list[str], workers: int, one_file_system
     total = _cost(tree)
     target = max(total // max(1, workers * parts_per_worker), ENTRY_COST)
     parts: list[TreePart] = []
-    root = _split(tree, "", list(excludes), previous_root, objects, target, parts)
-    return Plan(root, parts, tree.bytes, tree.entries, measured.errors)
+    errors = list(measured.errors)
+    root = _split(tree, "", list(excludes), previous_root, objects, target, parts, errors)
+    return Plan(root, parts, tree.bytes, tree.entries, errors)
 
 
 @dataclass
@@ -141,8 +142,9 @@ def _measure(path: str, st: os.stat_result, patterns: list[str], root_dev: int, 
 
 
 def _split(m: _Measured, name: str, outer: list[str], prev_oid: str | None, objects, target: int,
-           parts: list[TreePart]) -> SplitDir:
-    node = SplitDir(m.path, _entry_from_stat(name, m.st, TYPE_DIR))
+           parts: list[TreePart], errors: list[dict]) -> SplitDir:
+    node = SplitDir(m.path, make_entry(m.path, name, m.st, TYPE_DIR,
+                                       lambda p, msg: errors.append({"path": p, "error": msg})))
     prev = _previous_children(objects, prev_oid)
     batch: list[str] = []
     batch_bytes = batch_cost = batch_entries = 0
@@ -158,7 +160,7 @@ def _split(m: _Measured, name: str, outer: list[str], prev_oid: str | None, obje
         if sub is not None and sub.readable and _cost(sub) + ENTRY_COST > target:
             old = prev.get(child_name)
             child_prev = old.oid if old is not None and old.type == TYPE_DIR else None
-            node.dirs.append(_split(sub, child_name, m.inside, child_prev, objects, target, parts))
+            node.dirs.append(_split(sub, child_name, m.inside, child_prev, objects, target, parts, errors))
             continue
         # a directory that fits (or cannot be read: its part reports it) goes whole into a batch
         if sub is not None:

@@ -481,8 +481,8 @@ def test_forged_directory_entry_is_corruption(entry):
 
 @pytest.mark.parametrize("doc", [
     {"v": 1, "entries": [_entry(), _entry()]}, {"v": 1, "entries": [_entry(name="a"), _entry(name=b"a")]},
-    {"v": 3, "entries": []}, {"v": 1, "entries": 5}, {"v": 1}, [1], "text", None,
-], ids=["duplicate", "duplicate str and bytes", "version 3", "entries int", "no entries", "list", "str", "nil"])
+    {"v": 4, "entries": []}, {"v": 1, "entries": 5}, {"v": 1}, [1], "text", None,
+], ids=["duplicate", "duplicate str and bytes", "version 4", "entries int", "no entries", "list", "str", "nil"])
 def test_forged_directory_object_is_corruption(doc):
     with pytest.raises(CorruptionError):
         decode_directory(msgpack.packb(doc))
