@@ -96,7 +96,7 @@ def verify(repo: Repository, root: str, percent: float = 100.0, rng: random.Rand
                 continue
             try:
                 for cid, _n in repo.objects.chunks(e.oid):
-                    if cid in seen:
+                    if cid is None or cid in seen:  # (a hole is no content)
                         continue
                     data = repo.contents.read(cid)
                     seen.add(cid)

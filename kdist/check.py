@@ -407,7 +407,7 @@ class Checker:
         indirect, cid = parse_object_id(oid)
         ids = [cid]
         if indirect and self.locate(cid)[1] is None:
-            ids += [c for c, _n in self.objects.chunks(oid)]
+            ids += [c for c, _n in self.objects.chunks(oid) if c is not None]  # (a hole is no content)
         bad = []
         for c in ids:
             entry, reason = self.locate(c)

@@ -515,7 +515,12 @@ class Restorer:
         try:
             written = 0
             hole = False
-            for cid, _n in chunks:
+            for cid, n in chunks:
+                if cid is None:  # a hole of the snapshot's file: a hole here too
+                    os.lseek(fd, n, os.SEEK_CUR)
+                    written += n
+                    hole = True
+                    continue
                 data = self.repo.contents.read(cid)
                 hole = data.count(0) == len(data) and bool(data)
                 if hole:  # keep sparse files sparse

@@ -79,10 +79,8 @@ def existing_state(repo: Repository, dir_fd: int, e: Entry, owner: bool, compare
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino, statmod.S_IFMT(now.st_mode)) != (st.st_dev, st.st_ino, kind):
             return DIFFERENT  # replaced since it was listed
-        if not special:
-            with os.fdopen(os.dup(fd), "rb") as f:
-                if not repo.objects.same_content(e.oid, f):
-                    return DIFFERENT
+        if not special and not repo.objects.same_content(e.oid, fd):
+            return DIFFERENT
         node = f"/proc/self/fd/{fd}" if special else fd
         same_meta = (statmod.S_IMODE(now.st_mode) == e.mode & 0o7777 and now.st_mtime_ns == e.mtime_ns
                      and (not owner or (now.st_uid, now.st_gid) == (e.uid, e.gid))

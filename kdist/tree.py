@@ -151,7 +151,7 @@ def object_contents(objects: ObjectStore, oid: str) -> list[bytes]:
     indirect, cid = parse_object_id(oid)
     if not indirect:
         return [cid]
-    return [cid] + [c for c, _n in objects.chunks(oid)]
+    return [cid] + [c for c, _n in objects.chunks(oid) if c is not None]  # (a hole is no content)
 
 
 def reached_contents(walker: TreeWalker, objects: ObjectStore, root: str) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ from typing import Callable
 from repo_format import clock
 from repo_format.content import ContentLost
 from repo_format.errors import KdistError, is_outage
-from repo_format.objects import parse_object_id
+from repo_format.objects import parse_object_id, sparse_extents
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
@@ -674,7 +674,13 @@ class Uploader:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
-                oid, length = self.repo.objects.write_stream(f, on_chunk=self._count_read)
+                # fewer blocks than bytes: it may have holes, which are listed, never read
+                runs = sparse_extents(fd, before.st_size) if before.st_blocks * 512 < before.st_size else None
+                if runs is not None:
+                    oid, length = self.repo.objects.write_sparse(fd, runs, on_chunk=self._count_read)
+                else:
+                    os.lseek(fd, 0, os.SEEK_SET)  # (sparse_extents moved it)
+                    oid, length = self.repo.objects.write_stream(f, on_chunk=self._count_read)
                 after = os.fstat(f.fileno())
         except OSError as exc:
             self._error(path, f"error while reading file: {exc.strerror}")

@@ -77,6 +77,7 @@ MAX_PACK_NAME_LENGTH = 200
 # --- objects -------------------------------------------------------------------------------
 INDIRECT_OBJECT_PREFIX = "I"
 OBJECT_LIST_VERSION = 1
+OBJECT_LIST_VERSION_HOLES = 2  # a list holding holes ([nil, length]): kdist before them refuses it
 
 # --- epochs, sessions, maintenance (gc/README.md) -----------------------------------------
 EPOCH_MARKER_PREFIX = "xe"

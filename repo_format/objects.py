@@ -1,7 +1,8 @@
 """Objects: byte streams of any size, split by a content-defined chunker into contents.
 
 An object id is the hex content id of its only chunk, or ``I`` + the hex id of an *indirect*
-content: a metadata content listing the object's chunks ``[(id, length), ...]`` (msgpack). The
+content: a metadata content listing the object's chunks ``[(id, length), ...]`` (msgpack), where
+an id of None is a *hole*: that many zero bytes, not stored (a sparse file's). The
 chunker is FastCDC 2020 (pyfastcdc, compiled, releases the GIL) with a gear table seeded from the
 repository's secret, so chunk boundaries do not reveal plaintext to someone without the key.
 """
@@ -9,7 +10,9 @@ repository's secret, so chunk boundaries do not reveal plaintext to someone with
 from __future__ import annotations
 
 import bisect
+import errno
 import io
+import os
 import threading
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -97,6 +100,53 @@ def parse_object_id(oid: str) -> tuple[bool, bytes]:
     return indirect, cid
 
 
+def sparse_extents(fd: int, size: int) -> list[tuple[int, int, bool]] | None:
+    """A file's first ``size`` bytes as ``(offset, length, data)`` runs of data and holes, from
+    SEEK_DATA/SEEK_HOLE; None when it has no hole there, or its file system cannot say. Moves
+    the descriptor's offset: callers read by offset (``pread``), or seek back."""
+    runs: list[tuple[int, int, bool]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), size)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: nothing but a hole from here on
+                    raise
+                data = size
+            if data > pos:
+                runs.append((pos, data - pos, False))
+            if data >= size:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            runs.append((data, hole - data, True))
+            pos = hole
+    except (OSError, AttributeError):  # no SEEK_DATA on this system or file system
+        return None
+    return runs if any(not is_data for _o, _n, is_data in runs) else None
+
+
+class _Window(io.RawIOBase):
+    """``length`` bytes of a file from ``offset``, read with ``preadv`` (the descriptor's own
+    offset is neither used nor moved)."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        super().__init__()
+        self._fd, self._pos, self._end = fd, offset, offset + length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        want = min(len(b), self._end - self._pos)
+        if want <= 0:
+            return 0
+        with memoryview(b) as view:
+            n = os.preadv(self._fd, [view[:want]], self._pos)
+        self._pos += n
+        return n
+
+
 class ObjectStore:
     def __init__(self, contents: ContentStore, splitter: Splitter):
         self.contents = contents
@@ -111,35 +161,57 @@ class ObjectStore:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
 
+    def write_sparse(self, fd: int, runs: list[tuple[int, int, bool]], on_chunk=None) -> tuple[str, int]:
+        """Store a sparse file by its ``runs`` (``sparse_extents``): each run of data is cut
+        and stored as a stream of its own; a hole is listed, never read or hashed."""
+        chunks: list[tuple[bytes | None, int]] = []
+        for offset, length, is_data in runs:
+            if not is_data:
+                chunks.append((None, length))
+                continue
+            for data in self.splitter.split(_Window(fd, offset, length)):
+                chunks.append((self.contents.write(data), len(data)))
+                if on_chunk is not None:
+                    on_chunk(len(data))
+        return self._finish(chunks, False), sum(n for _, n in chunks)
+
     def write_bytes(self, data: bytes, metadata: bool = False) -> str:
         if len(data) <= self.splitter.min_size:  # one chunk, uncut: no need to run the chunker
             return self.contents.write(data, metadata=metadata).hex()
         return self.write_stream(io.BytesIO(data), metadata)[0]
 
-    def _finish(self, chunks: list[tuple[bytes, int]], metadata: bool) -> str:
+    def _finish(self, chunks: list[tuple[bytes | None, int]], metadata: bool) -> str:
         if not chunks:
             return self.contents.write(b"", metadata=metadata).hex()
-        if len(chunks) == 1:
+        if len(chunks) == 1 and chunks[0][0] is not None:
             return chunks[0][0].hex()
-        listing = msgpack.packb({"v": C.OBJECT_LIST_VERSION, "chunks": [[c, n] for c, n in chunks]})
+        holes = any(c is None for c, _n in chunks)
+        listing = msgpack.packb({"v": C.OBJECT_LIST_VERSION_HOLES if holes else C.OBJECT_LIST_VERSION,
+                                 "chunks": [[c, n] for c, n in chunks]})
         return C.INDIRECT_OBJECT_PREFIX + self.contents.write(listing, metadata=True).hex()
 
-    def same_content(self, oid: str, stream: BinaryIO) -> bool:
-        """Whether ``stream`` holds exactly object ``oid``'s bytes: cut and hashed as a backup
-        would and compared with the object's chunk list, so nothing is downloaded (but an
-        indirect object's list). Stops at the first chunk that differs."""
-        want = [cid for cid, _n in self.chunks(oid)]
-        got = 0
-        for data in self.splitter.split(stream):
-            if got >= len(want) or self.contents.content_id(data) != want[got]:
+    def same_content(self, oid: str, fd: int) -> bool:
+        """Whether the file open at ``fd`` holds exactly object ``oid``'s bytes: read piece by
+        piece along the object's chunk list and hashed, so nothing is downloaded (but an
+        indirect object's list). A hole of the object must read as zeros (a hole in the file is
+        skipped, not read). Stops at the first piece that differs."""
+        pos = 0
+        for cid, n in self.chunks(oid):
+            if n < 0:  # a content the index does not hold: nothing to compare with
                 return False
-            got += 1
-        if not got:  # an empty stream is the object of the empty content
-            return want == [self.contents.content_id(b"")]
-        return got == len(want)
+            if cid is None:
+                if not _zeros(fd, pos, n):
+                    return False
+            else:
+                data = _pread_all(fd, n, pos)
+                if len(data) != n or self.contents.content_id(data) != cid:
+                    return False
+            pos += n
+        return os.pread(fd, 1, pos) == b""
 
-    def chunks(self, oid: str) -> list[tuple[bytes, int]]:
-        """The object's chunk list ``[(content id, length)]``."""
+    def chunks(self, oid: str) -> list[tuple[bytes | None, int]]:
+        """The object's chunk list ``[(content id, length)]``; a content id of None is a hole
+        of that many zero bytes."""
         indirect, cid = parse_object_id(oid)
         if not indirect:
             entry = self.contents.lookup(cid)
@@ -147,14 +219,17 @@ class ObjectStore:
             return [(cid, length)]
         try:
             listing = msgpack.unpackb(self.contents.read(cid), raw=False)
-            if listing["v"] != C.OBJECT_LIST_VERSION:
-                raise CorruptionError(f"object {oid} has unknown list version {listing['v']}")
+            version = listing["v"]
+            if version not in (C.OBJECT_LIST_VERSION, C.OBJECT_LIST_VERSION_HOLES):
+                raise CorruptionError(f"object {oid} has unknown list version {version}")
             chunks = [(c, n) for c, n in listing["chunks"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptionError(f"object {oid} has a malformed chunk list") from exc
-        # exact types: bytes(n) of a hostile integer would allocate n bytes, int() of inf raises
-        if not all(type(c) is bytes and len(c) == C.CONTENT_ID_SIZE and type(n) is int and 0 <= n < 2**63
-                   for c, n in chunks):
+        # exact types: bytes(n) of a hostile integer would allocate n bytes, int() of inf raises;
+        # a hole (version 2 only) is at least one byte long
+        holes = version == C.OBJECT_LIST_VERSION_HOLES
+        if not all((type(c) is bytes and len(c) == C.CONTENT_ID_SIZE or holes and c is None and n)
+                   and type(n) is int and 0 <= n < 2**63 for c, n in chunks):
             raise CorruptionError(f"object {oid} has a malformed chunk list")
         return chunks
 
@@ -164,6 +239,40 @@ class ObjectStore:
     def read_all(self, oid: str) -> bytes:
         with self.open(oid) as r:
             return r.read()
+
+
+def _pread_all(fd: int, n: int, pos: int) -> bytes:
+    """``n`` bytes from ``pos`` (fewer only at the end of the file)."""
+    data = os.pread(fd, n, pos)
+    while 0 < len(data) < n:
+        more = os.pread(fd, n - len(data), pos + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _zeros(fd: int, pos: int, n: int) -> bool:
+    """Whether the file's bytes ``pos .. pos + n`` exist and are all zero: its holes there are
+    skipped (SEEK_DATA), only its data is read."""
+    end = pos + n
+    if os.fstat(fd).st_size < end:
+        return False
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole to the end of the file
+                return True
+            if exc.errno != errno.EINVAL:  # EINVAL: no SEEK_DATA here; read it all
+                raise
+        if pos >= end:
+            return True
+        data = os.pread(fd, min(end - pos, _READ_BLOCK), pos)
+        if not data or data.count(0) != len(data):
+            return False
+        pos += len(data)
+    return True
 
 
 class ObjectReader(io.RawIOBase):
@@ -214,6 +323,8 @@ class ObjectReader(io.RawIOBase):
     def _chunk(self, i: int) -> bytes:
         if self._cached is None or self._cached[0] != i:
             cid, n = self._chunks[i]
+            if cid is None:  # a hole: its zeros are made as they are read (readinto)
+                raise AssertionError("a hole is not read")
             data = self._store.contents.read(cid)
             if n >= 0 and len(data) != n:
                 raise CorruptionError(f"chunk {cid.hex()} has length {len(data)}, expected {n}")
@@ -225,8 +336,13 @@ class ObjectReader(io.RawIOBase):
         if self._pos >= size:
             return 0
         i = bisect.bisect_right(self._starts, self._pos) - 1
-        data = self._chunk(i)
         start = self._pos - self._starts[i]
+        if self._chunks[i][0] is None:  # a hole: at most the caller's buffer of zeros, whatever its length
+            n = min(len(b), self._chunks[i][1] - start)
+            b[:n] = bytes(n)
+            self._pos += n
+            return n
+        data = self._chunk(i)
         n = min(len(b), len(data) - start)
         b[:n] = data[start:start + n]
         self._pos += n
