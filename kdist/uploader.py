@@ -32,7 +32,7 @@ from repo_format.repository import Repository
 
 from kdist.snapshot import (
     DEVICE_TYPES, DRIVER_LABEL, ENTRY_FIELDS, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
-    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host,
+    TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host, check_entry_name,
     Listing, encode_directory, fewer_collections, previous_root, read_listing,
 )
 
@@ -115,6 +115,9 @@ class BackupOptions:
     description: str = ""
     reuse_previous: bool = True
     host: str = ""  # the snapshot's host name; "" is this machine's (a host key's host: its own)
+    # --files-from: absolute paths under the backed-up directory; only they (a directory with all
+    # it holds) and the directories on the way to them are backed up. None: everything.
+    files: list[str] | None = None
 
 
 @dataclass
@@ -273,6 +276,34 @@ def _entry_from_stat(name: str, st: os.stat_result, etype: str) -> Entry:
     )
 
 
+class Selection:
+    """What ``--files-from`` lists under a backup's root: each listed path is backed up whole,
+    and the directories on the way to one are walked for it alone (a file on the way is not
+    listed, so left out). Remembers what the walk met, so that a listed path it did not is
+    reported."""
+
+    def __init__(self, root: str, paths: list[str]):
+        self.listed = {os.path.normpath(p) for p in paths}
+        self.on_the_way: set[str] = set()
+        for p in self.listed:
+            while p != root and p != os.path.dirname(p):
+                p = os.path.dirname(p)
+                self.on_the_way.add(p)
+        self.met: set[str] = set()
+
+    def verdict(self, path: str) -> str | None:
+        """``"whole"`` for a listed path, ``"walk"`` for a directory on the way to one, else None."""
+        if path in self.listed:
+            self.met.add(path)
+            return "whole"
+        return "walk" if path in self.on_the_way else None
+
+    def missing(self) -> list[tuple[str, str]]:
+        """Each listed path the walk did not back up, and why."""
+        return [(p, "listed in --files-from, but excluded, or not below a directory" if os.path.lexists(p)
+                 else "listed in --files-from, but it does not exist") for p in sorted(self.listed - self.met)]
+
+
 @dataclass
 class TreePart:
     """One unit of a sharded backup: the directory ``path`` as a whole (``names`` None), or the
@@ -361,9 +392,14 @@ class Uploader:
         self._begin(source or Source.local(root_path, self.options.host), st.st_dev)
         previous = self._previous_root()
         self._root = DirNode(make_entry(root_path, "", st, TYPE_DIR, self._error), top=True)
+        files = self.options.files
+        self._selection = Selection(root_path, files) if files is not None else None
+        whole = self._selection is None or self._selection.verdict(root_path) == "whole"
         # the previous snapshot's directory objects lie together in metadata packs: read ahead
         with self.repo.contents.reading_ahead() if previous else contextlib.nullcontext():
-            self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes)))
+            self._run(lambda: self._walk(root_path, self._root, previous, list(self.options.excludes), whole))
+        for missing, why in self._selection.missing() if self._selection is not None else ():
+            self._error(missing, why)
         root_entry = self._write_tree(self._root, final=True)
         snap = self._publish(root_entry, checkpoint=False)
         if self._checkpoint_ids:
@@ -436,6 +472,7 @@ class Uploader:
         self._last_checkpoint = clock.monotonic()
         self._new_bytes_base = self.repo.contents.stats.bytes_original
         self._futures = []
+        self._selection = None
         self._checkpoint_ids = []
         self._batch = _Batch()
         self._reuse: list[_Reuse] = []
@@ -468,7 +505,41 @@ class Uploader:
             if len(self.error_list) < MAX_REPORTED_ERRORS:
                 self.error_list.append({"path": path, "error": message})
 
-    def _walk(self, path: str, node: DirNode, prev_oid: str | None, patterns: list[str]) -> None:
+    def backup_stream(self, stream, name: str, source: Source) -> Snapshot:
+        """Back up what ``stream`` gives until its end as the file ``name``, alone in a
+        snapshot of its own ``source`` (``snapshot create --stdin``): cut and stored as it
+        arrives, with checkpoints as for any file. Owned by this user, mode 0644 (0755 for the
+        root directory), with the time of the backup. A read that fails fails the backup: a
+        part of a stream is not a backup of it."""
+        check_entry_name(name)
+        self._begin(source, 0)
+        now = int(clock.now() * 1e9)
+        uid, gid = os.getuid(), os.getgid()
+        owner = dict(mtime_ns=now, uid=uid, gid=gid, user=_user(uid), group=_group(gid))
+        self._root = DirNode(Entry("", TYPE_DIR, mode=0o755, **owner), top=True)
+        entry = Entry(name, TYPE_FILE, mode=0o644, **owner)
+        with self._lock:
+            self.stats.dirs += 1
+            self.stats.files += 1
+        self._run(lambda: self._root.children.append(self._submit(self._read_stream, stream, entry)))
+        snap = self._publish(self._write_tree(self._root, final=True), checkpoint=False)
+        if self._checkpoint_ids:
+            self.repo.manifests.delete(self._checkpoint_ids)
+        return snap
+
+    def _read_stream(self, stream, entry: Entry) -> Entry:
+        try:
+            entry.oid, entry.size = self.repo.objects.write_stream(stream, on_chunk=self._count_read)
+        except OSError as exc:
+            raise SourceError(f"error while reading standard input: {exc.strerror or exc}") from None
+        with self._lock:
+            self.stats.files_read += 1
+            self.stats.bytes += entry.size
+        return entry
+
+    def _walk(self, path: str, node: DirNode, prev_oid: str | None, patterns: list[str], whole: bool = True) -> None:
+        """Back up the directory ``path`` into ``node``: all of it, or with ``whole`` False only
+        what ``--files-from`` selects in it (``Selection``)."""
         with self._lock:
             self.stats.dirs += 1
         try:
@@ -488,6 +559,12 @@ class Uploader:
             child_path = os.path.join(path, d.name)
             if is_excluded(child_path, d.name, self._source.path, patterns):
                 continue
+            child_whole = True
+            if not whole:
+                verdict = self._selection.verdict(child_path)
+                if verdict is None or (verdict == "walk" and not d.is_dir(follow_symlinks=False)):
+                    continue
+                child_whole = verdict == "whole"
             try:
                 st = d.stat(follow_symlinks=False)
             except OSError as exc:
@@ -495,7 +572,7 @@ class Uploader:
                 continue
             old = prev.get(d.name)
             matched += old is not None
-            same = self._add_child(node, child_path, d.name, st, old, patterns, complete) and same
+            same = self._add_child(node, child_path, d.name, st, old, patterns, complete, child_whole) and same
         node.prev_oid, node.same = prev_oid, same and matched == len(prev)
 
     def _add_names(self, part: "TreePart") -> None:
@@ -512,9 +589,10 @@ class Uploader:
             self._add_child(self._root, child_path, name, st, prev.get(name), list(part.patterns), complete)
 
     def _add_child(self, node: DirNode, child_path: str, name: str, st: os.stat_result, old: Entry | None,
-                   patterns: list[str], complete: bool) -> bool:
+                   patterns: list[str], complete: bool, whole: bool = True) -> bool:
         """Add one child; returns whether it looks as it did in the previous snapshot
-        (``DirNode.same``). ``complete``: ``old`` comes from a complete listing."""
+        (``DirNode.same``). ``complete``: ``old`` comes from a complete listing; ``whole``: a
+        directory is walked for all it holds (else for what ``--files-from`` selects)."""
         same = False
         if statmod.S_ISDIR(st.st_mode):
             if self.options.one_file_system and st.st_dev != self._root_dev:
@@ -522,7 +600,7 @@ class Uploader:
             old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
             child = DirNode(make_entry(child_path, name, st, TYPE_DIR, self._error))
             node.children.append(child)
-            self._walk(child_path, child, old_oid, patterns)
+            self._walk(child_path, child, old_oid, patterns, whole)
             same = child.same and _same_metadata(child.entry, old)
         elif statmod.S_ISREG(st.st_mode):
             if old is not None and complete and _same_file(st, old):  # the previous entry is this one, as it is

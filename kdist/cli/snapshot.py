@@ -23,7 +23,9 @@ from kdist.cli.snapshot_out import cat, dump, find, resolve
 from kdist.cli.text import local_time, printable
 from kdist.restore import Restorer, find_subtree
 from kdist.restore_plan import DEFAULT_OVERWRITE, OVERWRITE_POLICIES
-from kdist.snapshot import TYPE_DIR, Snapshot, Source, backup_host, list_snapshots, resolve_snapshot, visible_labels
+from kdist.snapshot import (
+    TYPE_DIR, Snapshot, Source, backup_host, check_entry_name, list_snapshots, resolve_snapshot, visible_labels,
+)
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
 
@@ -61,8 +63,27 @@ def _processes(ctx, param, value):
     return n
 
 
+def _read_list(path: str, nul: bool) -> list[str]:
+    """The paths a --files-from (``nul``: --files-from0) file lists, made absolute. One a line,
+    empty lines and lines starting with # left out; with NUL separators, every name verbatim."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--files-from") from None
+    if nul:
+        names = [n for n in data.split(b"\0") if n]
+    else:
+        names = [n[:-1] if n.endswith(b"\r") else n for n in data.split(b"\n")]
+        names = [n for n in names if n.strip() and not n.startswith(b"#")]
+    return [os.path.abspath(os.fsdecode(n)) for n in names]
+
+
 @snapshot_group.command("create")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--exclude", "excludes", multiple=True, help="Glob of names or relative paths to leave out (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
 @click.option("--description", default="", help="Free text stored with the snapshot.")
@@ -76,16 +97,29 @@ def _processes(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--host", default="", help="Publish the snapshots under this host name (default: this machine's; "
                                         "a host key's own host, which it cannot change).")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="Back up standard input as one file (`pg_dump db | kdist snapshot create --stdin ...`).")
+@click.option("--stdin-filename", default="stdin", show_default=True, metavar="NAME",
+              help="With --stdin: the file's name; the snapshot's path is stdin:NAME.")
+@click.option("--files-from", "files_from", metavar="FILE",
+              help="Back up only the paths FILE lists under PATH, one a line (# comments; - is standard input).")
+@click.option("--files-from0", "files_from0", metavar="FILE", help="As --files-from, the paths separated by NUL.")
 @metrics_options("backup", lambda kw: {"host": kw.get("host") or socket.gethostname()})
 @with_repository(append_only=True, roles=(ADMIN, HOST), what="back up")
 def create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
-           as_json, host, metrics):
-    """Back up each PATH (a directory) as one snapshot."""
+           as_json, host, from_stdin, stdin_filename, files_from, files_from0, metrics):
+    """Back up each PATH (a directory) as one snapshot; or standard input (--stdin); or the
+    paths a list names below one PATH (--files-from)."""
     started, results = clock.monotonic(), []
     name = host or socket.gethostname()  # the metrics' label: the same on success and on every failure
+    files = _selection(paths, from_stdin, stdin_filename, files_from, files_from0)
     try:
-        partial = _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers,
-                          processes, as_json, host, results)
+        if from_stdin:
+            partial = _create_from_stdin(repo, stdin_filename, tags, description, checkpoint_interval, as_json, host,
+                                         results)
+        else:
+            partial = _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval,
+                              workers, 1 if files is not None else processes, as_json, host, results, files)
     except BaseException:
         _backup_metrics(metrics, name, results, False, clock.monotonic() - started)
         raise
@@ -94,12 +128,70 @@ def create(repo, paths, excludes, tags, description, one_file_system, checkpoint
         sys.exit(exit_codes.PARTIAL)
 
 
+def _selection(paths, from_stdin: bool, stdin_filename: str, files_from, files_from0) -> list[str] | None:
+    """Check how the sources are given; the paths --files-from lists (None without it)."""
+    if files_from and files_from0:
+        raise click.UsageError("give --files-from or --files-from0, not both")
+    listing = files_from or files_from0
+    if from_stdin:
+        if paths or listing:
+            raise click.UsageError("--stdin backs up standard input alone: give no PATH and no --files-from")
+        try:
+            check_entry_name(stdin_filename)
+        except KdistError:
+            raise click.BadParameter(f"{stdin_filename!r}: a file name, without /", param_hint="--stdin-filename") \
+                from None
+        return None
+    if not paths:
+        raise click.UsageError("give a directory to back up (or --stdin)")
+    if listing is None:
+        return None
+    if len(paths) != 1:
+        raise click.UsageError("--files-from needs the one directory the listed paths are in: "
+                               "kdist snapshot create DIR --files-from FILE")
+    base = os.path.abspath(paths[0])
+    files = _read_list(listing, nul=bool(files_from0))
+    outside = [p for p in files if os.path.commonpath([base, p]) != base]
+    if outside:
+        raise click.BadParameter(f"{printable(outside[0])} is not in {printable(base)}"
+                                 + (f" (nor are {len(outside) - 1} more)" if len(outside) > 1 else ""),
+                                 param_hint="--files-from")
+    return files
+
+
+def _create_from_stdin(repo, name, tags, description, checkpoint_interval, as_json, host, results: list) -> bool:
+    """``snapshot create --stdin``: one snapshot of the source ``stdin:NAME``."""
+    if sys.stdin.isatty():
+        raise click.UsageError("standard input is a terminal: pipe the data to back up into kdist")
+    opts = BackupOptions(tags=list(tags), description=description, checkpoint_interval=checkpoint_interval,
+                         host=backup_host(repo.identity, host))
+    source = Source.local(f"stdin:{name}", opts.host)
+    progress = ProgressLine()
+    try:
+        snap = Uploader(repo, opts, progress=lambda st, _l: progress.update(st.files_read, st.bytes_read, "reading: ")
+                        ).backup_stream(sys.stdin.buffer, name, source)
+    except KdistError as exc:
+        progress.close()
+        _record_failure(repo, source.path, opts.host, exc)
+        raise
+    progress.close()
+    results.append(snap)
+    if as_json:
+        repo.close()
+        click.echo(json.dumps([{**_snapshot_json(snap), "requests": storage_requests(repo)}], indent=2))
+    else:
+        t = snap.totals
+        click.echo(f"snapshot {snap.short_id} of {printable(snap.source.path)}: {human_bytes(t['bytes'])} from "
+                   f"standard input, new data {human_bytes(t['new_bytes'])}, {snap.end - snap.start:.1f} s")
+    return False
+
+
 def _record_failure(repo, path: str, host: str, exc: KdistError) -> None:
     """Record the failed backup of ``path`` in the repository (``kdist fleet status`` shows it),
     if the repository still takes a blob; the backup's own error is what the command reports."""
     from kdist.failures import try_record_failure
 
-    source = Source.local(os.path.abspath(path), host)
+    source = Source.local(path, host)  # (an absolute path, or stdin:NAME)
     why = try_record_failure(repo.manifests, source.host, source.user, source.path, str(exc),
                              exit_codes.exit_code_for(exc))
     if why:
@@ -118,12 +210,12 @@ def _backup_metrics(metrics, host: str, results: list, success: bool, duration: 
 
 
 def _create(repo, paths, excludes, tags, description, one_file_system, checkpoint_interval, workers, processes,
-            as_json, host, results: list) -> bool:
+            as_json, host, results: list, files: list[str] | None = None) -> bool:
     from kdist.processes import ProcessPool, auto_processes, measure
 
     opts = BackupOptions(excludes=list(excludes), tags=list(tags), description=description,
                          one_file_system=one_file_system, checkpoint_interval=checkpoint_interval,
-                         host=backup_host(repo.identity, host))
+                         host=backup_host(repo.identity, host), files=files)
     if workers:
         opts.workers = workers
     # Several processes fork before this process starts a thread, so the trees are measured first.
@@ -133,7 +225,7 @@ def _create(repo, paths, excludes, tags, description, one_file_system, checkpoin
             try:
                 measured[path] = measure(path, opts)
             except KdistError as exc:
-                _record_failure(repo, path, opts.host, exc)
+                _record_failure(repo, os.path.abspath(path), opts.host, exc)
                 raise
         if auto:
             processes = max(auto_processes(m.entries) for m in measured.values())
@@ -154,7 +246,7 @@ def _create(repo, paths, excludes, tags, description, one_file_system, checkpoin
                     snap = Uploader(repo, replace(opts), progress=show).backup(path)
             except KdistError as exc:
                 progress.close()
-                _record_failure(repo, path, opts.host, exc)
+                _record_failure(repo, os.path.abspath(path), opts.host, exc)
                 raise
             finally:
                 progress.close()

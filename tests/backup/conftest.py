@@ -46,3 +46,19 @@ def dir_repo(tmp_path):
     yield repo
     repo.close()
 
+
+
+@pytest.fixture(params=["fs", "s3"])
+def cli_repo_args(request, monkeypatch, tmp_path):
+    """A new repository for CLI tests (test password, no inherited settings), on the filesystem
+    and on S3 (moto's server): the arguments that name it."""
+    from kdist_trees import cli_env, run_cli
+
+    cli_env(monkeypatch)
+    if request.param == "fs":
+        args = ["--repo", str(tmp_path / "repo")]
+    else:
+        endpoint, bucket = request.getfixturevalue("s3_bucket")
+        args = ["--repo", f"s3://{bucket}/cli", "--endpoint-url", endpoint]
+    run_cli("repo", "create", *args)
+    return args

@@ -22,15 +22,9 @@ def env(monkeypatch):
     cli_env(monkeypatch)
 
 
-@pytest.fixture(params=["fs", "s3"])
-def repo_args(request, env, tmp_path):
-    if request.param == "fs":
-        args = ["--repo", str(tmp_path / "repo")]
-    else:
-        endpoint, bucket = request.getfixturevalue("s3_bucket")
-        args = ["--repo", f"s3://{bucket}/help-desk", "--endpoint-url", endpoint]
-    run_cli("repo", "create", *args)
-    return args
+@pytest.fixture
+def repo_args(cli_repo_args):
+    return cli_repo_args
 
 
 def backup(repo_args, src) -> str:

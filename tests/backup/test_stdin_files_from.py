@@ -1,0 +1,174 @@
+"""``snapshot create --stdin`` (a stream backed up as one file, in a source of its own) and
+``--files-from``/``--files-from0`` (only the listed paths under one directory), through the CLI
+on the filesystem and S3 (moto)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+
+import pytest
+
+from kdist.cli import exit_codes
+from kdist.snapshot import Source, list_snapshots, read_directory
+from kdist.uploader import BackupOptions, SourceError, Uploader
+from kdist_trees import run_cli
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def repo_args(cli_repo_args):
+    return cli_repo_args
+
+
+def created(result) -> dict:
+    return json.loads(result.stdout)[0]
+
+
+def test_stdin_is_one_file_in_a_source_of_its_own_and_deduplicates(repo_args, tmp_path):
+    dump = os.urandom(3 * MIB) + b"the end\n"
+    first = created(run_cli("snapshot", "create", *repo_args, "--stdin", "--stdin-filename", "db.sql", "--json",
+                            input=dump))
+    assert first["source"]["path"] == "stdin:db.sql" and first["totals"]["bytes"] == len(dump)
+    assert first["totals"]["files"] == 1 and first["totals"]["errors"] == 0
+    rows = json.loads(run_cli("snapshot", "ls", *repo_args, "latest", "--json").stdout)
+    assert [(r["path"], r["type"], r["size"]) for r in rows] == [("db.sql", "f", len(dump))]
+    assert run_cli("snapshot", "cat", *repo_args, "latest", "db.sql").stdout_bytes == dump
+    run_cli("snapshot", "restore", *repo_args, "latest", tmp_path / "r")
+    assert (tmp_path / "r" / "db.sql").read_bytes() == dump
+    again = created(run_cli("snapshot", "create", *repo_args, "--stdin", "--stdin-filename", "db.sql", "--json",
+                            input=dump))
+    assert again["totals"]["new_bytes"] < 10_000  # the stream's chunks were all there: a directory at most
+    listed = json.loads(run_cli("snapshot", "list", *repo_args, "--path", "stdin:db.sql", "--json").stdout)
+    assert [s["id"] for s in listed] == [first["id"], again["id"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stdin", "--stdin-filename", "a/b"], "a file name, without /"),
+    (["--stdin", "--stdin-filename", ".."], "a file name, without /"),
+    (["--stdin", "SOMEDIR"], "give no PATH"),
+    ([], "give a directory to back up"),
+])
+def test_stdin_misuse_is_a_usage_error(repo_args, args, message):
+    got = run_cli("snapshot", "create", *repo_args, *args, code=exit_codes.USAGE, input=b"x")
+    assert message in got.output
+
+
+def test_a_stream_that_fails_publishes_nothing_and_one_that_runs_long_is_checkpointed(repo, virtual_time):
+    class Broken(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            raise OSError(5, "Input/output error")
+
+    up = Uploader(repo, BackupOptions())
+    with pytest.raises(SourceError, match="error while reading standard input: Input/output error"):
+        up.backup_stream(Broken(), "x", Source("h", "u", "stdin:x"))
+    assert list_snapshots(repo.manifests, include_checkpoints=True) == []
+
+    up = Uploader(repo, BackupOptions(checkpoint_interval=60))
+    seen = threading.Event()
+
+    class Slow(io.RawIOBase):
+        """Gives a chunk, lets an hour pass, and gives the rest once a checkpoint is listed."""
+
+        def __init__(self):
+            super().__init__()
+            self.parts = [os.urandom(100_000), os.urandom(100_000)]
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if len(self.parts) == 1:
+                virtual_time[0] += 3600
+                for _ in range(2000):  # (the uploader's wait wakes within 0.05 s; at most 100 s here)
+                    if list_snapshots(repo.manifests, include_checkpoints=True):
+                        seen.set()
+                        break
+                    threading.Event().wait(0.05)
+            if not self.parts:
+                return 0
+            data = self.parts.pop(0)
+            b[:len(data)] = data
+            return len(data)
+
+    snap = up.backup_stream(Slow(), "long.dump", Source("h", "u", "stdin:long.dump"))
+    assert seen.is_set() and up.stats.checkpoints >= 1
+    assert [s.id for s in list_snapshots(repo.manifests, include_checkpoints=True)] == [snap.id]  # superseded
+    assert snap.totals["bytes"] == 200_000
+
+
+def tree(src) -> None:
+    for d in ("etc/ssh", "home/ann/docs", "home/bob", "var/log"):
+        (src / d).mkdir(parents=True)
+    for f in ("etc/hosts", "etc/ssh/sshd_config", "home/ann/docs/a.txt", "home/ann/docs/b.txt", "home/ann/.bashrc",
+              "home/bob/notes", "var/log/syslog"):
+        (src / f).write_text(f"{f}\n")
+
+
+def paths_of(repo_args) -> list[str]:
+    return sorted(r["path"] for r in json.loads(run_cli("snapshot", "ls", *repo_args, "latest", "-r", "--json").stdout))
+
+
+def test_files_from_backs_up_only_the_listed_paths(repo_args, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    tree(src)
+    monkeypatch.chdir(tmp_path)  # relative lines are relative to the working directory
+    (tmp_path / "list").write_text("# changed today\nsrc/etc/hosts\n\nsrc/home/ann/docs\r\n"
+                                   f"{src}/var/log/syslog\n")
+    out = created(run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list", "--json"))
+    assert out["totals"]["errors"] == 0 and out["totals"]["files"] == 4
+    assert paths_of(repo_args) == ["etc", "etc/hosts", "home", "home/ann", "home/ann/docs", "home/ann/docs/a.txt",
+                                   "home/ann/docs/b.txt", "var", "var/log", "var/log/syslog"]
+    (tmp_path / "list0").write_bytes(b"src/home/bob/notes\0" + str(src / "etc").encode() + b"\0")
+    run_cli("snapshot", "create", *repo_args, src, "--files-from0", tmp_path / "list0")
+    assert paths_of(repo_args) == ["etc", "etc/hosts", "etc/ssh", "etc/ssh/sshd_config", "home", "home/bob",
+                                   "home/bob/notes"]
+
+
+def test_files_from_reports_what_it_could_not_back_up_and_refuses_paths_outside(repo_args, tmp_path):
+    src = tmp_path / "src"
+    tree(src)
+    (tmp_path / "list").write_text(f"{src}/etc/hosts\n{src}/gone\n{src}/etc/hosts/not-a-dir\n"
+                                   f"{src}/home/bob/notes/under-a-file\n")
+    got = run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list", "--json",
+                  code=exit_codes.PARTIAL)
+    errors = {e["path"]: e["error"] for e in created(got)["errors"]}
+    assert errors == {f"{src}/gone": "listed in --files-from, but it does not exist",
+                      f"{src}/etc/hosts/not-a-dir": "listed in --files-from, but it does not exist",
+                      f"{src}/home/bob/notes/under-a-file": "listed in --files-from, but it does not exist"}
+    # a file on the way to a listed path is not listed itself: left out
+    assert paths_of(repo_args) == ["etc", "etc/hosts", "home", "home/bob"]
+    (tmp_path / "outside").write_text("/etc/passwd\n")
+    got = run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "outside", code=exit_codes.USAGE)
+    assert "/etc/passwd is not in" in got.output
+    got = run_cli("snapshot", "create", *repo_args, src, src, "--files-from", tmp_path / "list", code=exit_codes.USAGE)
+    assert "needs the one directory" in got.output
+
+
+def test_files_from_excluded_paths_are_reported_and_unchanged_files_reused(repo_args, tmp_path):
+    src = tmp_path / "src"
+    tree(src)
+    (tmp_path / "list").write_text(f"{src}/home/ann\n{src}/var/log/syslog\n")
+    run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list")
+    again = created(run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list", "--json"))
+    assert again["totals"]["files_reused"] == again["totals"]["files"] == 4 and again["totals"]["files_read"] == 0
+    got = run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list", "--exclude", "var",
+                  "--json", code=exit_codes.PARTIAL)
+    assert created(got)["errors"] == [{"path": f"{src}/var/log/syslog",
+                                       "error": "listed in --files-from, but excluded, or not below a directory"}]
+
+
+def test_a_listed_symlink_is_backed_up_as_a_symlink_never_followed(repo, tmp_path):
+    src = tmp_path / "src"
+    tree(src)
+    os.symlink("/etc", src / "link")
+    up = Uploader(repo, BackupOptions(files=[str(src / "link")]))
+    snap = up.backup(str(src))
+    (entry,) = read_directory(repo.objects, snap.root)
+    assert (entry.name, entry.type, entry.target) == ("link", "l", "/etc") and up.stats.errors == 0
