@@ -15,6 +15,7 @@ import fnmatch
 import os
 import tarfile
 from dataclasses import dataclass
+from typing import Callable
 
 from repo_format.errors import CorruptionError
 from repo_format.repository import Repository
@@ -151,8 +152,9 @@ def pax_time(ns: int) -> str:
     return f"{sign}{seconds}.{rest:09d}"
 
 
-def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
-    """A tar header for entry ``e`` at ``path``: type, permissions, owner and mtime as stored."""
+def tar_info(path: str, e: Entry, on_skip: Callable[[str, str], None] | None = None) -> tarfile.TarInfo:
+    """A tar header for entry ``e`` at ``path``: type, permissions, owner, mtime and extended
+    attributes as stored (``on_skip(path, message)`` hears of an attribute tar cannot name)."""
     info = tarfile.TarInfo(path)
     info.mode = e.mode & 0o7777
     info.uid, info.gid = e.uid, e.gid
@@ -160,8 +162,13 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
     info.mtime = e.mtime_ns // 10**9
     info.pax_headers = {"mtime": pax_time(e.mtime_ns)}  # to the nanosecond
     for name, value in e.xattrs:  # as GNU tar --xattrs and bsdtar read them (ACLs and capabilities too)
-        info.pax_headers["SCHILY.xattr." + name.decode("utf-8", "surrogateescape")] = \
-            value.decode("utf-8", "surrogateescape")
+        try:  # a pax keyword is UTF-8
+            keyword = "SCHILY.xattr." + name.decode("utf-8")
+        except UnicodeDecodeError:
+            if on_skip is not None:
+                on_skip(path, f"extended attribute {name!r} left out: its name is not UTF-8")
+            continue
+        info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")
     if e.type == TYPE_DIR:
         info.type = tarfile.DIRTYPE
     elif e.type == TYPE_SYMLINK:
@@ -178,7 +185,8 @@ def tar_info(path: str, e: Entry) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(repo: Repository, start: Entry, name: str, out) -> int:
+def write_tar(repo: Repository, start: Entry, name: str, out,
+              on_skip: Callable[[str, str], None] | None = None) -> int:
     """Write ``start`` (a directory, or one entry) and everything under it to ``out`` as a POSIX
     (pax) tar stream, under the top name ``name`` ("" for a snapshot's root: its entries at the
     top). Returns the number of entries written. A content that cannot be read raises (the
@@ -189,19 +197,19 @@ def write_tar(repo: Repository, start: Entry, name: str, out) -> int:
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                       errors="surrogateescape") as tar:
         if name:
-            count += _add(repo, tar, name, start, links)
+            count += _add(repo, tar, name, start, links, on_skip)
         if start.type != TYPE_DIR:
             return count
         for d in TreeWalker.over(repo.objects, once=False).walk(start.oid, name):
             for e in d.entries:
-                count += _add(repo, tar, d.child_path(e.name), e, links)
+                count += _add(repo, tar, d.child_path(e.name), e, links, on_skip)
     return count
 
 
-def _add(repo: Repository, tar: tarfile.TarFile, path: str, e: Entry, links: dict) -> int:
+def _add(repo: Repository, tar: tarfile.TarFile, path: str, e: Entry, links: dict, on_skip) -> int:
     if e.type == TYPE_SOCKET:  # tar has no sockets (GNU tar leaves them out too)
         return 0
-    info = tar_info(path, e)
+    info = tar_info(path, e, on_skip)
     if e.dev:
         first = links.setdefault((e.dev, e.inode), path)
         if first != path:

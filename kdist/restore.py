@@ -98,20 +98,26 @@ class RestoreStats:
         return dict(self.__dict__)
 
 
+def root_metadata(repo: Repository, snap: Snapshot) -> Entry | None:
+    """The snapshot's root directory's own metadata, if its object holds it (kdist before it
+    did not store it; a damaged root gives None too: the walk reports it, as any directory)."""
+    try:
+        top = read_listing(repo.objects, snap.root).top
+    except KdistError as exc:
+        if is_outage(exc):
+            raise
+        return None
+    if top is not None:
+        top.oid = snap.root
+    return top
+
+
 def find_subtree(repo: Repository, snap: Snapshot, subpath: str | None) -> Entry:
     """The entry at ``subpath`` inside the snapshot (the root for ``None``: with the root
     directory's own metadata when its object holds it, else a bare 0755 one)."""
     entry = Entry(name="", type=TYPE_DIR, oid=snap.root, mode=0o755)
     if not [p for p in (subpath or "").split("/") if p and p != "."]:
-        try:
-            top = read_listing(repo.objects, snap.root).top
-        except KdistError as exc:
-            if is_outage(exc):
-                raise
-            return entry  # a damaged root: the walk reports it, as for any directory
-        if top is not None:
-            top.oid = snap.root
-            return top
+        return root_metadata(repo, snap) or entry
     for part in [p for p in (subpath or "").split("/") if p and p != "."]:
         if entry.type != TYPE_DIR:
             raise RestoreError(f"{subpath!r} is not in the snapshot ({entry.name!r} is not a directory)")
@@ -138,15 +144,36 @@ class _Dir:
         self.rel = parent.rel + (entry.name,) if parent is not None else ()  # names from the target
 
 
+WRITING, OK, FAILED = "writing", "ok", "failed"
+
+
+def link_likeness(e: Entry) -> tuple:
+    """What the files of one link group share (one inode): a file listed in a group but unlike
+    its first file (a crafted snapshot, or two file systems giving the same device number on
+    different nodes of a sharded backup) is restored with its own data, never linked."""
+    return (e.oid, e.size, e.mode, e.uid, e.gid, e.mtime_ns, tuple(e.xattrs))
+
+
 class _LinkGroup:
-    """The files of one link group (a device and inode in the snapshot): the first met is
-    restored with its data, the others are linked to it once every file is written (``_link``).
-    ``ok``: the first now holds the entry's bytes (written, or kept because they matched)."""
+    """One link group (a device and inode of the snapshot). Its first file met is restored with
+    its data (``state`` WRITING); a file of the group met meanwhile waits (``waiting``, its
+    directory kept open and unsettled); once the first is restored (OK: ``ident``, its
+    (st_dev, st_ino), at ``rel``/``name``) each other is linked to it at once, so a directory's
+    links exist before its metadata is set. A first file not restored (FAILED: damaged data,
+    left different by ``never``, something in the way) hands the data to the next one met."""
 
-    __slots__ = ("rel", "name", "ok")
+    __slots__ = ("like", "state", "rel", "name", "ident", "waiting")
 
-    def __init__(self, rel: tuple, name: str):
-        self.rel, self.name, self.ok = rel, name, False
+    def __init__(self, like: tuple):
+        self.like = like
+        self.state = WRITING
+        self.rel: tuple = ()
+        self.name = ""
+        self.ident: tuple[int, int] | None = None
+        self.waiting: list[tuple["_Dir", Entry]] = []
+
+    def holds(self, rel: tuple, name: str, ident: tuple[int, int]) -> None:
+        self.rel, self.name, self.ident = rel, name, ident
 
 
 class Restorer:
@@ -172,22 +199,30 @@ class Restorer:
         self._timed = (0, 0.0)
         self._pool_until = 0.0
         self._pool_seconds = POOL_SECONDS[0]
-        self._groups: dict[tuple[int, int], _LinkGroup] = {}
-        self._links: list[tuple[tuple, Entry | None, Entry]] = []  # (directory, its entry, file) to link
+        self._groups: dict[tuple[int, int], _LinkGroup] = {}  # by (dev, inode): ~200 bytes a group
 
     def restore(self, snap: Snapshot, target: str, subpath: str | None = None) -> RestoreStats:
         """Restore ``subpath`` of the snapshot (all of it for None) into ``target``. A directory
         restored into a target this creates gives the target its mode, owner, attributes and
         times; an existing target keeps its own (it may be /tmp, or the original place)."""
         entry = find_subtree(self.repo, snap, subpath)
+        top = None
+        if entry.type == TYPE_DIR:  # a subdirectory's entry, or the root's own metadata if stored
+            top = entry if [p for p in (subpath or "").split("/") if p and p != "."] else root_metadata(self.repo, snap)
         try:
             created = not os.path.lexists(target)
             os.makedirs(target, exist_ok=True)
             root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise TargetUnusable(f"cannot use {target} as the restore target: {exc.strerror}") from None
+        if created:  # made here: a real directory, unless someone put a symlink in its place since
+            try:
+                os.close(os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
+                created = os.path.samestat(os.stat(root_fd), os.lstat(target))
+            except OSError:
+                created = False
         root = _Dir(root_fd, None, target, None)
-        self._target = target
+        self._root_fd = root_fd
         try:
             with fewer_collections(), self.repo.contents.reading_ahead(), \
                     ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdist-restore") as pool:
@@ -201,11 +236,8 @@ class Restorer:
                 except BaseException as exc:
                     self._stop(exc)  # the batches still queued skip their files: the pool's exit waits for them
                     raise
-            if self._fatal is None:
-                top = entry if created and entry.type == TYPE_DIR else None
-                self._link_all(root_fd, top)
-                if top is not None:
-                    self._settle(root_fd, top, target)
+            if self._fatal is None and created and top is not None:
+                self._settle(root_fd, top, target)
         finally:
             for d in self._open:  # left by a restore that stopped: no metadata, just closed
                 os.close(d.fd)
@@ -359,7 +391,7 @@ class Restorer:
             self.stats.files += files
             self.stats.bytes += nbytes
             self.stats.symlinks += symlinks
-            if lane != "walker":
+            if lane not in ("walker", "link"):  # (a file that waited for its link group's first: no task)
                 self._tasks -= 1
             if lane == "batch":
                 self._batches -= 1
@@ -368,7 +400,7 @@ class Restorer:
             self._changed.notify_all()
         while finished:
             try:  # post-order: every child exists, so nothing changes its mtime after this
-                self._settle(d.fd, d.entry, d.path)  # (but hard links, which come last: _link_all)
+                self._settle(d.fd, d.entry, d.path)
             finally:
                 with self._lock:  # closed here, whatever happened: never again by restore()
                     self._open.discard(d)
@@ -398,17 +430,13 @@ class Restorer:
             if self._fatal is not None:
                 break
             try:
-                if e.type == TYPE_FILE:
-                    group = None
-                    if e.dev:  # one of a link group: the first is restored, the others linked to it
-                        with self._lock:
-                            group = self._groups.get((e.dev, e.inode))
-                            if group is None:
-                                group = self._groups[(e.dev, e.inode)] = _LinkGroup(d.rel, e.name)
-                            else:
-                                self._links.append((d.rel, d.entry, e))
-                                continue
-                    written = self._restore_file(d, e, group)
+                if e.type == TYPE_FILE and e.dev:  # one of a link group
+                    done = self._restore_member(d, e)
+                    if done is not None:
+                        files += done[0]
+                        nbytes += done[1]
+                elif e.type == TYPE_FILE:
+                    written = self._restore_file(d, e)
                     if written is not None:
                         files += 1
                         nbytes += written
@@ -425,10 +453,11 @@ class Restorer:
         """Whether ``e`` is to be created where something exists, which is then removed. What
         the policy keeps that has the entry's bytes but not its metadata gets it, through the
         very node compared (``kdist.restore_plan.existing_state``). A file kept because it
-        matches makes its link ``group`` ``ok``."""
+        matches is what its link ``group`` holds (the node compared, by device and inode)."""
         settled: list = []
+        ident: list = []
         state = existing_state(self.repo, d.fd, e, self._owner, compare=self.overwrite != "always",
-                               settle=self.overwrite == "if-changed", outcome=settled)
+                               settle=self.overwrite == "if-changed", outcome=settled, identity=ident)
         for got in settled:
             self._metadata_outcome(os.path.join(d.path, e.name), got)
         if state == ABSENT:
@@ -444,8 +473,8 @@ class Restorer:
                     self.stats.unchanged += 1
                 else:
                     self.stats.left_different += 1
-            if group is not None and what == "keep":
-                group.ok = True
+            if group is not None and what == "keep" and ident:
+                group.holds(d.rel, e.name, ident[0])
             return False
         os.unlink(e.name, dir_fd=d.fd)  # removes a symlink itself, never its target
         return True
@@ -473,13 +502,7 @@ class Restorer:
             if not self._make_room(d, e):
                 return False
             os.symlink(e.target, e.name, dir_fd=d.fd)
-        if e.xattrs:  # by a path the kernel resolves through this directory's descriptor
-            path = os.path.join(d.path, e.name)
-            self._metadata_outcome(path, set_metadata(f"/proc/self/fd/{d.fd}/{e.name}", e, self._owner, follow=False))
-            return True
-        if self._owner:
-            os.chown(e.name, e.uid, e.gid, dir_fd=d.fd, follow_symlinks=False)
-        os.utime(e.name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=d.fd, follow_symlinks=False)
+        self._metadata_outcome(os.path.join(d.path, e.name), made_node(d.fd, e, self._owner))
         return True
 
     def _restore_special(self, d: _Dir, e: Entry) -> None:
@@ -503,7 +526,7 @@ class Restorer:
 
     def _restore_file(self, d: _Dir, e: Entry, group: _LinkGroup | None = None) -> int | None:
         """The bytes written, or None where an existing file stays. A file written, or kept
-        because it matches, makes its link ``group`` ``ok``."""
+        because it matches, is what its link ``group`` holds."""
         chunks = self.repo.objects.chunks(e.oid)  # a malformed id is refused before anything is created
         try:
             fd = os.open(e.name, _FILE_FLAGS, 0o600, dir_fd=d.fd)
@@ -535,6 +558,7 @@ class Restorer:
             if hole:  # a seek alone does not make the file longer
                 os.ftruncate(fd, written)
             outcome = set_metadata(fd, e, self._owner)
+            st = os.fstat(fd)
             ok = True
         finally:
             os.close(fd)
@@ -545,100 +569,120 @@ class Restorer:
                     pass
         self._metadata_outcome(os.path.join(d.path, e.name), outcome)
         if group is not None:
-            group.ok = True
+            group.holds(d.rel, e.name, (st.st_dev, st.st_ino))
         return written
 
-    # ---- hard links, once every file is written --------------------------------------------
+    # ---- hard links --------------------------------------------------------------------------
 
-    def _link_all(self, root_fd: int, top: Entry | None) -> None:
-        """Make each file met after the first of its link group a link to that first file, then
-        give the directories this changed their mtime back (``top``: the target's entry, if the
-        restore sets its metadata). Directories are opened again from the target, one name at a
-        time without following symlinks, as the walk opened them. A group whose first file was
-        not restored (damaged data, or left different by ``never``) has its next file restored
-        with the data, which the others then link to."""
-        if not self._links:
-            return
-        fds: dict[tuple, int] = {(): root_fd}
-        touched: dict[tuple, Entry | None] = {}
-        try:
-            for rel, dir_entry, e in self._links:
-                if self._fatal is not None:
-                    return
-                if len(fds) > MAX_OPEN_DIRS:  # (never within one link: both its descriptors stay open)
-                    for k in [k for k in fds if k]:
-                        os.close(fds.pop(k))
-                path = os.path.join(self._target_path(rel), e.name)
-                group = self._groups[(e.dev, e.inode)]
-                try:
-                    dst = self._dir_fd(fds, root_fd, rel)
-                    if group.ok:
-                        self._link(self._dir_fd(fds, root_fd, group.rel), group.name, dst, e, path)
-                    else:
-                        written = self._restore_file(_Dir(dst, None, os.path.dirname(path), None), e, group)
-                        if written is not None or group.ok:
-                            group.rel, group.name = rel, e.name
-                        if written is not None:
-                            with self._lock:
-                                self.stats.files += 1
-                                self.stats.bytes += written
-                    touched[rel] = dir_entry if rel else top
-                except (KdistError, OSError) as exc:
-                    self._failed(path, exc, "cannot restore hard link")
-            for rel, dir_entry in touched.items():
-                if dir_entry is not None:
-                    try:
-                        os.utime(self._dir_fd(fds, root_fd, rel), ns=(dir_entry.mtime_ns, dir_entry.mtime_ns))
-                    except OSError as exc:
-                        self._error(self._target_path(rel), f"cannot set directory metadata: {exc.strerror}")
-        finally:
-            for rel, fd in fds.items():
-                if rel:
-                    os.close(fd)
-
-    def _target_path(self, rel: tuple) -> str:
-        return os.path.join(self._target, *rel)
-
-    @staticmethod
-    def _dir_fd(fds: dict, root_fd: int, rel: tuple) -> int:
-        """The descriptor of the restored directory ``rel`` (names from the target), opened
-        name by name without following symlinks; kept for the other links."""
-        fd = fds.get(rel)
-        if fd is not None:
-            return fd
-        fd = root_fd
-        for i, name in enumerate(rel):
-            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            if i:
-                os.close(fd)
-            fd = sub
-        fds[rel] = fd
-        return fd
-
-    def _link(self, src_fd: int, src_name: str, dst_fd: int, e: Entry, path: str) -> None:
-        """Link ``e.name`` in ``dst_fd`` to the group's first file; what is in its way is dealt
-        with as the overwrite policy says (the same file already: unchanged)."""
-        src = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
-        try:
-            st = os.stat(e.name, dir_fd=dst_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino):
-                with self._lock:
-                    self.stats.skipped_existing += 1
-                    self.stats.unchanged += 1
-                return
-            if statmod.S_ISDIR(st.st_mode):
-                self._error(path, "a directory is in the way; not replaced")
-                return
-            if self.overwrite == "never":
-                with self._lock:
-                    self.stats.skipped_existing += 1
-                    self.stats.left_different += 1
-                return
-            os.unlink(e.name, dir_fd=dst_fd)
-        os.link(src_name, e.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    def _restore_member(self, d: _Dir, e: Entry, waited: bool = False) -> tuple[int, int] | None:
+        """Restore a file of a link group (``_LinkGroup``): its data if it is the group's first
+        (or unlike it), a link to the first if that is restored; or wait for the first (None:
+        ``d`` stays pending, and is released once this file is done). Returns (files, bytes).
+        ``waited``: it waited already (its directory's pending count holds it)."""
+        key = (e.dev, e.inode)
         with self._lock:
-            self.stats.files += 1
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _LinkGroup(link_likeness(e))
+                first = True
+            elif group.like != link_likeness(e):
+                group, first = None, False
+            elif group.state == WRITING:
+                group.waiting.append((d, e))
+                if not waited:
+                    d.pending += 1
+                return None
+            else:
+                first = group.state == FAILED
+                if first:
+                    group.state = WRITING
+        if group is None:  # listed in the group, unlike its first file: its own data
+            written = self._restore_file(d, e)
+            return (1, written) if written is not None else (0, 0)
+        if not first:
+            return (1, 0) if self._link(group, d, e) else (0, 0)
+        written = None
+        try:
+            group.ident = None
+            written = self._restore_file(d, e, group)
+        finally:
+            with self._lock:
+                group.state = OK if group.ident is not None else FAILED
+                waiting, group.waiting = group.waiting, []
+            for wd, we in waiting:  # their directories are open: they waited for this file
+                self._serve(wd, we)
+        return (1, written) if written is not None else (0, 0)
+
+    def _serve(self, d: _Dir, e: Entry) -> None:
+        """Restore a file that waited for its group's first, and release its directory."""
+        done = (0, 0)
+        if self._fatal is not None:  # the restore stops: only let go of the directory
+            self._release(d, lane="link")
+            return
+        try:
+            got = self._restore_member(d, e, waited=True)
+            if got is None:  # waiting again (the first failed and another file took over): not yet
+                return
+            done = got
+        except (KdistError, OSError) as exc:
+            self._failed(os.path.join(d.path, e.name), exc, "cannot restore")
+        self._release(d, files=done[0], nbytes=done[1], lane="link")
+
+    def _link(self, group: _LinkGroup, d: _Dir, e: Entry) -> bool:
+        """Make ``e.name`` in ``d`` a link to the group's restored file: that very inode, opened
+        again without following anything and checked by device and inode, linked through its
+        descriptor (a name swapped meanwhile links nothing else). What is in the way is dealt
+        with as the overwrite policy says (the same inode already: kept). If the group's file is
+        gone, this one is restored with the data and holds the group from now on."""
+        path = os.path.join(d.path, e.name)
+        src = self._open_held(group)
+        if src is None:
+            return self._restore_file(d, e, group) is not None
+        try:
+            try:
+                st = os.stat(e.name, dir_fd=d.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if (st.st_dev, st.st_ino) == group.ident:
+                    with self._lock:
+                        self.stats.skipped_existing += 1
+                        self.stats.unchanged += 1
+                    return False
+                if statmod.S_ISDIR(st.st_mode):
+                    self._error(path, "a directory is in the way; not replaced")
+                    return False
+                if self.overwrite == "never":
+                    with self._lock:
+                        self.stats.skipped_existing += 1
+                        self.stats.left_different += 1
+                    return False
+                os.unlink(e.name, dir_fd=d.fd)
+            os.link(f"/proc/self/fd/{src}", e.name, dst_dir_fd=d.fd, follow_symlinks=True)
+        finally:
+            os.close(src)
+        with self._lock:
             self.stats.hardlinks += 1
+        return True
+
+    def _open_held(self, group: _LinkGroup) -> int | None:
+        """An ``O_PATH`` descriptor of the file the group holds, opened from the target name by
+        name without following symlinks and checked to be that inode; None if it is not there."""
+        fd = self._root_fd
+        try:
+            for name in group.rel:
+                sub = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                if fd != self._root_fd:
+                    os.close(fd)
+                fd = sub
+            node = os.open(group.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+        st = os.fstat(node)
+        if not statmod.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != group.ident:
+            os.close(node)
+            return None
+        return node

@@ -154,11 +154,19 @@ def _malformed_field(e: Entry) -> str:
         return "rdev"
     if e.dev and e.type != TYPE_FILE:  # hard links are kept for regular files
         return "dev"
-    if _malformed_xattrs(e.xattrs):
+    if _malformed_xattrs(e.xattrs) or any(not _XATTR_TYPES.get(n, e.type).count(e.type) for n, _v in e.xattrs):
         return "xattrs"
     if type(e.summary) is not dict or any(type(k) is not str or type(v) is not int for k, v in e.summary.items()):
         return "summary"
     return ""
+
+
+# attributes only some kinds of node can have (Linux): a restore never sets them on another
+_XATTR_TYPES = {
+    b"security.capability": TYPE_FILE,
+    b"system.posix_acl_access": "".join(t for t in ENTRY_TYPES if t != TYPE_SYMLINK),
+    b"system.posix_acl_default": TYPE_DIR,
+}
 
 
 def _xattrs_from_wire(pairs) -> list | None:

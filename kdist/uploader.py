@@ -233,13 +233,13 @@ def _special_kind(st: os.stat_result) -> str | None:
 _NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.ENODATA)
 
 
-def read_xattrs(path: str, on_error: Callable[[str, str], None]) -> list[tuple[bytes, bytes]]:
-    """The extended attributes of ``path`` itself (never a symlink's target) that this user can
-    read, as sorted (name, value) pairs: ACLs (``system.posix_acl_*``) and file capabilities
-    (``security.capability``) among them. A file system without them has none; one that cannot
-    be read is reported and the others are kept."""
+def read_xattrs(path: str, on_error: Callable[[str, str], None], follow: bool = False) -> list[tuple[bytes, bytes]]:
+    """The extended attributes of ``path`` itself (a symlink's target only with ``follow``) that
+    this user can read, as sorted (name, value) pairs: ACLs (``system.posix_acl_*``) and file
+    capabilities (``security.capability``) among them. A file system without them has none; one
+    that cannot be read is reported and the others are kept."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno not in _NO_XATTRS:
             on_error(path, f"cannot list extended attributes: {exc.strerror}")
@@ -247,7 +247,7 @@ def read_xattrs(path: str, on_error: Callable[[str, str], None]) -> list[tuple[b
     pairs = []
     for name in names:
         try:
-            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=follow)))
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed since it was listed
                 on_error(path, f"cannot read extended attribute {name}: {exc.strerror}")
@@ -256,15 +256,26 @@ def read_xattrs(path: str, on_error: Callable[[str, str], None]) -> list[tuple[b
 
 
 def make_entry(path: str, name: str, st: os.stat_result, etype: str,
-               on_error: Callable[[str, str], None]) -> Entry:
+               on_error: Callable[[str, str], None], follow: bool = False) -> Entry:
     """The entry of what the walk found at ``path``: its stat, its extended attributes, and for
-    a file of several links the device that, with the inode, names its link group."""
+    a file of several links the device that, with the inode, names its link group. ``follow``:
+    ``path`` may be a symlink to it (a backup's root, which ``stat_source`` follows). An entry
+    whose attributes could not all be read has no ctime, so that the next backup reads them
+    again rather than take this entry for unchanged."""
     entry = _entry_from_stat(name, st, etype)
     if etype in DEVICE_TYPES:
         entry.rdev = st.st_rdev
     elif etype == TYPE_FILE and st.st_nlink > 1:
         entry.dev = st.st_dev
-    entry.xattrs = read_xattrs(path, on_error)
+    failed = []
+
+    def report(p: str, message: str) -> None:
+        failed.append(message)
+        on_error(p, message)
+
+    entry.xattrs = read_xattrs(path, report, follow)
+    if failed:
+        entry.ctime_ns = 0
     return entry
 
 
@@ -391,7 +402,7 @@ class Uploader:
         root_path, st = stat_source(path)
         self._begin(source or Source.local(root_path, self.options.host), st.st_dev)
         previous = self._previous_root()
-        self._root = DirNode(make_entry(root_path, "", st, TYPE_DIR, self._error), top=True)
+        self._root = DirNode(make_entry(root_path, "", st, TYPE_DIR, self._error, follow=True), top=True)
         files = self.options.files
         self._selection = Selection(root_path, files) if files is not None else None
         whole = self._selection is None or self._selection.verdict(root_path) == "whole"

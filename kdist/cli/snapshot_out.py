@@ -136,5 +136,6 @@ def dump(repo, snapshot_ref, path, where):
         if entry.type == "f":
             _write_object(repo, entry.oid, out)
         else:
-            write_tar(repo, entry, parts[-1] if parts else "", out)
+            write_tar(repo, entry, parts[-1] if parts else "", out,
+                      on_skip=lambda p, why: click.echo(f"kdist: warning: {printable(p)}: {printable(why)}", err=True))
         out.flush()

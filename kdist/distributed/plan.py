@@ -144,7 +144,8 @@ def _measure(path: str, st: os.stat_result, patterns: list[str], root_dev: int, 
 def _split(m: _Measured, name: str, outer: list[str], prev_oid: str | None, objects, target: int,
            parts: list[TreePart], errors: list[dict]) -> SplitDir:
     node = SplitDir(m.path, make_entry(m.path, name, m.st, TYPE_DIR,
-                                       lambda p, msg: errors.append({"path": p, "error": msg})))
+                                       lambda p, msg: errors.append({"path": p, "error": msg}),
+                                       follow=not name))  # (the root: a symlink to it is followed)
     prev = _previous_children(objects, prev_oid)
     batch: list[str] = []
     batch_bytes = batch_cost = batch_entries = 0

@@ -9,17 +9,20 @@ import errno
 import io
 import json
 import os
+import pathlib
 import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
 
 import msgpack
 import pytest
 
 from repo_format.errors import CorruptionError
 
-from kdist.restore import Restorer
-from kdist.restore_plan import writable_xattrs
+from kdist.restore import Restorer, find_subtree
+from kdist.restore_plan import plan_restore, writable_xattrs
 from kdist.snapshot import (
     DIR_VERSION, DIR_VERSION_LINKS, DIR_VERSION_SPECIAL, Entry, decode_listing, encode_directory, read_directory,
     read_listing,
@@ -130,8 +133,10 @@ def test_a_link_group_whose_first_file_is_left_different_gets_the_data_not_a_lin
     os.unlink(dst / "a")
     (dst / "a").write_bytes(b"someone else's\n")
     os.unlink(dst / "b")
+    plan = plan_restore(repo, find_subtree(repo, snap, None), str(dst), "never")
     stats = Restorer(repo, overwrite="never").restore(snap, str(dst))
     assert stats.left_different == 2  # "a" differs; "sub/a-again" is not a link to what is there now
+    assert [c for c in plan.changes if c[0] != "not made"] == [("left", "a"), ("create", "b"), ("left", "sub/a-again")]
     assert (dst / "a").read_bytes() == b"someone else's\n"
     assert (dst / "b").read_bytes() == b"linked data\n"
     assert os.stat(dst / "b").st_ino != os.stat(dst / "a").st_ino
@@ -234,6 +239,11 @@ def _object(entries: list[dict], version: int, **doc) -> bytes:
     ({"name": "f", "type": "f", "xattrs": {b"user.a": b"1"}}, DIR_VERSION_LINKS),
     ({"name": "d", "type": "d", "dev": 5}, DIR_VERSION_LINKS),  # links are kept for files
     ({"name": "f", "type": "f", "dev": -1}, DIR_VERSION_LINKS),
+    # attributes a node of that kind cannot have: never set on it by a restore
+    ({"name": "l", "type": "l", "target": "x", "xattrs": [[b"security.capability", b"1"]]}, DIR_VERSION_LINKS),
+    ({"name": "l", "type": "l", "target": "x", "xattrs": [[b"system.posix_acl_access", b"1"]]}, DIR_VERSION_LINKS),
+    ({"name": "d", "type": "d", "xattrs": [[b"security.capability", b"1"]]}, DIR_VERSION_LINKS),
+    ({"name": "f", "type": "f", "xattrs": [[b"system.posix_acl_default", b"1"]]}, DIR_VERSION_LINKS),
 ])
 def test_malformed_attributes_and_links_are_corruption(entry, version):
     with pytest.raises(CorruptionError):
@@ -262,3 +272,187 @@ def test_versions_are_the_lowest_that_hold_the_entries():
     assert version(Entry("f", "f"), top=Entry("", "d", xattrs=[(b"user.a", b"")])) == DIR_VERSION_LINKS
     old = decode_listing(msgpack.packb({"v": 1, "entries": [{"name": "f", "type": "f"}]}, use_bin_type=True))
     assert not old.complete and old.top is None
+
+
+def _snapshot_of(repo, entries: list[Entry]):
+    from kdist.snapshot import Snapshot, Source
+
+    root = repo.objects.write_bytes(encode_directory(entries), metadata=True)
+    return Snapshot(source=Source("h", "u", "/x"), root=root, start=0, end=0)
+
+
+def test_a_first_file_swapped_before_its_links_are_made_is_not_linked(repo, tmp_path, monkeypatch):
+    """Someone who can write where the group's first file was restored puts another file (a
+    link to one outside) in its place: the later files of the group get the snapshot's data,
+    never a link to what was swapped in."""
+    import kdist.restore as restore_module
+
+    src = tmp_path / "src"
+    rich_tree(src)
+    snap = Uploader(repo, BackupOptions()).backup(str(src))
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"the attacker's\n")
+    dst = tmp_path / "dst"
+    real = restore_module.Restorer._restore_file
+
+    def then_swap(self, d, e, group=None):
+        written = real(self, d, e, group)
+        if e.name == "a" and group is not None:
+            os.unlink(os.path.join(d.path, "a"))
+            os.link(outside, os.path.join(d.path, "a"))
+        return written
+
+    monkeypatch.setattr(restore_module.Restorer, "_restore_file", then_swap)
+    stats = Restorer(repo).restore(snap, str(dst))
+    assert stats.errors == 0
+    for name in ("b", "sub/a-again"):
+        assert (dst / name).read_bytes() == b"linked data\n"
+        assert os.stat(dst / name).st_ino != os.stat(outside).st_ino
+    assert os.stat(dst / "b").st_ino == os.stat(dst / "sub" / "a-again").st_ino  # still one group
+    assert outside.read_bytes() == b"the attacker's\n"
+
+
+def test_an_existing_file_linked_elsewhere_is_replaced_never_changed(repo, tmp_path):
+    """A file in the target with another name outside it (someone linked it there) is never
+    settled in place: that would chmod and chown the outside file too."""
+    src = tmp_path / "src"
+    rich_tree(src)
+    snap = Uploader(repo, BackupOptions()).backup(str(src))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"linked data\n")  # the snapshot's bytes, other metadata
+    os.chmod(outside, 0o600)
+    os.link(outside, dst / "a")
+    before = os.stat(outside)
+    Restorer(repo).restore(snap, str(dst))
+    after = os.stat(outside)
+    assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_mtime_ns)
+    assert after.st_nlink == 1 and os.stat(dst / "a").st_ino != after.st_ino
+    assert full_metadata(dst)[1] == [["a", "b", "sub/a-again"], ["c-link", "sub/c"]]
+
+
+def test_files_of_one_group_that_differ_are_restored_each_with_its_own_data(repo, tmp_path):
+    data = [repo.objects.write_bytes(b"one"), repo.objects.write_bytes(b"two!")]
+    snap = _snapshot_of(repo, [Entry("x", "f", size=3, oid=data[0], dev=7, inode=9, nlink=2, mode=0o644),
+                               Entry("y", "f", size=4, oid=data[1], dev=7, inode=9, nlink=2, mode=0o644)])
+    stats = Restorer(repo).restore(snap, str(tmp_path / "dst"))
+    assert (tmp_path / "dst" / "x").read_bytes() == b"one" and (tmp_path / "dst" / "y").read_bytes() == b"two!"
+    assert stats.hardlinks == 0 and stats.errors == 0
+
+
+def test_an_existing_acl_the_snapshot_has_not_is_removed(repo, tmp_path):
+    src = tmp_path / "src"
+    rich_tree(src)
+    snap = Uploader(repo, BackupOptions()).backup(str(src))
+    dst = tmp_path / "dst"
+    Restorer(repo).restore(snap, str(dst))
+    os.setxattr(dst / "plain", "system.posix_acl_access", FILE_ACL)  # a grant the snapshot does not make
+    stats = Restorer(repo).restore(snap, str(dst))
+    assert "system.posix_acl_access" not in os.listxattr(dst / "plain")
+    assert stats.errors == 0 and stats.files == 0  # kept (same bytes), its metadata made right
+
+
+def test_a_snapshot_without_the_top_directory_leaves_a_new_target_as_made(repo, tmp_path, monkeypatch):
+    """kdist before the root's own metadata stored none: the target is not given a made-up one
+    (mode 0755 and mtime 0, owned by root)."""
+    import kdist.uploader as uploader
+
+    src = tmp_path / "src"
+    rich_tree(src)
+    with monkeypatch.context() as m:
+        m.setattr(uploader, "encode_directory", lambda entries, top=None: _old_writer(encode_directory(entries, top)))
+        old = Uploader(repo, BackupOptions()).backup(str(src))
+    Restorer(repo).restore(old, str(tmp_path / "dst"))
+    st = os.stat(tmp_path / "dst")
+    assert st.st_mtime_ns > TOP_MTIME and (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+
+
+def test_attributes_that_cannot_be_read_are_read_again_next_time(repo, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    rich_tree(src)
+    real = os.getxattr
+
+    def refused(path, name, *a, **kw):
+        if str(path).endswith("plain") and name == "user.note":
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(path, name, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "getxattr", refused)
+        up = Uploader(repo, BackupOptions())
+        first = up.backup(str(src))
+    assert [e["error"] for e in up.error_list] == ["cannot read extended attribute user.note: Permission denied"]
+    plain = {e.name: e for e in read_directory(repo.objects, first.root)}["plain"]
+    assert b"user.note" not in dict(plain.xattrs) and plain.ctime_ns == 0  # never taken for unchanged
+    second = Uploader(repo, BackupOptions()).backup(str(src))
+    plain = {e.name: e for e in read_directory(repo.objects, second.root)}["plain"]
+    assert dict(plain.xattrs)[b"user.note"] == b"\x00binary\xffvalue"
+
+
+def test_a_symlinked_root_gives_its_directory_s_attributes(repo, tmp_path):
+    src = tmp_path / "src"
+    rich_tree(src)
+    os.symlink(src, tmp_path / "via-link")
+    snap = Uploader(repo, BackupOptions()).backup(str(tmp_path / "via-link"))
+    assert read_listing(repo.objects, snap.root).top.xattrs == [(b"user.top", b"the top directory's own")]
+
+
+def test_dump_leaves_out_an_attribute_tar_cannot_name_and_says_so(monkeypatch, tmp_path):
+    cli_env(monkeypatch)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    os.setxattr(src / "f", b"user.\xff", b"v")
+    args = ["--repo", str(tmp_path / "repo")]
+    run_cli("repo", "create", *args)
+    run_cli("snapshot", "create", *args, src)
+    got = run_cli("snapshot", "dump", *args, "latest", "/")
+    assert got.stderr.startswith("kdist: warning: f: extended attribute") and "its name is not UTF-8" in got.stderr
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(got.stdout_bytes))] == ["f"]
+
+
+def test_a_restore_by_another_user_makes_links_in_read_only_directories(repo, tmp_path):
+    """As a user without root (a child process that drops to nobody): links are made before
+    their directory gets its read-only mode, and attributes outside user.* and ACLs are counted,
+    not written."""
+    if not ROOT:
+        pytest.fail("this test drops to another user: it runs as root (as CI does)")
+    src = tmp_path / "src"
+    (src / "ro").mkdir(parents=True)
+    (src / "data").write_bytes(b"shared\n")
+    os.link(src / "data", src / "ro" / "again")
+    os.setxattr(src / "data", "trusted.k", b"root only")
+    os.chmod(src / "ro", 0o555)
+    snap = Uploader(repo, BackupOptions()).backup(str(src))
+    with tempfile.TemporaryDirectory() as reachable:  # (pytest's own directories are root's alone)
+        os.chmod(reachable, 0o755)
+        _restore_as_nobody(repo, snap, pathlib.Path(reachable) / "mine")
+
+
+def _restore_as_nobody(repo, snap, mine) -> None:
+    mine.mkdir()
+    os.chown(mine, 65534, 65534)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, restoring with the repository opened by root
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            stats = Restorer(repo, workers=2).restore(snap, str(mine / "r"))
+            os.write(write, json.dumps(stats.as_dict()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    stats = json.loads(out)
+    assert stats["errors"] == 0 and stats["hardlinks"] == 1 and stats["xattrs_skipped"] == 1  # trusted.k
+    r = mine / "r"
+    assert os.stat(r / "ro" / "again").st_ino == os.stat(r / "data").st_ino
+    assert os.stat(r / "ro").st_mode & 0o777 == 0o555 and os.stat(r / "data").st_uid == 65534
