@@ -21,7 +21,7 @@ import os
 import stat as statmod
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from repo_format import clock
@@ -848,7 +848,10 @@ class Uploader:
         with self._lock:
             self.stats.checkpoints += 1
 
-    def _publish(self, root_entry: Entry, checkpoint: bool) -> Snapshot:
+    def _publish(self, root_entry: Entry, checkpoint: bool, original: Snapshot | None = None,
+                 extra_labels: dict | None = None) -> Snapshot:
+        """Publish the tree ``root_entry`` as a snapshot of this backup, or (``original``, not a
+        checkpoint) as a copy of that snapshot: its times, totals, tags, description and errors."""
         self.repo.flush()  # packs, then the index blob, then the manifest
         self.repo.contents.revalidate()  # nothing we refer to was collected while we ran
         with self._lock:
@@ -860,7 +863,10 @@ class Uploader:
             tags=list(self.options.tags), description=self.options.description, checkpoint=checkpoint,
             errors=errors, run=self._run_id,
         )
-        labels = snap.labels()
+        if original is not None and not checkpoint:
+            snap = replace(snap, end=original.end, totals=dict(original.totals), tags=list(original.tags),
+                           description=original.description, errors=list(original.errors))
+        labels = {**snap.labels(), **(extra_labels or {})}
         if checkpoint:  # maintenance forgets a dead backup's checkpoints, never a live one's (kdist.gc.checkpoints)
             labels["session"] = self.repo.session
             if self._driver:  # a part: its backup lives as long as the session that will publish it

@@ -126,13 +126,26 @@ def sparse_extents(fd: int, size: int) -> list[tuple[int, int, bool]] | None:
     return runs if any(not is_data for _o, _n, is_data in runs) else None
 
 
-class _Window(io.RawIOBase):
-    """``length`` bytes of a file from ``offset``, read with ``preadv`` (the descriptor's own
-    offset is neither used nor moved)."""
+class _Range(io.RawIOBase):
+    """``length`` bytes from ``offset`` of something read by position: ``read_at(view, pos)``
+    fills ``view`` from ``pos`` and returns how many bytes it gave."""
 
-    def __init__(self, fd: int, offset: int, length: int):
+    def __init__(self, read_at, offset: int, length: int):
         super().__init__()
-        self._fd, self._pos, self._end = fd, offset, offset + length
+        self._read_at, self._pos, self._end = read_at, offset, offset + length
+
+    @classmethod
+    def of_file(cls, fd: int, offset: int, length: int) -> "_Range":
+        """Of a file, with ``preadv``: the descriptor's own offset is neither used nor moved."""
+        return cls(lambda view, pos: os.preadv(fd, [view], pos), offset, length)
+
+    @classmethod
+    def of_stream(cls, stream, offset: int, length: int) -> "_Range":
+        """Of a seekable stream (an ``ObjectReader``)."""
+        def read_at(view, pos):
+            stream.seek(pos)
+            return stream.readinto(view)
+        return cls(read_at, offset, length)
 
     def readable(self) -> bool:
         return True
@@ -142,7 +155,7 @@ class _Window(io.RawIOBase):
         if want <= 0:
             return 0
         with memoryview(b) as view:
-            n = os.preadv(self._fd, [view[:want]], self._pos)
+            n = self._read_at(view[:want], self._pos)
         self._pos += n
         return n
 
@@ -164,12 +177,33 @@ class ObjectStore:
     def write_sparse(self, fd: int, runs: list[tuple[int, int, bool]], on_chunk=None) -> tuple[str, int]:
         """Store a sparse file by its ``runs`` (``sparse_extents``): each run of data is cut
         and stored as a stream of its own; a hole is listed, never read or hashed."""
+        return self._write_runs(lambda offset, length: _Range.of_file(fd, offset, length), runs, on_chunk)
+
+    def copy_from(self, source: "ObjectStore", oid: str, on_chunk=None) -> tuple[str, int]:
+        """Store object ``oid`` of another repository here: its bytes read (each content
+        authenticated by the source) and cut by this repository's chunker, as a backup of the
+        same file here would cut them; its holes listed as holes."""
+        chunks = source.chunks(oid)
+        with source.open(oid) as reader:
+            if all(c is not None for c, _n in chunks):
+                return self.write_stream(reader, on_chunk=on_chunk)
+            runs: list[tuple[int, int, bool]] = []
+            pos = 0
+            for c, n in chunks:
+                if runs and runs[-1][2] and c is not None:  # data after data: one run
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, True)
+                else:
+                    runs.append((pos, n, c is not None))
+                pos += n
+            return self._write_runs(lambda offset, length: _Range.of_stream(reader, offset, length), runs, on_chunk)
+
+    def _write_runs(self, open_run, runs: list[tuple[int, int, bool]], on_chunk) -> tuple[str, int]:
         chunks: list[tuple[bytes | None, int]] = []
         for offset, length, is_data in runs:
             if not is_data:
                 chunks.append((None, length))
                 continue
-            for data in self.splitter.split(_Window(fd, offset, length)):
+            for data in self.splitter.split(open_run(offset, length)):
                 chunks.append((self.contents.write(data), len(data)))
                 if on_chunk is not None:
                     on_chunk(len(data))

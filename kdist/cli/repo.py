@@ -1,4 +1,4 @@
-"""``kdist repo create|connect|status|change-password|check|repair``."""
+"""``kdist repo create|connect|status|change-password|upgrade|check|repair|copy``."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from repo_format.crypto import WEAK_KDF_ENV, KdfParams
 from repo_format.content import start_signed_epochs
 from repo_format.errors import KdistError, RepositoryExists
 from repo_format.format_blob import RepositoryParameters
-from repo_format.keyslots import ADMIN, MAINTENANCE
+from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
+from repo_format.local_cache import CacheSettings
+from repo_format.repository import Repository
 from repo_format.safety import SAFETY_FULL, safety_of
 
 from kdist.cli import exit_codes
 from kdist.access import make_storage
-from kdist.cli.context import (fail, key_option, new_password_option, read_new_password, read_password, repo_options,
-                               with_repository)
-from kdist.cli.progress import human_bytes
+from kdist.cli.context import (fail, filter_options, key_option, new_password_option, read_new_password, read_password,
+                               repo_options, with_repository)
+from kdist.cli.progress import ProgressLine, human_bytes
+from kdist.cli.text import printable
 
 if TYPE_CHECKING:
     from kdist.check import CheckReport
@@ -269,3 +272,81 @@ def repair(repo_location, endpoint_url, password_file, key_id, source, dry_run, 
                    "; the repository is still damaged" + (" (dry run: nothing was written)" if dry_run else "")))
     if not r.healthy:
         sys.exit(exit_codes.CORRUPTION)
+
+
+@repo_group.command("copy")
+@click.argument("snapshot_refs", nargs=-1, metavar="[SNAPSHOT]...")
+@click.option("--to", "to_location", required=True, metavar="REPO",
+              help="The repository to copy into: a directory path or s3://bucket/prefix.")
+@click.option("--to-endpoint-url", default=None, help="S3 endpoint of the destination (MinIO, Ceph, R2...).")
+@click.option("--to-password-file", type=click.Path(dir_okay=False), default=None,
+              help="The destination's password, from this file's first line; wins over KDIST_TO_PASSWORD and "
+                   "KDIST_TO_PASSWORD_FILE.")
+@click.option("--to-key-id", envvar="KDIST_TO_KEY_ID", default=None, metavar="ID",
+              help="The destination key slot the password opens (env KDIST_TO_KEY_ID).")
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Only list what would be copied.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(read_only=True)
+def copy(repo, snapshot_refs, to_location, to_endpoint_url, to_password_file, to_key_id, where, dry_run, as_json):
+    """Copy snapshots, with their data, into another repository (an off-site copy).
+
+    Every snapshot the filters select (or the SNAPSHOTs named) that the destination does not
+    hold yet is copied: its files re-encrypted under the destination's keys and deduplicated
+    against what is there, published with the original's times, tags and totals. Run it again to
+    go on after an interruption, or nightly to keep the copy current; maintenance may run on
+    either repository meanwhile. Exits 3 if a snapshot could not be copied."""
+    from kdist.access import PasswordSource, RepositorySpec
+    from kdist.copy import copied_already, copy_snapshots, original_key
+    from kdist.snapshot import list_snapshots, visible_labels
+
+    from kdist.cli.snapshot_out import resolve
+
+    if snapshot_refs:
+        snaps = list({s.id: s for s in (resolve(repo, ref, where) for ref in snapshot_refs)}.values())
+    else:
+        snaps = where.select(list_snapshots(repo.manifests, **visible_labels(repo.identity)))
+    spec = RepositorySpec(to_location, to_endpoint_url,
+                          PasswordSource(file=to_password_file, env="KDIST_TO_PASSWORD",
+                                         file_env="KDIST_TO_PASSWORD_FILE"), to_key_id)
+    try:
+        destination = Repository.open(spec.storage(read_only=dry_run, append_only=not dry_run),
+                                      spec.password.read(prompt="Destination repository password"),
+                                      key_id=to_key_id, cache=CacheSettings.from_environment())
+        destination.manifests.skip_unreadable = True
+        if not dry_run:
+            destination.require(ADMIN, HOST, what="copy snapshots into the repository")
+    except KdistError as exc:
+        fail(exc)
+    try:
+        if dry_run:
+            done = copied_already(destination)
+            todo = [s for s in snaps if original_key(repo, s) not in done]
+            if as_json:
+                click.echo(json.dumps({"would_copy": [s.id for s in todo], "copied_before": len(snaps) - len(todo)},
+                                      indent=2))
+            else:
+                for s in todo:
+                    click.echo(f"would copy {s.short_id} of {printable(s.source.host)}:{printable(s.source.path)}")
+                click.echo(f"{len(todo)} snapshot(s) to copy, {len(snaps) - len(todo)} copied before")
+            return
+        progress = ProgressLine()
+        try:
+            report = copy_snapshots(repo, destination, snaps,
+                                    progress=lambda st, _l: progress.update(st.files_read, st.bytes_read, "copying: "))
+        finally:
+            progress.close()
+        destination.close()
+    except KdistError as exc:
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for src_id, new_id in report.copied:
+            click.echo(f"copied {src_id[:8]} as {new_id[:8]}")
+        for src_id, why in report.failed:
+            click.echo(f"  error: {src_id[:8]}: {printable(why)}", err=True)
+        click.echo(f"{len(report.copied)} copied, {len(report.skipped)} copied before, {len(report.failed)} failed; "
+                   f"read {human_bytes(report.bytes_read)}, stored {human_bytes(report.new_bytes)} new")
+    if report.failed:
+        sys.exit(exit_codes.PARTIAL)
