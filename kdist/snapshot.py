@@ -474,10 +474,61 @@ class SnapshotFilter:
 
 
 def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> list[Snapshot]:
-    """Snapshots, oldest first; checkpoints only when asked."""
+    """Snapshots, oldest first, with their tags as last edited; checkpoints only when asked."""
     if not include_checkpoints:
         labels["checkpoint"] = "0"
-    return [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)]
+    return with_tag_edits(manifests, [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)])
+
+
+# A tag edit (``snapshot tag``) is a record of its own: labels type=tags and snapshot=<id>, payload
+# msgpack {"tags": [str, ...]}: that snapshot's tags from then on (the newest edit wins). The
+# snapshot's record, its id and its storage time stay as they were (retention and fleet status
+# judge it by them). Only admin and maintenance keys write edits: readers leave out a host key's
+# record of any type but snapshot and failure (SPEC.md section 8), so a host cannot retag.
+TAGS_LABEL = "tags"
+
+
+def tag_edits(manifests) -> dict[str, tuple[list[str], list[str]]]:
+    """Per snapshot id: its tags as last edited, and the ids of every edit of them."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for r in manifests.find(type=TAGS_LABEL):  # oldest first: the last one read wins
+        target = r.labels.get("snapshot")
+        try:
+            tags = msgpack.unpackb(r.payload, raw=False)["tags"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if type(target) is not str or type(tags) is not list or not all(type(t) is str for t in tags):
+            continue  # an edit of another shape says nothing
+        ids = out.get(target, ([], []))[1] + [r.id]
+        out[target] = (tags, ids)
+    return out
+
+
+def with_tag_edits(manifests, snaps: list[Snapshot]) -> list[Snapshot]:
+    edits = tag_edits(manifests)
+    for s in snaps:
+        if s.id in edits:
+            s.tags = list(edits[s.id][0])
+    return snaps
+
+
+def edit_tags(manifests, snaps: list[Snapshot], add=(), remove=(), set_: list[str] | None = None) -> list[Snapshot]:
+    """Give each snapshot its tags with ``add`` added and ``remove`` removed, or ``set_`` as
+    they are; returns those whose tags changed (and writes only for them: one record each, and
+    tombstones for its older edits)."""
+    edits = tag_edits(manifests)
+    changed = []
+    for s in snaps:
+        old = list(s.tags)
+        new = list(dict.fromkeys(set_)) if set_ is not None else \
+            [t for t in dict.fromkeys(old + list(add)) if t not in remove]
+        if new == old:
+            continue
+        manifests.put({"type": TAGS_LABEL, "snapshot": s.id}, msgpack.packb({"tags": new}, use_bin_type=True))
+        manifests.delete(edits.get(s.id, ([], []))[1])
+        s.tags = new
+        changed.append(s)
+    return changed
 
 
 GROUP_FIELDS = ("host", "user", "path", "tags")

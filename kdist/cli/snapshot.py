@@ -24,7 +24,8 @@ from kdist.cli.text import local_time, printable
 from kdist.restore import Restorer, find_subtree
 from kdist.restore_plan import DEFAULT_OVERWRITE, OVERWRITE_POLICIES
 from kdist.snapshot import (
-    TYPE_DIR, Snapshot, Source, backup_host, check_entry_name, list_snapshots, resolve_snapshot, visible_labels,
+    TYPE_DIR, Snapshot, Source, backup_host, check_entry_name, edit_tags, list_snapshots, resolve_snapshot, tag_edits,
+    visible_labels,
 )
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
@@ -498,10 +499,51 @@ def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, 
                        "that died; a later snapshot of its source exists)")
     gone = plan.forget + plan.checkpoints
     if not dry_run:
-        repo.manifests.delete([s.id for s in gone])
+        edits = tag_edits(repo.manifests)  # a forgotten snapshot's tag edits go with it
+        repo.manifests.delete([s.id for s in gone] + [i for s in gone for i in edits.get(s.id, ((), ()))[1]])
         if not as_json:
             click.echo(f"forgot {len(plan.forget)} snapshot(s)" + (f" and {len(plan.checkpoints)} checkpoint(s)"
                                                                      if plan.checkpoints else ""))
     elif not as_json:
         click.echo(f"dry run: would forget {len(plan.forget)} snapshot(s)"
                    + (f" and {len(plan.checkpoints)} checkpoint(s)" if plan.checkpoints else ""))
+
+
+def _tag_values(values, option: str) -> list[str]:
+    for t in values:
+        if not t.strip() or "," in t:  # (--tag a,b selects snapshots with both: a tag cannot hold one)
+            raise click.BadParameter(f"{t!r}: a tag holds no comma and is not empty", param_hint=option)
+    return list(values)
+
+
+@snapshot_group.command("tag")
+@click.argument("snapshot_refs", nargs=-1, metavar="[SNAPSHOT]...")
+@click.option("--add", "add", multiple=True, metavar="TAG", help="Add this tag (repeatable).")
+@click.option("--remove", "remove", multiple=True, metavar="TAG", help="Remove this tag (repeatable).")
+@click.option("--set", "set_", multiple=True, metavar="TAG",
+              help="Make the tags exactly these (repeatable; --set '' removes them all).")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_repository(roles=(ADMIN, MAINTENANCE), what="edit tags")
+def tag(repo, snapshot_refs, add, remove, set_, where, as_json):
+    """Add, remove or set the tags of snapshots: those named, or all those --host, --path and
+    --tag select. A snapshot keeps its id; list, latest and forget --keep-tag follow the new tags."""
+    if set_ and (add or remove):
+        raise click.UsageError("--set replaces all tags: give it alone, or use --add and --remove")
+    if not (set_ or add or remove):
+        raise click.UsageError("give --add, --remove or --set")
+    if not snapshot_refs and not where:
+        raise click.UsageError("name the snapshots to tag (or select them with --host, --path or --tag)")
+    add, remove = _tag_values(add, "--add"), _tag_values(remove, "--remove")
+    new_set = None if not set_ else ([] if list(set_) == [""] else _tag_values(set_, "--set"))
+    if snapshot_refs:
+        snaps = list({s.id: s for s in (resolve(repo, ref, where) for ref in snapshot_refs)}.values())
+    else:
+        snaps = where.select(list_snapshots(repo.manifests))
+    changed = edit_tags(repo.manifests, snaps, add, remove, new_set)
+    if as_json:
+        click.echo(json.dumps([_snapshot_json(s) for s in changed], indent=2))
+        return
+    for s in changed:
+        click.echo(f"{s.short_id}  {printable(str(s.source))}  [{', '.join(printable(t) for t in s.tags)}]")
+    click.echo(f"{len(changed)} snapshot(s) changed")
