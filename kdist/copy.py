@@ -26,7 +26,7 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    MAX_TREE_DEPTH, SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Entry, Snapshot, read_directory, read_listing,
+    MAX_TREE_DEPTH, SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Entry, Snapshot, read_listing,
 )
 from kdist.uploader import BackupOptions, DirNode, Uploader
 
@@ -38,10 +38,19 @@ def original_key(source: Repository, snap: Snapshot) -> str:
     return f"{source.format.unique_id.hex()}:{snap.id}"
 
 
-def copied_already(destination: Repository) -> set[str]:
-    """The ``original`` labels of the finished snapshots the destination holds."""
-    return {r.labels[ORIGINAL_LABEL] for r in destination.manifests.find(type=SNAPSHOT_LABEL, checkpoint="0")
+def copied_already(destination: Repository) -> set[tuple]:
+    """The finished copies the destination holds: (``original`` label, host, user, path). A
+    copy counts for a snapshot only with the snapshot's own source: a host key publishes only as
+    its own host, so a compromised host cannot claim another host's snapshots copied (and keep
+    them out of the off-site copy)."""
+    return {(r.labels[ORIGINAL_LABEL], r.labels.get("host"), r.labels.get("user"), r.labels.get("path"))
+            for r in destination.manifests.find(type=SNAPSHOT_LABEL, checkpoint="0")
             if isinstance(r.labels.get(ORIGINAL_LABEL), str)}
+
+
+def copy_of(source: Repository, snap: Snapshot) -> tuple:
+    """What ``copied_already`` holds once ``snap`` is copied."""
+    return original_key(source, snap), snap.source.host, snap.source.user, snap.source.path
 
 
 @dataclass
@@ -88,7 +97,7 @@ class SnapshotCopier(Uploader):
         listing = read_listing(self.source.objects, snap.root)
         top = listing.top
         self._root = DirNode(replace(top, oid="", summary={}) if top is not None else Entry("", TYPE_DIR, mode=0o755),
-                             top=top is not None)
+                             top=top is not None, complete=listing.complete)
         self._source_oid[id(self._root)] = snap.root
         self._run(lambda: self._copy_tree(self._root, listing.entries))
         root_entry = self._write_tree(self._root, final=True)
@@ -113,10 +122,11 @@ class SnapshotCopier(Uploader):
                         continue
                     if depth + 1 > MAX_TREE_DEPTH:
                         raise CorruptionError(f"directory nesting deeper than {MAX_TREE_DEPTH}: not copied")
-                    child = DirNode(replace(e, oid="", summary={}))
+                    listing = read_listing(self.source.objects, e.oid)
+                    child = DirNode(replace(e, oid="", summary={}), complete=listing.complete)
                     self._source_oid[id(child)] = e.oid
                     node.children.append(child)
-                    stack.append((child, read_directory(self.source.objects, e.oid), depth + 1))
+                    stack.append((child, listing.entries, depth + 1))
                 elif e.type == TYPE_FILE and e.oid:
                     done = self._reusable(e.oid)
                     if done is not None:
@@ -177,8 +187,11 @@ def copy_snapshots(source: Repository, destination: Repository, snaps: list[Snap
     memo = CopyMemo()
     base = destination.contents.stats.bytes_original
     for snap in sorted(snaps, key=lambda s: (s.end, s.id)):
-        if original_key(source, snap) in done:
+        if copy_of(source, snap) in done:
             report.skipped.append(snap.id)
+            continue
+        if snap.checkpoint:  # a part of a backup that never finished: not a snapshot to copy
+            report.failed.append((snap.id, "a checkpoint of a backup that did not finish: not copied"))
             continue
         copier = SnapshotCopier(destination, source, memo, progress)
         try:
@@ -191,6 +204,6 @@ def copy_snapshots(source: Repository, destination: Repository, snaps: list[Snap
         finally:
             report.bytes_read += copier.stats.bytes_read
         report.copied.append((snap.id, copy.id))
-        done.add(original_key(source, snap))
+        done.add(copy_of(source, snap))
     report.new_bytes = destination.contents.stats.bytes_original - base
     return report

@@ -95,7 +95,7 @@ def _source_files(root: str):
 def _chunk(path: str, objects: ObjectStore, report: RepairReport) -> bool:
     try:
         with open(path, "rb", buffering=0) as f:
-            objects.write_stream(f)
+            objects.write_file(f)  # as the backup stored it: a sparse file's holes as holes
         return True
     except OSError as exc:
         report.source_errors.append(f"{path}: {exc.strerror}")

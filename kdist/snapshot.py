@@ -250,12 +250,16 @@ class Listing:
 _TOP_LEFT_OUT = ("name", "oid", "summary")  # what a directory's own metadata does not repeat
 
 
-def encode_directory(entries: list[Entry], top: Entry | None = None) -> bytes:
-    """A directory object. ``top``: the directory's own metadata, for a snapshot's root."""
+def encode_directory(entries: list[Entry], top: Entry | None = None, complete: bool = True) -> bytes:
+    """A directory object. ``top``: the directory's own metadata, for a snapshot's root.
+    ``complete`` False: its entries came from an object whose writer did not record attributes
+    and links (a copy of it, ``kdist repo copy``), and it says so too."""
     entries = sorted(entries, key=lambda e: e.name)
     version = max([_needed_version(e) for e in entries] + [DIR_VERSION_LINKS if top is not None and top.xattrs
                                                            else DIR_VERSION])
-    doc = {"v": version, "entries": [e.to_wire() for e in entries], "x": True}
+    doc = {"v": version, "entries": [e.to_wire() for e in entries]}
+    if complete:
+        doc["x"] = True
     if top is not None:
         doc["self"] = {k: v for k, v in top.to_wire().items() if k not in _TOP_LEFT_OUT}
     return msgpack.packb(doc, use_bin_type=True)
@@ -296,11 +300,11 @@ def decode_directory(data: bytes) -> list[Entry]:
 
 
 def read_directory(objects: ObjectStore, oid: str) -> list[Entry]:
-    return decode_directory(objects.read_all(oid))
+    return decode_directory(objects.read_all(oid, holes=False))
 
 
 def read_listing(objects: ObjectStore, oid: str) -> Listing:
-    return decode_listing(objects.read_all(oid))
+    return decode_listing(objects.read_all(oid, holes=False))
 
 
 @dataclass

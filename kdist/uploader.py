@@ -27,7 +27,7 @@ from typing import Callable
 from repo_format import clock
 from repo_format.content import ContentLost
 from repo_format.errors import KdistError, is_outage
-from repo_format.objects import parse_object_id, sparse_extents
+from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
@@ -155,6 +155,7 @@ class DirNode:
     # and ``prev_top`` is the previous root's, which it must equal to be reused
     top: bool = False
     prev_top: Entry | None = None
+    complete: bool = True  # its entries say all of each node's attributes and links (Listing.complete)
 
 
 class _Batch:
@@ -310,9 +311,18 @@ class Selection:
         return "walk" if path in self.on_the_way else None
 
     def missing(self) -> list[tuple[str, str]]:
-        """Each listed path the walk did not back up, and why."""
+        """Each listed path the walk did not back up, and why (one that exists below a listed
+        directory was backed up with it)."""
+        def inside_met(p: str) -> bool:
+            while p != os.path.dirname(p):
+                p = os.path.dirname(p)
+                if p in self.met:
+                    return True
+            return False
+
         return [(p, "listed in --files-from, but excluded, or not below a directory" if os.path.lexists(p)
-                 else "listed in --files-from, but it does not exist") for p in sorted(self.listed - self.met)]
+                 else "listed in --files-from, but it does not exist")
+                for p in sorted(self.listed - self.met) if not (os.path.lexists(p) and inside_met(p))]
 
 
 @dataclass
@@ -763,13 +773,7 @@ class Uploader:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
-                # fewer blocks than bytes: it may have holes, which are listed, never read
-                runs = sparse_extents(fd, before.st_size) if before.st_blocks * 512 < before.st_size else None
-                if runs is not None:
-                    oid, length = self.repo.objects.write_sparse(fd, runs, on_chunk=self._count_read)
-                else:
-                    os.lseek(fd, 0, os.SEEK_SET)  # (sparse_extents moved it)
-                    oid, length = self.repo.objects.write_stream(f, on_chunk=self._count_read)
+                oid, length = self.repo.objects.write_file(f, on_chunk=self._count_read)
                 after = os.fstat(f.fileno())
         except OSError as exc:
             self._error(path, f"error while reading file: {exc.strerror}")
@@ -779,7 +783,8 @@ class Uploader:
         entry.oid, entry.size = oid, length
         if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size) or length != before.st_size:
             self._error(path, "file changed while it was being read; the stored copy may be inconsistent")
-        entry.mtime_ns, entry.ctime_ns = before.st_mtime_ns, before.st_ctime_ns
+        # (an entry whose attributes could not all be read keeps no ctime: read again next time)
+        entry.mtime_ns, entry.ctime_ns = before.st_mtime_ns, before.st_ctime_ns if entry.ctime_ns else 0
         return entry
 
     def _count_read(self, n: int) -> None:
@@ -817,8 +822,8 @@ class Uploader:
         if reuse and self._still_stored(node.prev_oid):
             entry.oid, node.reused = node.prev_oid, True  # the same entries encode to the same object
         else:
-            entry.oid = self.repo.objects.write_bytes(encode_directory(entries, node.entry if node.top else None),
-                                                      metadata=True)
+            entry.oid = self.repo.objects.write_bytes(
+                encode_directory(entries, node.entry if node.top else None, node.complete), metadata=True)
         entry.summary = summary
         return entry
 

@@ -41,6 +41,7 @@ class Splitter:
     def __init__(self, avg: int, minimum: int, maximum: int, seed: int):
         self._args = (avg, minimum, maximum, seed)
         self.min_size = minimum  # no cut comes earlier: data this long or shorter is one chunk
+        self.max_size = maximum
         self._max = maximum
         self._local = threading.local()
 
@@ -174,6 +175,18 @@ class ObjectStore:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
 
+    def write_file(self, f, on_chunk=None) -> tuple[str, int]:
+        """Store a regular file open as ``f`` (unbuffered, at its start), as every backup and
+        repair stores one: with fewer blocks than bytes it may have holes, which are listed,
+        never read (``sparse_extents``); else it is read as a stream."""
+        fd = f.fileno()
+        st = os.fstat(fd)
+        runs = sparse_extents(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
+        if runs is not None:
+            return self.write_sparse(fd, runs, on_chunk)
+        os.lseek(fd, 0, os.SEEK_SET)  # (sparse_extents moved it)
+        return self.write_stream(f, on_chunk=on_chunk)
+
     def write_sparse(self, fd: int, runs: list[tuple[int, int, bool]], on_chunk=None) -> tuple[str, int]:
         """Store a sparse file by its ``runs`` (``sparse_extents``): each run of data is cut
         and stored as a stream of its own; a hole is listed, never read or hashed."""
@@ -230,9 +243,12 @@ class ObjectStore:
         indirect object's list). A hole of the object must read as zeros (a hole in the file is
         skipped, not read). Stops at the first piece that differs."""
         pos = 0
+        size = os.fstat(fd).st_size
         for cid, n in self.chunks(oid):
             if n < 0:  # a content the index does not hold: nothing to compare with
                 return False
+            if pos + n > size or (cid is not None and n > self.splitter.max_size):
+                return False  # (a length no chunk of this file can have: never read into memory)
             if cid is None:
                 if not _zeros(fd, pos, n):
                     return False
@@ -270,7 +286,11 @@ class ObjectStore:
     def open(self, oid: str) -> "ObjectReader":
         return ObjectReader(self, oid)
 
-    def read_all(self, oid: str) -> bytes:
+    def read_all(self, oid: str, holes: bool = True) -> bytes:
+        """The object's bytes. ``holes`` False: a metadata object, which never has holes (a
+        listed hole of a terabyte would be read into memory): one is corruption."""
+        if not holes and any(c is None for c, _n in self.chunks(oid)):
+            raise CorruptionError(f"object {oid} has holes, which a metadata object never has")
         with self.open(oid) as r:
             return r.read()
 

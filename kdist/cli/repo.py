@@ -297,7 +297,7 @@ def copy(repo, snapshot_refs, to_location, to_endpoint_url, to_password_file, to
     go on after an interruption, or nightly to keep the copy current; maintenance may run on
     either repository meanwhile. Exits 3 if a snapshot could not be copied."""
     from kdist.access import PasswordSource, RepositorySpec
-    from kdist.copy import copied_already, copy_snapshots, original_key
+    from kdist.copy import copied_already, copy_of, copy_snapshots
     from kdist.snapshot import list_snapshots, visible_labels
 
     from kdist.cli.snapshot_out import resolve
@@ -314,14 +314,17 @@ def copy(repo, snapshot_refs, to_location, to_endpoint_url, to_password_file, to
                                       spec.password.read(prompt="Destination repository password"),
                                       key_id=to_key_id, cache=CacheSettings.from_environment())
         destination.manifests.skip_unreadable = True
-        if not dry_run:
-            destination.require(ADMIN, HOST, what="copy snapshots into the repository")
+        destination.require(ADMIN, HOST, what="copy snapshots into the repository")
     except KdistError as exc:
         fail(exc)
     try:
+        if destination.format.unique_id == repo.format.unique_id:
+            raise click.UsageError("--to names the repository copied from")
+        own = visible_labels(destination.identity).get("host")  # a host key copies its own host's only
+        snaps = [s for s in snaps if own is None or s.source.host == own]
         if dry_run:
             done = copied_already(destination)
-            todo = [s for s in snaps if original_key(repo, s) not in done]
+            todo = [s for s in snaps if copy_of(repo, s) not in done]
             if as_json:
                 click.echo(json.dumps({"would_copy": [s.id for s in todo], "copied_before": len(snaps) - len(todo)},
                                       indent=2))
@@ -336,9 +339,13 @@ def copy(repo, snapshot_refs, to_location, to_endpoint_url, to_password_file, to
                                     progress=lambda st, _l: progress.update(st.files_read, st.bytes_read, "copying: "))
         finally:
             progress.close()
-        destination.close()
     except KdistError as exc:
         fail(exc)
+    finally:  # what was uploaded stays usable: the next run deduplicates against it
+        try:
+            destination.close()
+        except KdistError:
+            pass
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -61,7 +61,7 @@ def test_unchanged_directories_are_not_written_again(repo, storage, tmp_path, mo
     first = backup(repo, src)
     encoded = []
     real_encode = uploader_module.encode_directory
-    monkeypatch.setattr(uploader_module, "encode_directory", lambda es, top=None: (encoded.append(len(es)), real_encode(es, top))[1])
+    monkeypatch.setattr(uploader_module, "encode_directory", lambda es, top=None, complete=True: (encoded.append(len(es)), real_encode(es, top, complete))[1])
     second = backup(reopen(storage), src)
     assert encoded == [] and second.root == first.root
     (src / "docs" / "deep" / "er" / "new.txt").write_text("new")

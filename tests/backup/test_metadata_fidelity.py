@@ -109,7 +109,7 @@ def test_a_snapshot_from_before_attributes_is_followed_by_one_that_has_them(repo
     src = tmp_path / "src"
     rich_tree(src)
     with monkeypatch.context() as m:
-        m.setattr(uploader, "encode_directory", lambda entries, top=None: _old_writer(encode_directory(entries, top)))
+        m.setattr(uploader, "encode_directory", lambda entries, top=None, complete=True: _old_writer(encode_directory(entries, top)))
         old = Uploader(repo, BackupOptions()).backup(str(src))
     assert not read_listing(repo.objects, old.root).complete
     assert all(not e.xattrs and not e.dev for e in read_directory(repo.objects, old.root))
@@ -361,16 +361,19 @@ def test_a_snapshot_without_the_top_directory_leaves_a_new_target_as_made(repo, 
     src = tmp_path / "src"
     rich_tree(src)
     with monkeypatch.context() as m:
-        m.setattr(uploader, "encode_directory", lambda entries, top=None: _old_writer(encode_directory(entries, top)))
+        m.setattr(uploader, "encode_directory", lambda entries, top=None, complete=True: _old_writer(encode_directory(entries, top)))
         old = Uploader(repo, BackupOptions()).backup(str(src))
     Restorer(repo).restore(old, str(tmp_path / "dst"))
     st = os.stat(tmp_path / "dst")
     assert st.st_mtime_ns > TOP_MTIME and (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
 
 
-def test_attributes_that_cannot_be_read_are_read_again_next_time(repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [6, 300_000])  # a file read whole, and one read as a stream
+def test_attributes_that_cannot_be_read_are_read_again_next_time(repo, tmp_path, monkeypatch, size):
     src = tmp_path / "src"
     rich_tree(src)
+    with open(src / "plain", "r+b") as f:
+        f.truncate(size)
     real = os.getxattr
 
     def refused(path, name, *a, **kw):

@@ -192,3 +192,38 @@ def test_a_snapshot_that_cannot_be_read_is_reported_and_the_others_are_copied(tm
     report = copy_snapshots(source, destination, [good, bad])
     assert [c[0] for c in report.copied] == [good.id]
     assert [f[0] for f in report.failed] == [bad.id] and "cannot copy file 'g'" in report.failed[0][1]
+
+
+def test_what_a_copy_must_not_take_for_a_snapshot(tmp_path, monkeypatch):
+    """A checkpoint is not copied as if it were a snapshot; a copy made from a directory whose
+    writer did not record attributes says so (the destination's next backup records them); and
+    a record claiming to be the copy of another source's snapshot does not count."""
+    import kdist.uploader as uploader
+    from kdist.copy import ORIGINAL_LABEL, original_key
+    from kdist.snapshot import TYPE_DIR, Entry, Source, read_listing
+
+    source, destination = _memory_repo(), _memory_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.setxattr(src / "f", "user.note", b"kept")
+    real = uploader.encode_directory
+    with monkeypatch.context() as m:  # kdist before attributes: no "x", no attributes
+        m.setattr(uploader, "encode_directory", lambda entries, top=None, complete=True: real(
+            [Entry(**{**e.__dict__, "xattrs": []}) for e in entries], None, complete=False))
+        old = Uploader(source, BackupOptions()).backup(str(src), Source("h", "u", "/data"))
+    part = Uploader(source, BackupOptions())
+    part._begin(Source("h", "u", "/data"), 0)
+    checkpoint = part._publish(Entry("", TYPE_DIR, oid=old.root), checkpoint=True)
+    # a spoofed copy record: another source's snapshot labelled as the copy of ``old``
+    fake = Uploader(destination, BackupOptions()).backup(str(src), Source("other", "u", "/x"))
+    destination.manifests.put({**fake.labels(), ORIGINAL_LABEL: original_key(source, old)}, fake.payload())
+
+    report = copy_snapshots(source, destination, [old, checkpoint])
+    assert [c[0] for c in report.copied] == [old.id]  # copied despite the spoofed record
+    assert report.failed == [(checkpoint.id, "a checkpoint of a backup that did not finish: not copied")]
+    copy = next(s for s in list_snapshots(destination.manifests) if s.id == report.copied[0][1])
+    assert not read_listing(destination.objects, copy.root).complete
+    again = Uploader(destination, BackupOptions()).backup(str(src), Source("h", "u", "/data"))
+    f = next(e for e in read_listing(destination.objects, again.root).entries if e.name == "f")
+    assert f.xattrs == [(b"user.note", b"kept")]  # recorded, though the file had not changed

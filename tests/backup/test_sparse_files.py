@@ -186,8 +186,8 @@ def test_a_file_without_holes_is_stored_as_before(repo, tmp_path):
 
 
 def test_a_hostile_hole_past_any_file_size_is_reported_not_made(repo, tmp_path):
-    """A listed hole no file system holds (2^62 bytes): that file is reported and removed, the
-    others restore."""
+    """A listed hole of 2^62 bytes: where the file system cannot hold it (ext4) that file is
+    reported and removed, where it can (tmpfs) it is made, all holes; the others restore."""
     from kdist.snapshot import Snapshot, Source, encode_directory, Entry
 
     hole = C.INDIRECT_OBJECT_PREFIX + repo.contents.write(
@@ -197,5 +197,53 @@ def test_a_hostile_hole_past_any_file_size_is_reported_not_made(repo, tmp_path):
                                                       Entry("ok", "f", size=4, oid=ok, mode=0o644)]), metadata=True)
     snap = Snapshot(source=Source("h", "u", "/x"), root=root, start=0, end=0)
     stats = Restorer(repo).restore(snap, str(tmp_path / "dst"))
-    assert [os.path.basename(e["path"]) for e in stats.error_list] == ["huge"]
-    assert sorted(os.listdir(tmp_path / "dst")) == ["ok"]
+    if stats.errors:
+        assert [os.path.basename(e["path"]) for e in stats.error_list] == ["huge"]
+        assert sorted(os.listdir(tmp_path / "dst")) == ["ok"]
+    else:
+        st = os.stat(tmp_path / "dst" / "huge")
+        assert (st.st_size, st.st_blocks) == (2**62, 0)
+    assert (tmp_path / "dst" / "ok").read_bytes() == b"fine"
+
+
+def test_a_hostile_chunk_length_is_never_read_into_memory(repo, tmp_path):
+    """The restore's comparison of an existing file with a chunk list claiming a terabyte-long
+    chunk says "different" without reading a terabyte; a directory object with a hole (which no
+    writer makes) is corruption, not a zero bomb."""
+    from kdist.snapshot import read_directory
+
+    data = repo.contents.write(b"0123456789")
+    oid = C.INDIRECT_OBJECT_PREFIX + repo.contents.write(
+        _listing(C.OBJECT_LIST_VERSION, [[data, 2**40], [data, 10]]), metadata=True).hex()
+    (tmp_path / "f").write_bytes(b"0123456789" * 2)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert not repo.objects.same_content(oid, fd)
+    finally:
+        os.close(fd)
+    holey = C.INDIRECT_OBJECT_PREFIX + repo.contents.write(
+        _listing(C.OBJECT_LIST_VERSION_HOLES, [[None, 2**40], [data, 10]]), metadata=True).hex()
+    with pytest.raises(CorruptionError, match="metadata object never has"):
+        read_directory(repo.objects, holey)
+
+
+def test_repair_stores_a_sparse_file_as_the_backup_did(tmp_path):
+    """repo repair --source re-uploads lost data cut as a backup cuts it: a sparse file's runs
+    and holes give the same contents again."""
+    from repo_format.storage import open_storage
+
+    from kdist.check import check_repository
+    from kdist.repair import repair_repository
+
+    storage = open_storage(str(tmp_path / "repo"), create=True)
+    repo = Repository.create(storage, PASSWORD, GC_PARAMS, KdfParams.weak_for_tests())
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse_file(src / "disk.img", 16 * MIB, {0: os.urandom(BLOCK), 9 * MIB: os.urandom(BLOCK)})
+    Uploader(repo, BackupOptions()).backup(str(src))
+    repo.close()
+    for m in storage.list(C.DATA_PACK_PREFIX):  # every data pack lost
+        storage.delete(m.name)
+    assert not check_repository(storage, repo.format).healthy
+    report = repair_repository(storage, repo.format, str(src), dry_run=False)
+    assert report.still_missing == 0 and report.healthy

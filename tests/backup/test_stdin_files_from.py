@@ -172,3 +172,15 @@ def test_a_listed_symlink_is_backed_up_as_a_symlink_never_followed(repo, tmp_pat
     snap = up.backup(str(src))
     (entry,) = read_directory(repo.objects, snap.root)
     assert (entry.name, entry.type, entry.target) == ("link", "l", "/etc") and up.stats.errors == 0
+
+
+def test_a_list_as_find_prints_it_names_a_directory_and_what_is_in_it(repo, tmp_path):
+    """``find src/home/ann > list``: the directory and each path below it, listed; nothing is
+    reported missing."""
+    src = tmp_path / "src"
+    tree(src)
+    listed = [str(src / "home" / "ann")] + [os.path.join(d, n) for d, dirs, files in os.walk(src / "home" / "ann")
+                                            for n in dirs + files]
+    up = Uploader(repo, BackupOptions(files=listed))
+    up.backup(str(src))
+    assert up.error_list == [] and up.stats.files == 3
