@@ -30,6 +30,7 @@ _GROUPS = {
     "cache": ("kdist.cli.cache", "cache_group"),
     "key": ("kdist.cli.key", "key_group"),
     "fleet": ("kdist.cli.fleet", "fleet_group"),
+    "mount": ("kdist.cli.mount", "mount_command"),
 }
 
 
