@@ -137,8 +137,8 @@ CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 def rich_tree(root) -> None:
     """Two link groups across directories, extended attributes (binary values, on files and
-    directories), an access and a default ACL, a symlink, a fifo and a socket; as root also a
-    file capability, a trusted.* attribute and other owners. The top directory is private,
+    directories), an access and a default ACL, a symlink, a fifo, a socket and a sparse file; as
+    root also a character device, a file capability, a trusted.* attribute and other owners. The top directory is private,
     owned by someone else (as root), with an attribute and an old mtime."""
     sub = root / "sub"
     sub.mkdir(parents=True)
@@ -160,7 +160,12 @@ def rich_tree(root) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(root / "control.sock"))
     s.close()
+    with open(root / "disk.img", "wb") as f:  # sparse: 4 KiB of data in 8 MiB
+        f.truncate(8 << 20)
+        f.seek(3 << 20)
+        f.write(b"island" * 682)
     if ROOT:
+        os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
         (root / "ping").write_bytes(b"#!/bin/sh\n")
         os.chmod(root / "ping", 0o755)
         os.setxattr(root / "ping", "security.capability", CAPABILITY)

@@ -48,6 +48,7 @@ def test_round_trip_is_exact_top_level_directory_included(monkeypatch, tmp_path)
     assert groups == want_groups == [["a", "b", "sub/a-again"], ["c-link", "sub/c"]]
     assert nodes == want_nodes  # every mode, owner, mtime, attribute, ACL and capability; "." too
     assert nodes["."]["mode"] == 0o700 and nodes["."]["mtime_ns"] == TOP_MTIME
+    assert os.stat(dst / "disk.img").st_blocks == os.stat(src / "disk.img").st_blocks  # the same holes
     if ROOT:
         assert (nodes["."]["uid"], nodes["."]["gid"]) == (4321, 8765)
         assert ("security.capability", CAPABILITY) in nodes["ping"]["xattrs"]
