@@ -26,7 +26,11 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kdist-io")
-    return list(_pool.map(fn, items))
+    try:
+        futures = [_pool.submit(fn, x) for x in items]
+    except RuntimeError:  # the interpreter is exiting and its pools take no more work: a daemon
+        return [fn(x) for x in items]  # thread still reading (a session's heartbeat) reads alone
+    return [f.result() for f in futures]
 
 
 def _forget_after_fork() -> None:
