@@ -101,8 +101,8 @@ def _commands(group: click.Group, path: str = ""):
 def test_no_command_line_option_takes_the_password_itself():
     """Arguments are visible to every user of the machine (ps, /proc/*/cmdline): the password may
     come from KDIST_PASSWORD, a file or a prompt, or for Ray nodes from a named variable."""
-    allowed = {"password_file", "new_password_file", "password_env",
-               "key_id"}  # which key slot the password opens: an id from `key list`, no secret
+    allowed = {"password_file", "new_password_file", "password_env", "to_password_file",  # (repo copy's destination)
+               "key_id", "to_key_id"}  # which key slot the password opens: an id from `key list`, no secret
     commands = list(_commands(cli))  # `fleet backup` among them: what cluster/backup.py runs
     assert len(commands) >= 15 and any(path == "fleet backup" for path, _ in commands)
     seen = set()
@@ -112,7 +112,7 @@ def test_no_command_line_option_takes_the_password_itself():
             if any("pass" in n.lower() or "secret" in n.lower() or "key" in n.lower() for n in names):
                 assert param.name in allowed, f"`{path}` has an option {param.opts} that may take a secret"
                 seen.add(param.name)
-    assert {"password_file", "new_password_file", "password_env"} <= seen
+    assert {"password_file", "new_password_file", "password_env", "to_password_file"} <= seen
 
 
 def test_ray_workers_are_told_where_the_password_is_not_what_it_is(monkeypatch):
