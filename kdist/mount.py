@@ -300,4 +300,5 @@ def mount(repo: Repository, mountpoint: str, where: SnapshotFilter = SnapshotFil
     options = {"foreground": True, "ro": True, "fsname": "kdist", "subtype": "kdist"}
     if allow_other:
         options["allow_other"] = True
-    fuse.FUSE(Operations(), mountpoint, **options)
+    with repo.contents.reading_ahead():  # browsing and copying read files that lie together in packs
+        fuse.FUSE(Operations(), mountpoint, **options)

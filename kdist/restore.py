@@ -600,7 +600,7 @@ class Restorer:
             written = self._restore_file(d, e)
             return (1, written) if written is not None else (0, 0)
         if not first:
-            return (1, 0) if self._link(group, d, e) else (0, 0)
+            return self._link(group, d, e)
         written = None
         try:
             group.ident = None
@@ -628,16 +628,18 @@ class Restorer:
             self._failed(os.path.join(d.path, e.name), exc, "cannot restore")
         self._release(d, files=done[0], nbytes=done[1], lane="link")
 
-    def _link(self, group: _LinkGroup, d: _Dir, e: Entry) -> bool:
+    def _link(self, group: _LinkGroup, d: _Dir, e: Entry) -> tuple[int, int]:
         """Make ``e.name`` in ``d`` a link to the group's restored file: that very inode, opened
         again without following anything and checked by device and inode, linked through its
         descriptor (a name swapped meanwhile links nothing else). What is in the way is dealt
         with as the overwrite policy says (the same inode already: kept). If the group's file is
-        gone, this one is restored with the data and holds the group from now on."""
+        gone, this one is restored with the data and holds the group from now on. Returns
+        (files, bytes) made."""
         path = os.path.join(d.path, e.name)
         src = self._open_held(group)
         if src is None:
-            return self._restore_file(d, e, group) is not None
+            written = self._restore_file(d, e, group)
+            return (1, written) if written is not None else (0, 0)
         try:
             try:
                 st = os.stat(e.name, dir_fd=d.fd, follow_symlinks=False)
@@ -648,22 +650,22 @@ class Restorer:
                     with self._lock:
                         self.stats.skipped_existing += 1
                         self.stats.unchanged += 1
-                    return False
+                    return 0, 0
                 if statmod.S_ISDIR(st.st_mode):
                     self._error(path, "a directory is in the way; not replaced")
-                    return False
+                    return 0, 0
                 if self.overwrite == "never":
                     with self._lock:
                         self.stats.skipped_existing += 1
                         self.stats.left_different += 1
-                    return False
+                    return 0, 0
                 os.unlink(e.name, dir_fd=d.fd)
             os.link(f"/proc/self/fd/{src}", e.name, dst_dir_fd=d.fd, follow_symlinks=True)
         finally:
             os.close(src)
         with self._lock:
             self.stats.hardlinks += 1
-        return True
+        return 1, 0
 
     def _open_held(self, group: _LinkGroup) -> int | None:
         """An ``O_PATH`` descriptor of the file the group holds, opened from the target name by

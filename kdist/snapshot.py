@@ -603,11 +603,20 @@ def dead_checkpoints(repo, where: SnapshotFilter = SnapshotFilter(), dry_run: bo
     return [s for s in map(Snapshot.from_record, plan.forget) if where.matches(s)]
 
 
-def previous_root(manifests, source: Source) -> str | None:
+PARTIAL_LABEL = "partial"  # "1" on a snapshot of only some paths of its source (--files-from)
+
+
+def previous_root(manifests, source: Source, partial: bool = False) -> str | None:
     """The root of the newest complete snapshot of ``source`` (host, user and path): what a new
-    backup of it compares its files with, to reuse the unchanged ones."""
-    snaps = list_snapshots(manifests, host=source.host, user=source.user, path=source.path)
-    return snaps[-1].root if snaps else None
+    backup of it compares its files with, to reuse the unchanged ones. A backup of the whole
+    source (``partial`` False) compares with the newest snapshot of the whole source if there
+    is one: a --files-from snapshot holds only some of its files."""
+    records = manifests.find(type=SNAPSHOT_LABEL, checkpoint="0", host=source.host, user=source.user,
+                             path=source.path)
+    if not records:
+        return None
+    whole = [r for r in records if r.labels.get(PARTIAL_LABEL) != "1"]
+    return Snapshot.from_record(records[-1] if partial or not whole else whole[-1]).root
 
 
 class SnapshotNotFound(KdistError):

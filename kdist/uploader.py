@@ -33,7 +33,7 @@ from repo_format.repository import Repository
 from kdist.snapshot import (
     DEVICE_TYPES, DRIVER_LABEL, ENTRY_FIELDS, TYPE_BLOCK_DEVICE, TYPE_CHAR_DEVICE, TYPE_DIR, TYPE_FIFO, TYPE_FILE,
     TYPE_SOCKET, TYPE_SYMLINK, Entry, Snapshot, Source, backup_host, check_entry_name,
-    Listing, encode_directory, fewer_collections, previous_root, read_listing,
+    PARTIAL_LABEL, Listing, encode_directory, fewer_collections, previous_root, read_listing,
 )
 
 IGNORE_FILE = ".kdistignore"
@@ -518,7 +518,7 @@ class Uploader:
     def _previous_root(self) -> str | None:
         if not self.options.reuse_previous:
             return None
-        return previous_root(self.repo.manifests, self._source)
+        return previous_root(self.repo.manifests, self._source, partial=self.options.files is not None)
 
     def _error(self, path: str, message: str) -> None:
         with self._lock:
@@ -617,6 +617,8 @@ class Uploader:
         same = False
         if statmod.S_ISDIR(st.st_mode):
             if self.options.one_file_system and st.st_dev != self._root_dev:
+                if self._selection is not None and child_path in self._selection.listed:
+                    self._error(child_path, "listed in --files-from, but on another file system (--one-file-system)")
                 return False
             old_oid = old.oid if old is not None and old.type == TYPE_DIR else None
             child = DirNode(make_entry(child_path, name, st, TYPE_DIR, self._error))
@@ -872,6 +874,8 @@ class Uploader:
             snap = replace(snap, end=original.end, totals=dict(original.totals), tags=list(original.tags),
                            description=original.description, errors=list(original.errors))
         labels = {**snap.labels(), **(extra_labels or {})}
+        if self.options.files is not None and not checkpoint:  # a snapshot of the listed paths only
+            labels[PARTIAL_LABEL] = "1"
         if checkpoint:  # maintenance forgets a dead backup's checkpoints, never a live one's (kdist.gc.checkpoints)
             labels["session"] = self.repo.session
             if self._driver:  # a part: its backup lives as long as the session that will publish it

@@ -184,3 +184,20 @@ def test_a_list_as_find_prints_it_names_a_directory_and_what_is_in_it(repo, tmp_
     up = Uploader(repo, BackupOptions(files=listed))
     up.backup(str(src))
     assert up.error_list == [] and up.stats.files == 3
+
+
+def test_a_partial_snapshot_is_labelled_and_the_next_whole_backup_compares_with_a_whole_one(repo, tmp_path):
+    from kdist.snapshot import PARTIAL_LABEL
+
+    src = tmp_path / "src"
+    tree(src)
+    Uploader(repo, BackupOptions()).backup(str(src))
+    part = Uploader(repo, BackupOptions(files=[str(src / "etc")]))
+    partial = part.backup(str(src))
+    assert part.stats.files_read == 0  # the listed files were reused from the whole snapshot
+    labels = {r.id: r.labels for r in repo.manifests.find(type="snapshot")}
+    assert labels[partial.id].get(PARTIAL_LABEL) == "1"
+    whole = Uploader(repo, BackupOptions())
+    after = whole.backup(str(src))
+    assert PARTIAL_LABEL not in {r.id: r.labels for r in repo.manifests.find(type="snapshot")}[after.id]
+    assert whole.stats.files_read == 0 and whole.stats.files_reused == 7  # not re-read outside the list
