@@ -227,3 +227,33 @@ def test_what_a_copy_must_not_take_for_a_snapshot(tmp_path, monkeypatch):
     again = Uploader(destination, BackupOptions()).backup(str(src), Source("h", "u", "/data"))
     f = next(e for e in read_listing(destination.objects, again.root).entries if e.name == "f")
     assert f.xattrs == [(b"user.note", b"kept")]  # recorded, though the file had not changed
+
+
+def test_a_host_key_destination_is_offered_its_own_host_s_snapshots(monkeypatch, tmp_path):
+    """An off-site repository a host writes to with its host key: the copy takes that host's
+    snapshots and leaves the others' alone (exit 0), as the host could not publish them."""
+    from repo_format.storage import open_storage
+
+    from kdist.keys import add_key
+    from kdist.snapshot import Source
+
+    cli_env(monkeypatch)
+    source = ["--repo", str(tmp_path / "source")]
+    run_cli("repo", "create", *source)
+    run_cli("repo", "create", "--repo", str(tmp_path / "offsite"))
+    admin = Repository.open(open_storage(str(tmp_path / "offsite")), PASSWORD)
+    slot = add_key(admin, "web1-password", "host", "web1", kdf=KdfParams.weak_for_tests()).slot
+    admin.close()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    repo = Repository.open(open_storage(str(tmp_path / "source")), PASSWORD)
+    mine = Uploader(repo, BackupOptions()).backup(str(src), Source("web1", "root", "/srv"))
+    Uploader(repo, BackupOptions()).backup(str(src), Source("db1", "root", "/var"))
+    repo.close()
+    monkeypatch.setenv("KDIST_TO_PASSWORD", "web1-password")
+    got = json.loads(run_cli("repo", "copy", *source, "--to", tmp_path / "offsite", "--to-key-id", slot,
+                             "--json").stdout)
+    assert [c[0] for c in got["copied"]] == [mine.id] and got["failed"] == []
+    listed = json.loads(run_cli("snapshot", "list", "--repo", tmp_path / "offsite", "--json").stdout)
+    assert [(s["source"]["host"], s["source"]["path"]) for s in listed] == [("web1", "/srv")]
