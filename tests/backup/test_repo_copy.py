@@ -95,7 +95,7 @@ def _password_file(tmp_path) -> str:
 def _memory_repo(params=None, clock=None) -> Repository:
     storage = MemoryStorage(clock=clock) if clock else MemoryStorage()
     Repository.create(storage, PASSWORD, params, KdfParams.weak_for_tests()).close()
-    return Repository.open(storage, PASSWORD)
+    return Repository.open(storage, PASSWORD, heartbeat_thread=False)
 
 
 def test_a_copy_deduplicates_against_the_destination_s_own_backups(tmp_path):

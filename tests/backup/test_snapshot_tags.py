@@ -91,11 +91,11 @@ def test_a_host_cannot_edit_tags_and_its_forged_edit_counts_for_nothing(tmp_path
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("x")
-    host = Repository.open(AppendOnlyStorage(storage), "web1-pw", key_id=slot)
+    host = Repository.open(AppendOnlyStorage(storage), "web1-pw", key_id=slot, heartbeat_thread=False)
     snap = Uploader(host, BackupOptions(tags=["keep"])).backup(str(src), Source("web1", "root", "/srv"))
     host.manifests.put({"type": TAGS_LABEL, "snapshot": snap.id}, msgpack.packb({"tags": []}))
     assert [s.tags for s in list_snapshots(Repository.open(storage, PASSWORD).manifests)] == [["keep"]]
-    admin = Repository.open(storage, PASSWORD)
+    admin = Repository.open(storage, PASSWORD, heartbeat_thread=False)
     (mine,) = list_snapshots(admin.manifests)
     assert [s.id for s in edit_tags(admin.manifests, [mine], add=["release"])] == [snap.id]
     assert [s.tags for s in list_snapshots(Repository.open(storage, PASSWORD).manifests)] == [["keep", "release"]]

@@ -41,9 +41,11 @@ import hashlib
 import logging
 import os
 import random
+import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -1179,15 +1181,23 @@ def run_scenario(name: str, mutation: str | None = None, seed: int = 0) -> World
 
 class _SeededSecrets:
     """Stands in for ``secrets`` in the library while a schedule runs: names, ids and keys
-    derive from the seed, so a seed replays the same blobs in the same order."""
+    derive from the seed, so a seed replays the same blobs in the same order. Only for the
+    thread that runs the schedule: another thread (a session heartbeat of a repository an
+    earlier test left open, in the same process) gets real randomness, and draws nothing from
+    the seed (one such draw once changed a replayed schedule's snapshot ids in CI)."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
+        self.thread = threading.get_ident()
 
     def token_bytes(self, n: int = 32) -> bytes:
+        if threading.get_ident() != self.thread:
+            return secrets.token_bytes(n)
         return self.rng.randbytes(n)
 
     def token_hex(self, n: int = 32) -> str:
+        if threading.get_ident() != self.thread:
+            return secrets.token_hex(n)
         return self.rng.randbytes(n).hex()
 
 
