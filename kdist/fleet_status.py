@@ -18,7 +18,7 @@ from repo_format.keyslots import ADMIN, HOST, MAINTENANCE
 
 from kdist.failures import FAILURE_LABEL, decode_failures
 from kdist.retention import bounded_by_storage, storage_bounded_time
-from kdist.snapshot import SNAPSHOT_LABEL, Snapshot, SnapshotFilter, with_tag_edits
+from kdist.snapshot import SNAPSHOT_LABEL, TAGS_LABEL, Snapshot, SnapshotFilter, with_tag_edits
 
 DEFAULT_MAX_AGE = 26 * 3600.0  # a nightly backup, with two hours of slack
 
@@ -57,8 +57,9 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
     key without any; sorted by host and path. ``labels``: what this key may see (a host key: its
     own host)."""
     records = manifests.find(**labels)  # one read for snapshots, checkpoints and failures
-    snaps = where.select(with_tag_edits(manifests, [Snapshot.from_record(r) for r in records
-                                                    if r.labels.get("type") == SNAPSHOT_LABEL]))
+    edits = records if not labels else manifests.find(type=TAGS_LABEL)  # (edits carry no host label)
+    snaps = where.select(with_tag_edits(edits, [Snapshot.from_record(r) for r in records
+                                               if r.labels.get("type") == SNAPSHOT_LABEL]))
 
     def when(s: Snapshot) -> float:
         return storage_bounded_time(s, manifests.signer_role(s.signer) in (ADMIN, MAINTENANCE))

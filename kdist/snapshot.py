@@ -481,7 +481,10 @@ def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> li
     """Snapshots, oldest first, with their tags as last edited; checkpoints only when asked."""
     if not include_checkpoints:
         labels["checkpoint"] = "0"
-    return with_tag_edits(manifests, [Snapshot.from_record(r) for r in manifests.find(type=SNAPSHOT_LABEL, **labels)])
+    labels["type"] = SNAPSHOT_LABEL
+    records = manifests.find()  # one listing for the snapshots and their tag edits
+    return with_tag_edits(records, [Snapshot.from_record(r) for r in records
+                                    if all(r.labels.get(k) == v for k, v in labels.items())])
 
 
 # A tag edit (``snapshot tag``) is a record of its own: labels type=tags and snapshot=<id>, payload
@@ -492,10 +495,13 @@ def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> li
 TAGS_LABEL = "tags"
 
 
-def tag_edits(manifests) -> dict[str, tuple[list[str], list[str]]]:
-    """Per snapshot id: its tags as last edited, and the ids of every edit of them."""
+def tag_edits(records) -> dict[str, tuple[list[str], list[str]]]:
+    """Per snapshot id: its tags as last edited, and the ids of every edit of them, from
+    ``records`` (live records oldest first, ``ManifestStore.find``)."""
     out: dict[str, tuple[list[str], list[str]]] = {}
-    for r in manifests.find(type=TAGS_LABEL):  # oldest first: the last one read wins
+    for r in records:  # oldest first: the last one read wins
+        if r.labels.get("type") != TAGS_LABEL:
+            continue
         target = r.labels.get("snapshot")
         try:
             tags = msgpack.unpackb(r.payload, raw=False)["tags"]
@@ -508,8 +514,8 @@ def tag_edits(manifests) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
-def with_tag_edits(manifests, snaps: list[Snapshot]) -> list[Snapshot]:
-    edits = tag_edits(manifests)
+def with_tag_edits(records, snaps: list[Snapshot]) -> list[Snapshot]:
+    edits = tag_edits(records)
     for s in snaps:
         if s.id in edits:
             s.tags = list(edits[s.id][0])
@@ -520,7 +526,7 @@ def edit_tags(manifests, snaps: list[Snapshot], add=(), remove=(), set_: list[st
     """Give each snapshot its tags with ``add`` added and ``remove`` removed, or ``set_`` as
     they are; returns those whose tags changed (and writes only for them: one record each, and
     tombstones for its older edits)."""
-    edits = tag_edits(manifests)
+    edits = tag_edits(manifests.find(type=TAGS_LABEL))
     changed = []
     for s in snaps:
         old = list(s.tags)

@@ -24,8 +24,8 @@ from kdist.cli.text import local_time, printable
 from kdist.restore import Restorer, find_subtree
 from kdist.restore_plan import DEFAULT_OVERWRITE, OVERWRITE_POLICIES
 from kdist.snapshot import (
-    TYPE_DIR, Snapshot, Source, backup_host, check_entry_name, edit_tags, list_snapshots, resolve_snapshot, tag_edits,
-    visible_labels,
+    TAGS_LABEL, TYPE_DIR, Snapshot, Source, backup_host, check_entry_name, edit_tags, list_snapshots, resolve_snapshot,
+    tag_edits, visible_labels,
 )
 from kdist.uploader import BackupOptions, Uploader
 from kdist import browse
@@ -499,7 +499,7 @@ def forget(repo, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, 
                        "that died; a later snapshot of its source exists)")
     gone = plan.forget + plan.checkpoints
     if not dry_run:
-        edits = tag_edits(repo.manifests)  # a forgotten snapshot's tag edits go with it
+        edits = tag_edits(repo.manifests.find(type=TAGS_LABEL))  # a forgotten snapshot's tag edits go with it
         repo.manifests.delete([s.id for s in gone] + [i for s in gone for i in edits.get(s.id, ((), ()))[1]])
         if not as_json:
             click.echo(f"forgot {len(plan.forget)} snapshot(s)" + (f" and {len(plan.checkpoints)} checkpoint(s)"

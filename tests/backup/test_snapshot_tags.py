@@ -101,3 +101,19 @@ def test_a_host_cannot_edit_tags_and_its_forged_edit_counts_for_nothing(tmp_path
     assert [s.tags for s in list_snapshots(Repository.open(storage, PASSWORD).manifests)] == [["keep", "release"]]
     (theirs,) = list_snapshots(host.manifests, host="web1")
     assert theirs.tags == ["keep", "release"]  # the host sees the admin's edit of its snapshot
+
+
+def test_listing_snapshots_reads_the_manifests_once(repo, tmp_path, monkeypatch):
+    """Tag edits come from the same listing as the snapshots: every command that lists
+    snapshots (list, latest, forget, restore) reads the manifest blobs once, as before edits."""
+    from kdist.snapshot import edit_tags, list_snapshots
+    from kdist.uploader import BackupOptions, Uploader
+
+    (tmp_path / "src").mkdir()
+    snap = Uploader(repo, BackupOptions()).backup(str(tmp_path / "src"))
+    edit_tags(repo.manifests, [snap], add=["x"])
+    calls = []
+    real = repo.manifests.find
+    monkeypatch.setattr(repo.manifests, "find", lambda **labels: (calls.append(labels), real(**labels))[1])
+    assert [s.tags for s in list_snapshots(repo.manifests)] == [["x"]]
+    assert len(calls) == 1
