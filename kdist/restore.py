@@ -205,10 +205,12 @@ class Restorer:
         """Restore ``subpath`` of the snapshot (all of it for None) into ``target``. A directory
         restored into a target this creates gives the target its mode, owner, attributes and
         times; an existing target keeps its own (it may be /tmp, or the original place)."""
-        entry = find_subtree(self.repo, snap, subpath)
-        top = None
-        if entry.type == TYPE_DIR:  # a subdirectory's entry, or the root's own metadata if stored
-            top = entry if [p for p in (subpath or "").split("/") if p and p != "."] else root_metadata(self.repo, snap)
+        if [p for p in (subpath or "").split("/") if p and p != "."]:
+            entry = find_subtree(self.repo, snap, subpath)
+            top = entry if entry.type == TYPE_DIR else None  # a subdirectory's own entry
+        else:  # the root's own metadata, if its object holds it (one read of the root here)
+            top = root_metadata(self.repo, snap)
+            entry = top or Entry(name="", type=TYPE_DIR, oid=snap.root, mode=0o755)
         try:
             created = not os.path.lexists(target)
             os.makedirs(target, exist_ok=True)
