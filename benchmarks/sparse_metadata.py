@@ -60,13 +60,18 @@ def sparse(base: str) -> None:
     repo.close()
 
 
-def small_files(base: str, n: int) -> None:
-    src = os.path.join(base, "small-src")
+def write_small_files(src: str, n: int) -> None:
+    """``n`` files of 1 KiB of random bytes, a thousand to a directory."""
     for i in range(n):
         d = os.path.join(src, f"d{i // 1000:03}")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"f{i:06}"), "wb") as f:
             f.write(os.urandom(1024))
+
+
+def small_files(base: str, n: int) -> None:
+    src = os.path.join(base, "small-src")
+    write_small_files(src, n)
     real = uploader.read_xattrs
     rows = {"attributes read": [], "attributes skipped": []}
     for round_ in range(ROUNDS):  # alternate, so disk state and caches weigh on both alike

@@ -29,7 +29,7 @@ import numpy as np
 from repo_format import clock
 from repo_format import constants as C
 from repo_format.errors import KdistError
-from repo_format.index import IndexEntry, MergedIndex
+from repo_format.index import MAX_TIMESTAMP_US, IndexEntry, MergedIndex
 from repo_format.index_scan import FLAGS_AT, PACK_AT, PLEN_AT, TS_AT, Winners, column, encode_rows, entries_of
 from repo_format.repository import Repository
 
@@ -184,7 +184,7 @@ def _restamped(rows: np.ndarray, deleted: bool, at_least: int = 0) -> np.ndarray
     """The rows as marks (``deleted``) or undeletes of the entries they are: the flag set or
     cleared, the timestamp one microsecond after theirs, and at least ``at_least``."""
     out = rows.copy()
-    ts = np.maximum(column(out, TS_AT, ">i8").astype(np.int64) + 1, at_least)
+    ts = np.maximum(np.minimum(column(out, TS_AT, ">i8").astype(np.int64), MAX_TIMESTAMP_US - 1) + 1, at_least)  # stamp_after
     out[:, TS_AT:TS_AT + 8] = ts.astype(">i8").view(np.uint8).reshape(-1, 8)
     flags = out[:, FLAGS_AT]
     out[:, FLAGS_AT] = (flags | C.INDEX_FLAG_DELETED) if deleted else (flags & ~np.uint8(C.INDEX_FLAG_DELETED))

@@ -66,6 +66,8 @@ class CheckReport:
     # for repair: contents snapshots reach that cannot be read, and reached ones marked deleted
     missing: set[bytes] = field(default_factory=set)
     deleted_referenced: dict[bytes, IndexEntry] = field(default_factory=dict)
+    # reached contents whose winning entry points where the record is not (readers use another place)
+    misplaced: set[bytes] = field(default_factory=set)
 
     @property
     def healthy(self) -> bool:
@@ -151,7 +153,6 @@ class Checker:
         self._dir_oids: list[str] = []
         self._damaged_dirs: dict[str, str] = {}  # directory oid -> where its subtree's problems were reported
         self._files: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # oid -> (contents, unreadable ones)
-        self._misplaced: set[bytes] = set()  # contents whose winning entry was named as misplaced
 
     def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
         snapshots = self.read_snapshots()
@@ -264,9 +265,9 @@ class Checker:
         """The winning entry of a content points where its record is not, while another entry's
         record is the content: a host's forged entry (or damage). Readers and maintenance's
         merges use the other place."""
-        if entry.content_id in self._misplaced:
+        if entry.content_id in self.report.misplaced:
             return
-        self._misplaced.add(entry.content_id)
+        self.report.misplaced.add(entry.content_id)
         self._problem("index-entry", f"index entry of content {entry.content_id.hex()} points into pack {entry.pack} "
                       f"(offset {entry.offset}), where its record is not; readers use its copy in pack "
                       f"{genuine.pack}, and maintenance's next merges keep that place (forged or damaged)",
@@ -283,11 +284,21 @@ class Checker:
         return None
 
     def locate(self, content_id: bytes) -> tuple[IndexEntry | None, str | None]:
-        """The content's winning entry, and why it cannot be read (None if it can)."""
+        """The entry readers would read the content from, and why it cannot be read (None if it
+        can): the winner, or when the winner cannot be where it says (a missing pack, past the
+        end) another place of the content that can, as readers fall back to it (the winner is
+        then named as misplaced). Judging by the winner alone took a host's forged entry into a
+        missing pack for a lost directory, and stopped the walk there."""
         e = self.index.lookup(content_id)
         if e is None:
             return None, "is not in the index"
-        return e, self.unusable(e)
+        reason = self.unusable(e)
+        if reason is not None:
+            for other in self.index.locations(content_id):
+                if place_of(other) != place_of(e) and self.unusable(other) is None:
+                    self.misplaced(e, other)
+                    return other, None
+        return e, reason
 
     def _check_entries(self) -> list[str]:
         """Every winning live entry points inside a listed pack. Returns the packs they use."""

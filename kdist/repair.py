@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from repo_format import clock
 from repo_format.format_blob import FormatBlob
+from repo_format.index import stamp_after
 from repo_format.index_rebuild import entries_from_packs, entries_to_write
 from repo_format.objects import ObjectStore
 from repo_format.repository import Repository, new_session_id
@@ -113,7 +114,8 @@ class Repairer:
     def run(self, source: str | None = None) -> RepairReport:
         checker = Checker(self.storage, self.fmt)
         report = RepairReport(self.dry_run, checker.run())
-        overlay = self._rebuild(checker, report) if report.before.missing else []
+        # a winner whose pack is missing is repointed too when readers find another place
+        overlay = self._rebuild(checker, report) if report.before.missing or report.before.misplaced else []
         if overlay:  # what the rebuilt directories hold is only known after a new walk
             checker = Checker(self.storage, self.fmt, overlay)
             checker.run()
@@ -148,7 +150,7 @@ class Repairer:
         if not marked:
             return
         fresh = Checker(self.storage, self.fmt).load_index() if not self.dry_run else checker.index
-        revive = [replace(e, deleted=False, timestamp_us=e.timestamp_us + 1) for e in marked.values()
+        revive = [replace(e, deleted=False, timestamp_us=stamp_after(e.timestamp_us)) for e in marked.values()
                   if fresh.lookup(e.content_id) == e]
         self._write_index(revive)
         report.undeleted = len(revive)
@@ -168,7 +170,7 @@ class Repairer:
             return
         # a lost copy's live entry would make the writer deduplicate against it: supersede it
         lost = [checker.index.lookup(c) for c in finder.found]
-        marks = [replace(e, deleted=True, timestamp_us=e.timestamp_us + 1) for e in lost if e and not e.deleted]
+        marks = [replace(e, deleted=True, timestamp_us=stamp_after(e.timestamp_us)) for e in lost if e and not e.deleted]
         self._write_index(marks)
         checker.index.add_entries(marks)
         store = Repository(self.storage, self.fmt, self.session, committed=checker.index).contents

@@ -27,6 +27,7 @@ from repo_format.local_cache import LocalCache
 from repo_format.safety import safety_of
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
+from repo_format.vouched import DedupGuard
 
 __all__ = ["ContentLost", "ContentStore", "WriteStats", "load_committed_index", "make_epoch_manager",
            "start_signed_epochs"]
@@ -74,7 +75,13 @@ class ContentStore:
         pending: dict[bytes, IndexEntry] = {}  # written, not yet published: the writer's, the view reads it
         self._session = WriterSession(self.marker, lock)
         self.index = IndexView(self.epochs, self.safety, lock, pending, committed, self._session.check_alive)
-        self.writer = ContentWriter(storage, fmt, self._session, self.epochs, self.index, lock, pending, cache)
+        # in a signed repository other keys can write index entries: deduplicate only against
+        # places this writer authenticated (repo_format.vouched)
+        self.guard = DedupGuard(storage, lambda e: self.reader.authentic_one(e),
+                                cache.vouched_places() if cache is not None else None,
+                                enabled=fmt.identity is not None)
+        self.writer = ContentWriter(storage, fmt, self._session, self.epochs, self.index, lock, pending, cache,
+                                    self.guard)
         self.reader = ContentReader(storage, fmt.keys.content_aead(), fmt.keys.content_hasher(), self.index,
                                     self.writer.unflushed_record, lock, cache)
         # a writer stalled on a slow read still refreshes its view, undeleting what it refers to
@@ -130,7 +137,11 @@ class ContentStore:
         return self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            if self.guard.store is not None:
+                self.guard.store.close()
 
     # ---- the committed index (index_view) ----------------------------------------------------
     def lookup(self, content_id: bytes) -> IndexEntry | None:

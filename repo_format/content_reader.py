@@ -87,20 +87,22 @@ class ContentReader:
             return self._read_at(moved)
 
     def authentic(self, entries: list[IndexEntry]) -> list[bool]:
-        """Whether each entry's record is where it says: read, authenticated and checked against
-        its id (maintenance's merges, before they let another place of the content go). A
-        missing pack or a record that does not open is False; any other error raises."""
-        def one(e: IndexEntry) -> bool:
-            try:
-                sealed = self.storage.get(e.pack, e.offset, e.packed_length)
-                if len(sealed) != e.packed_length:
-                    return False
-                self._open(e, sealed)
-                return True
-            except (BlobNotFound, CorruptionError):
-                return False
+        """``authentic_one`` of each entry, in parallel (maintenance's merges, before they let
+        another place of a content go)."""
+        return parallel_map(self.authentic_one, entries)
 
-        return parallel_map(one, entries)
+    def authentic_one(self, e: IndexEntry) -> bool:
+        """Whether the entry's record is where it says: read from the storage (never a cached
+        copy), authenticated and checked against its id. A missing pack or a record that does
+        not open is False; any other error raises."""
+        try:
+            sealed = self.storage.get(e.pack, e.offset, e.packed_length)
+            if len(sealed) != e.packed_length:
+                return False
+            self._open(e, sealed)
+            return True
+        except (BlobNotFound, CorruptionError):
+            return False
 
     def read_entry(self, entry: IndexEntry) -> bytes:
         """The content's plaintext, authenticated. If its pack is gone, the index may have moved

@@ -7,7 +7,8 @@ Owns: the open packs and their uploads, the entries written but not yet publishe
 
 Must never: publish an index blob while its session may have lapsed, or after a pack failed to
 upload (ids returned for it are not stored); deduplicate against anything but what the
-``IndexView`` says is committed and live; publish outside the lock it shares with the view (a
+``IndexView`` says is committed and live, at a place the ``DedupGuard`` vouches for (its
+record authenticated by this writer: ``repo_format.vouched``); publish outside the lock it shares with the view (a
 reload must never miss a published entry). Reading contents back is ``content_reader``'s.
 
 Safe for many threads: hashing, compression and encryption run outside the lock (the libraries
@@ -27,12 +28,13 @@ from repo_format.content_reader import open_content
 from repo_format.epoch import EpochManager
 from repo_format.errors import CorruptionError, KdistError, StorageError
 from repo_format.format_blob import FormatBlob
-from repo_format.index import IndexEntry
+from repo_format.index import IndexEntry, stamp_after
 from repo_format.index_view import IndexView
 from repo_format.local_cache import LocalCache
 from repo_format.pack import PackWriter, content_aad, new_pack_name
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
+from repo_format.vouched import DedupGuard
 
 
 @dataclass
@@ -88,12 +90,14 @@ class WriterSession:
 class ContentWriter:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: WriterSession, epochs: EpochManager,
                  view: IndexView, lock: threading.Lock, pending: dict[bytes, IndexEntry],
-                 cache: LocalCache | None = None):
-        """``lock`` and ``pending`` are shared with ``view``: see the module docstring."""
+                 cache: LocalCache | None = None, guard: DedupGuard | None = None):
+        """``lock`` and ``pending`` are shared with ``view``: see the module docstring.
+        ``guard`` says which committed entries may be deduplicated against (None: all)."""
         self.storage = storage
         self._session = session
         self.epochs = epochs
         self._view = view
+        self._guard = guard if guard is not None else DedupGuard(storage, lambda e: True, None, enabled=False)
         self._lock = lock
         self._idle = threading.Condition(lock)
         self._pending = pending  # written since the last flush
@@ -125,7 +129,9 @@ class ContentWriter:
         with self._lock:
             pending = cid in self._pending
         old = None if pending else self._view.current().lookup(cid)  # one lookup per content
-        if pending or (old is not None and not old.deleted):
+        # a live entry only counts from a place this writer vouches for: else stored again, with
+        # an entry that wins over it (any host can write an entry for a content it guesses)
+        if pending or (old is not None and not old.deleted and self._guard.vouches(old)):
             with self._lock:
                 self.stats.contents_deduplicated += 1
                 self._view.add_reference_locked(cid)
@@ -136,7 +142,7 @@ class ContentWriter:
         # this client's clock says (the conflict rule orders by timestamp)
         stamp = int(clock.now() * 1e6)
         if old is not None:
-            stamp = max(stamp, old.timestamp_us + 1)
+            stamp = max(stamp, stamp_after(old.timestamp_us))
         with self._lock:
             self._view.add_reference_locked(cid)
             if cid in self._pending:
@@ -175,7 +181,7 @@ class ContentWriter:
                     # is, for the merges to replace with a place where it is (IndexScan._relocate)
                     unreadable += 1
                     continue
-                stamp = max(int(clock.now() * 1e6), e.timestamp_us + 1)  # wins over the old entry
+                stamp = max(int(clock.now() * 1e6), stamp_after(e.timestamp_us))  # wins over the old entry
                 metadata = pack.startswith(C.METADATA_PACK_PREFIX)
                 with self._lock:
                     full = self._append(metadata, e.content_id, e.compression, sealed, e.original_length, stamp)
@@ -236,6 +242,7 @@ class ContentWriter:
                             del self._pending[e.content_id]
                 self._uploading -= 1
                 self._idle.notify_all()
+        self._guard.wrote(writer.name, writer.entries)
 
     def flush(self) -> str | None:
         """Store open packs, then one index blob naming them. Returns the index blob's name."""
@@ -262,6 +269,7 @@ class ContentWriter:
             if errors:  # the upload's failure is the one to report
                 raise errors[0] from None
             raise
+        self._guard.save()
         if errors:
             raise errors[0]
         if lost:

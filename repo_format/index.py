@@ -41,6 +41,18 @@ class IndexEntry:
     deleted: bool = False
 
 
+MAX_TIMESTAMP_US = 2**63 - 1  # the entry field's largest value (i64)
+
+
+def stamp_after(timestamp_us: int) -> int:
+    """One microsecond after ``timestamp_us`` (an entry that wins over it), at most the field's
+    largest value: any host can date an entry at the very end, and the next entry a writer or
+    maintenance makes of that content must still encode. It then ties, and the tie rule decides
+    (live over deleted, then the place); readers and merges pass over a winner whose record is
+    not where it says."""
+    return min(timestamp_us + 1, MAX_TIMESTAMP_US)
+
+
 def wins(a: IndexEntry, b: IndexEntry) -> bool:
     """True if ``a`` takes precedence over ``b`` for the same content id."""
     if a.timestamp_us != b.timestamp_us:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from repo_format import constants as C
 from repo_format.errors import BlobNotFound, CorruptionError, UnsupportedVersion
 from repo_format.format_blob import FormatBlob
-from repo_format.index import IndexEntry, MergedIndex, wins
+from repo_format.index import IndexEntry, MergedIndex, stamp_after, wins
 from repo_format.pack import read_local_index
 from repo_format.storage.base import BlobStorage
 
@@ -62,7 +62,7 @@ def entries_to_write(from_packs: Iterable[IndexEntry], index: MergedIndex, now_u
         if current is not None:
             if current.deleted or not unusable(current) or unusable(e) or e.pack == current.pack:
                 continue
-            e = replace(e, timestamp_us=max(now_us, current.timestamp_us + 1))
+            e = replace(e, timestamp_us=max(now_us, stamp_after(current.timestamp_us)))
         best = out.get(e.content_id)
         if best is None or wins(e, best):
             out[e.content_id] = e

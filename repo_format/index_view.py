@@ -22,7 +22,7 @@ from dataclasses import replace
 from repo_format import clock
 from repo_format.epoch import EpochManager
 from repo_format.errors import KdistError
-from repo_format.index import IndexEntry, MergedIndex
+from repo_format.index import IndexEntry, MergedIndex, stamp_after
 from repo_format.safety import SafetyParameters
 
 
@@ -187,7 +187,7 @@ class IndexView:
             if e is None:
                 lost.append(cid)
             elif e.deleted:
-                undelete.append(replace(e, deleted=False, timestamp_us=e.timestamp_us + 1))
+                undelete.append(replace(e, deleted=False, timestamp_us=stamp_after(e.timestamp_us)))
         if lost and raise_lost:
             raise ContentLost(f"{len(lost)} content(s) this backup refers to were removed by maintenance "
                               f"while it ran (first: {lost[0].hex()}); nothing was published, run it again")

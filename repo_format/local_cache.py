@@ -53,6 +53,7 @@ DEFAULT_LIMIT = 10 * 1024**3
 INDEX_DIR = "index"
 CONTENTS_DIR = "contents"
 BLOBS_DIR = "blobs"
+VOUCHED_FILE = "vouched.sqlite"  # repo_format.vouched
 # magic(4) | version u8 | reserved(3) | plaintext length u64 | entry count u64 | entries at u64 |
 # pack count u64 | MAC(32)
 FILE_HEADER = struct.Struct("<4sB3xQQQQ32s")
@@ -170,9 +171,15 @@ def _usage(directory: Path) -> dict:
     index, index_files = _tree_size(directory / INDEX_DIR)
     contents, content_files = _tree_size(directory / CONTENTS_DIR)
     blobs, blob_files = _tree_size(directory / BLOBS_DIR)
+    vouched = 0  # repo_format.vouched: outside the limit and its total (a row per pack, and per content read back)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            vouched += os.stat(directory / (VOUCHED_FILE + suffix)).st_blocks * 512
+        except OSError:
+            pass
     return {"index_bytes": index, "index_files": index_files, "contents_bytes": contents,
             "content_files": content_files, "blobs_bytes": blobs, "blob_files": blob_files,
-            "total_bytes": index + contents + blobs}
+            "vouched_bytes": vouched, "total_bytes": index + contents + blobs}
 
 
 class LocalCache:
@@ -417,6 +424,14 @@ class LocalCache:
 
     def drop_content(self, content_id: bytes) -> None:
         self._discard(self._content_path(content_id), "failed authentication")
+
+    # ---- authenticated places (repo_format.vouched) --------------------------------------
+    def vouched_places(self):
+        """The record of places this host authenticated, in ``vouched.sqlite`` (under this
+        cache's MAC key)."""
+        from repo_format.vouched import VouchedPlaces
+
+        return VouchedPlaces(self.directory / VOUCHED_FILE, self._mac_key, self.repository_id)
 
     # ---- size ----------------------------------------------------------------------------
     def usage(self) -> dict:

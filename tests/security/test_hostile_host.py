@@ -9,6 +9,7 @@ turn (``test_each_defence_is_needed``) to show some attack then succeeds.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from dataclasses import replace
@@ -25,7 +26,7 @@ from repo_format import keyslots  # noqa: E402
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.errors import AppendOnlyViolation, KdistError  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
-from repo_format.index import encode_index, seal_index  # noqa: E402
+from repo_format.index import IndexEntry, encode_index, seal_index  # noqa: E402
 from repo_format.keyslots import COMPACTED_DOMAIN, HOST, MAINTENANCE, sign  # noqa: E402
 from repo_format.manifest import ManifestRecord  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
@@ -435,10 +436,11 @@ def test_a_host_cannot_delete_or_replace_a_blob(fleet):
     fleet.assert_intact()
 
 
-@pytest.mark.parametrize("ts", [1, 2**62], ids=["dated-in-the-past", "dated-in-the-future"])
+@pytest.mark.parametrize("ts", [1, 2**62, 2**63 - 1], ids=["dated-in-the-past", "dated-in-the-future", "dated-at-the-end"])
 def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts):
     """alice marks every content of the index deleted (bob's too): maintenance undeletes what a
-    snapshot reaches before any mark could be dropped, as it does a crashed writer's stale view.
+    snapshot reaches before any mark could be dropped, as it does a crashed writer's stale view;
+    dated at the end of time too (an undelete then ties, and live wins the tie).
     (Index blobs are not signed yet: `repo check` cannot tell these marks from maintenance's.)"""
     alice = fleet.open("alice")
     entries = [replace(e, deleted=True, timestamp_us=ts) for e in alice.contents.index.current()]
@@ -446,6 +448,8 @@ def test_forged_deletion_marks_are_undone_before_they_could_be_dropped(fleet, ts
     alice.contents.epochs.write_index(entries)
     fleet.gc_cycles()
     fleet.assert_intact()
+    index = fleet.open("maint").contents.refresh_index()  # every snapshot reaches every content here
+    assert not [e for e in entries if index.lookup(e.content_id).deleted]
 
 
 def test_forged_deletion_marks_written_between_a_walk_and_its_merges_are_undone(fleet):
@@ -811,3 +815,94 @@ def test_an_upgraded_repository_signs_its_epochs(tmp_path, ticking_time):
     assert view.signed and view.current == 2
     repo.storage.put("xe7", repo.contents.epochs._marker_aead.seal(b"epoch 7", b"xe7"))  # a host's forgery
     assert repo.contents.epochs.refresh().current == 2
+
+
+# ---- dedup poisoning, and entries dated at the end of time ----------------------------------
+def _poison(fleet: Fleet, files: dict[str, bytes]) -> int:
+    """alice, before bob stores them, writes live entries for the contents of files she guesses
+    bob will back up (she holds the hash secret and the chunker seed), pointing into a pack of
+    junk. Returns how many contents she forged."""
+    alice = fleet.open("alice")
+    junk = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
+    alice.storage.put(junk, os.urandom(64 * 1024))
+    forged = []
+    for data in files.values():
+        for chunk in alice.objects.splitter.split(io.BytesIO(data)):
+            chunk = bytes(chunk)
+            cid = alice.contents.content_id(chunk)
+            assert alice.contents.lookup(cid) is None  # nobody has stored it yet
+            forged.append(IndexEntry(cid, junk, 0, len(chunk) + 28, len(chunk), 0, int(fleet.t[0] * 1e6)))
+    alice.contents.epochs.write_index(forged)
+    return len(forged)
+
+
+def _bob_backs_up_guessed_files(fleet: Fleet) -> tuple[int, Repository]:
+    files = {"common.conf": os.urandom(9000), "tiny": os.urandom(100)}
+    forged = _poison(fleet, files)
+    for name, data in files.items():
+        (fleet.src["bob"] / name).write_bytes(data)
+    bob = fleet.open("bob")
+    fleet.bob_snap = Uploader(bob, BackupOptions(host="bob")).backup(str(fleet.src["bob"]))
+    fleet.protected[fleet.bob_snap.id] = fleet.bob_snap.root
+    bob.close()
+    return forged, bob
+
+
+def test_a_guessed_content_is_stored_whatever_entries_a_host_wrote_first(fleet):
+    """Dedup poisoning: bob's writer passes over alice's entries (their records do not open as
+    the contents) and stores the contents itself; after GC cycles his snapshot restores."""
+    forged, bob = _bob_backs_up_guessed_files(fleet)
+    assert forged >= 3 and bob.contents.guard.stats.refused == forged
+    fleet.gc_cycles()
+    fleet.assert_intact()
+
+
+def test_deduplicating_only_against_vouched_places_is_needed(fleet, monkeypatch):
+    """The mutation check: a writer that trusts every entry uploads nothing for the guessed
+    contents, and bob's new snapshot does not restore."""
+    from repo_format.vouched import DedupGuard
+
+    monkeypatch.setattr(DedupGuard, "vouches", lambda self, entry: True)
+    _bob_backs_up_guessed_files(fleet)
+    with pytest.raises((AssertionError, KdistError)):
+        fleet.assert_intact()
+
+
+@pytest.mark.parametrize("deleted", [True, False], ids=["marked-deleted", "live-into-junk"])
+def test_entries_dated_at_the_end_of_time_stop_no_backup(fleet, deleted):
+    """alice dates an entry of every content at the largest timestamp the index can hold, marked
+    deleted or pointing into junk. The next entry of such a content (bob's upload or undelete,
+    maintenance's mark or undelete) cannot be one microsecond later: it ties, and the tie rule
+    decides (live over deleted; readers and merges pass over a place whose record is not there).
+    Before, bob's next backup died encoding a timestamp of 2**63, and maintenance's undeletes
+    wrapped around to the smallest one."""
+    from repo_format.index import MAX_TIMESTAMP_US
+
+    alice = fleet.open("alice")
+    junk = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
+    alice.storage.put(junk, os.urandom(64 * 1024))
+    entries = [replace(e, timestamp_us=MAX_TIMESTAMP_US, deleted=deleted,
+                       **({} if deleted else {"pack": junk, "offset": 0}))
+               for e in alice.contents.index.current()]
+    alice.contents.epochs.write_index(entries)
+    (fleet.src["bob"] / "new").write_bytes(os.urandom(5000))
+    fleet.bob_snap = fleet.backup("bob")
+    fleet.protected[fleet.bob_snap.id] = fleet.bob_snap.root
+    fleet.gc_cycles()
+    fleet.assert_intact()
+    fleet.bob_snap = fleet.backup("bob")  # and again, after maintenance
+    fleet.assert_intact()
+
+
+def test_entries_dated_at_the_end_of_time_need_the_saturated_stamp(fleet, monkeypatch):
+    """The mutation check: one microsecond later without the bound, bob's backup fails."""
+    from repo_format import content_writer, index_view
+    from repo_format.index import MAX_TIMESTAMP_US
+
+    for module in (content_writer, index_view):
+        monkeypatch.setattr(module, "stamp_after", lambda ts: ts + 1)
+    alice = fleet.open("alice")
+    alice.contents.epochs.write_index([replace(e, timestamp_us=MAX_TIMESTAMP_US, deleted=True)
+                                       for e in alice.contents.index.current()])
+    with pytest.raises(Exception):
+        fleet.backup("bob")

@@ -1,0 +1,145 @@
+"""A writer deduplicates only against places it authenticated (``repo_format.vouched``): its
+own records, and records it read and opened, remembered in the local cache with the length and
+storage time of their pack. The attack end to end (a host's entries for a content it guesses) is
+in ``test_hostile_host.py``; these are the guard's own rules."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
+
+from repo_format.crypto import KdfParams  # noqa: E402
+from repo_format.errors import KdistError  # noqa: E402
+from repo_format.format_blob import RepositoryParameters  # noqa: E402
+from repo_format.local_cache import CacheSettings  # noqa: E402
+from repo_format.repository import Repository  # noqa: E402
+from repo_format.storage.memory import MemoryStorage  # noqa: E402
+from repo_format.vouched import VOUCHED_FILE, DedupGuard  # noqa: E402
+
+PARAMS = RepositoryParameters(pack_size=64 * 1024, metadata_pack_size=64 * 1024, chunk_avg=1024, chunk_min=256,
+                              chunk_max=4096)
+DATA = [os.urandom(2000) for _ in range(5)]
+
+
+@pytest.fixture
+def world(tmp_path, virtual_time):
+    storage = MemoryStorage(clock=lambda: virtual_time[0])
+    Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests()).close()
+    return virtual_time, storage, CacheSettings(base=tmp_path / "cache")
+
+
+def _open(storage, cache) -> Repository:
+    return Repository.open(storage, "pw", heartbeat_thread=False, cache=cache)
+
+
+def _store(storage, cache, data: list[bytes]) -> list[bytes]:
+    repo = _open(storage, cache)
+    ids = [repo.contents.write(d) for d in data]
+    repo.close()
+    return ids
+
+
+def _write_again(storage, cache, data: list[bytes], passes: int = 1) -> Repository:
+    repo = _open(storage, cache)
+    for _ in range(passes):
+        for d in data:
+            repo.contents.write(d)
+    repo.close()
+    return repo
+
+
+def test_own_records_are_remembered_and_never_read_back(world):
+    _t, storage, cache = world
+    _store(storage, cache, DATA)
+    again = _write_again(storage, cache, DATA)
+    s = again.contents.guard.stats
+    assert (s.read, s.refused) == (0, 0) and s.remembered >= 1  # the pack's row, read once
+    assert again.contents.stats.contents_written == 0  # deduplicated, nothing uploaded
+
+
+def test_without_the_cache_a_run_reads_each_place_back_once(world):
+    _t, storage, _cache = world
+    _store(storage, None, DATA)
+    again = _write_again(storage, None, DATA, passes=2)
+    s = again.contents.guard.stats
+    assert (s.read, s.remembered, s.refused) == (len(DATA), 0, 0)  # the second pass read nothing
+    assert again.contents.stats.contents_written == 0
+
+
+def test_what_a_run_read_is_remembered_for_the_next(world):
+    _t, storage, cache = world
+    _store(storage, None, DATA)  # another client (no shared cache) stored them
+    first = _write_again(storage, cache, DATA)
+    second = _write_again(storage, cache, DATA)
+    assert first.contents.guard.stats.read == len(DATA)
+    assert (second.contents.guard.stats.read, second.contents.guard.stats.remembered) == (0, len(DATA))
+
+
+def _pack_put_again(world) -> bytes:
+    """DATA[0] was stored and remembered; then maintenance deleted its pack (its contents had
+    become garbage) and a host put junk of the same length under the pack's name, keeping a
+    live entry there. Returns the content id."""
+    t, storage, cache = world
+    [cid] = _store(storage, cache, DATA[:1])
+    entry = _open(storage, None).contents.lookup(cid)
+    length = storage.stat(entry.pack).length
+    storage.delete(entry.pack)
+    t[0] += 3600
+    storage.put(entry.pack, os.urandom(length))
+    return cid
+
+
+def test_a_pack_put_again_under_its_name_is_not_trusted(world):
+    _t, storage, cache = world
+    cid = _pack_put_again(world)
+    again = _write_again(storage, cache, DATA[:1])
+    assert again.contents.guard.stats.refused == 1
+    assert again.contents.stats.contents_written == 1  # stored again
+    assert _open(storage, None).contents.read(cid) == DATA[0]
+
+
+def test_the_packs_storage_time_is_needed(world, monkeypatch):
+    """The mutation check: remembering a place by its pack's name and length only, the junk is
+    taken for the content and it is not stored again."""
+    _t, storage, cache = world
+    real = DedupGuard._stamp
+    monkeypatch.setattr(DedupGuard, "_stamp", lambda self, pack: (real(self, pack) or (0, 0))[:1] + (0.0,))
+    cid = _pack_put_again(world)
+    again = _write_again(storage, cache, DATA[:1])
+    assert again.contents.stats.contents_written == 0
+    with pytest.raises(KdistError):
+        _open(storage, None).contents.read(cid)
+
+
+def test_a_row_that_does_not_authenticate_is_read_back(world):
+    _t, storage, cache = world
+    [cid] = _store(storage, cache, DATA[:1])
+    db_path = cache.directory(_open(storage, None).format.unique_id) / VOUCHED_FILE
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("UPDATE packs SET mac = zeroblob(32)").rowcount == 1
+    again = _write_again(storage, cache, DATA[:1])
+    s = again.contents.guard.stats
+    assert (s.remembered, s.read) == (0, 1)
+
+
+def test_an_unusable_cache_costs_reads_not_the_run(world, tmp_path):
+    _t, storage, _cache = world
+    _store(storage, None, DATA)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache's directory would be")
+    again = _write_again(storage, CacheSettings(base=blocked), DATA)
+    assert again.contents.guard.stats.read == len(DATA) and again.contents.stats.contents_written == 0
+
+
+def test_an_unsigned_repository_trusts_its_index(tmp_path, virtual_time):
+    """Format version 1 has one password: nothing but its one writer can write an entry."""
+    storage = MemoryStorage(clock=lambda: virtual_time[0])
+    Repository.create(storage, "pw", PARAMS, KdfParams.weak_for_tests(), version=1).close()
+    _store(storage, None, DATA)
+    again = _write_again(storage, None, DATA)
+    assert not again.contents.guard.enabled and again.contents.guard.stats.read == 0
+    assert again.contents.stats.contents_written == 0
