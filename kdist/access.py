@@ -295,10 +295,11 @@ class RepositorySpec:
     def open(self, read_only: bool = False, append_only: bool = False, cache: CacheSettings | None = None,
              prompt: str | None = None, **repo_kwargs) -> Repository:
         """The opened repository. Read-only and append-only clients (listing, restoring, backing
-        up) pass over a manifest blob they cannot read (``ManifestStore.skip_unreadable``);
-        maintenance and forget do not. ``cache``: None reads this process's environment."""
+        up) pass over a manifest blob or a raw index blob they cannot read
+        (``ManifestStore.skip_unreadable``, ``EpochManager.skip_unreadable``); maintenance and
+        forget do not. ``cache``: None reads this process's environment."""
         storage = self.storage(read_only=read_only, append_only=append_only)
         repo = Repository.open(storage, self.password.read(prompt=prompt), key_id=self.resolved_key_id(),
                                cache=cache if cache is not None else CacheSettings.from_environment(), **repo_kwargs)
-        repo.manifests.skip_unreadable = read_only or append_only
+        repo.manifests.skip_unreadable = repo.contents.epochs.skip_unreadable = read_only or append_only
         return repo

@@ -26,6 +26,7 @@ blobs. Superseded blobs are deleted only after their replacement has been visibl
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
 import threading
@@ -37,7 +38,7 @@ import blake3
 from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead, ContentHasher
-from repo_format.errors import BlobNotFound, CorruptionError, KdistError
+from repo_format.errors import BlobNotFound, CorruptionError, KdistError, UnsupportedVersion
 from repo_format.io_pool import parallel_map
 from repo_format.keyslots import signed_marker, signed_set
 from repo_format.index import (
@@ -49,6 +50,8 @@ from repo_format.storage.base import BlobMeta, BlobStorage
 if TYPE_CHECKING:
     from repo_format.keyslots import Identity, Trust
     from repo_format.local_cache import LocalCache
+
+log = logging.getLogger("kdist.index")
 
 _RAW = re.compile(re.escape(C.INDEX_PREFIX) + r"(\d+)_([0-9a-f]+)-([0-9a-f]+)$")
 _NUMBER = r"(0|[1-9][0-9]*)"  # canonical: no other spelling of a number names the same blob
@@ -215,6 +218,13 @@ class EpochManager:
         self._loaded_lock = threading.Lock()
         # downloads held at once (sealed copy, plaintext, keys): bounded by bytes, not threads
         self._in_flight = ByteBudget(DOWNLOAD_BUDGET)
+        # listing, restoring and backing up pass over a raw index blob that does not open or
+        # decode: any host can put one (it holds the index key, or writes junk), and one would
+        # stop every reader of the fleet. Maintenance, check and repair stay strict (False): what
+        # they do not see, they might take for unreferenced (kdist.access sets it, as
+        # ManifestStore.skip_unreadable)
+        self.skip_unreadable = False
+        self.passed_over: set[str] = set()  # raw blobs skipped so far (warned once each)
 
     # ---- listing -------------------------------------------------------------------------
     def refresh(self) -> EpochView:
@@ -416,12 +426,28 @@ class EpochManager:
                 if name in digests and blake3.blake3(sealed).digest() != digests[name]:
                     raise CorruptionError(f"index set member {name} is not the blob its set's signature names "
                                           "(written by someone other than maintenance)")
-                blob = open_index(self._aead, name, sealed)
+                try:
+                    blob = open_index(self._aead, name, sealed)
+                except (CorruptionError, UnsupportedVersion) as exc:
+                    if not (self.skip_unreadable and name.startswith(C.INDEX_PREFIX)):  # sets are signed
+                        raise
+                    return self._pass_over(name, exc)
                 if self.cache is not None:  # then read through the mapping: the download is let go
                     blob = self.cache.store_index(name, blob) or blob
             return blob
 
         return parallel_map(read, names)
+
+    def _pass_over(self, name: str, exc: Exception) -> IndexBlob:
+        """An unreadable raw blob, for a reader that passes over it: no entries (kept as such: a
+        blob never changes under its name), and one warning."""
+        with self._loaded_lock:
+            first = name not in self.passed_over
+            self.passed_over.add(name)
+        if first:
+            log.warning("kdist: %s; passed over (a key of this repository may have written it, or it is "
+                        "damaged: run `kdist repo check`; maintenance stops on it until it is deleted)", exc)
+        return IndexBlob(encode_index([]))
 
     # ---- writing -------------------------------------------------------------------------
     def write_index(self, entries: list[IndexEntry]) -> str:

@@ -83,9 +83,21 @@ ADMIN_POLICY = {"Version": "2012-10-17",
                 "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": "*"}]}
 
 
-def policy(name: str, bucket: str) -> str:
-    """A policy of cluster/policies (what SECURITY.md tells operators to apply) for ``bucket``."""
-    return (POLICIES / f"{name}.json").read_text().replace("BUCKET", bucket)
+IAM_PREFIXES = ("fleet", "ray")  # the repositories the IAM-enforced tests create in the bucket
+
+
+def policy(name: str, bucket: str, prefixes: tuple[str, ...] = IAM_PREFIXES) -> str:
+    """A policy of cluster/policies (what SECURITY.md tells operators to apply) for ``bucket``;
+    a resource naming the repository's ``PREFIX`` is repeated for each of ``prefixes``."""
+    doc = json.loads((POLICIES / f"{name}.json").read_text().replace("BUCKET", bucket))
+    for statement in doc["Statement"]:
+        resources = statement.get("Resource")
+        if resources is None:
+            continue
+        listed = resources if isinstance(resources, list) else [resources]
+        expanded = [r.replace("PREFIX", p) for r in listed for p in (prefixes if "PREFIX" in r else ("",))]
+        statement["Resource"] = expanded if isinstance(resources, list) or len(expanded) > 1 else expanded[0]
+    return json.dumps(doc)
 
 
 @dataclass

@@ -135,6 +135,14 @@ def test_a_host_without_delete_rights_backs_up_and_maintenance_collects(iam_s3, 
     run_cli("maintenance", "run", *repo, code=exit_codes.STORAGE)  # a host cannot run maintenance's deletes
     host.head_object(Bucket=iam_s3.bucket, Key=victim)  # still there
 
+    # a host adds only what maintenance reclaims: packs, raw index blobs, manifests, sessions
+    for name in ("zzz-garbage", "xe9_" + "0" * 16, "xv_" + "0" * 16, "xs0_" + "0" * 16 + "_0of1", "ks00000000",
+                 "m_" + "0" * 24 + "-" + "0" * 16, "xt" + "0" * 16, "kdist.repository2"):
+        with pytest.raises(ClientError, match="AccessDenied"):
+            host.put_object(Bucket=iam_s3.bucket, Key=f"fleet/{name}", Body=b"garbage")
+    with pytest.raises(ClientError, match="AccessDenied"):  # nor under another prefix of the bucket
+        host.put_object(Bucket=iam_s3.bucket, Key="elsewhere/p" + "0" * 32, Body=b"garbage")
+
     iam_s3.env(monkeypatch, "maintenance")
     run_cli("gc", "run", *repo)
     run_cli("repo", "check", *repo)

@@ -122,3 +122,53 @@ def test_a_second_admin_key_is_an_admin_and_can_be_removed(env, monkeypatch, tmp
     run_cli("snapshot", "list", *repo, code=exit_codes.WRONG_PASSWORD)
     as_key(monkeypatch, "h-pw", host)
     run_cli("snapshot", "create", *repo, src)  # keys the removed admin added stay
+
+
+@pytest.mark.parametrize("junk", ["random", "future-version"])
+def test_a_hosts_unreadable_raw_index_blob_stops_no_restore_or_backup(env, monkeypatch, tmp_path, src, junk,
+                                                                      caplog):
+    """A host puts a raw index blob that does not open (random bytes) or does not decode (a
+    version from the future, sealed with the index key every host holds). Before, every
+    restore and backup of the fleet stopped on it. Listing, restoring and backing up pass over
+    it with a warning naming it; maintenance and check stay strict (what maintenance does not
+    see it might take for unreferenced) and name it, until an admin deletes it."""
+    import os
+    import secrets
+
+    from repo_format.index import seal_index
+
+    repo = ["--repo", tmp_path / "repo"]
+    run_cli("repo", "create", *repo)
+    web1 = add_key(repo, monkeypatch, "host", "web1-pw", "web1")
+    web2 = add_key(repo, monkeypatch, "host", "web2-pw", "web2")
+    as_key(monkeypatch, "web2-pw", web2)
+    run_cli("snapshot", "create", *repo, src)
+
+    as_key(monkeypatch, "web1-pw", web1)  # web1 attacks
+    storage = open_storage(str(tmp_path / "repo"))
+    name = f"{C.INDEX_PREFIX}0_{secrets.token_hex(16)}-{secrets.token_hex(8)}"
+    if junk == "random":
+        body = os.urandom(300)
+    else:
+        attacker = Repository.open(storage, "web1-pw", key_id=web1, heartbeat_thread=False)
+        body = seal_index(attacker.contents.epochs._aead, name, C.INDEX_HEADER.pack(C.INDEX_MAGIC, 99, 0, 0, 0, 0))
+    storage.put(name, body)
+
+    as_key(monkeypatch, "web2-pw", web2)
+    run_cli("snapshot", "restore", *repo, "latest", tmp_path / "dst")
+    assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
+    assert [r for r in caplog.records if name in r.getMessage() and "passed over" in r.getMessage()]
+    (src / "new-file").write_bytes(b"written after the attack")
+    run_cli("snapshot", "create", *repo, src)
+    run_cli("snapshot", "restore", *repo, "latest", tmp_path / "dst2")
+    assert tree_state(str(tmp_path / "dst2")) == tree_state(str(src))
+
+    as_key(monkeypatch, PASSWORD, None)
+    stopped = run_cli("maintenance", "run", *repo,
+                      code=exit_codes.CORRUPTION if junk == "random" else exit_codes.UNSUPPORTED_VERSION)
+    assert name in stopped.output + stopped.stderr
+    checked = run_cli("repo", "check", *repo, "--json", code=exit_codes.CORRUPTION)
+    assert name in checked.stdout
+    storage.delete(name)  # what an admin does (SECURITY.md)
+    run_cli("maintenance", "run", *repo)
+    run_cli("repo", "check", *repo)
