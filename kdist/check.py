@@ -66,8 +66,11 @@ class CheckReport:
     # for repair: contents snapshots reach that cannot be read, and reached ones marked deleted
     missing: set[bytes] = field(default_factory=set)
     deleted_referenced: dict[bytes, IndexEntry] = field(default_factory=dict)
-    # reached contents whose winning entry points where the record is not (readers use another place)
+    # reached contents whose winning entry points where the record is not (readers use another
+    # place); ``unplaced``: those of them whose winner cannot even be there (a missing pack, past
+    # its end), which a rebuild from the packs repoints
     misplaced: set[bytes] = field(default_factory=set)
+    unplaced: set[bytes] = field(default_factory=set)
 
     @property
     def healthy(self) -> bool:
@@ -261,17 +264,20 @@ class Checker:
                 self.report.notes.append(f"epoch marker {name} is from before markers were signed; readers "
                                          "ignore it")
 
-    def misplaced(self, entry: IndexEntry, genuine: IndexEntry) -> None:
-        """The winning entry of a content points where its record is not, while another entry's
-        record is the content: a host's forged entry (or damage). Readers and maintenance's
-        merges use the other place."""
+    def misplaced(self, entry: IndexEntry, other: IndexEntry, unusable: bool = False) -> None:
+        """The winning entry of a content points where its record is not, while another entry
+        may hold it: a host's forged entry (or damage). Readers and maintenance's merges try the
+        other places. ``unusable``: the winner cannot even be there (its pack is missing, or too
+        short), and ``other`` was not read."""
+        if unusable:
+            self.report.unplaced.add(entry.content_id)
         if entry.content_id in self.report.misplaced:
             return
         self.report.misplaced.add(entry.content_id)
         self._problem("index-entry", f"index entry of content {entry.content_id.hex()} points into pack {entry.pack} "
-                      f"(offset {entry.offset}), where its record is not; readers use its copy in pack "
-                      f"{genuine.pack}, and maintenance's next merges keep that place (forged or damaged)",
-                      content=entry.content_id.hex(), pack=entry.pack)
+                      f"(offset {entry.offset}), where its record is not; readers try its other places (one in "
+                      f"pack {other.pack}), and maintenance's next merges keep one whose record is there "
+                      "(forged or damaged)", content=entry.content_id.hex(), pack=entry.pack)
 
     def unusable(self, e: IndexEntry) -> str | None:
         """Why the record an entry points to cannot be where it says, or None."""
@@ -294,10 +300,12 @@ class Checker:
             return None, "is not in the index"
         reason = self.unusable(e)
         if reason is not None:
-            for other in self.index.locations(content_id):
-                if place_of(other) != place_of(e) and self.unusable(other) is None:
-                    self.misplaced(e, other)
-                    return other, None
+            others = [o for o in self.index.locations(content_id)
+                      if place_of(o) != place_of(e) and self.unusable(o) is None]
+            if others:
+                best = next((o for o in others if not o.deleted), others[0])  # whether it is marked: the winner says
+                self.misplaced(e, best, unusable=True)
+                return best, None
         return e, reason
 
     def _check_entries(self) -> list[str]:
@@ -422,11 +430,12 @@ class Checker:
         bad = []
         for c in ids:
             entry, reason = self.locate(c)
+            winner = self.index.lookup(c)  # marked deleted or not is the winner's to say, wherever it points
             if reason is not None:
                 self.report.missing.add(c)
                 bad.append((c, reason))
-            elif entry.deleted:
-                self.report.deleted_referenced[c] = entry
+            elif winner.deleted:
+                self.report.deleted_referenced[c] = winner
                 bad.append((c, "is marked deleted in the index (garbage collection may drop it)"))
         return len(ids), bad
 

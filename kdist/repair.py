@@ -115,7 +115,7 @@ class Repairer:
         checker = Checker(self.storage, self.fmt)
         report = RepairReport(self.dry_run, checker.run())
         # a winner whose pack is missing is repointed too when readers find another place
-        overlay = self._rebuild(checker, report) if report.before.missing or report.before.misplaced else []
+        overlay = self._rebuild(checker, report) if report.before.missing or report.before.unplaced else []
         if overlay:  # what the rebuilt directories hold is only known after a new walk
             checker = Checker(self.storage, self.fmt, overlay)
             checker.run()
@@ -150,10 +150,18 @@ class Repairer:
         if not marked:
             return
         fresh = Checker(self.storage, self.fmt).load_index() if not self.dry_run else checker.index
-        revive = [replace(e, deleted=False, timestamp_us=stamp_after(e.timestamp_us)) for e in marked.values()
-                  if fresh.lookup(e.content_id) == e]
+        revive = [replace(self._usable_place(checker, e), deleted=False, timestamp_us=stamp_after(e.timestamp_us))
+                  for e in marked.values() if fresh.lookup(e.content_id) == e]
         self._write_index(revive)
         report.undeleted = len(revive)
+
+    @staticmethod
+    def _usable_place(checker: Checker, e):
+        """Where an undelete of ``e`` should point: its own place, or when that cannot be there (a
+        forged mark into a missing pack) the best other place that can, as readers would read."""
+        if checker.unusable(e) is None:
+            return e
+        return next((o for o in checker.index.locations(e.content_id) if checker.unusable(o) is None), e)
 
     def _reupload(self, checker: Checker, source: str, wanted: set[bytes], report: RepairReport) -> None:
         hasher, splitter = self.fmt.keys.content_hasher(), checker.objects.splitter

@@ -493,5 +493,6 @@ def list_caches(base: Path) -> list[dict]:
                     "index_files": u["index_files"],  # every sealed copy together: directories, manifests
                     "contents_bytes": u["contents_bytes"] + u["blobs_bytes"],
                     "content_files": u["content_files"] + u["blob_files"],
+                    "vouched_bytes": u["vouched_bytes"],  # outside the limit: repo_format.vouched
                     "total_bytes": u["total_bytes"], "last_written": newest})
     return out

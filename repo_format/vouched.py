@@ -34,6 +34,7 @@ from pathlib import Path
 import blake3
 import msgpack
 
+from repo_format import clock
 from repo_format.errors import BlobNotFound, KdistError
 from repo_format.index import IndexEntry, place_of
 from repo_format.local_cache import VOUCHED_FILE  # noqa: F401 (where the cache keeps it)
@@ -42,6 +43,7 @@ from repo_format.storage.base import BlobStorage
 log = logging.getLogger("kdist.vouched")
 
 MEMORY_PLACES = 131_072  # places a run keeps in memory, of each kind (then the local cache, or a read, vouches again)
+STAMP_TTL = 60.0  # seconds a pack's stat is trusted for (consecutive chunks of a file share packs)
 _Stamp = tuple[int, float]  # a pack's length and storage time
 
 
@@ -88,6 +90,8 @@ class VouchedPlaces:
         return self._db
 
     def _fail(self, exc: Exception) -> None:
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+            return  # another process holds it (after the 30 s timeout): this once a miss, not for good
         self._broken = True
         log.warning("kdist: the local cache's record of authenticated places (%s) is not usable (%s); "
                     "contents deduplicated against are read back once per run", self.path, exc)
@@ -169,7 +173,14 @@ class VouchedPlaces:
 class DedupGuard:
     """Whether a writer may deduplicate against an index entry (``vouches``), and the packs it
     wrote itself (``wrote``). ``enabled`` is False for a repository whose keys are all one
-    writer's (format version 1): nothing there can forge an entry. Thread-safe."""
+    writer's (format version 1): nothing there can forge an entry. Thread-safe.
+
+    What it keeps in memory, and why each is safe to trust without another request: a place it
+    vouched for (then deduplicated against, so the content is referenced by this writer and
+    kept by maintenance: writer rules 5 to 7), and the records of packs this run wrote (also
+    referenced). A pack's stamp is trusted for ``STAMP_TTL`` seconds only: a record this run
+    has not referenced could lose its pack to maintenance meanwhile, and the name be put again.
+    Nothing is promoted from the local cache but the one place asked about."""
 
     def __init__(self, storage: BlobStorage, authentic: Callable[[IndexEntry], bool],
                  store: VouchedPlaces | None, enabled: bool):
@@ -179,12 +190,13 @@ class DedupGuard:
         self.enabled = enabled
         self.stats = VouchStats()
         self._lock = threading.Lock()
-        self._places: dict[bytes, tuple] = {}  # content id -> a place read back in this run
-        # pack -> its records' places: packs this writer wrote (this run, or remembered with an
-        # unchanged stamp); the most recently used first to go last, at most MEMORY_PLACES records
+        self._places: OrderedDict[bytes, tuple] = OrderedDict()  # content id -> a place vouched for in this run
+        self._refused: OrderedDict[bytes, tuple] = OrderedDict()  # content id -> a place refused in this run
+        # pack -> its records' places, for packs this run wrote; the least recently used go
+        # first past MEMORY_PLACES records
         self._packs: OrderedDict[str, dict[bytes, tuple]] = OrderedDict()
         self._held = 0
-        self._stamps: dict[str, _Stamp | None] = {}  # pack -> its stamp this run (None: missing)
+        self._stamps: dict[str, tuple[_Stamp | None, float]] = {}  # pack -> (stamp or None: missing, when taken)
         self._unsaved_places: list[tuple[bytes, tuple, _Stamp]] = []
         self._unsaved_packs: list[tuple[str, _Stamp, list[IndexEntry]]] = []
 
@@ -195,6 +207,9 @@ class DedupGuard:
         with self._lock:
             if self._places.get(cid) == place or self._own(entry.pack, cid) == place:
                 return True
+            if self._refused.get(cid) == place:  # refused before in this run: not read again
+                self.stats.refused += 1
+                return False
         stamp = self._stamp(entry.pack)  # before the record is read: see the module docstring
         ok = remembered = False
         if stamp is not None:
@@ -203,18 +218,20 @@ class DedupGuard:
         with self._lock:
             if not ok:
                 self.stats.refused += 1
+                _bounded_put(self._refused, cid, place)
                 if self.stats.refused == 1:  # once per run: the operator should know, not be flooded
                     log.warning("kdist: the index entry of content %s points into pack %s, where its record is "
                                 "not; the content is stored again. A key of this repository may have forged "
-                                "it (SECURITY.md, item 12), or the pack is damaged: run `kdist repo check`",
-                                cid.hex(), entry.pack)
-            elif remembered:
+                                "it (SECURITY.md, item 12), maintenance may have moved it meanwhile, or the "
+                                "pack is damaged: `kdist repo check` tells", cid.hex(), entry.pack)
+                return False
+            if remembered:
                 self.stats.remembered += 1
             else:
                 self.stats.read += 1
-                self._keep_place(cid, place)
                 self._unsaved_places.append((cid, place, stamp))
-        return ok
+            _bounded_put(self._places, cid, place)
+        return True
 
     def _remembered(self, entry: IndexEntry, stamp: _Stamp) -> bool:
         """Whether the local cache vouches for the entry's place: a record of a pack this host
@@ -223,11 +240,8 @@ class DedupGuard:
             return False
         cid, place = entry.content_id, place_of(entry)
         own = self.store.pack(entry.pack)
-        if own is not None and own[0] == stamp:
-            with self._lock:
-                self._keep_pack(entry.pack, own[1])
-            if own[1].get(cid) == place:
-                return True
+        if own is not None and own[0] == stamp and own[1].get(cid) == place:
+            return True
         return self.store.place(cid) == (place, stamp)
 
     def wrote(self, pack: str, entries: list[IndexEntry]) -> None:
@@ -245,7 +259,7 @@ class DedupGuard:
                 self._unsaved_packs.append((pack, stamp, list(entries)))
 
     def _own(self, pack: str, cid: bytes) -> tuple | None:
-        """(lock held) The place of ``cid`` in a pack this writer wrote, if it holds it."""
+        """(lock held) The place of ``cid`` in a pack this run wrote, if it holds it."""
         records = self._packs.get(pack)
         if records is None:
             return None
@@ -261,12 +275,6 @@ class DedupGuard:
         while self._held > MEMORY_PLACES and len(self._packs) > 1:
             self._held -= len(self._packs.popitem(last=False)[1])
 
-    def _keep_place(self, cid: bytes, place: tuple) -> None:
-        """(lock held) Keep a place read back for this run, the oldest going first past the bound."""
-        self._places[cid] = place
-        if len(self._places) > MEMORY_PLACES:
-            del self._places[next(iter(self._places))]
-
     def save(self) -> None:
         """Remember in the local cache what this run vouched for (at each flush)."""
         with self._lock:
@@ -277,13 +285,25 @@ class DedupGuard:
             self.store.add_places(places)
 
     def _stamp(self, pack: str) -> _Stamp | None:
+        """The pack's length and storage time, stat'ed at most ``STAMP_TTL`` seconds ago."""
+        now = clock.monotonic()
         with self._lock:
-            if pack in self._stamps:
-                return self._stamps[pack]
+            known = self._stamps.get(pack)
+            if known is not None and now - known[1] < STAMP_TTL:
+                return known[0]
         try:
             meta = self.storage.stat(pack)
             stamp = (meta.length, meta.timestamp)
         except BlobNotFound:
             stamp = None
         with self._lock:
-            return self._stamps.setdefault(pack, stamp)
+            self._stamps[pack] = (stamp, now)
+        return stamp
+
+
+def _bounded_put(d: OrderedDict, key, value) -> None:
+    """Keep ``key`` in ``d``, the oldest going first past ``MEMORY_PLACES``."""
+    d[key] = value
+    d.move_to_end(key)
+    if len(d) > MEMORY_PLACES:
+        d.popitem(last=False)

@@ -53,8 +53,12 @@ def _write_again(storage, cache, data: list[bytes], passes: int = 1) -> Reposito
 
 
 def test_own_records_are_remembered_and_never_read_back(world):
+    from repo_format.local_cache import list_caches
+
     _t, storage, cache = world
     _store(storage, cache, DATA)
+    [listed] = list_caches(cache.base)
+    assert listed["vouched_bytes"] > 0 and listed["total_bytes"] > 0  # shown, outside the limit's total
     again = _write_again(storage, cache, DATA)
     s = again.contents.guard.stats
     assert (s.read, s.refused) == (0, 0) and s.remembered >= 1  # the pack's row, read once
@@ -113,6 +117,30 @@ def test_the_packs_storage_time_is_needed(world, monkeypatch):
     assert again.contents.stats.contents_written == 0
     with pytest.raises(KdistError):
         _open(storage, None).contents.read(cid)
+
+
+@pytest.mark.parametrize("remembered_as", ["the host's own pack", "a place read back"])
+def test_a_pack_put_again_during_a_run_is_not_trusted_on_an_old_stat(world, remembered_as):
+    """A long run relies on DATA[0] (its pack is stat'ed); later maintenance deletes the pack
+    (DATA[1], also in it, had become garbage) and a host puts junk under its name. When the run
+    meets DATA[1], which it never referred to, an hour later: the pack is stat'ed again, and
+    DATA[1] is stored. (Found by review: the stat was kept for the whole run, and the pack's
+    other records promoted into memory with it.)"""
+    t, storage, cache = world
+    ids = _store(storage, cache if remembered_as == "the host's own pack" else None, DATA[:2])
+    if remembered_as == "a place read back":
+        _write_again(storage, cache, DATA[:2])  # now remembered as read back
+    pack = _open(storage, None).contents.lookup(ids[1]).pack
+    run = _open(storage, cache)
+    run.contents.write(DATA[0])
+    length = storage.stat(pack).length
+    storage.delete(pack)
+    t[0] += 3600
+    storage.put(pack, os.urandom(length))
+    run.contents.write(DATA[1])
+    assert run.contents.stats.contents_written == 1 and run.contents.guard.stats.refused == 1
+    run.close()
+    assert _open(storage, None).contents.read(ids[1]) == DATA[1]
 
 
 def test_a_row_that_does_not_authenticate_is_read_back(world):
