@@ -1,4 +1,4 @@
-"""``kdist repo repair``: put back what snapshots need and the repository lacks; never delete.
+"""``kdist repo repair``: put back what snapshots need and the repository lacks; delete no data.
 
 Steps, each decided from a fresh check (``kdist.check``) of the repository's structure:
 1. Index entries, from the packs' own local indexes (``repo_format.index_rebuild``, as ``kdist
@@ -6,14 +6,17 @@ Steps, each decided from a fresh check (``kdist.check``) of the repository's str
    the index lacks, and one for each content whose winning entry points into a missing or too
    short pack while another pack holds it (timestamped after that winner, so it wins).
 2. Contents a snapshot reaches that are marked deleted are undeleted, as content GC would.
+   Then each raw index blob the check could not open, and that still fails authentication or
+   decoding when fetched again (not a newer format version), is deleted: it stops maintenance,
+   and what it may have held the packs hold (step 1), or is a mark or an undelete (step 2).
 3. With a source tree (the original files): each file is chunked and hashed with the
    repository's own chunker and keyed hash, so unchanged bytes give the ids the backup gave;
    a first pass finds which files hold still-missing contents (chunks or chunk lists), a second
    writes those contents again, into new packs, then one index blob (packs first). A lost
    content's live entry is first superseded by a deleted one, so the writer does not
    deduplicate against the lost copy and its new entry wins.
-Directory objects cannot be rebuilt from a source tree; they stay reported. Nothing is deleted
-and no pack is rewritten. A dry run reads only.
+Directory objects cannot be rebuilt from a source tree; they stay reported. Nothing else is
+deleted and no pack is rewritten. A dry run reads only.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import stat
 from dataclasses import dataclass, field, replace
 
 from repo_format import clock
+from repo_format import constants as C
+from repo_format.errors import BlobNotFound, CorruptionError, UnsupportedVersion
 from repo_format.format_blob import FormatBlob
-from repo_format.index import stamp_after
+from repo_format.index import open_index, stamp_after
 from repo_format.index_rebuild import entries_from_packs, entries_to_write
 from repo_format.objects import ObjectStore
 from repo_format.repository import Repository, new_session_id
-from repo_format.storage.base import BlobStorage
+from repo_format.storage.base import BlobStorage, delete_unless_locked
 
 from kdist.check import Checker, CheckReport
 
@@ -48,6 +53,9 @@ class RepairReport:
     reuploaded: int = 0
     reuploaded_bytes: int = 0
     still_missing: int = 0  # contents snapshots reach that are still unreadable
+    # raw index blobs that do not open (a host's junk, or damage), deleted once their entries
+    # were rebuilt from the packs: until then they stop maintenance
+    unreadable_index_blobs_deleted: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -120,6 +128,7 @@ class Repairer:
             checker = Checker(self.storage, self.fmt, overlay)
             checker.run()
         self._undelete(checker, report)
+        self._delete_unreadable_raw_blobs(report)
         wanted = set(checker.report.missing)
         if source is not None and wanted:
             self._reupload(checker, source, wanted, report)
@@ -154,6 +163,30 @@ class Repairer:
                   for e in marked.values() if fresh.lookup(e.content_id) == e]
         self._write_index(revive)
         report.undeleted = len(revive)
+
+    def _delete_unreadable_raw_blobs(self, report: RepairReport) -> None:
+        """Delete each raw index blob the check could not open, fetched again now and still
+        failing authentication or decoding (not a transient read error, and not a blob of a
+        newer format version, which a newer kdist may have written: those stay). What such a
+        blob held is what the packs hold (rebuilt above, or never missing), marks (garbage
+        kept longer) or undeletes (a content a snapshot reaches is undeleted above, and one a
+        running backup refers to by that backup's next reload)."""
+        aead = self.fmt.keys.index_aead()
+        for p in report.before.problems:
+            name = p.where.get("blob", "")
+            if p.kind != "index-blob" or not name.startswith(C.INDEX_PREFIX):
+                continue
+            try:
+                open_index(aead, name, self.storage.get(name))
+                continue  # it opens now: the check's read failed on the way
+            except BlobNotFound:
+                continue
+            except UnsupportedVersion:
+                continue
+            except CorruptionError:
+                pass
+            if self.dry_run or delete_unless_locked(self.storage, name):
+                report.unreadable_index_blobs_deleted.append(name)
 
     @staticmethod
     def _usable_place(checker: Checker, e):

@@ -260,6 +260,8 @@ def repair(repo_location, endpoint_url, password_file, key_id, source, dry_run, 
                        f"index lacked and {r.entries_repointed} for contents found in another pack")
         if r.undeleted:
             click.echo(f"{would}undelete {r.undeleted} content(s) that snapshots reach")
+        for name in r.unreadable_index_blobs_deleted:
+            click.echo(f"{would}delete index blob {name}: it does not open (a forgery or damage; it stops maintenance)")
         if source is not None:
             click.echo(f"source: read {r.source_files} files; {would}re-upload {r.reuploaded} missing content(s) "
                        f"({human_bytes(r.reuploaded_bytes)})")

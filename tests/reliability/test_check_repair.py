@@ -281,6 +281,22 @@ def test_pack_lost_while_another_pack_holds_copies_is_repaired_from_the_index_al
     assert check(repo, "--read-data")["healthy"]
 
 
+def test_damaged_index_blob_is_rebuilt_from_packs_then_deleted(repo, src):
+    """A raw index blob that no longer opens stops maintenance: repair rebuilds its entries from
+    the packs, then deletes it (a dry run says so and deletes nothing)."""
+    backup(repo, src, 1)
+    storage = storage_of(repo)
+    blob = min(storage.list(C.INDEX_PREFIX), key=lambda m: m.timestamp).name
+    flip_byte(storage, blob, 40)
+    dry = run("repo", "repair", "--repo", repo, "--dry-run", code=CORRUPTION).stdout
+    assert f"would delete index blob {blob}" in dry and blob in names(storage, C.INDEX_PREFIX)
+    fixed = json.loads(run("repo", "repair", "--repo", repo, "--json").stdout)
+    assert fixed["unreadable_index_blobs_deleted"] == [blob] and fixed["entries_rebuilt"] > 0 and fixed["healthy"]
+    assert blob not in names(storage, C.INDEX_PREFIX)
+    assert check(repo, "--read-data")["healthy"]
+    run("maintenance", "run", "--repo", repo)
+
+
 @pytest.mark.parametrize("prefix, kind", [(C.MANIFEST_PREFIX, "manifest"), (C.INDEX_PREFIX, "index-blob")])
 def test_corrupted_manifest_or_index_blob_is_reported_and_the_check_goes_on(repo, prefix, kind):
     storage = storage_of(repo)
