@@ -137,7 +137,8 @@ def _in_range(view: EpochView, epoch: int) -> bool:
 def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
     """Index blobs whose content is in a complete set that has been listed for ``margin``; and,
     ``margin`` after they were stored, sets that do not count (unsigned where a signature is
-    needed, or signed by a host) and set signatures whose members are all gone."""
+    needed, or signed by a host), set signatures whose members are all gone, and raw blobs of
+    an epoch ahead of any writer's (``EpochView.ahead``)."""
     out: list[BlobMeta] = []
 
     def old_enough(s) -> bool:
@@ -158,6 +159,8 @@ def superseded(view: EpochView, now: float, margin: float) -> list[BlobMeta]:
         xs = view.complete_set(C.COMPACTED_PREFIX, e)
         if old_enough(xs) or (old_enough(rng) and e <= rng.epoch):
             out += blobs
+        elif view.ahead(e):  # no writer's (EpochView.ahead): read by no one, never compacted
+            out += [m for m in blobs if now - m.timestamp >= margin]
     return out
 
 

@@ -7,7 +7,7 @@ Steps, each decided from a fresh check (``kdist.check``) of the repository's str
    short pack while another pack holds it (timestamped after that winner, so it wins).
 2. Contents a snapshot reaches that are marked deleted are undeleted, as content GC would.
    Then each raw index blob the check could not open, and that still fails authentication or
-   decoding when fetched again (not a newer format version), is deleted: it stops maintenance,
+   decoding when fetched again, is deleted: it stops maintenance,
    and what it may have held the packs hold (step 1), or is a mark or an undelete (step 2).
 3. With a source tree (the original files): each file is chunked and hashed with the
    repository's own chunker and keyed hash, so unchanged bytes give the ids the backup gave;
@@ -159,15 +159,16 @@ class Repairer:
         if not marked:
             return
         fresh = Checker(self.storage, self.fmt).load_index() if not self.dry_run else checker.index
-        revive = [replace(self._usable_place(checker, e), deleted=False, timestamp_us=stamp_after(e.timestamp_us))
+        revive = [replace(self._usable_place(checker, fresh, e), deleted=False, timestamp_us=stamp_after(e.timestamp_us))
                   for e in marked.values() if fresh.lookup(e.content_id) == e]
         self._write_index(revive)
         report.undeleted = len(revive)
 
     def _delete_unreadable_raw_blobs(self, report: RepairReport) -> None:
         """Delete each raw index blob the check could not open, fetched again now and still
-        failing authentication or decoding (not a transient read error, and not a blob of a
-        newer format version, which a newer kdist may have written: those stay). What such a
+        failing authentication or decoding (not a transient read error). A version this kdist
+        does not know counts as junk too: a new index encoding comes with a new format version
+        (SPEC section 6), which this kdist would have refused as a whole. What such a
         blob held is what the packs hold (rebuilt above, or never missing), marks (garbage
         kept longer) or undeletes (a content a snapshot reaches is undeleted above, and one a
         running backup refers to by that backup's next reload)."""
@@ -181,20 +182,20 @@ class Repairer:
                 continue  # it opens now: the check's read failed on the way
             except BlobNotFound:
                 continue
-            except UnsupportedVersion:
-                continue
-            except CorruptionError:
+            except (CorruptionError, UnsupportedVersion):
                 pass
             if self.dry_run or delete_unless_locked(self.storage, name):
                 report.unreadable_index_blobs_deleted.append(name)
 
     @staticmethod
-    def _usable_place(checker: Checker, e):
+    def _usable_place(checker: Checker, fresh, e):
         """Where an undelete of ``e`` should point: its own place, or when that cannot be there (a
-        forged mark into a missing pack) the best other place that can, as readers would read."""
+        forged mark into a missing pack) the best other place of the fresh index whose record is
+        there (read and authenticated), as readers would read."""
         if checker.unusable(e) is None:
             return e
-        return next((o for o in checker.index.locations(e.content_id) if checker.unusable(o) is None), e)
+        return next((o for o in fresh.locations(e.content_id)
+                     if checker.unusable(o) is None and checker.contents.reader.authentic_one(o)), e)
 
     def _reupload(self, checker: Checker, source: str, wanted: set[bytes], report: RepairReport) -> None:
         hasher, splitter = self.fmt.keys.content_hasher(), checker.objects.splitter

@@ -181,16 +181,25 @@ class EpochView:
         ranges = [s for (kind, e), sets in self.sets.items() if kind == C.RANGE_PREFIX for s in sets if s.complete]
         return max(ranges, key=lambda s: (s.epoch,) + _set_preference(s)) if ranges else None
 
+    def ahead(self, epoch: int) -> bool:
+        """Whether raw blobs of ``epoch`` are none of a writer's: a writer writes into the epoch
+        of its view, whose marker the storage had before the blob, so no further than one past
+        the current one a listing shows (the one allowed for a listing that lags). Any host can
+        name one far ahead, where it would never be compacted: readers leave it out and
+        maintenance deletes it (``gc/index_maintenance.superseded``)."""
+        return epoch > self.current + 1
+
     def assembly(self, up_to: int | None = None) -> list[str]:
         """The index blob names a reader reads (every epoch, or epochs up to ``up_to`` for a range
-        merge): the best complete range, then per later epoch a complete ``xs`` set or raw blobs."""
+        merge): the best complete range, then per later epoch a complete ``xs`` set or raw blobs
+        (none of an epoch ``ahead``)."""
         rng = self.best_range()
         first = rng.epoch + 1 if rng else 0
         names = rng.names() if rng else []
-        epochs = {e for e in self.raw} | {e for (k, e) in self.sets if k == C.COMPACTED_PREFIX}
+        epochs = {e for e in self.raw if not self.ahead(e)} | {e for (k, e) in self.sets if k == C.COMPACTED_PREFIX}
         for e in sorted(x for x in epochs if x >= first and (up_to is None or x <= up_to)):
             s = self.complete_set(C.COMPACTED_PREFIX, e)
-            names += s.names() if s else [m.name for m in self.raw.get(e, [])]
+            names += s.names() if s else [m.name for m in self.raw.get(e, []) if not self.ahead(e)]
         return names
 
 
@@ -224,7 +233,8 @@ class EpochManager:
         # they do not see, they might take for unreferenced (kdist.access sets it, as
         # ManifestStore.skip_unreadable)
         self.skip_unreadable = False
-        self.passed_over: set[str] = set()  # raw blobs skipped so far (warned once each)
+        self.passed_over: set[str] = set()  # raw blobs skipped at the last read of each
+        self._warned: set[str] = set()  # (one warning per blob)
 
     # ---- listing -------------------------------------------------------------------------
     def refresh(self) -> EpochView:
@@ -416,7 +426,7 @@ class EpochManager:
 
         def read(name):
             with self._loaded_lock:
-                blob = self._loaded.get(name)
+                blob = self._loaded.get(name) if name not in self.passed_over else None  # fetched again
             if blob is not None and (blob.source is None or self.cache.still_authentic(name, blob)):
                 return blob  # every load authenticates the cache files it uses, mapped before or not
             if self.cache is not None and (blob := self.cache.index_blob(name)) is not None:
@@ -431,7 +441,13 @@ class EpochManager:
                 except (CorruptionError, UnsupportedVersion) as exc:
                     if not (self.skip_unreadable and name.startswith(C.INDEX_PREFIX)):  # sets are signed
                         raise
-                    return self._pass_over(name, exc)
+                    try:  # once more: a host's junk fails again, bytes damaged on the way rarely do
+                        blob = open_index(self._aead, name, self.storage.get(name))
+                    except (CorruptionError, UnsupportedVersion):
+                        return self._pass_over(name, exc)
+                if name in self.passed_over:  # it reads now
+                    with self._loaded_lock:
+                        self.passed_over.discard(name)
                 if self.cache is not None:  # then read through the mapping: the download is let go
                     blob = self.cache.store_index(name, blob) or blob
             return blob
@@ -439,11 +455,15 @@ class EpochManager:
         return parallel_map(read, names)
 
     def _pass_over(self, name: str, exc: Exception) -> IndexBlob:
-        """An unreadable raw blob, for a reader that passes over it: no entries (kept as such: a
-        blob never changes under its name), and one warning."""
+        """An unreadable raw blob, for a reader that passes over it: no entries, and one warning.
+        Fetched again at every load (a blob that failed on the way counts again as soon as it
+        reads, for a writer's undeletes). A version this kdist does not know is no exception:
+        a new index encoding comes with a new format version (SPEC section 6), which this kdist
+        would have refused as a whole, so such a blob is not one a kdist wrote."""
         with self._loaded_lock:
-            first = name not in self.passed_over
+            first = name not in self._warned
             self.passed_over.add(name)
+            self._warned.add(name)
         if first:
             log.warning("kdist: %s; passed over (a key of this repository may have written it, or it is "
                         "damaged: run `kdist repo check`; maintenance stops on it until it is deleted)", exc)

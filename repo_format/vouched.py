@@ -76,7 +76,8 @@ class VouchedPlaces:
             return None
         if self._db is None or self._pid != os.getpid():
             try:
-                db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+                # a short wait: a query holds this object's lock, which every writer thread shares
+                db = sqlite3.connect(self.path, timeout=5, check_same_thread=False, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, length INTEGER, stored REAL, "
                            "records BLOB, mac BLOB)")
@@ -91,7 +92,7 @@ class VouchedPlaces:
 
     def _fail(self, exc: Exception) -> None:
         if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
-            return  # another process holds it (after the 30 s timeout): this once a miss, not for good
+            return  # another process holds it (after the 5 s timeout): this once a miss, not for good
         self._broken = True
         log.warning("kdist: the local cache's record of authenticated places (%s) is not usable (%s); "
                     "contents deduplicated against are read back once per run", self.path, exc)

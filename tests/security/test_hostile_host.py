@@ -932,3 +932,50 @@ def test_check_and_repair_follow_readers_past_entries_into_a_missing_pack(fleet,
     assert fixed.after.healthy, [p.message for p in fixed.after.problems]
     assert (fixed.entries_repointed, fixed.undeleted) == ((0, len(forged)) if deleted else (len(forged), 0))
     fleet.assert_intact()
+
+
+def _pinned_garbage(fleet: Fleet) -> tuple[set[str], str]:
+    """alice backs up a file of her own, copies its index entries (same places, live) into a raw
+    index blob of an epoch far ahead of the current one, and an admin forgets that snapshot:
+    its packs are garbage, which alice's copy would keep referenced for good (a far epoch is
+    never settled, so never compacted, and its raw blobs stay in every assembly). Returns the
+    garbage packs and the blob's name."""
+    before = {e.content_id for e in fleet.open("maint").contents.refresh_index()}
+    (fleet.src["alice"] / "soon-garbage").write_bytes(os.urandom(60_000))
+    garbage = fleet.backup("alice")
+    alice = fleet.open("alice")
+    new = [e for e in alice.contents.refresh_index() if e.content_id not in before]
+    packs = {e.pack for e in new}
+    assert packs
+    epochs = alice.contents.epochs
+    epoch = epochs.refresh().current + 1000
+    name = f"{C.INDEX_PREFIX}{epoch}_{secrets.token_hex(16)}-{alice.session}"
+    alice.storage.put(name, seal_index(epochs._aead, name, encode_index(
+        [replace(e, timestamp_us=e.timestamp_us + 1) for e in new])))
+    Repository.open(fleet.storage, "admin-pw", heartbeat_thread=False).manifests.delete([garbage.id])
+    return packs, name
+
+
+def test_a_raw_index_blob_far_ahead_pins_no_garbage_and_is_deleted(fleet):
+    """A writer writes into the epoch of its view, so a raw blob further than one epoch ahead
+    of the current one is no writer's: readers leave it out, maintenance deletes it, and the
+    packs it pointed into are collected like any garbage."""
+    packs, name = _pinned_garbage(fleet)
+    assert name not in fleet.open("alice").contents.epochs.refresh().assembly()
+    fleet.check_names(f"index blob {name} is in epoch")
+    fleet.gc_cycles(6)
+    left = {m.name for m in fleet.storage.list()}
+    assert name not in left and not packs & left
+    fleet.assert_intact()
+
+
+def test_leaving_out_raw_blobs_far_ahead_is_needed(fleet, monkeypatch):
+    """The mutation check: with such blobs counted, the garbage stays for ever, and so does the
+    blob."""
+    from repo_format.epoch import EpochView
+
+    monkeypatch.setattr(EpochView, "ahead", lambda self, epoch: False)
+    packs, name = _pinned_garbage(fleet)
+    fleet.gc_cycles(6)
+    left = {m.name for m in fleet.storage.list()}
+    assert name in left and packs <= left
