@@ -125,7 +125,7 @@ def _covered(view: EpochView, rng, listed: dict, name: str) -> bool:
     if m is None:
         return False
     epoch = int(m.group(1))
-    return (name in listed or view.complete_set(C.COMPACTED_PREFIX, epoch) is not None
+    return (name in listed and not view.ahead(epoch) or view.complete_set(C.COMPACTED_PREFIX, epoch) is not None
             or (rng is not None and epoch <= rng.epoch))
 
 

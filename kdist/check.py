@@ -266,9 +266,9 @@ class Checker:
         for epoch, blobs in sorted(view.raw.items()):
             if view.ahead(epoch):
                 for m in blobs:
-                    self._problem("forgery", f"index blob {m.name} is in epoch {epoch}, ahead of the current "
-                                  f"epoch {view.current}: no writer wrote it there (forged; readers ignore it and "
-                                  "maintenance deletes it)", blob=m.name)
+                    self._problem("forgery", f"index blob {m.name} is in epoch {epoch}, ahead of every epoch a "
+                                  f"marker names (the current one is {view.current}): no writer wrote it there "
+                                  "(forged; readers ignore it and maintenance deletes it)", blob=m.name)
 
     def misplaced(self, entry: IndexEntry, other: IndexEntry, unusable: bool = False) -> None:
         """The winning entry of a content points where its record is not, while another entry

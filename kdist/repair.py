@@ -7,8 +7,8 @@ Steps, each decided from a fresh check (``kdist.check``) of the repository's str
    short pack while another pack holds it (timestamped after that winner, so it wins).
 2. Contents a snapshot reaches that are marked deleted are undeleted, as content GC would.
    Then each raw index blob the check could not open, and that still fails authentication or
-   decoding when fetched again, is deleted: it stops maintenance,
-   and what it may have held the packs hold (step 1), or is a mark or an undelete (step 2).
+   decoding when fetched again, is deleted: it stops maintenance, and what it may have held
+   the packs hold (step 1 runs whenever there is one), or is a mark or an undelete (step 2).
 3. With a source tree (the original files): each file is chunked and hashed with the
    repository's own chunker and keyed hash, so unchanged bytes give the ids the backup gave;
    a first pass finds which files hold still-missing contents (chunks or chunk lists), a second
@@ -111,6 +111,12 @@ def _chunk(path: str, objects: ObjectStore, report: RepairReport) -> bool:
         return False
 
 
+def _unreadable_raw_blobs(report: CheckReport) -> list[str]:
+    """The raw index blobs the check could not open."""
+    return [name for p in report.problems if p.kind == "index-blob"
+            and (name := p.where.get("blob", "")).startswith(C.INDEX_PREFIX)]
+
+
 class Repairer:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, dry_run: bool = False):
         self.storage = storage
@@ -122,13 +128,17 @@ class Repairer:
     def run(self, source: str | None = None) -> RepairReport:
         checker = Checker(self.storage, self.fmt)
         report = RepairReport(self.dry_run, checker.run())
-        # a winner whose pack is missing is repointed too when readers find another place
-        overlay = self._rebuild(checker, report) if report.before.missing or report.before.unplaced else []
+        # a winner whose pack is missing is repointed too when readers find another place; and
+        # before a raw blob that does not open is deleted, whatever it may have indexed is
+        # indexed again from the packs (a snapshot published after the check may need it)
+        unreadable = _unreadable_raw_blobs(report.before)
+        rebuild = report.before.missing or report.before.unplaced or unreadable
+        overlay = self._rebuild(checker, report) if rebuild else []
         if overlay:  # what the rebuilt directories hold is only known after a new walk
             checker = Checker(self.storage, self.fmt, overlay)
             checker.run()
         self._undelete(checker, report)
-        self._delete_unreadable_raw_blobs(report)
+        self._delete_unreadable_raw_blobs(report, unreadable)
         wanted = set(checker.report.missing)
         if source is not None and wanted:
             self._reupload(checker, source, wanted, report)
@@ -164,19 +174,16 @@ class Repairer:
         self._write_index(revive)
         report.undeleted = len(revive)
 
-    def _delete_unreadable_raw_blobs(self, report: RepairReport) -> None:
+    def _delete_unreadable_raw_blobs(self, report: RepairReport, names: list[str]) -> None:
         """Delete each raw index blob the check could not open, fetched again now and still
         failing authentication or decoding (not a transient read error). A version this kdist
         does not know counts as junk too: a new index encoding comes with a new format version
         (SPEC section 6), which this kdist would have refused as a whole. What such a
-        blob held is what the packs hold (rebuilt above, or never missing), marks (garbage
+        blob held is what the packs hold (rebuilt above), marks (garbage
         kept longer) or undeletes (a content a snapshot reaches is undeleted above, and one a
         running backup refers to by that backup's next reload)."""
         aead = self.fmt.keys.index_aead()
-        for p in report.before.problems:
-            name = p.where.get("blob", "")
-            if p.kind != "index-blob" or not name.startswith(C.INDEX_PREFIX):
-                continue
+        for name in names:
             try:
                 open_index(aead, name, self.storage.get(name))
                 continue  # it opens now: the check's read failed on the way

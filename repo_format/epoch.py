@@ -148,6 +148,10 @@ class EpochView:
     signed_sets: bool = False  # a signed-sets blob is listed: a set counts only if signed
     ignored_sets: list = field(default_factory=list)  # complete sets that do not count (IndexSet)
     stray_signatures: list = field(default_factory=list)  # set signatures of no listed set
+    # the highest epoch any listed marker names, of either kind, authentic or not: what a client
+    # counting the older kind (kdist before signed markers, or any client before a repository's
+    # first signed marker) may write into (``ahead``)
+    named_epoch: int = 0
 
     def digests(self) -> dict[str, bytes]:
         """The signed digest of every member of a set that counts by its signature, by name."""
@@ -184,10 +188,12 @@ class EpochView:
     def ahead(self, epoch: int) -> bool:
         """Whether raw blobs of ``epoch`` are none of a writer's: a writer writes into the epoch
         of its view, whose marker the storage had before the blob, so no further than one past
-        the current one a listing shows (the one allowed for a listing that lags). Any host can
-        name one far ahead, where it would never be compacted: readers leave it out and
+        the highest epoch a listed marker names (the one allowed for a listing that lags). That
+        is a marker of either kind, authentic or not: a client that counts the older kind (kdist
+        before signed markers) counts what a host forged in it. Any host can name a raw blob
+        far ahead of every marker, where it would never be compacted: readers leave it out and
         maintenance deletes it (``gc/index_maintenance.superseded``)."""
-        return epoch > self.current + 1
+        return epoch > max(self.current, self.named_epoch) + 1
 
     def assembly(self, up_to: int | None = None) -> list[str]:
         """The index blob names a reader reads (every epoch, or epochs up to ``up_to`` for a range
@@ -271,7 +277,8 @@ class EpochManager:
                               signed=bool(signed), ignored=sorted(ignored, key=lambda m: m.name),
                               signed_sets=signed_sets, ignored_sets=ignored_sets,
                               stray_signatures=sorted((m for sigs in signatures.values() for m in sigs),
-                                                      key=lambda m: m.name))
+                                                      key=lambda m: m.name),
+                              named_epoch=max((e for kind in listed.values() for e, _m in kind), default=0))
         return self.view
 
     def _signed_sets(self, listed: list[BlobMeta], ignored: list) -> bool:

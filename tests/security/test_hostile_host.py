@@ -979,3 +979,32 @@ def test_leaving_out_raw_blobs_far_ahead_is_needed(fleet, monkeypatch):
     fleet.gc_cycles(6)
     left = {m.name for m in fleet.storage.list()}
     assert name in left and packs <= left
+
+
+def test_a_client_counting_the_older_markers_keeps_its_blobs_whatever_epoch_a_host_names(fleet):
+    """kdist before signed markers counts the older kind only, which every host can seal: alice
+    puts one far ahead, and bob's backup on such a client writes its index blob into that epoch.
+    A raw blob no further than one past the highest epoch any listed marker names is a writer's
+    as far as anyone can tell: readers keep it and maintenance does not delete it (the review of
+    the first version, which measured against the signed markers only, saw maintenance delete
+    bob's blob, and then stop: his tree was no longer in the index)."""
+    from repo_format.epoch import EpochView
+
+    alice = fleet.open("alice")
+    forged = alice.contents.epochs.refresh().current + 50
+    legacy = f"{C.EPOCH_MARKER_PREFIX}{forged}"
+    alice.storage.put(legacy, alice.format.keys.manifest_aead().seal(b"epoch %d" % forged, legacy.encode()))
+    fleet.t[0] += 10
+    (fleet.src["bob"] / "new-file").write_bytes(os.urandom(80_000))
+    bob = fleet.open("bob")
+    bob.contents.epochs._trust = None  # as kdist that predates signed markers
+    fleet.bob_snap = Uploader(bob, BackupOptions(host="bob")).backup(str(fleet.src["bob"]))
+    fleet.protected[fleet.bob_snap.id] = fleet.bob_snap.root
+    bob.close()
+    written = [m.name for m in fleet.storage.list(f"{C.INDEX_PREFIX}{forged}_")]
+    assert written  # bob wrote into the forged epoch
+    view = fleet.open("maint").contents.epochs.refresh()
+    assert not view.ahead(forged) and view.ahead(forged + 2)
+    fleet.gc_cycles(6)
+    assert set(written) <= {m.name for m in fleet.storage.list()}
+    fleet.assert_intact()
