@@ -126,7 +126,7 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
         plan.walk_seconds = round(clock.monotonic() - started, 3)
         scan = index.scan(memory_limit // 2)
         plan.packs, plan.key_ranges = scan.packs, scan.ranges_count
-        written = pack_times(repo.storage, scan.packs)
+        written = pack_times(repo.storage, scan.packs, _named_by_young_blobs(repo, index, now))
         ranges = (pool.plan_ranges(index, scan, reach, written, now, min_content_age) if pool is not None
                   else (plan_range(w, reach.between(w.lo, w.hi), written, now, min_content_age) for w in scan))
         for lo, hi, marks, undeletes, live, too_young in ranges:
@@ -137,10 +137,24 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
     return plan
 
 
-def pack_times(storage, packs: list[str]) -> np.ndarray:
-    """When each pack was written (storage clock), nan for a pack not listed."""
+def pack_times(storage, packs: list[str], maybe_unlisted: set[str] = frozenset()) -> np.ndarray:
+    """When each pack was written (storage clock), listed after the index was loaded. A pack
+    not listed is one that does not exist (-inf: as old as can be, so its unreferenced entries
+    are marked and, in time, dropped: a host's entries pointing nowhere are garbage like any),
+    unless a raw index blob stored less than ``listing_settle`` ago names it
+    (``maybe_unlisted``): a listing may not show that fresh a pack yet (nan: never old)."""
     listed = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in storage.list(p)}
-    return np.array([listed.get(p, np.nan) for p in packs], dtype=np.float64)
+    return np.array([listed.get(p, np.nan if p in maybe_unlisted else -np.inf) for p in packs], dtype=np.float64)
+
+
+def _named_by_young_blobs(repo: Repository, index: MergedIndex, now: float) -> set[str]:
+    """The packs the index's raw blobs stored less than ``listing_settle`` before ``now`` name
+    (a pack is put before the index blob naming it, so an older blob's packs are all listed)."""
+    view = repo.contents.epochs.view
+    settle = repo.contents.safety.listing_settle
+    young = {m.name for blobs in (view.raw.values() if view is not None else ()) for m in blobs
+             if now - m.timestamp < settle}
+    return {p for name, blob in index.named_blobs() if name in young for p in blob.packs}
 
 
 def plan_range(w: Winners, reached: np.ndarray, written: np.ndarray, now: float, min_content_age: float) -> tuple:
@@ -148,7 +162,7 @@ def plan_range(w: Winners, reached: np.ndarray, written: np.ndarray, now: float,
     hit = _members(w.keys, reached)
     deleted = w.deleted
     with np.errstate(invalid="ignore"):
-        old = now - written[w.pack] >= min_content_age  # an unlisted pack (nan) is never old
+        old = now - written[w.pack] >= min_content_age  # nan (maybe not listed yet) is never old
     unreached_live = ~deleted & ~hit
     return (w.lo, w.hi, w.rows[unreached_live & old], w.rows[deleted & hit], len(reached),
             int((unreached_live & ~old).sum()))

@@ -8,8 +8,8 @@ Owns: the open packs and their uploads, the entries written but not yet publishe
 Must never: publish an index blob while its session may have lapsed, or after a pack failed to
 upload (ids returned for it are not stored); deduplicate against anything but what the
 ``IndexView`` says is committed and live, at a place the ``DedupGuard`` vouches for (its
-record authenticated by this writer: ``repo_format.vouched``); publish outside the lock it shares with the view (a
-reload must never miss a published entry). Reading contents back is ``content_reader``'s.
+record authenticated by this writer: ``repo_format.vouched``); publish outside the lock it
+shares with the view (a reload must never miss a published entry). Reading contents back is ``content_reader``'s.
 
 Safe for many threads: hashing, compression and encryption run outside the lock (the libraries
 release the GIL), only appending to a pack is serialised. Packs are uploaded by the thread that

@@ -473,7 +473,8 @@ class EpochManager:
             self._warned.add(name)
         if first:
             log.warning("kdist: %s; passed over (a key of this repository may have written it, or it is "
-                        "damaged: run `kdist repo check`; maintenance stops on it until it is deleted)", exc)
+                        "damaged: `kdist repo check` names it; maintenance stops on it until `kdist repo "
+                        "repair` deletes it)", exc)
         return IndexBlob(encode_index([]))
 
     # ---- writing -------------------------------------------------------------------------

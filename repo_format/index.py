@@ -435,6 +435,10 @@ class MergedIndex:
         self._runs: _Runs | None = None
         self._lock = threading.Lock()  # lookups come from many threads while entries are added
 
+    def named_blobs(self) -> list[tuple[str, IndexBlob]]:
+        """(name, blob) of each blob, when an assembly named them (else none)."""
+        return list(zip(self.names, self._blobs)) if self.names is not None else []
+
     def add_entries(self, entries: Iterable[IndexEntry]) -> None:
         with self._lock:
             self._add_entries(entries)

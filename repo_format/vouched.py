@@ -14,7 +14,9 @@ modified, and a name that maintenance deleted and a host put again has a later s
 So a vouched place is remembered with its pack's length and storage time (``stat``, taken
 before the record is read): in memory for this client's run, and in the local cache for later
 runs (``VouchedPlaces``), so that the unchanged chunks of a changed file, written by this host
-before, are not read back every night. A run stats each pack it relies on once.
+before, are not read back every night. A pack's ``stat`` is trusted for ``STAMP_TTL`` seconds:
+what a run keeps in memory without a new one is only what it refers to already (writer rules
+5 to 7 keep those contents), never another record of the same pack.
 
 Must never: vouch for a place whose record it did not authenticate or write, or one in a pack
 whose storage time or length differ from those it was authenticated with.
@@ -44,6 +46,7 @@ log = logging.getLogger("kdist.vouched")
 
 MEMORY_PLACES = 131_072  # places a run keeps in memory, of each kind (then the local cache, or a read, vouches again)
 STAMP_TTL = 60.0  # seconds a pack's stat is trusted for (consecutive chunks of a file share packs)
+DECODED_PACKS = 16  # packs' rows of the local cache kept decoded
 _Stamp = tuple[int, float]  # a pack's length and storage time
 
 
@@ -70,6 +73,9 @@ class VouchedPlaces:
         self._db: sqlite3.Connection | None = None
         self._pid = 0
         self._broken = False
+        # the last packs' rows, decoded (a pack of small files holds thousands of records, and
+        # the next look-up is likely in the same pack); what they say is still checked per use
+        self._decoded: OrderedDict[str, tuple[_Stamp, dict[bytes, tuple]] | None] = OrderedDict()
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._broken:
@@ -144,6 +150,18 @@ class VouchedPlaces:
 
     def pack(self, name: str) -> tuple[_Stamp, dict[bytes, tuple]] | None:
         """A pack this host wrote: its stamp then, and its records' places by content id."""
+        with self._lock:
+            if name in self._decoded:
+                self._decoded.move_to_end(name)
+                return self._decoded[name]
+        found = self._read_pack(name)
+        with self._lock:
+            self._decoded[name] = found
+            if len(self._decoded) > DECODED_PACKS:
+                self._decoded.popitem(last=False)
+        return found
+
+    def _read_pack(self, name: str) -> tuple[_Stamp, dict[bytes, tuple]] | None:
         row = self._query("SELECT length, stored, records, mac FROM packs WHERE name = ?", (name,))
         if row is None or type(row[2]) is not bytes:
             return None
@@ -163,6 +181,9 @@ class VouchedPlaces:
                                      for e in entries])  # place_of(e) but the pack
             rows.append((name, *stamp, records, self._mac(b"pack", name.encode(), stamp, records)))
         self._insert("INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, ?)", rows)
+        with self._lock:
+            for name, _stamp, _entries in packs:
+                self._decoded.pop(name, None)
 
     def close(self) -> None:
         with self._lock:

@@ -215,3 +215,30 @@ def test_the_walkers_policies():
     assert [type(d.error) for d in shallow.walk("cd" * 32)][1:] == [TooDeep] * 3
     with pytest.raises(StorageUnreachable):  # an outage stops even a reporting walk
         report.read(Directory("", "ef" * 32, 0, None))
+
+
+def test_an_unlisted_pack_is_missing_unless_a_fresh_raw_blob_names_it(memory_repository, virtual_time):
+    """Content GC's pack ages: a listed pack by its storage time; one the listing does not show
+    is taken for missing (as old as can be), unless a raw index blob stored less than
+    ``listing_settle`` ago names it (the listing may lag behind such a fresh pack: never old)."""
+    import secrets
+
+    from kdist.gc.content_gc import _named_by_young_blobs, pack_times
+    from repo_format.index import IndexEntry
+    from repo_format.safety import SAFETY_FULL
+
+    storage = memory_repository(RepositoryParameters(extra={"safety": SAFETY_FULL.to_dict()}))
+    repo = Repository.open(storage, "pw", heartbeat_thread=False)
+    stored = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{repo.session}"
+    storage.put(stored, b"a pack")
+    gone, fresh = (f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{repo.session}" for _ in range(2))
+    entry = IndexEntry(os.urandom(32), gone, 0, 10, 10, 0, 1)
+    repo.contents.epochs.write_index([entry])  # an older blob naming ``gone``
+    virtual_time[0] += SAFETY_FULL.listing_settle + 1
+    repo.contents.epochs.write_index([IndexEntry(os.urandom(32), fresh, 0, 10, 10, 0, 1)])
+    index = repo.contents.refresh_index()
+    now = virtual_time[0]
+    maybe = _named_by_young_blobs(repo, index, now)
+    assert maybe == {fresh}
+    times = pack_times(storage, [stored, gone, fresh], maybe)
+    assert times[0] == storage.stat(stored).timestamp and times[1] == -math.inf and math.isnan(times[2])

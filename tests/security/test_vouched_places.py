@@ -171,3 +171,74 @@ def test_an_unsigned_repository_trusts_its_index(tmp_path, virtual_time):
     again = _write_again(storage, None, DATA)
     assert not again.contents.guard.enabled and again.contents.guard.stats.read == 0
     assert again.contents.stats.contents_written == 0
+
+
+@pytest.fixture(params=["fs", "s3"])
+def fleet_repo(request, monkeypatch, tmp_path):
+    """A repository on the filesystem or on S3 (moto's server) with host keys alice and bob,
+    for CLI runs: ``(args, storage, keys)``."""
+    import json
+
+    from kdist_trees import cli_env, run_cli
+    from repo_format.storage import open_storage
+
+    cli_env(monkeypatch)
+    if request.param == "fs":
+        location, endpoint = str(tmp_path / "repo"), None
+        args = ["--repo", location]
+    else:
+        endpoint, bucket = request.getfixturevalue("s3_bucket")
+        location = f"s3://{bucket}/fleet"
+        args = ["--repo", location, "--endpoint-url", endpoint]
+    run_cli("repo", "create", *args)
+    keys = {}
+    for host in ("alice", "bob"):
+        monkeypatch.setenv("KDIST_NEW_PASSWORD", f"{host}-pw")
+        keys[host] = json.loads(run_cli("key", "add", *args, "--role", "host", "--host", host, "--json").stdout)["key_id"]
+    return args, open_storage(location, endpoint_url=endpoint), keys
+
+
+def _poison_through(storage, key_id: str, data: bytes) -> int:
+    """alice, with her host key, writes live entries for ``data``'s chunks into a pack of junk."""
+    import io
+    import secrets
+
+    from repo_format import constants as C
+    from repo_format.index import IndexEntry
+    from repo_format.storage.wrappers import AppendOnlyStorage
+
+    alice = Repository.open(AppendOnlyStorage(storage), "alice-pw", key_id=key_id, heartbeat_thread=False)
+    junk = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
+    alice.storage.put(junk, os.urandom(256 * 1024))
+    forged = [IndexEntry(alice.contents.content_id(bytes(c)), junk, 0, len(c) + 28, len(c), 0, 1)
+              for c in alice.objects.splitter.split(io.BytesIO(data))]
+    alice.contents.epochs.write_index(forged)
+    return len(forged)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "mutation-trust-every-entry"])
+def test_a_hosts_guess_does_not_keep_bob_from_storing_his_file(fleet_repo, monkeypatch, tmp_path, guard, caplog):
+    """End to end through the CLI, on the filesystem and on S3: alice forges entries for the
+    chunks of a file bob will back up; bob's backup stores them itself, warns, and restores.
+    The mutation (a writer trusting every entry) restores junk: the restore fails."""
+    from kdist_trees import run_cli, tree_state
+
+    args, storage, keys = fleet_repo
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * 1024 * 1024)  # a few chunks at the default sizes
+    (src / "common.iso").write_bytes(data)
+    assert _poison_through(storage, keys["alice"], data) >= 1
+    if not guard:
+        monkeypatch.setattr(DedupGuard, "vouches", lambda self, entry: True)
+    monkeypatch.setenv("KDIST_PASSWORD", "bob-pw")
+    monkeypatch.setenv("KDIST_KEY_ID", keys["bob"])
+    run_cli("snapshot", "create", *args, src)
+    if guard:
+        assert [r for r in caplog.records if "the content is stored again" in r.getMessage()]
+        run_cli("snapshot", "restore", *args, "latest", tmp_path / "dst")
+        assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
+    else:
+        from kdist.cli import exit_codes
+
+        run_cli("snapshot", "restore", *args, "latest", tmp_path / "dst", code=exit_codes.PARTIAL)
