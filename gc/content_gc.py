@@ -137,24 +137,35 @@ def plan_content_gc(repo: Repository, index: MergedIndex, now: float, min_conten
     return plan
 
 
-def pack_times(storage, packs: list[str], maybe_unlisted: set[str] = frozenset()) -> np.ndarray:
+def pack_times(storage, packs: list[str], maybe_unlisted: set[str] | None = frozenset()) -> np.ndarray:
     """When each pack was written (storage clock), listed after the index was loaded. A pack
     not listed is one that does not exist (-inf: as old as can be, so its unreferenced entries
     are marked and, in time, dropped: a host's entries pointing nowhere are garbage like any),
-    unless a raw index blob stored less than ``listing_settle`` ago names it
-    (``maybe_unlisted``): a listing may not show that fresh a pack yet (nan: never old)."""
+    unless only index blobs stored less than ``listing_settle`` ago name it (``maybe_unlisted``;
+    None: any pack): a listing may not show that fresh a pack yet (nan: never old)."""
     listed = {m.name: m.timestamp for p in C.PACK_PREFIXES for m in storage.list(p)}
-    return np.array([listed.get(p, np.nan if p in maybe_unlisted else -np.inf) for p in packs], dtype=np.float64)
+    return np.array([listed.get(p, np.nan if maybe_unlisted is None or p in maybe_unlisted else -np.inf)
+                     for p in packs], dtype=np.float64)
 
 
-def _named_by_young_blobs(repo: Repository, index: MergedIndex, now: float) -> set[str]:
-    """The packs the index's raw blobs stored less than ``listing_settle`` before ``now`` name
-    (a pack is put before the index blob naming it, so an older blob's packs are all listed)."""
+def _named_by_young_blobs(repo: Repository, index: MergedIndex, now: float) -> set[str] | None:
+    """The packs that only index blobs stored less than ``listing_settle`` before ``now`` name: a
+    pack is put before every blob naming it, so one older blob naming it proves it is listed if
+    it exists (a host writing fresh blobs that name its made-up pack keeps nothing young). None
+    when the blobs' names or times are unknown: then every unlisted pack is spared."""
     view = repo.contents.epochs.view
+    named = index.named_blobs()
+    if view is None or not named:
+        return None
+    stored = {m.name: m.timestamp for blobs in view.raw.values() for m in blobs}
+    stored.update((m.name, m.timestamp) for sets in view.sets.values() for st in sets for m in st.members.values())
     settle = repo.contents.safety.listing_settle
-    young = {m.name for blobs in (view.raw.values() if view is not None else ()) for m in blobs
-             if now - m.timestamp < settle}
-    return {p for name, blob in index.named_blobs() if name in young for p in blob.packs}
+    young: set[str] = set()
+    old: set[str] = set()
+    for name, blob in named:
+        t = stored.get(name)
+        (young if t is None or now - t < settle else old).update(blob.packs)
+    return young - old
 
 
 def plan_range(w: Winners, reached: np.ndarray, written: np.ndarray, now: float, min_content_age: float) -> tuple:

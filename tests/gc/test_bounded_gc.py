@@ -224,7 +224,7 @@ def test_an_unlisted_pack_is_missing_unless_a_fresh_raw_blob_names_it(memory_rep
     import secrets
 
     from kdist.gc.content_gc import _named_by_young_blobs, pack_times
-    from repo_format.index import IndexEntry
+    from repo_format.index import IndexEntry, MergedIndex
     from repo_format.safety import SAFETY_FULL
 
     storage = memory_repository(RepositoryParameters(extra={"safety": SAFETY_FULL.to_dict()}))
@@ -232,13 +232,17 @@ def test_an_unlisted_pack_is_missing_unless_a_fresh_raw_blob_names_it(memory_rep
     stored = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{repo.session}"
     storage.put(stored, b"a pack")
     gone, fresh = (f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{repo.session}" for _ in range(2))
-    entry = IndexEntry(os.urandom(32), gone, 0, 10, 10, 0, 1)
-    repo.contents.epochs.write_index([entry])  # an older blob naming ``gone``
+    repo.contents.epochs.write_index([IndexEntry(os.urandom(32), gone, 0, 10, 10, 0, 1)])  # an older blob
     virtual_time[0] += SAFETY_FULL.listing_settle + 1
     repo.contents.epochs.write_index([IndexEntry(os.urandom(32), fresh, 0, 10, 10, 0, 1)])
+    # a fresh blob naming ``gone`` too keeps nothing young: the older one proves it would be listed
+    repo.contents.epochs.write_index([IndexEntry(os.urandom(32), gone, 0, 10, 10, 0, 1)])
     index = repo.contents.refresh_index()
     now = virtual_time[0]
     maybe = _named_by_young_blobs(repo, index, now)
     assert maybe == {fresh}
     times = pack_times(storage, [stored, gone, fresh], maybe)
     assert times[0] == storage.stat(stored).timestamp and times[1] == -math.inf and math.isnan(times[2])
+    # without the blobs' names (an index no assembly made) every unlisted pack is spared
+    assert _named_by_young_blobs(repo, MergedIndex(index._blobs), now) is None
+    assert all(math.isnan(t) for t in pack_times(storage, [gone, fresh], None))

@@ -1010,23 +1010,29 @@ def test_a_client_counting_the_older_markers_keeps_its_blobs_whatever_epoch_a_ho
     fleet.assert_intact()
 
 
-def _entries_pointing_nowhere(fleet: Fleet, n: int = 500) -> list[bytes]:
+def _entries_pointing_nowhere(fleet: Fleet, n: int = 500, trickle: bool = True) -> list[bytes]:
     """alice writes live entries for ``n`` made-up contents into a pack that does not exist:
-    index every client downloads, 60 bytes an entry, referring to nothing."""
+    index every client downloads, 60 bytes an entry, referring to nothing. With ``trickle``,
+    before each of six GC cycles she writes one more fresh blob naming that pack (to keep it
+    "young": found by review). Returns the first ``n`` ids; the cycles have run."""
     alice = fleet.open("alice")
     nowhere = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
     ids = sorted(os.urandom(32) for _ in range(n))
     alice.contents.epochs.write_index([IndexEntry(c, nowhere, 0, 100, 72, 0, int(fleet.t[0] * 1e6)) for c in ids])
+    for _ in range(6):
+        if trickle:
+            alice.contents.epochs.write_index([IndexEntry(os.urandom(32), nowhere, 0, 100, 72, 0,
+                                                          int(fleet.t[0] * 1e6))])
+        fleet.gc_cycles(1)
     return ids
 
 
 def test_entries_into_a_pack_that_does_not_exist_are_collected(fleet):
     """Content GC takes a pack its listing (made after the index was loaded) does not show for
-    one that does not exist, unless a raw blob fresh enough for the listing to lag names it:
+    one that does not exist, unless only raw blobs fresh enough for the listing to lag name it:
     such entries are marked and dropped like any garbage (before, an unlisted pack was "too
     young" for ever, and a host could grow the index without bound)."""
     ids = _entries_pointing_nowhere(fleet)
-    fleet.gc_cycles(6)
     index = fleet.open("maint").contents.refresh_index()
     assert not [c for c in ids if index.lookup(c) is not None]
     fleet.assert_intact()
@@ -1039,7 +1045,6 @@ def test_judging_unlisted_packs_as_missing_is_needed(fleet, monkeypatch):
     real = content_gc.pack_times
     monkeypatch.setattr(content_gc, "pack_times", lambda storage, packs, maybe_unlisted=frozenset():
                         real(storage, packs, set(packs)))
-    ids = _entries_pointing_nowhere(fleet)
-    fleet.gc_cycles(6)
+    ids = _entries_pointing_nowhere(fleet, trickle=False)
     index = fleet.open("maint").contents.refresh_index()
     assert all(index.lookup(c) is not None for c in ids)
