@@ -223,11 +223,17 @@ def test_index_blob_under_another_name_fails_authentication_or_is_no_set(mem_rep
     repo.contents.write(b"indexed content")
     name = repo.flush()
     sealed = repo.storage.get(name)
-    other = name.replace("xn0_", "xn7_")
+    other = name.replace("xn0_", "xn1_")  # the next epoch: a writer may write there, so it is read
     repo.storage.put(other, sealed)
     with pytest.raises(CorruptionError, match=other):
         load_committed_index(repo.storage, repo.format)
     repo.storage.delete(other)
+    # an epoch far ahead of every marker is no writer's: not even read (gc/README, argument 4)
+    ahead = name.replace("xn0_", "xn7_")
+    repo.storage.put(ahead, sealed)
+    assert ahead not in repo.contents.epochs.refresh().assembly()
+    assert len(list(load_committed_index(repo.storage, repo.format))) == 1
+    repo.storage.delete(ahead)
     # under a set's name it is not even read: a signed repository's sets count only when signed
     for other in (f"xs0_{'12' * 8}_0of1", f"xr0_{'34' * 8}_0of1"):
         repo.storage.put(other, sealed)
