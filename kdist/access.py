@@ -301,5 +301,5 @@ class RepositorySpec:
         storage = self.storage(read_only=read_only, append_only=append_only)
         repo = Repository.open(storage, self.password.read(prompt=prompt), key_id=self.resolved_key_id(),
                                cache=cache if cache is not None else CacheSettings.from_environment(), **repo_kwargs)
-        repo.manifests.skip_unreadable = repo.contents.epochs.skip_unreadable = read_only or append_only
+        repo.skip_unreadable = read_only or append_only
         return repo

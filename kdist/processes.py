@@ -219,8 +219,7 @@ def _serve(conn: Connection, parent_repo: Repository) -> None:
             if repo is None:
                 repo = Repository(storage, parent_repo.format, cache=parent_repo.cache_settings)
                 # as the parent opened it (kdist.access): a backup passes over unreadable blobs
-                repo.manifests.skip_unreadable = parent_repo.manifests.skip_unreadable
-                repo.contents.epochs.skip_unreadable = parent_repo.contents.epochs.skip_unreadable
+                repo.skip_unreadable = parent_repo.skip_unreadable
             elif run != last_run:  # a new backup: see what the other processes stored in the last one
                 repo.contents.refresh_index()
             last_run = run

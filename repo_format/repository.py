@@ -71,6 +71,17 @@ class Repository:
         """Who this client is: its role and key; a version-1 repository's one password is admin."""
         return self.format.identity or LEGACY_ADMIN
 
+    @property
+    def skip_unreadable(self) -> bool:
+        """Whether this client passes over a manifest blob or raw index blob it cannot read
+        (listing, restoring, backing up) instead of stopping (maintenance, check, repair):
+        ``ManifestStore.skip_unreadable`` and ``EpochManager.skip_unreadable``, set together."""
+        return self.manifests.skip_unreadable
+
+    @skip_unreadable.setter
+    def skip_unreadable(self, on: bool) -> None:
+        self.manifests.skip_unreadable = self.contents.epochs.skip_unreadable = on
+
     def require(self, *roles: str, what: str) -> None:
         """Refuse (``PermissionRefused``) unless this client's key has one of ``roles``."""
         self.identity.require(*roles, what=what)

@@ -39,7 +39,6 @@ import msgpack
 from repo_format import clock
 from repo_format.errors import BlobNotFound, KdistError
 from repo_format.index import IndexEntry, place_of
-from repo_format.local_cache import VOUCHED_FILE  # noqa: F401 (where the cache keeps it)
 from repo_format.storage.base import BlobStorage
 
 log = logging.getLogger("kdist.vouched")

@@ -315,7 +315,7 @@ def copy(repo, snapshot_refs, to_location, to_endpoint_url, to_password_file, to
         destination = Repository.open(spec.storage(read_only=dry_run, append_only=not dry_run),
                                       spec.password.read(prompt="Destination repository password"),
                                       key_id=to_key_id, cache=CacheSettings.from_environment())
-        destination.manifests.skip_unreadable = destination.contents.epochs.skip_unreadable = True
+        destination.skip_unreadable = True
         destination.require(ADMIN, HOST, what="copy snapshots into the repository")
     except KdistError as exc:
         fail(exc)

@@ -15,10 +15,10 @@ os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
 from repo_format.crypto import KdfParams  # noqa: E402
 from repo_format.errors import KdistError  # noqa: E402
 from repo_format.format_blob import RepositoryParameters  # noqa: E402
-from repo_format.local_cache import CacheSettings  # noqa: E402
+from repo_format.local_cache import VOUCHED_FILE, CacheSettings  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
-from repo_format.vouched import VOUCHED_FILE, DedupGuard  # noqa: E402
+from repo_format.vouched import DedupGuard  # noqa: E402
 
 PARAMS = RepositoryParameters(pack_size=64 * 1024, metadata_pack_size=64 * 1024, chunk_avg=1024, chunk_min=256,
                               chunk_max=4096)
