@@ -26,6 +26,8 @@ HKDF_INFO_MANIFEST = b"kdist/v1/manifest-encryption"
 HKDF_INFO_HASH = b"kdist/v1/content-hash"
 HKDF_INFO_CHUNKER = b"kdist/v1/chunker-seed"
 HKDF_INFO_NAME = b"kdist/v1/blob-name"
+HKDF_INFO_RECORD_ID = b"kdist/v3/record-id"  # format 3 content ids (repo_format.convergent)
+HKDF_INFO_CONVERGENCE = b"kdist/v3/convergence"  # format 3 seeds: the keyed hash of a plaintext
 HKDF_INFO_LOCAL_CACHE = b"kdist/v1/local-cache"  # MAC of the files of the local cache (not a repository blob)
 
 # --- algorithms ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from repo_format import constants as C
+from repo_format.convergent import ConvergentRecords
 from repo_format.errors import CorruptionError, KdistError, UnsupportedVersion
 
 WEAK_KDF_ENV = "KDIST_ALLOW_WEAK_KDF_FOR_TESTS"
@@ -188,6 +189,12 @@ class RepositoryKeys:
 
     def content_hasher(self) -> ContentHasher:
         return ContentHasher(derive_subkey(self.hash_secret, C.HKDF_INFO_HASH))
+
+    def convergent_records(self) -> ConvergentRecords:
+        """Format 3's content records (``repo_format.convergent``): both keys come from the hash
+        secret, which every key role holds; no content record needs the master key."""
+        return ConvergentRecords(derive_subkey(self.hash_secret, C.HKDF_INFO_RECORD_ID),
+                                 derive_subkey(self.hash_secret, C.HKDF_INFO_CONVERGENCE))
 
     def name_hasher(self) -> ContentHasher:
         """Keyed hash for deterministic blob names (index blobs): reveals nothing of contents."""
