@@ -31,7 +31,7 @@ from repo_format.index import IndexEntry, MergedIndex, open_index, place_of
 from repo_format.index_rebuild import entries_from_packs
 from repo_format.io_pool import parallel_map
 from repo_format.manifest import newer
-from repo_format.objects import ObjectStore, Splitter, parse_object_id
+from repo_format.objects import ObjectStore, Splitter
 from repo_format.repository import Repository
 from repo_format.safety import safety_of
 from repo_format.storage.base import BlobStorage
@@ -108,27 +108,32 @@ class _IndexedReader:
 
     def __init__(self, checker: "Checker"):
         self._checker = checker
+        self.records = checker.contents.records
 
     def lookup(self, content_id: bytes) -> IndexEntry | None:
-        return self._checker.index.lookup(content_id)
+        return self._checker.index.lookup(content_id[:C.CONTENT_ID_SIZE])
 
-    def read(self, content_id: bytes) -> bytes:
+    def matches(self, ref: bytes, data) -> bool:
+        return self.records.matches(ref, data)
+
+    def read(self, ref: bytes) -> bytes:
         """As readers read: the winner's record, else the content's other places in the index
         (``ContentReader.read``); a winner whose record is elsewhere is named as a forgery."""
         checker = self._checker
+        content_id = ref[:C.CONTENT_ID_SIZE]
         entry, reason = checker.locate(content_id)
         if entry is None:
             raise ContentNotFound(f"content {content_id.hex()} {reason}")
         try:
             if reason is not None:
                 raise ContentNotFound(f"content {content_id.hex()} {reason}")
-            return checker.contents.read_entry(entry)
+            return checker.contents.read_entry(entry, ref)
         except (ContentNotFound, CorruptionError, BlobNotFound) as first:
             for other in checker.index.locations(content_id):
                 if place_of(other) == place_of(entry) or checker.unusable(other) is not None:
                     continue
                 try:
-                    data = checker.contents.read_entry(other)
+                    data = checker.contents.read_entry(other, ref)
                 except (CorruptionError, BlobNotFound):
                     continue
                 checker.misplaced(entry, other)
@@ -156,6 +161,9 @@ class Checker:
         self._dir_oids: list[str] = []
         self._damaged_dirs: dict[str, str] = {}  # directory oid -> where its subtree's problems were reported
         self._files: dict[str, tuple[int, list[tuple[bytes, str]]]] = {}  # oid -> (contents, unreadable ones)
+        # format 3: the references the walk met, by content id, so that reading data opens each
+        # record with them (certifying a record does not show that a reference's seed opens it)
+        self._refs: dict[bytes, set[bytes]] | None = {} if self.contents.records.ref_size != C.CONTENT_ID_SIZE else None
 
     def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
         snapshots = self.read_snapshots()
@@ -386,7 +394,7 @@ class Checker:
                 continue
             try:
                 snap = Snapshot.from_record(r)
-                parse_object_id(snap.root if isinstance(snap.root, str) else "")
+                self.objects.parse(snap.root if isinstance(snap.root, str) else "")
             except KdistError as exc:
                 self._problem("snapshot", f"snapshot manifest {r.id} (in blob {r.blob}) is malformed: {exc}",
                               snapshot=r.id, blob=r.blob)
@@ -429,10 +437,14 @@ class Checker:
     def _object_problems(self, oid: str) -> tuple[int, list[tuple[bytes, str]]]:
         """How many contents the object has, and those that cannot be read (with why). Contents
         marked deleted are noted for repair and reported, but are readable."""
-        indirect, cid = parse_object_id(oid)
-        ids = [cid]
-        if indirect and self.locate(cid)[1] is None:
-            ids += [c for c, _n in self.objects.chunks(oid) if c is not None]  # (a hole is no content)
+        indirect, ref = self.objects.parse(oid)
+        refs = [ref]
+        if indirect and self.locate(ref[:C.CONTENT_ID_SIZE])[1] is None:  # (a hole is no content)
+            refs += [c for c, _n in self.objects.chunks(oid) if c is not None]
+        ids = [r[:C.CONTENT_ID_SIZE] for r in refs]
+        if self._refs is not None:
+            for r in refs:
+                self._refs.setdefault(r[:C.CONTENT_ID_SIZE], set()).add(r)
         bad = []
         for c in ids:
             entry, reason = self.locate(c)
@@ -451,7 +463,7 @@ class Checker:
         try:
             _n, bad = self._object_problems(d.oid)
             for cid, reason in bad:
-                what = f"object {d.oid}" if d.oid.endswith(cid.hex()) else f"content {cid.hex()} of object {d.oid}"
+                what = f"object {d.oid}" if cid.hex() in d.oid else f"content {cid.hex()} of object {d.oid}"
                 self._report_at(label, snap, d, "directory", f"directory {shown(d.path)}: {what} {reason}",
                                 content=cid.hex())
             if any(cid in self.report.missing for cid, _ in bad):
@@ -485,7 +497,8 @@ class Checker:
         the directories walked and the files they name, with their chunks where readable."""
         out: set[bytes] = set()
         for oid in list(self._dir_oids) + list(self._files):
-            indirect, cid = parse_object_id(oid)
+            indirect, ref = self.objects.parse(oid)
+            cid = ref[:C.CONTENT_ID_SIZE]
             out.add(cid)
             if indirect and self.locate(cid)[1] is None:
                 out.update(object_contents(self.objects, oid))
@@ -528,8 +541,15 @@ class Checker:
                               f"{e.offset}) disagrees with the pack's own index", **where)
 
     def _read_one(self, e: IndexEntry) -> tuple[int, str | None]:
+        """Authenticate one record: opened (format 3: with every reference to it the snapshots
+        hold), or for a format 3 record no snapshot checked refers to, certified by its hash."""
         try:
-            return len(self.contents.read_entry(e)), None
+            refs = self._refs.get(e.content_id) if self._refs is not None else {e.content_id}
+            if not refs:
+                self.contents.certify_entry(e)
+            for ref in sorted(refs or ()):
+                self.contents.read_entry(e, ref)
+            return e.original_length, None
         except KdistError as exc:
             return 0, str(exc)
 

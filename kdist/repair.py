@@ -69,24 +69,26 @@ class RepairReport:
 
 class _SourceSink:
     """Stands in for the content store under ``ObjectStore`` while a source file is chunked: it
-    hashes every content (chunks and chunk lists) and writes only wanted ones to ``store``, or,
-    without a store, only notes that the file holds them."""
+    identifies every content (chunks and chunk lists: ``repo_format.records``) and writes only
+    wanted ones to ``store``, or, without a store, only notes that the file holds them.
+    ``identify``: data -> its reference, whose first bytes are the content id."""
 
-    def __init__(self, hasher, wanted: set[bytes], store: ContentStore | None):
-        self._hash = hasher
+    def __init__(self, identify, wanted: set[bytes], store: ContentStore | None):
+        self._identify = identify
         self._wanted = wanted
         self._store = store
         self.found: set[bytes] = set()
         self.bytes = 0
 
     def write(self, data, metadata: bool = False) -> bytes:
-        cid = self._hash(data)
+        ref = self._identify(data)
+        cid = ref[:C.CONTENT_ID_SIZE]
         if cid in self._wanted and cid not in self.found:
             self.found.add(cid)
             if self._store is not None:
                 self._store.write(data, metadata=metadata)
                 self.bytes += len(data)
-        return cid
+        return ref
 
 
 def _source_files(root: str):
@@ -205,8 +207,12 @@ class Repairer:
                      if checker.unusable(o) is None and checker.contents.reader.authentic_one(o)), e)
 
     def _reupload(self, checker: Checker, source: str, wanted: set[bytes], report: RepairReport) -> None:
-        hasher, splitter = self.fmt.keys.content_hasher(), checker.objects.splitter
-        finder = _SourceSink(hasher, wanted, None)
+        records, level, splitter = checker.contents.records, self.fmt.parameters.zstd_level, checker.objects.splitter
+
+        def identify(data) -> bytes:
+            return records.identify(data, level)[0]
+
+        finder = _SourceSink(identify, wanted, None)
         holders = []
         for path in _source_files(source):
             report.source_files += 1
@@ -223,7 +229,7 @@ class Repairer:
         self._write_index(marks)
         checker.index.add_entries(marks)
         store = Repository(self.storage, self.fmt, self.session, committed=checker.index).contents
-        writer = _SourceSink(hasher, finder.found, store)
+        writer = _SourceSink(identify, finder.found, store)
         try:
             for path in holders:
                 _chunk(path, ObjectStore(writer, splitter), report)

@@ -129,7 +129,7 @@ _INT_RANGES = (
     ("inode", 0, 2**64 - 1), ("nlink", 0, 2**64 - 1), ("rdev", 0, 2**64 - 1), ("dev", 0, 2**64 - 1),
 )
 _STR_FIELDS = ("user", "group", "target", "oid")
-MAX_OID_LENGTH = 65  # "I" and 64 hex characters
+MAX_OID_LENGTH = 129  # "I" and a reference in hex: 64 characters (formats 1, 2) or 128 (format 3)
 
 
 def _malformed_field(e: Entry) -> str:

@@ -24,6 +24,7 @@ import collections
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from repo_format.constants import CONTENT_ID_SIZE
 from repo_format.errors import CorruptionError, KdistError, is_outage
 from repo_format.objects import ObjectStore, parse_object_id
 
@@ -64,7 +65,7 @@ class Directory:
 
 
 def _visit_key(oid: str) -> bytes:
-    indirect, cid = parse_object_id(oid)  # 33 bytes a directory instead of a 65-character str
+    indirect, cid = parse_object_id(oid)  # 33 (or 65) bytes a directory instead of a 65 (129) character str
     return cid + (b"I" if indirect else b"")
 
 
@@ -147,11 +148,13 @@ class TreeWalker:
 
 
 def object_contents(objects: ObjectStore, oid: str) -> list[bytes]:
-    """Every content an object reaches: its own, and for an indirect object its chunks'."""
-    indirect, cid = parse_object_id(oid)
+    """The ids of every content an object reaches: its own, and for an indirect object its
+    chunks' (a reference starts with its content's id)."""
+    indirect, ref = parse_object_id(oid)
+    cid = ref[:CONTENT_ID_SIZE]
     if not indirect:
         return [cid]
-    return [cid] + [c for c, _n in objects.chunks(oid) if c is not None]  # (a hole is no content)
+    return [cid] + [c[:CONTENT_ID_SIZE] for c, _n in objects.chunks(oid) if c is not None]  # (a hole: no content)
 
 
 def reached_contents(walker: TreeWalker, objects: ObjectStore, root: str) -> Iterator[bytes]:

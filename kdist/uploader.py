@@ -27,7 +27,6 @@ from typing import Callable
 from repo_format import clock
 from repo_format.content import ContentLost
 from repo_format.errors import KdistError, is_outage
-from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
@@ -680,7 +679,7 @@ class Uploader:
         if (old is not None and old.type == TYPE_FILE and old.oid != ""
                 and (old.size, old.mtime_ns, old.ctime_ns, old.inode) == (entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode)):
             try:
-                cid = parse_object_id(old.oid)[1]
+                cid = self.repo.objects.parse(old.oid)[1]
             except KdistError:
                 return self._read(path, entry)
             slot = _Reuse(path, entry, old.oid, cid)
@@ -833,7 +832,7 @@ class Uploader:
         """Whether a previous directory object can be referred to as it is: one chunk whose content
         the index holds live (noted as referenced: revalidated before publishing)."""
         try:
-            indirect, cid = parse_object_id(oid)
+            indirect, cid = self.repo.objects.parse(oid)
         except KdistError:
             return False
         if indirect or not self.repo.contents.contains(cid):

@@ -1,9 +1,11 @@
-"""The content store: hash -> dedup -> compress -> encrypt -> pack, and authenticated reads.
+"""The content store: identify -> dedup -> seal -> pack, and authenticated reads.
 
-``write(data)`` returns the content id (keyed hash of the plaintext) and stores the content once.
-``flush()`` uploads open packs, then writes one index blob that points into them: packs always
-before the index that names them (SPEC.md, ordering rules). ``read(id)`` authenticates the
-ciphertext and checks the plaintext against its id before returning it.
+``write(data)`` stores the content once and returns its reference (``repo_format.records``: the
+content id, the keyed hash of the plaintext in format 2; in format 3 the id, the keyed hash of
+the record, followed by the seed that opens it). ``flush()`` uploads open packs, then writes one
+index blob that points into them: packs always before the index that names them (SPEC.md,
+ordering rules). ``read(ref)`` authenticates the record and checks the plaintext against the
+reference before returning it. The index knows contents by id alone.
 
 ``ContentStore`` is a facade over three parts, one module each: ``content_writer`` (packs,
 flush, the session marker), ``index_view`` (the committed index, its reloads and undeletes)
@@ -24,6 +26,7 @@ from repo_format.index import IndexEntry, MergedIndex
 from repo_format.index_view import ContentLost, IndexView
 from repo_format.keyslots import ADMIN, MAINTENANCE, Trust
 from repo_format.local_cache import LocalCache
+from repo_format.records import records_for
 from repo_format.safety import safety_of
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
@@ -65,6 +68,7 @@ class ContentStore:
         self.session = session
         self.safety = safety_of(fmt.parameters)
         self.cache = cache
+        self.records = records_for(fmt.keys, fmt.version)  # how contents are sealed (repo_format.records)
         self.epochs = make_epoch_manager(storage, fmt, session, cache)
         self.marker = SessionMarker(storage, fmt.keys.manifest_aead(), session,
                                     self.safety.session_heartbeat, self.safety.session_expiry,
@@ -82,7 +86,7 @@ class ContentStore:
                                 enabled=fmt.identity is not None)
         self.writer = ContentWriter(storage, fmt, self._session, self.epochs, self.index, lock, pending, cache,
                                     self.guard)
-        self.reader = ContentReader(storage, fmt.keys.content_aead(), fmt.keys.content_hasher(), self.index,
+        self.reader = ContentReader(storage, self.records, self.index,
                                     self.writer.unflushed_record, lock, cache)
         # a writer stalled on a slow read still refreshes its view, undeleting what it refers to
         self.marker.on_beat = self.index.current
@@ -124,8 +128,14 @@ class ContentStore:
         return self._session.started
 
     # ---- writing (content_writer) ------------------------------------------------------------
-    def content_id(self, data) -> bytes:
-        return self.writer.content_id(data)
+    def reference(self, data) -> bytes:
+        """The reference writing ``data`` returns (format 3 seals it to know: use ``matches``
+        to compare data with a reference)."""
+        return self.writer.reference(data)
+
+    def matches(self, ref: bytes, data) -> bool:
+        """Whether ``data`` is the plaintext ``ref`` names."""
+        return self.records.matches(ref, data)
 
     def write(self, data, metadata: bool = False) -> bytes:
         return self.writer.write(data, metadata)
@@ -144,20 +154,21 @@ class ContentStore:
                 self.guard.store.close()
 
     # ---- the committed index (index_view) ----------------------------------------------------
+    # (each takes a content id or a reference: a reference's first bytes are its content's id)
     def lookup(self, content_id: bytes) -> IndexEntry | None:
-        return self.index.lookup(content_id)
+        return self.index.lookup(content_id[:C.CONTENT_ID_SIZE])
 
     def contains(self, content_id: bytes) -> bool:
-        return self.index.contains(content_id)
+        return self.index.contains(content_id[:C.CONTENT_ID_SIZE])
 
     def contains_many(self, content_ids: list[bytes]) -> list[bool]:
-        return self.index.contains_many(content_ids)
+        return self.index.contains_many([c[:C.CONTENT_ID_SIZE] for c in content_ids])
 
     def note_reference(self, content_id: bytes) -> None:
-        self.index.note_reference(content_id)
+        self.index.note_reference(content_id[:C.CONTENT_ID_SIZE])
 
     def note_references(self, content_ids: list[bytes]) -> None:
-        self.index.note_references(content_ids)
+        self.index.note_references([c[:C.CONTENT_ID_SIZE] for c in content_ids])
 
     def forget_references(self) -> None:
         self.index.forget_references()
@@ -172,11 +183,14 @@ class ContentStore:
         return self.index.refresh_index()
 
     # ---- reading (content_reader) ------------------------------------------------------------
-    def read(self, content_id: bytes) -> bytes:
-        return self.reader.read(content_id)
+    def read(self, ref: bytes) -> bytes:
+        return self.reader.read(ref)
 
-    def read_entry(self, entry: IndexEntry) -> bytes:
-        return self.reader.read_entry(entry)
+    def read_entry(self, entry: IndexEntry, ref: bytes) -> bytes:
+        return self.reader.read_entry(entry, ref)
+
+    def certify_entry(self, entry: IndexEntry) -> None:
+        self.reader.certify_entry(entry)
 
     def reading_ahead(self, blocks: int = READ_AHEAD_BLOCKS):
         return self.reader.reading_ahead(blocks)

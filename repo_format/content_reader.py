@@ -17,14 +17,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from repo_format import constants as C
-from repo_format.compression import decompress
-from repo_format.crypto import Aead, ContentHasher
 from repo_format.errors import BlobNotFound, ContentNotFound, CorruptionError
 from repo_format.index import IndexEntry, place_of
 from repo_format.io_pool import parallel_map
 from repo_format.index_view import IndexView
 from repo_format.local_cache import LocalCache
-from repo_format.pack import content_aad
+from repo_format.records import ConvergentRecords, KeyedRecords
 from repo_format.storage.base import BlobStorage
 
 
@@ -32,26 +30,14 @@ READ_AHEAD_BLOCK = 4 * 1024 * 1024
 READ_AHEAD_BLOCKS = 8
 
 
-def open_content(aead: Aead, content_hash: ContentHasher, entry: IndexEntry, sealed: bytes) -> bytes:
-    """A sealed record's plaintext: authenticated against the entry's id and compression,
-    decompressed, and checked against its id."""
-    payload = aead.open(sealed, content_aad(entry.content_id, entry.compression),
-                        what=f"content {entry.content_id.hex()} in pack {entry.pack}")
-    data = decompress(entry.compression, payload, entry.original_length)
-    if content_hash(data) != entry.content_id:
-        raise CorruptionError(f"content {entry.content_id.hex()} does not match its id")
-    return data
-
-
 class ContentReader:
-    def __init__(self, storage: BlobStorage, aead: Aead, content_hash: ContentHasher, view: IndexView,
+    def __init__(self, storage: BlobStorage, records: KeyedRecords | ConvergentRecords, view: IndexView,
                  unflushed: Callable[[IndexEntry], bytes | None], lock: threading.Lock,
                  cache: LocalCache | None = None):
         """``unflushed`` gives a record from a pack the writer has not stored yet (or None);
         ``lock`` is the one the writer and the view share."""
         self.storage = storage
-        self._aead = aead
-        self._hash = content_hash
+        self._records = records
         self._view = view
         self._unflushed = unflushed
         self._lock = lock
@@ -62,29 +48,33 @@ class ContentReader:
         self._blocks: OrderedDict | None = None  # read-ahead cache, see ``reading_ahead``
         self._block_limit = 0
 
-    def read(self, content_id: bytes) -> bytes:
-        """The content's plaintext. If the winning entry's record does not open (or its pack is
-        gone), the content's other places in this index are tried, best first: a host with the
-        index key can write an entry that wins and points anywhere, but no record other than the
-        genuine one opens as this content. Only then, for a pack that is gone, is the index
+    def read(self, ref: bytes) -> bytes:
+        """The plaintext of the content ``ref`` names (``repo_format.records``: its id, and in
+        format 3 the seed that opens it). If the winning entry's record does not open (or its
+        pack is gone), the content's other places in this index are tried, best first: a host
+        with the index key can write an entry that wins and points anywhere, but no record other
+        than the genuine one opens as this content. Only then, for a pack that is gone, is the index
         reloaded once (a pack rewrite moved the content after this index was loaded)."""
+        if type(ref) is not bytes or len(ref) != self._records.ref_size:
+            raise CorruptionError("malformed content reference")
+        content_id = ref[:C.CONTENT_ID_SIZE]
         entry = self._view.lookup(content_id)
         if entry is None:
             raise ContentNotFound(f"content {content_id.hex()} is not in the index")
         try:
-            return self._read_at(entry)
+            return self._read_at(entry, ref)
         except (CorruptionError, BlobNotFound) as first:
             for other in self._view.locations(content_id):
                 if place_of(other) == place_of(entry):
                     continue
                 try:
-                    return self._read_at(other)
+                    return self._read_at(other, ref)
                 except (CorruptionError, BlobNotFound):
                     continue
             moved = self._moved(entry) if isinstance(first, BlobNotFound) else None
             if moved is None:
                 raise first
-            return self._read_at(moved)
+            return self._read_at(moved, ref)
 
     def authentic(self, entries: list[IndexEntry]) -> list[bool]:
         """``authentic_one`` of each entry, in parallel (maintenance's merges, before they let
@@ -93,41 +83,55 @@ class ContentReader:
 
     def authentic_one(self, e: IndexEntry) -> bool:
         """Whether the entry's record is where it says: read from the storage (never a cached
-        copy), authenticated and checked against its id. A missing pack or a record that does
-        not open is False; any other error raises."""
+        copy) and certified (``repo_format.records``: opened and checked against its id; format 3
+        checks its hash, needing no seed). A missing pack or a record that does not certify is
+        False; any other error raises."""
         try:
             sealed = self.storage.get(e.pack, e.offset, e.packed_length)
             if len(sealed) != e.packed_length:
                 return False
-            self._open(e, sealed)
+            self._records.certify(e, sealed)
             return True
         except (BlobNotFound, CorruptionError):
             return False
 
-    def read_entry(self, entry: IndexEntry) -> bytes:
-        """The content's plaintext, authenticated. If its pack is gone, the index may have moved
-        the content meanwhile (a pack rewrite, then blob GC, after this index was loaded): reload
-        the index once and read the new location."""
+    def read_entry(self, entry: IndexEntry, ref: bytes) -> bytes:
+        """The plaintext of the content ``ref`` names, from the place ``entry`` says. If its pack
+        is gone, the index may have moved the content meanwhile (a pack rewrite, then blob GC,
+        after this index was loaded): reload the index once and read the new location."""
         try:
-            return self._read_at(entry)
+            return self._read_at(entry, ref)
         except BlobNotFound:
             moved = self._moved(entry)
             if moved is None:
                 raise
-            return self._read_at(moved)
+            return self._read_at(moved, ref)
 
-    def _read_at(self, entry: IndexEntry) -> bytes:
+    def certify_entry(self, entry: IndexEntry) -> None:
+        """``CorruptionError`` unless the entry's record is where it says and is the record its
+        id names (``repo_format.records``: format 2 opens it, format 3 hashes it); what a reader
+        without the content's reference checks (``repo check --read-data``). A pack that is gone
+        is followed as ``read_entry`` follows it."""
+        try:
+            self._records.certify(entry, self._fetch(entry))
+        except BlobNotFound:
+            moved = self._moved(entry)
+            if moved is None:
+                raise
+            self._records.certify(moved, self._fetch(moved))
+
+    def _read_at(self, entry: IndexEntry, ref: bytes) -> bytes:
         """The record the entry points to, opened. Metadata contents come from the local cache
         when it has them (authenticated like any other copy; a copy that fails is dropped)."""
         if self._cached(entry):
             sealed = self.cache.content(entry.content_id, entry.packed_length)
             if sealed is not None:
                 try:
-                    return self._open(entry, sealed)
+                    return self._open(entry, sealed, ref)
                 except CorruptionError:
                     self.cache.drop_content(entry.content_id)
         sealed = self._fetch(entry)
-        data = self._open(entry, sealed)
+        data = self._open(entry, sealed, ref)
         if self._cached(entry):
             self.cache.store_content(entry.content_id, sealed)
         return data
@@ -193,5 +197,5 @@ class ContentReader:
             raise CorruptionError(f"pack {entry.pack} is truncated: content {entry.content_id.hex()} is cut off")
         return sealed
 
-    def _open(self, entry: IndexEntry, sealed: bytes) -> bytes:
-        return open_content(self._aead, self._hash, entry, sealed)
+    def _open(self, entry: IndexEntry, sealed: bytes, ref: bytes) -> bytes:
+        return self._records.open(ref, entry, sealed)

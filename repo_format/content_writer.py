@@ -1,4 +1,5 @@
-"""Writing contents: hash -> dedup -> compress -> encrypt -> pack; ``flush`` uploads the open
+"""Writing contents: identify -> dedup -> seal -> pack (``repo_format.records``: format 3 seals
+before it can identify); ``flush`` uploads the open
 packs, then one index blob that names them (packs always before the index that names them,
 SPEC.md, ordering rules); and the writer's session marker (gc/README.md, writer rules 1-3).
 
@@ -23,15 +24,14 @@ from dataclasses import dataclass
 
 from repo_format import clock
 from repo_format import constants as C
-from repo_format.compression import compress
-from repo_format.content_reader import open_content
 from repo_format.epoch import EpochManager
 from repo_format.errors import CorruptionError, KdistError, StorageError
 from repo_format.format_blob import FormatBlob
 from repo_format.index import IndexEntry, stamp_after
 from repo_format.index_view import IndexView
 from repo_format.local_cache import LocalCache
-from repo_format.pack import PackWriter, content_aad, new_pack_name
+from repo_format.pack import PackWriter, new_pack_name
+from repo_format.records import records_for
 from repo_format.session import SessionMarker
 from repo_format.storage.base import BlobStorage
 from repo_format.vouched import DedupGuard
@@ -108,8 +108,7 @@ class ContentWriter:
         p = fmt.parameters
         self._zstd_level = p.zstd_level
         self._pack_size = {False: p.pack_size, True: p.metadata_pack_size}
-        self._hash = fmt.keys.content_hasher()
-        self._content_aead = fmt.keys.content_aead()
+        self._records = records_for(fmt.keys, fmt.version)
         self._index_aead = fmt.keys.index_aead()
         self._writers: dict[bool, PackWriter] = {}
         self._unflushed: dict[str, PackWriter] = {}  # packs not yet confirmed stored
@@ -119,13 +118,17 @@ class ContentWriter:
         self._lost_cause = ""  # the first such failure, for the message
         self.stats = WriteStats()
 
-    def content_id(self, data) -> bytes:
-        return self._hash(data)
+    def reference(self, data) -> bytes:
+        """The reference writing ``data`` would return (format 3 seals it to know)."""
+        return self._records.identify(data, self._zstd_level)[0]
 
     def write(self, data, metadata: bool = False) -> bytes:
+        """Store ``data`` once; its reference (``repo_format.records``: the content id, and in
+        format 3 the seed that opens it)."""
         if not self._session.started:
             self._session.ensure()
-        cid = self._hash(data)
+        ref, sealed = self._records.identify(data, self._zstd_level)
+        cid = ref[:C.CONTENT_ID_SIZE]
         with self._lock:
             pending = cid in self._pending
         old = None if pending else self._view.current().lookup(cid)  # one lookup per content
@@ -135,9 +138,9 @@ class ContentWriter:
             with self._lock:
                 self.stats.contents_deduplicated += 1
                 self._view.add_reference_locked(cid)
-            return cid
-        compression, payload = compress(data, self._zstd_level)
-        sealed = self._content_aead.seal(payload, content_aad(cid, compression))
+            return ref
+        if sealed is None:
+            sealed = self._records.seal(data, self._zstd_level, ref)
         # newer than a deletion marker of the same content: a rewrite must win over it whatever
         # this client's clock says (the conflict rule orders by timestamp)
         stamp = int(clock.now() * 1e6)
@@ -147,21 +150,22 @@ class ContentWriter:
             self._view.add_reference_locked(cid)
             if cid in self._pending:
                 self.stats.contents_deduplicated += 1
-                return cid
-            full = self._append(metadata, cid, compression, sealed, len(data), stamp)
+                return ref
+            full = self._append(metadata, cid, sealed.compression, sealed.record, len(data), stamp)
         if metadata and self.cache_contents:  # a copy, used only once an index entry names it
-            self.cache.store_content(cid, sealed)
+            self.cache.store_content(cid, sealed.record)
         if full is not None:
             self._upload(full)
-        return cid
+        return ref
 
     def rewrite(self, entries: list[IndexEntry]) -> tuple[int, int]:
         """Maintenance (pack rewrite): copy these contents into new packs of this session, as
         entries that win over the given ones; ``flush`` then publishes them, packs first. Each
         record is authenticated, then copied sealed as it is: its AAD binds the content id and
-        compression, not the pack. Not deduplicated, and not counted as referenced by this
-        writer (a rewrite must not keep garbage alive). Reads one span per source pack. Returns
-        the bytes copied and the number of records that were not where their entry said (left alone)."""
+        compression, not the pack (format 3: it is what the id hashes). Not deduplicated, and
+        not counted as referenced by this writer (a rewrite must not keep garbage alive). Reads
+        one span per source pack. Returns the bytes copied and the number of records that were
+        not where their entry said (left alone)."""
         self._session.ensure()
         by_pack: dict[str, list[IndexEntry]] = {}
         for e in entries:
@@ -175,7 +179,7 @@ class ContentWriter:
                 try:
                     if len(sealed) != e.packed_length:
                         raise CorruptionError(f"pack {pack} is truncated: content {e.content_id.hex()} is cut off")
-                    open_content(self._content_aead, self._hash, e, sealed)
+                    self._records.certify(e, sealed)
                 except CorruptionError:
                     # not where the entry says (a host's forged entry, or damage): left as it
                     # is, for the merges to replace with a place where it is (IndexScan._relocate)

@@ -76,8 +76,11 @@ def _header(compression: int, original_length: int) -> bytes:
 
 
 class ConvergentRecords:
-    """Seal, certify and open format 3 content records. ``record_id_key`` and
+    """Seal, certify and open format 3 content records (the interface of
+    ``repo_format.records.KeyedRecords``). ``record_id_key`` and
     ``convergence_key``: the two 32-byte keys (``RepositoryKeys``); thread-safe."""
+
+    ref_size = REF_SIZE
 
     def __init__(self, record_id_key: bytes, convergence_key: bytes):
         if len(record_id_key) != 32 or len(convergence_key) != 32:
@@ -102,9 +105,10 @@ class ConvergentRecords:
         key = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=RECORD_KEY_INFO).derive(seed)
         return AESSIV(key)
 
-    def seal(self, data, level: int) -> Sealed:
+    def seal(self, data, level: int, ref: bytes | None = None) -> Sealed:
         """The record of ``data`` compressed at zstd ``level``: the same bytes for the same
-        plaintext and compression result, whoever seals it."""
+        plaintext and compression result, whoever seals it (``ref`` is not needed: the
+        interface's, ``repo_format.records``)."""
         seed = self.seed(data)
         compression, payload = compress(data, level)
         # the compression byte leads the plaintext: AES-SIV refuses an empty one (the empty content)
@@ -113,21 +117,32 @@ class ConvergentRecords:
         cid = self.record_id(compression, len(data), record)
         return Sealed(cid + seed, compression, record, len(data))
 
-    def certify(self, content_id: bytes, compression: int, original_length: int, record) -> None:
-        """``CorruptionError`` unless ``record`` is the record ``content_id`` names, with that
-        compression and length: what a reader without the seed can check."""
+    def identify(self, data, level: int) -> tuple[bytes, Sealed]:
+        """The reference writing ``data`` gives, and its record: sealed first, since the id is
+        the record's hash."""
+        sealed = self.seal(data, level)
+        return sealed.ref, sealed
+
+    def certify(self, entry, record) -> None:
+        """``CorruptionError`` unless ``record`` is the record ``entry.content_id`` names, with
+        the entry's compression and length: what a reader without the seed can check. ``entry``:
+        an ``IndexEntry`` or anything with those three fields."""
         try:
-            ok = self.record_id(compression, original_length, record) == content_id
+            ok = self.record_id(entry.compression, entry.original_length, record) == entry.content_id
         except CorruptionError:
             ok = False
         if not ok:
-            raise CorruptionError(f"content {content_id.hex()} does not match its record")
+            raise CorruptionError(f"content {entry.content_id.hex()} does not match its record")
 
-    def open(self, ref: bytes, compression: int, original_length: int, record) -> bytes:
-        """The plaintext of the record ``ref`` names: certified, decrypted, decompressed and
-        checked against the reference's seed."""
+    def open(self, ref: bytes, entry, record) -> bytes:
+        """The plaintext of the record ``ref`` names (``entry`` says where it is stored, with
+        its compression and length): certified, decrypted, decompressed and checked against the
+        reference's seed."""
         cid, seed = split_ref(ref)
-        self.certify(cid, compression, original_length, record)
+        if cid != entry.content_id:
+            raise CorruptionError(f"content {cid.hex()} is not the one its entry names")
+        self.certify(entry, record)
+        compression, original_length = entry.compression, entry.original_length
         try:
             inner = self._cipher(seed).decrypt(bytes(record), [RECORD_AAD, _header(compression, original_length)])
         except InvalidTag:
@@ -138,3 +153,7 @@ class ConvergentRecords:
         if self.seed(data) != seed:
             raise CorruptionError(f"content {cid.hex()} does not match its reference's seed")
         return data
+
+    def matches(self, ref: bytes, data) -> bool:
+        """Whether ``data`` is the plaintext ``ref`` names (by its seed: nothing is sealed)."""
+        return len(ref) == REF_SIZE and self.seed(data) == ref[C.CONTENT_ID_SIZE:]

@@ -86,8 +86,12 @@ class Splitter:
         view.release()
 
 
-def parse_object_id(oid: str) -> tuple[bool, bytes]:
-    """Return ``(indirect, content id)``; ``CorruptionError`` for a malformed id."""
+def parse_object_id(oid: str, ref_size: int | None = None) -> tuple[bool, bytes]:
+    """Return ``(indirect, reference)``: the reference of the object's content (its chunk list's,
+    for an indirect object), whose first ``CONTENT_ID_SIZE`` bytes are the content id (format 3
+    adds the seed, ``repo_format.records``). ``CorruptionError`` for a malformed id, or for one
+    whose reference is not ``ref_size`` bytes (the repository's: every reader of an object
+    passes it, so that none takes an id another refuses)."""
     if type(oid) is not str:
         raise CorruptionError(f"malformed object id of type {type(oid).__name__}")
     indirect = oid.startswith(C.INDIRECT_OBJECT_PREFIX)
@@ -96,7 +100,7 @@ def parse_object_id(oid: str) -> tuple[bool, bytes]:
         cid = bytes.fromhex(hexpart)
     except ValueError:
         raise CorruptionError(f"malformed object id {oid[:80]!r}") from None
-    if len(cid) != C.CONTENT_ID_SIZE:
+    if len(cid) not in C.REFERENCE_SIZES or ref_size is not None and len(cid) != ref_size:
         raise CorruptionError(f"malformed object id {oid[:80]!r}")
     return indirect, cid
 
@@ -254,15 +258,20 @@ class ObjectStore:
                     return False
             else:
                 data = _pread_all(fd, n, pos)
-                if len(data) != n or self.contents.content_id(data) != cid:
+                if len(data) != n or not self.contents.matches(cid, data):
                     return False
             pos += n
         return os.pread(fd, 1, pos) == b""
 
+    def parse(self, oid: str) -> tuple[bool, bytes]:
+        """``parse_object_id`` for this repository's references."""
+        return parse_object_id(oid, self.contents.records.ref_size)
+
     def chunks(self, oid: str) -> list[tuple[bytes | None, int]]:
-        """The object's chunk list ``[(content id, length)]``; a content id of None is a hole
-        of that many zero bytes."""
-        indirect, cid = parse_object_id(oid)
+        """The object's chunk list ``[(reference, length)]`` (a reference starts with its content
+        id); a reference of None is a hole of that many zero bytes."""
+        indirect, cid = self.parse(oid)
+        size = self.contents.records.ref_size
         if not indirect:
             entry = self.contents.lookup(cid)
             length = entry.original_length if entry is not None else -1
@@ -278,7 +287,7 @@ class ObjectStore:
         # exact types: bytes(n) of a hostile integer would allocate n bytes, int() of inf raises;
         # a hole (version 2 only) is at least one byte long
         holes = version == C.OBJECT_LIST_VERSION_HOLES
-        if not all((type(c) is bytes and len(c) == C.CONTENT_ID_SIZE or holes and c is None and n)
+        if not all((type(c) is bytes and len(c) == size or holes and c is None and n)
                    and type(n) is int and 0 <= n < 2**63 for c, n in chunks):
             raise CorruptionError(f"object {oid} has a malformed chunk list")
         return chunks

@@ -5,8 +5,9 @@ content nobody has stored yet (it computes the id of a file it guesses another h
 pointing at junk. A writer that later met that content and deduplicated against the entry would
 upload nothing and publish a snapshot whose file cannot be restored ("dedup poisoning",
 SECURITY.md). So in a signed repository a writer deduplicates only against a place it vouches
-for: a record it wrote itself, or one it read, opened and checked against its id (the reader's
-own check: the AAD binds the id, the plaintext hashes to it). Anything else is stored again, as
+for: a record it wrote itself, or one it read and certified against its id (the reader's own
+check, ``repo_format.records``: in format 2 the AAD binds the id and the plaintext hashes to it;
+in format 3 the id is the hash of the record). Anything else is stored again, as
 a content marked deleted is, with an entry that wins over the one it passed over.
 
 What it authenticated stays authentic as long as the pack is the same blob: blobs are never

@@ -31,7 +31,7 @@ def test_same_data_is_stored_once(repo, reopen):
     data = b"the same bytes " * 100
     a = repo.contents.write(data)
     b = repo.contents.write(data)  # pending: deduplicated against the open pack
-    assert a == b == repo.contents.content_id(data)
+    assert a == b == repo.contents.reference(data)
     assert (repo.contents.stats.contents_written, repo.contents.stats.contents_deduplicated) == (1, 1)
     repo.flush()
     assert repo.contents.write(data) == a  # committed: deduplicated against the index
@@ -52,7 +52,7 @@ def test_stats_count_bytes(repo):
         repo.contents.write(d)
     s = repo.contents.stats
     assert s.bytes_original == sum(map(len, datas))
-    assert s.bytes_packed == sum(repo.contents.lookup(repo.contents.content_id(d)).packed_length for d in datas)
+    assert s.bytes_packed == sum(repo.contents.lookup(repo.contents.reference(d)).packed_length for d in datas)
     repo.flush()
     assert (s.packs_written, s.index_blobs_written) == (1, 1)
 

@@ -17,12 +17,21 @@ from repo_format.compression import compress
 from repo_format.convergent import REF_SIZE, ConvergentRecords, split_ref
 from repo_format.crypto import RepositoryKeys
 from repo_format.errors import CorruptionError
+from repo_format.index import IndexEntry
 
 KEYS = RepositoryKeys(master_key=bytes(range(32)), hash_secret=bytes(range(32, 64)),
                       aead_algorithm=C.AEAD_AES_256_GCM)
 # Format change if these change (tests/format/test_golden_vectors.py's rule): the record and id
 # of b"kdist golden record" * 8 at zstd level 3 under KEYS.
 GOLDEN_ID = "84243aeca197cf98f6d3baf11c246cba20cc10817657bb1fd7d865cfff17d0fb"
+
+
+def _entry(cid: bytes, compression: int, original_length: int, record: bytes) -> IndexEntry:
+    return IndexEntry(cid, "p" + "0" * 64, 0, len(record), original_length, compression, 1)
+
+
+def _of(s) -> IndexEntry:
+    return _entry(s.content_id, s.compression, s.original_length, s.record)
 
 
 def _records(hash_secret: bytes = bytes(range(32, 64))) -> ConvergentRecords:
@@ -49,7 +58,7 @@ def test_every_writer_seals_the_same_plaintext_alike_and_the_spec_says_how(data)
     a, b = alice.seal(data, 3), bob.seal(data, 3)
     assert a == b and len(a.ref) == REF_SIZE and a.original_length == len(data)
     assert (a.ref, a.record, a.compression) == _from_spec(data, 3)
-    assert bob.open(a.ref, a.compression, a.original_length, a.record) == data
+    assert bob.open(a.ref, _of(a), a.record) == data
     assert _records(os.urandom(32)).seal(data, 3).ref != a.ref  # another repository's secret
 
 
@@ -60,14 +69,14 @@ def test_the_record_hides_the_plaintext_and_opens_only_with_its_seed():
     assert data[:32] not in s.record
     cid, _seed = split_ref(s.ref)
     with pytest.raises(CorruptionError, match="does not open with its reference's seed"):
-        r.open(cid + split_ref(t.ref)[1], s.compression, s.original_length, s.record)
+        r.open(cid + split_ref(t.ref)[1], _of(s), s.record)
 
 
 def test_a_record_is_certified_without_its_plaintext_and_nothing_else_is():
     r = _records()
     s = r.seal(b"certify me " * 100, 3)
     cid = s.content_id
-    r.certify(cid, s.compression, s.original_length, s.record)  # (no seed, no plaintext)
+    r.certify(_of(s), s.record)  # (no seed, no plaintext)
     flipped = bytearray(s.record)
     flipped[-1] ^= 1
     other = r.seal(b"another content " * 100, 3)
@@ -82,9 +91,9 @@ def test_a_record_is_certified_without_its_plaintext_and_nothing_else_is():
         (s.compression, s.original_length, b""),
     ]:
         with pytest.raises(CorruptionError, match="does not match its record"):
-            r.certify(cid, compression, length, record)
+            r.certify(_entry(cid, compression, length, record), record)
         with pytest.raises(CorruptionError):
-            r.open(s.ref, compression, length, record)
+            r.open(s.ref, _entry(cid, compression, length, record), record)
 
 
 def test_two_compressions_of_one_plaintext_are_two_records_and_both_open():
@@ -97,7 +106,7 @@ def test_two_compressions_of_one_plaintext_are_two_records_and_both_open():
     assert (zstd.compression, plain.compression) == (C.COMPRESSION_ZSTD, C.COMPRESSION_NONE)
     assert zstd.content_id != plain.content_id and split_ref(zstd.ref)[1] == split_ref(plain.ref)[1]
     for s in (zstd, plain):
-        assert r.open(s.ref, s.compression, s.original_length, s.record) == data
+        assert r.open(s.ref, _of(s), s.record) == data
 
 
 def test_a_record_sealed_under_a_seed_it_does_not_match_is_refused():
@@ -110,9 +119,11 @@ def test_a_record_sealed_under_a_seed_it_does_not_match_is_refused():
     header = bytes([C.COMPRESSION_NONE]) + len(wrong).to_bytes(8, "big")
     record = AESSIV(record_key).encrypt(bytes([C.COMPRESSION_NONE]) + wrong, [b"kdist/v3/record", header])
     cid = r.record_id(C.COMPRESSION_NONE, len(wrong), record)
-    r.certify(cid, C.COMPRESSION_NONE, len(wrong), record)
+    entry = _entry(cid, C.COMPRESSION_NONE, len(wrong), record)
+    r.certify(entry, record)
     with pytest.raises(CorruptionError, match="does not match its reference's seed"):
-        r.open(cid + seed, C.COMPRESSION_NONE, len(wrong), record)
+        r.open(cid + seed, entry, record)
+    assert r.matches(cid + seed, b"what the reference promises") and not r.matches(cid + seed, wrong)
 
 
 def test_malformed_references_are_corruption():
@@ -120,7 +131,7 @@ def test_malformed_references_are_corruption():
     s = r.seal(b"x", 3)
     for ref in (s.ref[:-1], s.ref + b"\0", s.ref.hex(), None):
         with pytest.raises(CorruptionError, match="malformed content reference"):
-            r.open(ref, s.compression, s.original_length, s.record)
+            r.open(ref, _of(s), s.record)
 
 
 def test_the_keys_are_the_hash_secrets_and_differ():

@@ -139,15 +139,15 @@ def test_content_record_under_another_id_or_compression_fails_authentication(sma
     moved = IndexEntry(e_b.content_id, e_a.pack, e_a.offset, e_a.packed_length, e_a.original_length,
                        e_a.compression, e_a.timestamp_us)
     with pytest.raises(CorruptionError, match="authentication"):
-        store.read_entry(moved)
+        store.read_entry(moved, moved.content_id)
     other_compression = IndexEntry(e_a.content_id, e_a.pack, e_a.offset, e_a.packed_length,
                                    e_a.original_length, 1 - e_a.compression, e_a.timestamp_us)
     with pytest.raises(CorruptionError):
-        store.read_entry(other_compression)
+        store.read_entry(other_compression, other_compression.content_id)
     wrong_length = IndexEntry(e_a.content_id, e_a.pack, e_a.offset, e_a.packed_length,
                               e_a.original_length + 1, e_a.compression, e_a.timestamp_us)
     with pytest.raises(CorruptionError):
-        store.read_entry(wrong_length)
+        store.read_entry(wrong_length, wrong_length.content_id)
 
 
 # ---- index blobs ---------------------------------------------------------------------------

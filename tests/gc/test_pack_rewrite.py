@@ -150,7 +150,7 @@ def test_mostly_dead_pack_is_rewritten_then_deleted_in_two_phases(world):
     # that restore still reads: the pack is gone, so it reloads the index once and follows the move
     with pytest.raises(BlobNotFound):
         world.storage.get(old_pack)
-    assert b"".join(reader.contents.read_entry(e) for e in stale_entries) == expected["keep"]
+    assert b"".join(reader.contents.read_entry(e, e.content_id) for e in stale_entries) == expected["keep"]
 
 
 def test_a_pack_found_unreferenced_is_deleted_only_by_a_later_run(world):

@@ -39,6 +39,7 @@ from repo_format.index import IndexBlob, IndexEntry, encode_index, open_index  #
 from repo_format.manifest import ManifestRecord, ManifestStore  # noqa: E402
 from repo_format.objects import ObjectStore  # noqa: E402
 from repo_format.safety import safety_of  # noqa: E402
+from repo_format.records import KeyedRecords  # noqa: E402
 from repo_format.pack import (MAX_LOCAL_INDEX, PackWriter, local_index_aad, parse_postamble,  # noqa: E402
                               read_local_index)
 from repo_format.storage.base import validate_name  # noqa: E402
@@ -416,10 +417,12 @@ def test_snapshot_payload(data):
 
 
 class _OneContent:
-    """Stands in for the content store: every content id reads as ``data``."""
+    """Stands in for the content store (of format 2's 32-byte references): every content reads
+    as ``data``."""
 
     def __init__(self, data: bytes):
         self.data = data
+        self.records = KeyedRecords
 
     def read(self, cid: bytes) -> bytes:
         return self.data

@@ -53,11 +53,11 @@ DAY = 86400.0
 
 
 class Fleet:
-    def __init__(self, tmp_path, t):
+    def __init__(self, tmp_path, t, version: int = C.FORMAT_VERSION):
         self.t = t
         self.tmp = tmp_path
         self.storage = MemoryStorage(clock=lambda: t[0])
-        self.admin = Repository.create(self.storage, "admin-pw", PARAMS, WEAK())
+        self.admin = Repository.create(self.storage, "admin-pw", PARAMS, WEAK(), version=version)
         self.keys = {}
         for name, role, host in (("alice", HOST, "alice"), ("bob", HOST, "bob"), ("maint", MAINTENANCE, "")):
             self.keys[name] = add_key(self.admin, f"{name}-pw", role, host, kdf=WEAK()).slot
@@ -741,6 +741,34 @@ def test_each_forged_entry_rule_is_needed(fleet, monkeypatch, switch_off, cycles
         fleet.assert_intact()
 
 
+@pytest.fixture
+def fleet3(tmp_path, ticking_time, monkeypatch):
+    """The fleet in a format 3 repository (SPEC.md section 4a: ids that hash the stored record)."""
+    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
+    return Fleet(tmp_path, ticking_time, version=3)
+
+
+@pytest.mark.parametrize("certify_all", [False, True], ids=["defended", "without-certify"])
+def test_format_3_merges_certify_contested_winners(fleet3, monkeypatch, certify_all):
+    """Format 3's maintenance cannot open bob's records: it checks a contested winner by the
+    hash the id is of. Forged entries are defended as in format 2; a certify that takes every
+    record lets maintenance drop bob's genuine places."""
+    from kdist.gc.content_gc import IncompleteWalk
+    from repo_format.convergent import ConvergentRecords
+
+    if not certify_all:
+        _defended(fleet3, attack_forged_index_entries)
+        return
+    monkeypatch.setattr(ConvergentRecords, "certify", lambda self, entry, record: None)
+    attack_forged_index_entries(fleet3)
+    try:
+        fleet3.gc_cycles(4)
+    except IncompleteWalk:
+        pass
+    with pytest.raises((AssertionError, KdistError)):
+        fleet3.assert_intact()
+
+
 def test_maintenance_reads_no_history_a_host_wrote(fleet, monkeypatch):
     """The rule that hosts write snapshot records only keeps forged runs out of what maintenance
     computes its watermark, pack candidates and set clean-ups from."""
@@ -830,7 +858,7 @@ def _poison(fleet: Fleet, files: dict[str, bytes]) -> int:
     for data in files.values():
         for chunk in alice.objects.splitter.split(io.BytesIO(data)):
             chunk = bytes(chunk)
-            cid = alice.contents.content_id(chunk)
+            cid = alice.contents.reference(chunk)
             assert alice.contents.lookup(cid) is None  # nobody has stored it yet
             forged.append(IndexEntry(cid, junk, 0, len(chunk) + 28, len(chunk), 0, int(fleet.t[0] * 1e6)))
     alice.contents.epochs.write_index(forged)

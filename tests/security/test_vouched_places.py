@@ -210,7 +210,7 @@ def _poison_through(storage, key_id: str, data: bytes) -> int:
     alice = Repository.open(AppendOnlyStorage(storage), "alice-pw", key_id=key_id, heartbeat_thread=False)
     junk = f"{C.DATA_PACK_PREFIX}{secrets.token_hex(16)}-{alice.session}"
     alice.storage.put(junk, os.urandom(256 * 1024))
-    forged = [IndexEntry(alice.contents.content_id(bytes(c)), junk, 0, len(c) + 28, len(c), 0, 1)
+    forged = [IndexEntry(alice.contents.reference(bytes(c)), junk, 0, len(c) + 28, len(c), 0, 1)
               for c in alice.objects.splitter.split(io.BytesIO(data))]
     alice.contents.epochs.write_index(forged)
     return len(forged)

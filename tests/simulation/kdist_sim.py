@@ -237,6 +237,7 @@ class World:
     listing_lag: float = 0.0
     profile: str = "mixed"
     caches: bool = True  # processes may use a local cache (CACHE_USE), with events on it
+    format_version: int = C.FORMAT_VERSION  # 3: format 3's content records (repo_format.convergent)
     t: float = T0
     log: list = field(default_factory=list)
     published: dict = field(default_factory=dict)  # snapshot id -> {name: sha256}
@@ -267,7 +268,8 @@ class World:
         avg = self.prof["chunk_avg"]
         params = replace(PARAMS, pack_size=self.prof["pack_size"], metadata_pack_size=self.prof["pack_size"],
                          chunk_avg=avg, chunk_min=avg // 4, chunk_max=avg * 4)
-        repo = Repository.create(self.storage, PASSWORD, params, KdfParams.weak_for_tests())
+        repo = Repository.create(self.storage, PASSWORD, params, KdfParams.weak_for_tests(),
+                                 version=self.format_version)
         repo.close()
         self._cache_setup(repo.format.unique_id)
 
@@ -605,18 +607,18 @@ class World:
         cache: dict = {}
         read_entry = contents.read_entry
 
-        def cached_read_entry(e):
-            key = (e.content_id, e.pack, e.offset, e.packed_length, e.compression)
+        def cached_read_entry(e, ref):
+            key = (ref, e.pack, e.offset, e.packed_length, e.compression)
             if key in cache and e.pack in self.storage._blobs:  # existence, without a stat
                 return cache[key]
-            data = cache[key] = read_entry(e)
+            data = cache[key] = read_entry(e, ref)
             return data
 
-        def cached_read(content_id):
-            e = contents.lookup(content_id)
+        def cached_read(ref):
+            e = contents.lookup(ref)
             if e is None:
-                raise ContentNotFound(f"content {content_id.hex()} is not in the index")
-            return cached_read_entry(e)
+                raise ContentNotFound(f"content {ref[:32].hex()} is not in the index")
+            return cached_read_entry(e, ref)
 
         contents.read_entry, contents.read = cached_read_entry, cached_read
 
@@ -626,7 +628,7 @@ class World:
             e = reader.contents.lookup(cid)
             if e is None:
                 raise Violation(f"content {cid.hex()[:12]} is not in the index")
-            out += reader.contents.read_entry(e)
+            out += reader.contents.read_entry(e, cid)
         return bytes(out)
 
     # ---- the schedule --------------------------------------------------------------------------
@@ -1312,8 +1314,8 @@ class _ClientClock(StorageClock):
 
 
 def run_schedule(seed: int, mutation: str | None = None, listing_lag: float = 0.0, steps: int = 400,
-                 profile: str = "mixed", caches: bool = True) -> World:
-    world = World(seed, mutation, listing_lag, profile, caches)
+                 profile: str = "mixed", caches: bool = True, format_version: int = C.FORMAT_VERSION) -> World:
+    world = World(seed, mutation, listing_lag, profile, caches, format_version)
     try:
         world.run(steps=steps)
     finally:
@@ -1332,7 +1334,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="no process uses a local cache")
     ap.add_argument("--log", action="store_true", help="print every schedule's log, not only a failing one's")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), help="run one directed scenario instead")
+    ap.add_argument("--format-version", type=int, choices=(C.FORMAT_VERSION, C.FORMAT_VERSION_CONVERGENT),
+                    default=C.FORMAT_VERSION, help="3: format 3's content records (being built)")
     args = ap.parse_args(argv)
+    if args.format_version == C.FORMAT_VERSION_CONVERGENT:
+        os.environ[C.EXPERIMENTAL_FORMAT_3_ENV] = "1"
     if args.scenario:
         world = World(args.seed, args.mutation)
         try:
@@ -1348,7 +1354,7 @@ def main(argv=None) -> int:
         print(f"scenario {args.scenario}: no violation")
         return 0
     for seed in range(args.seed, args.seed + args.schedules):
-        world = World(seed, args.mutation, args.listing_lag, args.profile, not args.no_cache)
+        world = World(seed, args.mutation, args.listing_lag, args.profile, not args.no_cache, args.format_version)
         try:
             world.run(steps=args.steps)
         except Violation as exc:
