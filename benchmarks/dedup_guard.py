@@ -131,12 +131,17 @@ def large_file(base: str, mib: int, rounds: int) -> None:
           f"places), off {off:.2f} s")
 
 
-def main() -> None:
+def size_arguments() -> argparse.Namespace:
+    """``--files``, ``--mib`` and ``--rounds``, as this benchmark and ``format3_records`` take them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=20_000)
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = size_arguments()
     base = tempfile.mkdtemp(prefix="kdist-bench-guard-")
     try:
         small_files(base, args.files, args.rounds)
