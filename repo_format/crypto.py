@@ -165,27 +165,47 @@ def unkeyed_checksum(data) -> bytes:
 
 @dataclass(frozen=True)
 class RepositoryKeys:
-    """The secrets of one repository, and the subkeys derived from them."""
+    """The secrets of one repository, and the subkeys derived from them.
 
-    master_key: bytes
+    ``fleet_secret`` (format 3): what the index, manifest, blob-name and local-cache keys derive
+    from, which every key role holds; formats 1 and 2 derive them from the master key. In format
+    3 only admins hold the master key (``master_key`` is None for other keys): no content record
+    needs it (``repo_format.convergent``)."""
+
+    master_key: bytes | None
     hash_secret: bytes
     aead_algorithm: str
+    fleet_secret: bytes | None = None
 
     @classmethod
-    def generate(cls, aead_algorithm: str = C.AEAD_AES_256_GCM) -> "RepositoryKeys":
-        return cls(secrets.token_bytes(C.MASTER_KEY_SIZE), secrets.token_bytes(C.HASH_SECRET_SIZE), aead_algorithm)
+    def generate(cls, aead_algorithm: str = C.AEAD_AES_256_GCM, fleet: bool = False) -> "RepositoryKeys":
+        return cls(secrets.token_bytes(C.MASTER_KEY_SIZE), secrets.token_bytes(C.HASH_SECRET_SIZE), aead_algorithm,
+                   secrets.token_bytes(C.MASTER_KEY_SIZE) if fleet else None)
+
+    def without_master_key(self) -> "RepositoryKeys":
+        """What a format 3 key other than an admin's holds."""
+        if self.fleet_secret is None:
+            raise KdistError("formats 1 and 2 derive every key from the master key: every key holds it")
+        return RepositoryKeys(None, self.hash_secret, self.aead_algorithm, self.fleet_secret)
+
+    @property
+    def _fleet(self) -> bytes:
+        return self.fleet_secret if self.fleet_secret is not None else self.master_key
 
     def __repr__(self) -> str:  # never show key bytes
         return f"RepositoryKeys(aead={self.aead_algorithm!r})"
 
     def content_aead(self) -> Aead:
+        """Formats 1 and 2's content key (format 3 seals contents with ``convergent_records``)."""
+        if self.master_key is None or self.fleet_secret is not None:
+            raise KdistError("format 3 has no content key: contents are sealed under keys from their plaintext")
         return Aead(self.aead_algorithm, derive_subkey(self.master_key, C.HKDF_INFO_CONTENT))
 
     def index_aead(self) -> Aead:
-        return Aead(self.aead_algorithm, derive_subkey(self.master_key, C.HKDF_INFO_INDEX))
+        return Aead(self.aead_algorithm, derive_subkey(self._fleet, C.HKDF_INFO_INDEX))
 
     def manifest_aead(self) -> Aead:
-        return Aead(self.aead_algorithm, derive_subkey(self.master_key, C.HKDF_INFO_MANIFEST))
+        return Aead(self.aead_algorithm, derive_subkey(self._fleet, C.HKDF_INFO_MANIFEST))
 
     def content_hasher(self) -> ContentHasher:
         return ContentHasher(derive_subkey(self.hash_secret, C.HKDF_INFO_HASH))
@@ -198,11 +218,11 @@ class RepositoryKeys:
 
     def name_hasher(self) -> ContentHasher:
         """Keyed hash for deterministic blob names (index blobs): reveals nothing of contents."""
-        return ContentHasher(derive_subkey(self.master_key, C.HKDF_INFO_NAME))
+        return ContentHasher(derive_subkey(self._fleet, C.HKDF_INFO_NAME))
 
     def local_cache_key(self) -> bytes:
         """Key of the BLAKE3-keyed MAC over every file of this repository's local cache."""
-        return derive_subkey(self.master_key, C.HKDF_INFO_LOCAL_CACHE)
+        return derive_subkey(self._fleet, C.HKDF_INFO_LOCAL_CACHE)
 
     def chunker_seed(self) -> int:
         """A secret seed for the content-defined chunker's gear table (hides chunk boundaries)."""

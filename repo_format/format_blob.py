@@ -108,8 +108,16 @@ def _aad(unique_id: bytes, version: int = 1) -> bytes:
     return C.FORMAT_MAGIC + version.to_bytes(2, "big") + unique_id
 
 
-def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters) -> dict:
-    return {"master_key": keys.master_key, "hash_secret": keys.hash_secret, "parameters": parameters.to_dict()}
+def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN) -> dict:
+    """The secrets a format blob or key slot seals: in format 3 (a fleet secret) only an admin's
+    hold the master key."""
+    if keys.fleet_secret is None:
+        return {"master_key": keys.master_key, "hash_secret": keys.hash_secret, "parameters": parameters.to_dict()}
+    held = keys if role == ADMIN else keys.without_master_key()
+    out = {"hash_secret": held.hash_secret, "fleet_secret": held.fleet_secret, "parameters": parameters.to_dict()}
+    if held.master_key is not None:
+        out["master_key"] = held.master_key
+    return out
 
 
 def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys,
@@ -165,9 +173,17 @@ def _opened(unique_id: bytes, kdf: KdfParams, p: dict, version: int, identity: I
             what: str) -> FormatBlob:
     try:
         parameters = RepositoryParameters.from_dict(p["parameters"])
-        keys = RepositoryKeys(p["master_key"], p["hash_secret"], parameters.aead)
-        if not (type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE
-                and type(keys.hash_secret) is bytes and len(keys.hash_secret) == C.HASH_SECRET_SIZE):
+        if version >= C.FORMAT_VERSION_CONVERGENT:  # the master key: admins only
+            keys = RepositoryKeys(p.get("master_key"), p["hash_secret"], parameters.aead, p["fleet_secret"])
+            master_ok = keys.master_key is None and (identity is None or identity.role != ADMIN) or \
+                type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE
+            if not (master_ok and type(keys.fleet_secret) is bytes and len(keys.fleet_secret) == C.MASTER_KEY_SIZE):
+                raise ValueError("key sizes")
+        else:
+            keys = RepositoryKeys(p["master_key"], p["hash_secret"], parameters.aead)
+            if not (type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE):
+                raise ValueError("key sizes")
+        if not (type(keys.hash_secret) is bytes and len(keys.hash_secret) == C.HASH_SECRET_SIZE):
             raise ValueError("key sizes")
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptionError(f"{what}'s sealed payload is malformed") from exc
@@ -212,7 +228,7 @@ def create(storage: BlobStorage, password: str, parameters: RepositoryParameters
     parameters = parameters or RepositoryParameters()
     parameters.validate()
     kdf = kdf or KdfParams.strong()
-    keys = RepositoryKeys.generate(parameters.aead)
+    keys = RepositoryKeys.generate(parameters.aead, fleet=version >= C.FORMAT_VERSION_CONVERGENT)
     unique_id = secrets.token_bytes(16)
     signing_key = new_signing_key() if version >= 2 else None
     blob = encode(unique_id, kdf, password, keys, parameters, version=version, signing_key=signing_key)
@@ -261,7 +277,7 @@ def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, 
         cert, cert_sig = certify(root, admin.unique_id, key_id, role, host, public_key(signing_key))
         identity = Identity(role, key_id, signing_key, root.root_public, host, key_id, cert, cert_sig)
     kdf = kdf or KdfParams(admin.kdf.n, admin.kdf.r, admin.kdf.p, os.urandom(16))
-    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters))
+    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters, role))
     if not storage.put_if_absent(name, blob):
         raise KdistError(f"key slot {name} already exists; try again")
     return identity

@@ -15,13 +15,16 @@ from kdist.snapshot import read_directory
 from kdist.uploader import BackupOptions, Uploader
 from repo_format import constants as C
 from repo_format.crypto import KdfParams
-from repo_format.errors import UnsupportedVersion
+from repo_format.errors import KdistError, UnsupportedVersion
+from repo_format.format_blob import RepositoryParameters
 from repo_format.repository import Repository
 from repo_format.storage.memory import MemoryStorage
 from repo_format.storage.wrappers import AppendOnlyStorage
 
-from conftest import SMALL
 from kdist_trees import PASSWORD, build_tree, tree_state
+
+SMALL = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024, chunk_avg=16 * 1024,
+                             chunk_min=4 * 1024, chunk_max=64 * 1024)
 
 
 @pytest.fixture
@@ -145,3 +148,31 @@ def test_check_with_read_data_opens_records_with_the_references_snapshots_hold(f
     said = "does not open with its reference's seed" if bad == "wrong-seed" else "malformed"
     assert any(said in p.message for p in report.problems), report.problems
     repo.close()
+
+
+def test_only_admin_keys_hold_the_master_key(format3, tmp_path):
+    """Format 3 needs the master key for no content record: host and maintenance key slots hold
+    the hash and fleet secrets only, and a host still backs up and restores."""
+    from kdist.keys import add_key
+    from repo_format.keyslots import ADMIN, HOST, MAINTENANCE, open_slot, slot_name
+
+    admin = Repository.open(format3, PASSWORD)
+    assert admin.format.keys.master_key is not None and admin.format.keys.fleet_secret is not None
+    slots = {role: add_key(admin, f"{role}-pw", role, "alice" if role == HOST else "",
+                           kdf=KdfParams.weak_for_tests()).slot for role in (ADMIN, MAINTENANCE, HOST)}
+    for role, slot in slots.items():
+        payload = open_slot(admin.format.unique_id, slot_name(slot), format3.get(slot_name(slot)), f"{role}-pw")
+        assert ("master_key" in payload) == (role == ADMIN)
+        assert payload["fleet_secret"] == admin.format.keys.fleet_secret
+    host = Repository.open(AppendOnlyStorage(format3), f"{HOST}-pw", key_id=slots[HOST])
+    assert host.format.keys.master_key is None
+    with pytest.raises(KdistError, match="no content key"):
+        host.format.keys.content_aead()
+    src = tmp_path / "src"
+    build_tree(src, big_size=10_000)
+    snap = Uploader(host, BackupOptions(host="alice")).backup(str(src))
+    assert Restorer(host).restore(snap, str(tmp_path / "mine")).errors == 0
+    host.close()
+    assert Restorer(admin).restore(snap, str(tmp_path / "admin")).errors == 0
+    assert tree_state(str(tmp_path / "mine")) == tree_state(str(tmp_path / "admin")) == tree_state(str(src))
+    admin.close()
