@@ -63,6 +63,11 @@ class IndexView:
     def committed(self, index: MergedIndex) -> None:
         self._committed = index
 
+    def loaded(self) -> MergedIndex | None:
+        """The committed index as last loaded (with what this client published since), or None
+        if it never was: nothing is loaded here."""
+        return self._committed
+
     def current(self) -> MergedIndex:
         """The committed index, reloaded once it is ``index_refresh`` old so that deletions made
         by maintenance are seen before this writer deduplicates against them (gc/README.md)."""

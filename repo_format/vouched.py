@@ -47,6 +47,7 @@ log = logging.getLogger("kdist.vouched")
 MEMORY_PLACES = 131_072  # places a run keeps in memory, of each kind (then the local cache, or a read, vouches again)
 STAMP_TTL = 60.0  # seconds a pack's stat is trusted for (consecutive chunks of a file share packs)
 DECODED_PACKS = 16  # packs' rows of the local cache kept decoded
+PRUNE_AFTER = 2 * 86400.0  # seconds after its storage time a pack the index does not name loses its rows
 _Stamp = tuple[int, float]  # a pack's length and storage time
 
 
@@ -185,6 +186,34 @@ class VouchedPlaces:
             for name, _stamp, _entries in packs:
                 self._decoded.pop(name, None)
 
+    def prune(self, live: set[str], before: float) -> int:
+        """Forget the rows of every pack not in ``live`` (the packs the index names) stored
+        before ``before``: maintenance deleted it, or it was never published, so no entry will
+        point there again but a forged one, which the pack's stamp refuses anyway. (A pack
+        stored since may be another process's of this host, not yet in this one's index.)
+        Returns how many rows went. Losing a row costs a read back at worst, never safety;
+        without this the file grew with every pack the host ever wrote."""
+        with self._lock:
+            db = self._connection()
+            if db is None:
+                return 0
+            try:
+                packs = [(n,) for n, stored in db.execute("SELECT name, stored FROM packs")
+                         if n not in live and stored < before]
+                places = [(c,) for c, pack, stored in db.execute("SELECT cid, pack, stored FROM places")
+                          if pack not in live and stored < before]
+                if packs or places:
+                    with db:
+                        db.execute("BEGIN")
+                        db.executemany("DELETE FROM packs WHERE name = ?", packs)
+                        db.executemany("DELETE FROM places WHERE cid = ?", places)
+            except sqlite3.Error as exc:
+                self._fail(exc)
+                return 0
+            for (name,) in packs:
+                self._decoded.pop(name, None)
+            return len(packs) + len(places)
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None and self._pid == os.getpid():
@@ -221,6 +250,7 @@ class DedupGuard:
         self._stamps: dict[str, tuple[_Stamp | None, float]] = {}  # pack -> (stamp or None: missing, when taken)
         self._unsaved_places: list[tuple[bytes, tuple, _Stamp]] = []
         self._unsaved_packs: list[tuple[str, _Stamp, list[IndexEntry]]] = []
+        self._used = False  # whether this run saved anything in the local cache (then ``prune``)
 
     def vouches(self, entry: IndexEntry) -> bool:
         if not self.enabled:
@@ -297,11 +327,21 @@ class DedupGuard:
         while self._held > MEMORY_PLACES and len(self._packs) > 1:
             self._held -= len(self._packs.popitem(last=False)[1])
 
+    def prune(self, live: set[str]) -> int:
+        """At the end of a run that wrote or read back places: forget in the local cache the
+        packs not in ``live`` (``VouchedPlaces.prune``)."""
+        with self._lock:
+            used = self._used
+        if self.store is None or not self.enabled or not used:
+            return 0
+        return self.store.prune(live, clock.now() - PRUNE_AFTER)
+
     def save(self) -> None:
         """Remember in the local cache what this run vouched for (at each flush)."""
         with self._lock:
             places, self._unsaved_places = self._unsaved_places, []
             packs, self._unsaved_packs = self._unsaved_packs, []
+            self._used = self._used or bool(places or packs)
         if self.store is not None:
             self.store.add_packs(packs)
             self.store.add_places(places)

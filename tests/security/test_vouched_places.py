@@ -154,6 +154,28 @@ def test_a_row_that_does_not_authenticate_is_read_back(world):
     assert (s.remembered, s.read) == (0, 1)
 
 
+@pytest.mark.parametrize("days", [1, 3], ids=["a day later: kept", "three days later: forgotten"])
+def test_rows_of_packs_the_index_no_longer_names_are_forgotten(world, days):
+    """A run that wrote forgets, at its end, the rows of packs no index entry names that were
+    stored more than PRUNE_AFTER ago (maintenance deleted them, or they were never published);
+    its own new pack's row stays. Before, the file grew with every pack a host ever wrote."""
+    from repo_format import constants as C
+    from repo_format.vouched import PRUNE_AFTER
+
+    t, storage, cache = world
+    _store(storage, cache, DATA[:2])
+    db_path = cache.directory(_open(storage, None).format.unique_id) / VOUCHED_FILE
+    with sqlite3.connect(db_path) as db:
+        [(old,)] = db.execute("SELECT name FROM packs").fetchall()
+    for m in storage.list(C.INDEX_PREFIX):  # as if maintenance had collected the pack's contents
+        storage.delete(m.name)
+    t[0] += days * 86400
+    _store(storage, cache, DATA[2:])
+    with sqlite3.connect(db_path) as db:
+        names = {n for (n,) in db.execute("SELECT name FROM packs")}
+    assert len(names) == 2 - (days * 86400 > PRUNE_AFTER) and (old in names) == (days * 86400 <= PRUNE_AFTER)
+
+
 def test_an_unusable_cache_costs_reads_not_the_run(world, tmp_path):
     _t, storage, _cache = world
     _store(storage, None, DATA)
