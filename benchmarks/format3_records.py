@@ -8,7 +8,9 @@ filesystem repositories in a temporary directory, the two formats alternately.
 3. First backup of a large file (default 256 MiB of random bytes).
 4. A second host's first backup of the same large file: every chunk deduplicated against the
    first host's records (format 3 seals each chunk to learn its id).
-5. Restore of the large file.
+5. The first host's backup of the large file with 1 MiB in its middle changed: format 3 finds
+   the unchanged chunks by the seeds of the previous version's references.
+6. Restore of the large file.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def backups(base: str, files: int, mib: int, rounds: int) -> None:
             best(f"first backup of {mib} MiB", version, backup(where, large, "a"))
             best(f"a second host's first backup of the same {mib} MiB", version, backup(where, large, "b"))
             best(f"restore of the {mib} MiB", version, restore(where, os.path.join(base, "restored")))
+            with open(os.path.join(large, "disk.img"), "r+b") as f:  # a changed middle, a new mtime
+                f.seek(mib // 2 << 20)
+                f.write(os.urandom(1 << 20))
+            best(f"the first host's backup of the {mib} MiB, 1 MiB changed", version, backup(where, large, "a"))
     for what, by in rows.items():
         print(f"{what}, best of {rounds}: format 2 {by[2]:.2f} s, format 3 {by[3]:.2f} s")
 

@@ -80,7 +80,7 @@ class _SourceSink:
         self.found: set[bytes] = set()
         self.bytes = 0
 
-    def write(self, data, metadata: bool = False) -> bytes:
+    def write(self, data, metadata: bool = False, known=None) -> bytes:
         ref = self._identify(data)
         cid = ref[:C.CONTENT_ID_SIZE]
         if cid in self._wanted and cid not in self.found:

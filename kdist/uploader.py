@@ -687,7 +687,9 @@ class Uploader:
             if len(self._reuse) >= REUSE_BATCH:
                 self._resolve_reuse()
             return slot
-        return self._read(path, entry)
+        # a changed file: in format 3 its unchanged chunks are found by the previous version's
+        # references (``ObjectStore.known_chunks``)
+        return self._read(path, entry, old.oid if old is not None and old.type == TYPE_FILE and old.oid else "")
 
     def _resolve_reuse(self) -> None:
         """Decide the files that look unchanged since the previous snapshot (same size, mtime,
@@ -708,8 +710,9 @@ class Uploader:
         with self._lock:
             self.stats.files_reused += sum(live)
 
-    def _read(self, path: str, entry: Entry):
-        """Hand a file to be read: small ones in batches to one thread, larger ones to the pool."""
+    def _read(self, path: str, entry: Entry, previous: str = ""):
+        """Hand a file to be read: small ones in batches to one thread, larger ones to the pool
+        (``previous``: the object id of the file's previous version, if any)."""
         if entry.size <= BATCH_FILE_SIZE and entry.size <= self._small:
             batch = self._batch
             batch.items.append((path, entry))
@@ -718,7 +721,9 @@ class Uploader:
             if len(batch.items) >= BATCH_FILES or batch.bytes >= BATCH_BYTES:
                 self._submit_batch()
             return slot
-        return self._submit(self._read_small if entry.size <= self._small else self._read_file, path, entry)
+        if entry.size <= self._small:
+            return self._submit(self._read_small, path, entry)
+        return self._submit(self._read_file, path, entry, previous)
 
     def _submit(self, fn, *args, pool: ThreadPoolExecutor | None = None) -> Future:
         self._slots.acquire()
@@ -765,7 +770,8 @@ class Uploader:
             entry.ctime_ns = 0  # never taken for unchanged next time
         return entry
 
-    def _read_file(self, path: str, entry: Entry) -> Entry | None:
+    def _read_file(self, path: str, entry: Entry, previous: str = "") -> Entry | None:
+        known = self.repo.objects.known_chunks(previous) if previous else None
         try:
             fd = open_source(path, entry.uid)
         except ReadFailed as exc:
@@ -774,7 +780,7 @@ class Uploader:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
-                oid, length = self.repo.objects.write_file(f, on_chunk=self._count_read)
+                oid, length = self.repo.objects.write_file(f, on_chunk=self._count_read, known=known)
                 after = os.fstat(f.fileno())
         except OSError as exc:
             self._error(path, f"error while reading file: {exc.strerror}")

@@ -122,22 +122,21 @@ class ContentWriter:
         """The reference writing ``data`` would return (format 3 seals it to know)."""
         return self._records.identify(data, self._zstd_level)[0]
 
-    def write(self, data, metadata: bool = False) -> bytes:
+    def write(self, data, metadata: bool = False, known: dict[bytes, bytes] | None = None) -> bytes:
         """Store ``data`` once; its reference (``repo_format.records``: the content id, and in
-        format 3 the seed that opens it)."""
+        format 3 the seed that opens it). ``known`` (format 3): references by seed, those of the
+        previous version of the file being written: a content among them is deduplicated by its
+        seed, a keyed hash, without the seal its id otherwise needs (SPEC.md section 4a)."""
         if not self._session.started:
             self._session.ensure()
+        if known and self._records.ref_size > C.CONTENT_ID_SIZE:
+            ref = known.get(self._records.seed(data))
+            if ref is not None and self._deduplicated(ref[:C.CONTENT_ID_SIZE])[0]:
+                return ref
         ref, sealed = self._records.identify(data, self._zstd_level)
         cid = ref[:C.CONTENT_ID_SIZE]
-        with self._lock:
-            pending = cid in self._pending
-        old = None if pending else self._view.current().lookup(cid)  # one lookup per content
-        # a live entry only counts from a place this writer vouches for: else stored again, with
-        # an entry that wins over it (any host can write an entry for a content it guesses)
-        if pending or (old is not None and not old.deleted and self._guard.vouches(old)):
-            with self._lock:
-                self.stats.contents_deduplicated += 1
-                self._view.add_reference_locked(cid)
+        done, old = self._deduplicated(cid)
+        if done:
             return ref
         if sealed is None:
             sealed = self._records.seal(data, self._zstd_level, ref)
@@ -157,6 +156,22 @@ class ContentWriter:
         if full is not None:
             self._upload(full)
         return ref
+
+    def _deduplicated(self, cid: bytes) -> tuple[bool, IndexEntry | None]:
+        """Whether content ``cid`` is pending, or stored live at a place the guard vouches for
+        (then counted as deduplicated and referenced by this writer); and its winning entry.
+        A live entry only counts from a place this writer vouches for: else the content is
+        stored again, with an entry that wins over it (any host can write an entry for a
+        content it guesses)."""
+        with self._lock:
+            pending = cid in self._pending
+        old = None if pending else self._view.current().lookup(cid)  # one lookup per content
+        if not (pending or (old is not None and not old.deleted and self._guard.vouches(old))):
+            return False, old
+        with self._lock:
+            self.stats.contents_deduplicated += 1
+            self._view.add_reference_locked(cid)
+        return True, old
 
     def rewrite(self, entries: list[IndexEntry]) -> tuple[int, int]:
         """Maintenance (pack rewrite): copy these contents into new packs of this session, as

@@ -20,7 +20,7 @@ import msgpack
 
 from repo_format import constants as C
 from repo_format.content import ContentStore
-from repo_format.errors import CorruptionError
+from repo_format.errors import CorruptionError, KdistError, is_outage
 
 if TYPE_CHECKING:
     import pyfastcdc
@@ -170,31 +170,49 @@ class ObjectStore:
         self.contents = contents
         self.splitter = splitter
 
-    def write_stream(self, stream: BinaryIO, metadata: bool = False, on_chunk=None) -> tuple[str, int]:
-        """Store a stream; return ``(object id, length)``. ``on_chunk(n)`` is told each chunk's size."""
+    def write_stream(self, stream: BinaryIO, metadata: bool = False, on_chunk=None,
+                     known: dict[bytes, bytes] | None = None) -> tuple[str, int]:
+        """Store a stream; return ``(object id, length)``. ``on_chunk(n)`` is told each chunk's
+        size; ``known``: references by seed to deduplicate against first (``known_chunks``)."""
         chunks: list[tuple[bytes, int]] = []
         for data in self.splitter.split(stream):
-            chunks.append((self.contents.write(data, metadata=metadata), len(data)))
+            chunks.append((self.contents.write(data, metadata=metadata, known=known), len(data)))
             if on_chunk is not None:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
 
-    def write_file(self, f, on_chunk=None) -> tuple[str, int]:
+    def write_file(self, f, on_chunk=None, known: dict[bytes, bytes] | None = None) -> tuple[str, int]:
         """Store a regular file open as ``f`` (unbuffered, at its start), as every backup and
         repair stores one: with fewer blocks than bytes it may have holes, which are listed,
-        never read (``sparse_extents``); else it is read as a stream."""
+        never read (``sparse_extents``); else it is read as a stream. ``known``: see
+        ``known_chunks``."""
         fd = f.fileno()
         st = os.fstat(fd)
         runs = sparse_extents(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
         if runs is not None:
-            return self.write_sparse(fd, runs, on_chunk)
+            return self.write_sparse(fd, runs, on_chunk, known)
         os.lseek(fd, 0, os.SEEK_SET)  # (sparse_extents moved it)
-        return self.write_stream(f, on_chunk=on_chunk)
+        return self.write_stream(f, on_chunk=on_chunk, known=known)
 
-    def write_sparse(self, fd: int, runs: list[tuple[int, int, bool]], on_chunk=None) -> tuple[str, int]:
+    def write_sparse(self, fd: int, runs: list[tuple[int, int, bool]], on_chunk=None,
+                     known: dict[bytes, bytes] | None = None) -> tuple[str, int]:
         """Store a sparse file by its ``runs`` (``sparse_extents``): each run of data is cut
         and stored as a stream of its own; a hole is listed, never read or hashed."""
-        return self._write_runs(lambda offset, length: _Range.of_file(fd, offset, length), runs, on_chunk)
+        return self._write_runs(lambda offset, length: _Range.of_file(fd, offset, length), runs, on_chunk, known)
+
+    def known_chunks(self, oid: str) -> dict[bytes, bytes] | None:
+        """Format 3: the references of object ``oid``'s chunks by their seeds, for writing a new
+        version of its file (``write_file(known=...)``: an unchanged chunk is then deduplicated
+        by its seed, not sealed); None in formats 1 and 2 (their ids cost a hash already), or if
+        the object's chunk list cannot be read."""
+        if self.contents.records.ref_size == C.CONTENT_ID_SIZE:
+            return None
+        try:
+            return {c[C.CONTENT_ID_SIZE:]: c for c, _n in self.chunks(oid) if c is not None}
+        except KdistError as exc:
+            if is_outage(exc):
+                raise
+            return None
 
     def copy_from(self, source: "ObjectStore", oid: str, on_chunk=None) -> tuple[str, int]:
         """Store object ``oid`` of another repository here: its bytes read (each content
@@ -214,14 +232,15 @@ class ObjectStore:
                 pos += n
             return self._write_runs(lambda offset, length: _Range.of_stream(reader, offset, length), runs, on_chunk)
 
-    def _write_runs(self, open_run, runs: list[tuple[int, int, bool]], on_chunk) -> tuple[str, int]:
+    def _write_runs(self, open_run, runs: list[tuple[int, int, bool]], on_chunk,
+                    known: dict[bytes, bytes] | None = None) -> tuple[str, int]:
         chunks: list[tuple[bytes | None, int]] = []
         for offset, length, is_data in runs:
             if not is_data:
                 chunks.append((None, length))
                 continue
             for data in self.splitter.split(open_run(offset, length)):
-                chunks.append((self.contents.write(data), len(data)))
+                chunks.append((self.contents.write(data, known=known), len(data)))
                 if on_chunk is not None:
                     on_chunk(len(data))
         return self._finish(chunks, False), sum(n for _, n in chunks)

@@ -176,3 +176,33 @@ def test_only_admin_keys_hold_the_master_key(format3, tmp_path):
     assert Restorer(admin).restore(snap, str(tmp_path / "admin")).errors == 0
     assert tree_state(str(tmp_path / "mine")) == tree_state(str(tmp_path / "admin")) == tree_state(str(src))
     admin.close()
+
+
+@pytest.mark.parametrize("hints", [True, False], ids=["by-seed", "mutation-without-the-previous-references"])
+def test_a_changed_file_seals_only_its_changed_chunks(format3, tmp_path, monkeypatch, hints):
+    """Format 3 must seal a content to learn its id: the unchanged chunks of a changed file are
+    found instead by the seeds of its previous version's references (a keyed hash each)."""
+    from repo_format.convergent import ConvergentRecords
+    from repo_format.objects import ObjectStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(os.urandom(2 * 2**20))
+    (src / "disk.img").write_bytes(data)
+    _backup(format3, src, "alice")
+    data[2**20:2**20 + 100] = os.urandom(100)
+    (src / "disk.img").write_bytes(data)
+    if not hints:
+        monkeypatch.setattr(ObjectStore, "known_chunks", lambda self, oid: None)
+    sealed = []
+    real_seal = ConvergentRecords.seal
+    monkeypatch.setattr(ConvergentRecords, "seal", lambda self, d, level, ref=None: sealed.append(len(d)) or
+                        real_seal(self, d, level))
+    snap, stats = _backup(format3, src, "alice")
+    data_chunks = [n for n in sealed if n >= SMALL.chunk_min]
+    assert stats.bytes_original < 4 * SMALL.chunk_max  # in both: only the changed chunks are stored
+    assert (len(data_chunks) <= 4) == hints, sealed
+    repo = Repository.open(format3, PASSWORD)
+    assert Restorer(repo).restore(snap, str(tmp_path / "dst")).errors == 0
+    assert (tmp_path / "dst" / "disk.img").read_bytes() == bytes(data)
+    repo.close()
