@@ -151,7 +151,7 @@ class ContentStore:
             self.writer.close()
             loaded = self.index.loaded()
             if loaded is not None:  # (the packs of what this run published are in it)
-                self.guard.prune(loaded.referenced_packs())
+                self.guard.prune(loaded.referenced_packs)
         finally:
             if self.guard.store is not None:
                 self.guard.store.close()

@@ -48,6 +48,7 @@ MEMORY_PLACES = 131_072  # places a run keeps in memory, of each kind (then the 
 STAMP_TTL = 60.0  # seconds a pack's stat is trusted for (consecutive chunks of a file share packs)
 DECODED_PACKS = 16  # packs' rows of the local cache kept decoded
 PRUNE_AFTER = 2 * 86400.0  # seconds after its storage time a pack the index does not name loses its rows
+PRUNE_EVERY = 86400.0  # seconds of storage time between two prunes (each reads every row)
 _Stamp = tuple[int, float]  # a pack's length and storage time
 
 
@@ -91,6 +92,7 @@ class VouchedPlaces:
                 db.execute("CREATE TABLE IF NOT EXISTS places (cid BLOB PRIMARY KEY, pack TEXT, offset INTEGER, "
                            "packed INTEGER, original INTEGER, compression INTEGER, pack_length INTEGER, "
                            "stored REAL, mac BLOB) WITHOUT ROWID")
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
             except sqlite3.Error as exc:
                 self._fail(exc)
                 return None
@@ -186,31 +188,48 @@ class VouchedPlaces:
             for name, _stamp, _entries in packs:
                 self._decoded.pop(name, None)
 
+    def prune_due(self) -> float | None:
+        """The storage time before which a pack's rows may go (``PRUNE_AFTER`` before the newest
+        storage time this file records: the storage's clock, not this client's), if the last
+        prune was a day or more before that newest time; else None (pruning reads every row)."""
+        row = self._query("SELECT max(stored) FROM (SELECT stored FROM packs UNION ALL SELECT stored FROM places) "
+                          "WHERE typeof(stored) = 'real'", ())
+        newest = row[0] if row is not None else None
+        if type(newest) is not float:
+            return None
+        last = self._query("SELECT value FROM meta WHERE key = 'pruned'", ())
+        if last is not None and type(last[0]) is float and newest - last[0] < PRUNE_EVERY:
+            return None
+        return newest - PRUNE_AFTER
+
     def prune(self, live: set[str], before: float) -> int:
         """Forget the rows of every pack not in ``live`` (the packs the index names) stored
-        before ``before``: maintenance deleted it, or it was never published, so no entry will
-        point there again but a forged one, which the pack's stamp refuses anyway. (A pack
-        stored since may be another process's of this host, not yet in this one's index.)
-        Returns how many rows went. Losing a row costs a read back at worst, never safety;
-        without this the file grew with every pack the host ever wrote."""
+        before ``before`` (storage time): maintenance deleted it, or it was never published, so
+        no entry will point there again but a forged one, which the pack's stamp refuses anyway.
+        (A pack stored since may be another process's of this host, not yet in this one's
+        index.) Returns how many rows went. Losing a row costs a read back at worst, never
+        safety; a row that is not what this file writes (damage) goes too. Freed pages are
+        reused by later rows; the file does not shrink."""
         with self._lock:
             db = self._connection()
             if db is None:
                 return 0
             try:
-                packs = [(n,) for n, stored in db.execute("SELECT name, stored FROM packs")
-                         if n not in live and stored < before]
-                places = [(c,) for c, pack, stored in db.execute("SELECT cid, pack, stored FROM places")
-                          if pack not in live and stored < before]
-                if packs or places:
-                    with db:
-                        db.execute("BEGIN")
-                        db.executemany("DELETE FROM packs WHERE name = ?", packs)
-                        db.executemany("DELETE FROM places WHERE cid = ?", places)
-            except sqlite3.Error as exc:
+                packs = [(n, stored) for n, stored in db.execute("SELECT name, stored FROM packs")
+                         if n not in live and not (type(stored) is float and stored >= before)]
+                places = [(c, pack, stored) for c, pack, stored in db.execute("SELECT cid, pack, stored FROM places")
+                          if pack not in live and not (type(stored) is float and stored >= before)]
+                with db:
+                    db.execute("BEGIN")
+                    # (a row a concurrent process wrote meanwhile has another stamp: it stays)
+                    db.executemany("DELETE FROM packs WHERE name IS ? AND stored IS ?", packs)
+                    db.executemany("DELETE FROM places WHERE cid IS ? AND pack IS ? AND stored IS ?", places)
+                    newest = before + PRUNE_AFTER
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('pruned', ?)", (newest,))
+            except (sqlite3.Error, TypeError, ValueError) as exc:
                 self._fail(exc)
                 return 0
-            for (name,) in packs:
+            for name, _stored in packs:
                 self._decoded.pop(name, None)
             return len(packs) + len(places)
 
@@ -327,14 +346,15 @@ class DedupGuard:
         while self._held > MEMORY_PLACES and len(self._packs) > 1:
             self._held -= len(self._packs.popitem(last=False)[1])
 
-    def prune(self, live: set[str]) -> int:
-        """At the end of a run that wrote or read back places: forget in the local cache the
-        packs not in ``live`` (``VouchedPlaces.prune``)."""
+    def prune(self, live: Callable[[], set[str]]) -> int:
+        """At the end of a run that saved rows, once a day: forget in the local cache the packs
+        not in ``live()`` (``VouchedPlaces.prune``)."""
         with self._lock:
             used = self._used
         if self.store is None or not self.enabled or not used:
             return 0
-        return self.store.prune(live, clock.now() - PRUNE_AFTER)
+        before = self.store.prune_due()
+        return self.store.prune(live(), before) if before is not None else 0
 
     def save(self) -> None:
         """Remember in the local cache what this run vouched for (at each flush)."""

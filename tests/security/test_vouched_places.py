@@ -176,6 +176,24 @@ def test_rows_of_packs_the_index_no_longer_names_are_forgotten(world, days):
     assert len(names) == 2 - (days * 86400 > PRUNE_AFTER) and (old in names) == (days * 86400 <= PRUNE_AFTER)
 
 
+def test_a_damaged_row_of_a_gone_pack_is_pruned_and_stops_nothing(world):
+    """A row whose stamp is not what this file writes (damage, an edit) is a miss: the prune at a
+    run's end deletes it instead of failing the run's close."""
+    from repo_format import constants as C
+
+    t, storage, cache = world
+    _store(storage, cache, DATA[:2])
+    db_path = cache.directory(_open(storage, None).format.unique_id) / VOUCHED_FILE
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE packs SET stored = 'x'")
+    for m in storage.list(C.INDEX_PREFIX):
+        storage.delete(m.name)
+    t[0] += 3 * 86400
+    _store(storage, cache, DATA[2:])  # closes without raising
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM packs WHERE stored = 'x'").fetchone()[0] == 0
+
+
 def test_an_unusable_cache_costs_reads_not_the_run(world, tmp_path):
     _t, storage, _cache = world
     _store(storage, None, DATA)
