@@ -392,6 +392,9 @@ class Checker:
         for r in sorted(best.values(), key=lambda r: (r.ts, r.id)):
             if r.deleted or r.labels.get("type") != SNAPSHOT_LABEL:
                 continue
+            r = store.opened(r)
+            if r is None:  # format 3: another host's, sealed to it and the readers
+                continue
             try:
                 snap = Snapshot.from_record(r)
                 self.objects.parse(snap.root if isinstance(snap.root, str) else "")

@@ -27,8 +27,9 @@ from repo_format.errors import (
     UnsupportedVersion,
     WrongPassword,
 )
-from repo_format.keyslots import (ADMIN, Identity, PermissionRefused, certify, encode_slot, find_slot, identity_of,
-                                  new_key_id, new_signing_key, public_key, root_identity)
+from repo_format.keyslots import (ADMIN, MAINTENANCE, Identity, PermissionRefused, certify, encode_slot, find_slot,
+                                  identity_of, new_key_id, new_signing_key, public_key, root_identity)
+from repo_format.sealed_payloads import PayloadKeys, host_private, public_of, readers_private
 from repo_format.storage.base import BlobStorage
 
 MAX_FORMAT_BLOB_SIZE = 64 * 1024
@@ -98,6 +99,7 @@ class FormatBlob:
     parameters: RepositoryParameters
     version: int = 1
     identity: Identity | None = None
+    payload_keys: PayloadKeys | None = None  # format 3: what this key seals and opens payloads with
 
     @property
     def signed(self) -> bool:
@@ -108,16 +110,38 @@ def _aad(unique_id: bytes, version: int = 1) -> bytes:
     return C.FORMAT_MAGIC + version.to_bytes(2, "big") + unique_id
 
 
-def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN) -> dict:
+def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN, host: str = "") -> dict:
     """The secrets a format blob or key slot seals: in format 3 (a fleet secret) only an admin's
-    hold the master key."""
+    hold the master key; a maintenance key holds the readers' payload key, a host key its
+    host's and the readers' public key (SPEC.md section 8a)."""
     if keys.fleet_secret is None:
         return {"master_key": keys.master_key, "hash_secret": keys.hash_secret, "parameters": parameters.to_dict()}
     held = keys if role == ADMIN else keys.without_master_key()
     out = {"hash_secret": held.hash_secret, "fleet_secret": held.fleet_secret, "parameters": parameters.to_dict()}
     if held.master_key is not None:
         out["master_key"] = held.master_key
+    elif role == MAINTENANCE:
+        out["readers_key"] = readers_private(keys.master_key)
+    else:
+        out["host_key"] = host_private(keys.master_key, host)
+        out["readers_public"] = public_of(readers_private(keys.master_key))
     return out
+
+
+def _payload_keys(keys: RepositoryKeys, p: dict, identity: Identity | None) -> PayloadKeys:
+    """A format 3 key's ``PayloadKeys``, from its master key (admins) or its slot's fields."""
+    if keys.master_key is not None:
+        return PayloadKeys.of_admin(keys.master_key)
+    role = identity.role if identity is not None else ""
+    if role == MAINTENANCE:
+        private = p["readers_key"]
+        if type(private) is not bytes or len(private) != 32:
+            raise ValueError("payload key")
+        return PayloadKeys(public_of(private), (private,))
+    private, readers = p["host_key"], p["readers_public"]
+    if not (type(private) is bytes and len(private) == 32 and type(readers) is bytes and len(readers) == 32):
+        raise ValueError("payload key")
+    return PayloadKeys(readers, (private,), identity.host if identity is not None else "")
 
 
 def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys,
@@ -179,15 +203,17 @@ def _opened(unique_id: bytes, kdf: KdfParams, p: dict, version: int, identity: I
                 type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE
             if not (master_ok and type(keys.fleet_secret) is bytes and len(keys.fleet_secret) == C.MASTER_KEY_SIZE):
                 raise ValueError("key sizes")
+            payload_keys = _payload_keys(keys, p, identity)
         else:
             keys = RepositoryKeys(p["master_key"], p["hash_secret"], parameters.aead)
+            payload_keys = None
             if not (type(keys.master_key) is bytes and len(keys.master_key) == C.MASTER_KEY_SIZE):
                 raise ValueError("key sizes")
         if not (type(keys.hash_secret) is bytes and len(keys.hash_secret) == C.HASH_SECRET_SIZE):
             raise ValueError("key sizes")
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptionError(f"{what}'s sealed payload is malformed") from exc
-    return FormatBlob(unique_id, kdf, keys, parameters, version, identity)
+    return FormatBlob(unique_id, kdf, keys, parameters, version, identity, payload_keys)
 
 
 def decode(blob: bytes, password: str) -> FormatBlob:
@@ -235,7 +261,8 @@ def create(storage: BlobStorage, password: str, parameters: RepositoryParameters
     if not storage.put_if_absent(C.FORMAT_BLOB_NAME, blob):
         raise RepositoryExists(f"a kdist repository already exists at {storage.describe()}")
     identity = root_identity(signing_key) if signing_key else None
-    return FormatBlob(unique_id, kdf, keys, parameters, version, identity)
+    payload_keys = PayloadKeys.of_admin(keys.master_key) if keys.fleet_secret is not None else None
+    return FormatBlob(unique_id, kdf, keys, parameters, version, identity, payload_keys)
 
 
 def _get(storage: BlobStorage) -> bytes:
@@ -277,7 +304,7 @@ def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, 
         cert, cert_sig = certify(root, admin.unique_id, key_id, role, host, public_key(signing_key))
         identity = Identity(role, key_id, signing_key, root.root_public, host, key_id, cert, cert_sig)
     kdf = kdf or KdfParams(admin.kdf.n, admin.kdf.r, admin.kdf.p, os.urandom(16))
-    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters, role))
+    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters, role, host))
     if not storage.put_if_absent(name, blob):
         raise KdistError(f"key slot {name} already exists; try again")
     return identity

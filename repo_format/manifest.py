@@ -20,7 +20,9 @@ from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
-from repo_format.keyslots import ADMIN, COMPACTED_DOMAIN, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign
+from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST_RECORD_TYPES, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID,
+                                  Trust, sign)
+from repo_format.sealed_payloads import payload_aad
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage, delete_unless_locked
 
@@ -98,8 +100,12 @@ class ManifestStore:
     others are left out of every view and listed in ``refused`` for ``repo check``."""
 
     def __init__(self, storage: BlobStorage, aead: Aead, session: str, cache: "LocalCache | None" = None,
-                 identity: "Identity | None" = None, unique_id: bytes = b""):
+                 identity: "Identity | None" = None, unique_id: bytes = b"", payload_keys=None):
         self.storage = storage
+        # format 3: the payloads of snapshot and failure records are sealed to their host and the
+        # readers (repo_format.sealed_payloads); ``find`` opens them, and leaves out what this
+        # key cannot open (another host's)
+        self.payload_keys = payload_keys
         self._aead = aead
         self.session = session
         self.cache = cache  # copies of manifest blobs (immutable; authenticated when read)
@@ -150,9 +156,28 @@ class ManifestStore:
         return name
 
     def put(self, labels: dict, payload: bytes, manifest_id: str | None = None) -> ManifestRecord:
-        rec = self._signed(ManifestRecord(manifest_id or self.new_id(), dict(labels), int(clock.now() * 1e6), payload))
+        """Write one record; returns it (a sealed payload opened again, as ``find`` gives it)."""
+        record_id = manifest_id or self.new_id()
+        stored = payload
+        if self.payload_keys is not None and labels.get("type") in HOST_RECORD_TYPES:
+            host = labels.get("host")
+            stored = self.payload_keys.seal(payload, host if type(host) is str else "",
+                                            payload_aad(self.unique_id, record_id))
+        rec = self._signed(ManifestRecord(record_id, dict(labels), int(clock.now() * 1e6), stored))
         self.write_records([rec])
-        return rec
+        return replace(rec, payload=payload)
+
+    def opened(self, rec: ManifestRecord) -> ManifestRecord | None:
+        """``rec`` as its readers see it: in format 3 a snapshot or failure record with its
+        payload opened, or None if this key is none of its recipients (another host's). A
+        payload that does not open for a recipient is left empty: it reads as malformed."""
+        if self.payload_keys is None or rec.deleted or rec.labels.get("type") not in HOST_RECORD_TYPES:
+            return rec
+        try:
+            payload = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
+        except CorruptionError:
+            payload = b""
+        return None if payload is None else replace(rec, payload=payload)
 
     def delete(self, manifest_ids: list[str]) -> None:
         """Write one tombstone blob for the given ids. Each tombstone is timestamped after the
@@ -308,10 +333,10 @@ class ManifestStore:
         raise AssertionError("unreachable: changing.attempts raises when they run out")
 
     def find(self, **labels) -> list[ManifestRecord]:
-        """Live records whose labels include ``labels``, oldest first."""
+        """Live records whose labels include ``labels``, oldest first (``opened``)."""
         best, _ = self._current()
         out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
-        return sorted(out, key=lambda r: (r.ts, r.id))
+        return sorted((o for r in out if (o := self.opened(r)) is not None), key=lambda r: (r.ts, r.id))
 
     def compact(self, now: float, settle: float, min_blobs: int = 16, tombstone_rule: bool = True,
                 delete=None) -> int:

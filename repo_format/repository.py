@@ -44,7 +44,8 @@ class Repository:
         self.contents = ContentStore(storage, fmt, self.session, committed=committed,
                                      heartbeat_thread=heartbeat_thread, cache=self.cache)
         self.manifests = ManifestStore(storage, fmt.keys.manifest_aead(), self.session, self.cache,
-                                       identity=fmt.identity, unique_id=fmt.unique_id)
+                                       identity=fmt.identity, unique_id=fmt.unique_id,
+                                       payload_keys=fmt.payload_keys)
         p = fmt.parameters
         self.objects = ObjectStore(
             self.contents, Splitter(p.chunk_avg, p.chunk_min, p.chunk_max, fmt.keys.chunker_seed())

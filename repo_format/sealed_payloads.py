@@ -12,6 +12,7 @@ that replaced it, opens that host's earlier snapshots), the readers' from a fixe
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -103,3 +104,43 @@ def open_sealed(sealed: bytes, privates: list[bytes], aad: bytes) -> bytes | Non
         except (InvalidTag, ValueError):  # (ValueError: a low-order ephemeral key)
             raise CorruptionError("sealed payload does not open (damaged, or not this record's)") from None
     return None
+
+
+def payload_aad(unique_id: bytes, record_id: str) -> bytes:
+    return b"kdist/v3/record-payload\x00" + unique_id + record_id.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class PayloadKeys:
+    """What one key seals and opens payloads with (format 3): the readers' public key; the
+    private keys it opens with (the readers' for admins and maintenance, its host's for a host
+    key); and, for admins, the master key, from which any host's key derives."""
+
+    readers_public: bytes
+    privates: tuple[bytes, ...] = ()
+    host: str = ""
+    master_key: bytes | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # never show key bytes
+        return f"PayloadKeys(host={self.host!r}, opens={len(self.privates)})"
+
+    @classmethod
+    def of_admin(cls, master_key: bytes) -> "PayloadKeys":
+        readers = readers_private(master_key)
+        return cls(public_of(readers), (readers,), "", master_key)
+
+    def host_public(self, host: str) -> bytes | None:
+        if self.master_key is not None:
+            return public_of(host_private(self.master_key, host))
+        if self.host and host == self.host and self.privates:
+            return public_of(self.privates[0])
+        return None
+
+    def seal(self, payload: bytes, host: str, aad: bytes) -> bytes:
+        """For ``host`` (if this key knows its public key: admins, and the host's own keys) and
+        the readers."""
+        mine = self.host_public(host)
+        return seal(payload, [self.readers_public] + ([mine] if mine is not None else []), aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes | None:
+        return open_sealed(sealed, list(self.privates), aad)

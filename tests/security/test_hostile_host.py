@@ -769,6 +769,48 @@ def test_format_3_merges_certify_contested_winners(fleet3, monkeypatch, certify_
         fleet3.assert_intact()
 
 
+def _alice_reaches_no_file_of_bobs(fleet: Fleet) -> None:
+    from repo_format.index import open_index
+
+    (fleet.src["bob"] / "bob-only.txt").write_bytes(b"bob's own secret " * 10)
+    snap = fleet.backup("bob")
+    seed = bytes.fromhex(snap.root.lstrip("I"))[32:]
+    alice = fleet.open("alice")
+    try:
+        assert {s.source.host for s in list_snapshots(alice.manifests)} == {"alice"}
+        for m in fleet.storage.list(C.MANIFEST_PREFIX):
+            assert seed not in msgpack.packb(alice.manifests._read_doc(m.name))
+        for m in fleet.storage.list(C.INDEX_PREFIX):
+            assert seed not in open_index(alice.format.keys.index_aead(), m.name, alice.storage.get(m.name))._buf
+    finally:
+        alice.close()
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["defended", "mutation-payloads-not-sealed"])
+def test_format_3_a_host_cannot_reach_another_hosts_files(tmp_path, ticking_time, monkeypatch, sealed):
+    """Format 3 (SECURITY.md, "Read other hosts' data", steps 1 to 3): alice's host key lists
+    none of bob's snapshots, and nothing it decrypts (every manifest blob, every index blob)
+    holds the seed of bob's root reference, without which no record of his tree opens. With
+    payloads not sealed, her key lists his snapshot and reads his root reference."""
+    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
+    if not sealed:
+        from repo_format.manifest import ManifestStore
+
+        real_init = ManifestStore.__init__
+
+        def unsealed(self, *args, **kw):
+            real_init(self, *args, **kw)
+            self.payload_keys = None
+
+        monkeypatch.setattr(ManifestStore, "__init__", unsealed)
+    fleet = Fleet(tmp_path, ticking_time, version=3)
+    if sealed:
+        _alice_reaches_no_file_of_bobs(fleet)
+    else:
+        with pytest.raises(AssertionError):
+            _alice_reaches_no_file_of_bobs(fleet)
+
+
 def test_maintenance_reads_no_history_a_host_wrote(fleet, monkeypatch):
     """The rule that hosts write snapshot records only keeps forged runs out of what maintenance
     computes its watermark, pack candidates and set clean-ups from."""
