@@ -392,9 +392,14 @@ class Checker:
         for r in sorted(best.values(), key=lambda r: (r.ts, r.id)):
             if r.deleted or r.labels.get("type") != SNAPSHOT_LABEL:
                 continue
-            r = store.opened(r)
-            if r is None:  # format 3: another host's, sealed to it and the readers
+            opened = store.opened(r)
+            if opened is None:  # format 3: another host's, sealed to it and the readers
+                if not store.payload_keys.host:  # a reader (admin, maintenance) is a recipient of all
+                    self._problem("snapshot", f"snapshot manifest {r.id} (in blob {r.blob}) is sealed to none of "
+                                  "the readers: maintenance does not see it, and collects what only it reaches",
+                                  snapshot=r.id, blob=r.blob)
                 continue
+            r = opened
             try:
                 snap = Snapshot.from_record(r)
                 self.objects.parse(snap.root if isinstance(snap.root, str) else "")

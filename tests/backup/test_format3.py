@@ -206,3 +206,24 @@ def test_a_changed_file_seals_only_its_changed_chunks(format3, tmp_path, monkeyp
     assert Restorer(repo).restore(snap, str(tmp_path / "dst")).errors == 0
     assert (tmp_path / "dst" / "disk.img").read_bytes() == bytes(data)
     repo.close()
+
+
+def test_check_names_a_snapshot_sealed_to_none_of_the_readers(format3, tmp_path):
+    """A host's record that the readers cannot open is left out of maintenance's view (only what
+    that snapshot alone reaches is at stake): an admin's check says so."""
+    from kdist.keys import add_key
+    from repo_format.sealed_payloads import PayloadKeys
+
+    admin = Repository.open(format3, PASSWORD)
+    slot = add_key(admin, "alice-pw", "host", "alice", kdf=KdfParams.weak_for_tests()).slot
+    alice = Repository.open(AppendOnlyStorage(format3), "alice-pw", key_id=slot)
+    keys = alice.manifests.payload_keys
+    alice.manifests.payload_keys = PayloadKeys(keys.host_public("alice"), keys.privates, "alice")  # herself only
+    src = tmp_path / "src"
+    build_tree(src, big_size=1000)
+    snap = Uploader(alice, BackupOptions(host="alice")).backup(str(src))
+    alice.close()
+    report = check_repository(format3, admin.format)
+    assert any(p.kind == "snapshot" and snap.id in p.message and "none of the readers" in p.message
+               for p in report.problems), report.problems
+    admin.close()
