@@ -75,12 +75,14 @@ def recipients_of(sealed: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], byte
     """``(ephemeral public key, [(recipient, wrapped key)], box)``; ``CorruptionError`` unless
     the value has exactly that shape (exact types: nothing hostile is converted)."""
     try:
-        doc = msgpack.unpackb(sealed, raw=False)
+        doc = msgpack.unpackb(sealed, raw=False) if type(sealed) is bytes else None
         e_pub, to, box = doc["e"], doc["to"], doc["box"]
-        ok = (doc["v"] == SEALED_VERSION and type(e_pub) is bytes and len(e_pub) == _KEY and type(box) is bytes
+        ok = (set(doc) == {"v", "e", "to", "box"} and type(doc["v"]) is int and doc["v"] == SEALED_VERSION
+              and type(e_pub) is bytes and len(e_pub) == _KEY and type(box) is bytes
               and type(to) is list and 1 <= len(to) <= MAX_RECIPIENTS
               and all(type(t) is list and len(t) == 2 and type(t[0]) is bytes and len(t[0]) == _KEY
-                      and type(t[1]) is bytes and len(t[1]) == _KEY + 16 for t in to))
+                      and type(t[1]) is bytes and len(t[1]) == _KEY + 16 for t in to)
+              and len({t[0] for t in to}) == len(to))  # each recipient once: no decoy before the real one
     except (ValueError, KeyError, TypeError, msgpack.ExtraData):
         ok = False
     if not ok:

@@ -65,7 +65,11 @@ def test_an_altered_value_does_not_open(part):
     msgpack.packb({"v": 1, "e": bytes(32), "to": [[bytes(32), bytes(48)]] * 9, "box": b""}),
     msgpack.packb({"v": 1, "e": bytes(32), "to": [[bytes(32), "str"]], "box": b""}),
     msgpack.packb({"v": 1, "e": bytes(32), "to": [[bytes(32), bytes(48)]], "box": 7}),
-], ids=["garbage", "list", "version", "short-key", "nobody", "too-many", "str", "box-type"])
+    msgpack.packb({"v": True, "e": bytes(32), "to": [[bytes(32), bytes(48)]], "box": b""}),
+    msgpack.packb({"v": 1, "e": bytes(32), "to": [[bytes(32), bytes(48)]], "box": b"", "x": 1}),
+    msgpack.packb({"v": 1, "e": bytes(32), "to": [[bytes(32), bytes(48)], [bytes(32), bytes(48)]], "box": b""}),
+], ids=["garbage", "list", "version", "short-key", "nobody", "too-many", "str", "box-type", "bool-version",
+        "extra-key", "a-recipient-twice"])
 def test_malformed_values_are_corruption(doc):
     with pytest.raises(CorruptionError, match="malformed sealed payload"):
         open_sealed(doc, [ALICE], AAD)
