@@ -304,7 +304,8 @@ def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, 
         cert, cert_sig = certify(root, admin.unique_id, key_id, role, host, public_key(signing_key))
         identity = Identity(role, key_id, signing_key, root.root_public, host, key_id, cert, cert_sig)
     kdf = kdf or KdfParams(admin.kdf.n, admin.kdf.r, admin.kdf.p, os.urandom(16))
-    name, blob = encode_slot(admin.unique_id, kdf, password, identity, _secrets(admin.keys, admin.parameters, role, host))
+    secret = _secrets(admin.keys, admin.parameters, role, host)
+    name, blob = encode_slot(admin.unique_id, kdf, password, identity, secret)
     if not storage.put_if_absent(name, blob):
         raise KdistError(f"key slot {name} already exists; try again")
     return identity

@@ -227,3 +227,32 @@ def test_check_names_a_snapshot_sealed_to_none_of_the_readers(format3, tmp_path)
     assert any(p.kind == "snapshot" and snap.id in p.message and "none of the readers" in p.message
                for p in report.problems), report.problems
     admin.close()
+
+
+def test_no_blob_holds_a_format_3_secret_in_the_clear(format3, tmp_path):
+    """The fleet secret, the master key, the hash secret, their subkeys and the payload keys are
+    stored sealed only (the format blob, key slots): no blob holds one in the clear."""
+    from kdist.keys import add_key
+    from repo_format.crypto import derive_subkey
+    from repo_format.sealed_payloads import host_private, readers_private
+
+    admin = Repository.open(format3, PASSWORD)
+    k = admin.format.keys
+    slot = add_key(admin, "alice-pw", "host", "alice", kdf=KdfParams.weak_for_tests()).slot
+    alice = Repository.open(AppendOnlyStorage(format3), "alice-pw", key_id=slot)
+    src = tmp_path / "src"
+    build_tree(src, big_size=5000)
+    Uploader(alice, BackupOptions(host="alice")).backup(str(src))
+    alice.close()
+    found = {"master key": k.master_key, "fleet secret": k.fleet_secret, "hash secret": k.hash_secret,
+             "readers' payload key": readers_private(k.master_key),
+             "alice's payload key": host_private(k.master_key, "alice")}
+    for info in (C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME, C.HKDF_INFO_RECORD_ID,
+                 C.HKDF_INFO_CONVERGENCE):
+        found[info.decode()] = derive_subkey(k.hash_secret if b"v3" in info else k.fleet_secret, info)
+    blobs = {m.name: format3.get(m.name) for m in format3.list("")}
+    assert any(n.startswith(C.KEY_SLOT_PREFIX) for n in blobs) and len(blobs) > 10
+    for name, data in blobs.items():
+        for what, secret in found.items():
+            assert secret not in data and secret.hex().encode() not in data, f"the {what} is in blob {name}"
+    admin.close()
