@@ -811,6 +811,32 @@ def test_format_3_a_host_cannot_reach_another_hosts_files(tmp_path, ticking_time
             _alice_reaches_no_file_of_bobs(fleet)
 
 
+@pytest.mark.parametrize("to_readers", [True, False], ids=["rule", "mutation-sealed-to-the-host-only"])
+def test_format_3_writers_seal_every_snapshot_to_the_readers(fleet3, monkeypatch, to_readers):
+    """Maintenance sees the snapshot records it can open (ManifestStore.find): the writer rule
+    that every record is sealed to the readers is what keeps a snapshot's contents from garbage
+    collection. Sealed to its host alone, bob's new snapshot loses its own contents to the GC
+    cycles and no longer restores."""
+    from repo_format.sealed_payloads import PayloadKeys, seal
+
+    if not to_readers:
+        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad: seal(
+            payload, [self.host_public(host) or self.readers_public], aad))
+    (fleet3.src["bob"] / "bob-only.bin").write_bytes(os.urandom(30_000))
+    snap = fleet3.backup("bob")
+    fleet3.gc_cycles()
+    bob = fleet3.open("bob")
+    target = fleet3.tmp / "bob-restored"
+    try:
+        ok = Restorer(bob).restore(snap, str(target)).errors == 0 and \
+            tree_state(str(target)) == tree_state(str(fleet3.src["bob"]))
+    except KdistError:
+        ok = False
+    finally:
+        bob.close()
+    assert ok == to_readers
+
+
 def test_maintenance_reads_no_history_a_host_wrote(fleet, monkeypatch):
     """The rule that hosts write snapshot records only keeps forged runs out of what maintenance
     computes its watermark, pack candidates and set clean-ups from."""
