@@ -106,6 +106,7 @@ class ManifestStore:
         # readers (repo_format.sealed_payloads); ``find`` opens them, and leaves out what this
         # key cannot open (another host's)
         self.payload_keys = payload_keys
+        self._opened: dict[tuple[str, bytes], bytes | None] = {}  # (id, sealed payload) -> what it opened to
         self._aead = aead
         self.session = session
         self.cache = cache  # copies of manifest blobs (immutable; authenticated when read)
@@ -173,10 +174,13 @@ class ManifestStore:
         payload that does not open for a recipient is left empty: it reads as malformed."""
         if self.payload_keys is None or rec.deleted or rec.labels.get("type") not in HOST_RECORD_TYPES:
             return rec
-        try:
-            payload = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
-        except CorruptionError:
-            payload = b""
+        key = (rec.id, rec.payload)  # (an X25519 agreement each: once per record, not per ``find``)
+        if key not in self._opened:
+            try:
+                self._opened[key] = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
+            except CorruptionError:
+                self._opened[key] = b""
+        payload = self._opened[key]
         return None if payload is None else replace(rec, payload=payload)
 
     def delete(self, manifest_ids: list[str]) -> None:
