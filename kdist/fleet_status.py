@@ -57,7 +57,7 @@ def fleet_status(manifests, now: float, max_age: float = DEFAULT_MAX_AGE,
     key without any; sorted by host and path. ``labels``: what this key may see (a host key: its
     own host)."""
     records = manifests.find(**labels)  # one read for snapshots, checkpoints and failures
-    edits = records if not labels else manifests.find(type=TAGS_LABEL)  # (edits carry no host label)
+    edits = records if not labels else manifests.find(type=TAGS_LABEL)  # (older edits carry no host label)
     snaps = where.select(with_tag_edits(edits, [Snapshot.from_record(r) for r in records
                                                if r.labels.get("type") == SNAPSHOT_LABEL]))
 

@@ -487,7 +487,8 @@ def list_snapshots(manifests, include_checkpoints: bool = False, **labels) -> li
                                     if all(r.labels.get(k) == v for k, v in labels.items())])
 
 
-# A tag edit (``snapshot tag``) is a record of its own: labels type=tags and snapshot=<id>, payload
+# A tag edit (``snapshot tag``) is a record of its own: labels type=tags, snapshot=<id> and the
+# snapshot's host (since format 3 seals edits as it seals snapshots; older edits lack it), payload
 # msgpack {"tags": [str, ...]}: that snapshot's tags from then on (the newest edit wins). The
 # snapshot's record, its id and its storage time stay as they were (retention and fleet status
 # judge it by them). Only admin and maintenance keys write edits: readers leave out a host key's
@@ -534,7 +535,9 @@ def edit_tags(manifests, snaps: list[Snapshot], add=(), remove=(), set_: list[st
             [t for t in dict.fromkeys(old + list(add)) if t not in remove]
         if new == old:
             continue
-        manifests.put({"type": TAGS_LABEL, "snapshot": s.id}, msgpack.packb({"tags": new}, use_bin_type=True))
+        # (the host label: format 3 seals the edit to that host and the readers, as its snapshot)
+        manifests.put({"type": TAGS_LABEL, "snapshot": s.id, "host": s.source.host},
+                      msgpack.packb({"tags": new}, use_bin_type=True))
         manifests.delete(edits.get(s.id, ([], []))[1])
         s.tags = new
         changed.append(s)

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from repo_format.local_cache import LocalCache
 
 MAX_MANIFEST_BLOB = 256 * 1024 * 1024
+# format 3: the records whose payload, and every label but ``CLEAR_LABELS``, are sealed to their
+# host and the readers (SPEC.md section 8a): snapshots, failures, and tag edits of snapshots
+SEALED_RECORD_TYPES = HOST_RECORD_TYPES + ("tags",)
+CLEAR_LABELS = ("type", "host", "checkpoint")  # what every reader needs to judge a record (section 8)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,22 @@ def _record(r: dict, blob: str, version: int = 1) -> ManifestRecord:
             and type(rec.payload) is bytes and type(rec.deleted) is bool):
         raise TypeError("manifest record field types")
     return rec
+
+
+def _sealed_part(plain: bytes) -> tuple[dict, bytes]:
+    """The sealed labels and payload of a format 3 record, exactly ``{"labels": {str: str},
+    "payload": bin}`` (SPEC.md section 8a); ``({}, b"")`` for any other shape, with no label
+    that readers judge records by (those stay in the clear)."""
+    try:
+        doc = msgpack.unpackb(plain, raw=False)
+        labels, payload = doc["labels"], doc["payload"]
+        if (type(doc) is dict and set(doc) == {"labels", "payload"} and type(payload) is bytes
+                and type(labels) is dict and not set(labels) & set(CLEAR_LABELS)
+                and all(type(k) is str and type(v) is str for k, v in labels.items())):
+            return labels, payload
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData):
+        pass
+    return {}, b""
 
 
 def newer(a: ManifestRecord, b: ManifestRecord) -> bool:
@@ -157,31 +177,38 @@ class ManifestStore:
         return name
 
     def put(self, labels: dict, payload: bytes, manifest_id: str | None = None) -> ManifestRecord:
-        """Write one record; returns it (a sealed payload opened again, as ``find`` gives it)."""
+        """Write one record; returns it (a sealed one as ``find`` gives it: opened again)."""
         record_id = manifest_id or self.new_id()
-        stored = payload
-        if self.payload_keys is not None and labels.get("type") in HOST_RECORD_TYPES:
+        stored, clear = payload, dict(labels)
+        if self.payload_keys is not None and labels.get("type") in SEALED_RECORD_TYPES:
+            clear = {k: v for k, v in labels.items() if k in CLEAR_LABELS}
+            hidden = {k: v for k, v in labels.items() if k not in CLEAR_LABELS}
             host = labels.get("host")
-            stored = self.payload_keys.seal(payload, host if type(host) is str else "",
-                                            payload_aad(self.unique_id, record_id))
-        rec = self._signed(ManifestRecord(record_id, dict(labels), int(clock.now() * 1e6), stored))
+            stored = self.payload_keys.seal(msgpack.packb({"labels": hidden, "payload": payload}),
+                                            host if type(host) is str else "", payload_aad(self.unique_id, record_id))
+        rec = self._signed(ManifestRecord(record_id, clear, int(clock.now() * 1e6), stored))
         self.write_records([rec])
-        return replace(rec, payload=payload)
+        return replace(rec, labels=dict(labels), payload=payload)
 
     def opened(self, rec: ManifestRecord) -> ManifestRecord | None:
-        """``rec`` as its readers see it: in format 3 a snapshot or failure record with its
-        payload opened, or None if this key is none of its recipients (another host's). A
-        payload that does not open for a recipient is left empty: it reads as malformed."""
-        if self.payload_keys is None or rec.deleted or rec.labels.get("type") not in HOST_RECORD_TYPES:
+        """``rec`` as its readers see it: in format 3 a snapshot, failure or tag edit record with
+        its payload and its sealed labels opened (the clear ones win), or None if this key is
+        none of its recipients (another host's). A sealed part that does not open for a
+        recipient, or is not of its exact shape, is left empty: the record reads as malformed."""
+        if self.payload_keys is None or rec.deleted or rec.labels.get("type") not in SEALED_RECORD_TYPES:
             return rec
         key = (rec.id, rec.payload)  # (an X25519 agreement each: once per record, not per ``find``)
         if key not in self._opened:
             try:
-                self._opened[key] = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
+                plain = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
+                self._opened[key] = None if plain is None else _sealed_part(plain)
             except CorruptionError:
-                self._opened[key] = b""
-        payload = self._opened[key]
-        return None if payload is None else replace(rec, payload=payload)
+                self._opened[key] = ({}, b"")
+        part = self._opened[key]
+        if part is None:
+            return None
+        hidden, payload = part
+        return replace(rec, labels={**hidden, **rec.labels}, payload=payload)
 
     def delete(self, manifest_ids: list[str]) -> None:
         """Write one tombstone blob for the given ids. Each tombstone is timestamped after the
@@ -337,10 +364,13 @@ class ManifestStore:
         raise AssertionError("unreachable: changing.attempts raises when they run out")
 
     def find(self, **labels) -> list[ManifestRecord]:
-        """Live records whose labels include ``labels``, oldest first (``opened``)."""
+        """Live records whose labels include ``labels``, oldest first, as ``opened`` gives them
+        (format 3 matches the sealed labels once opened)."""
         best, _ = self._current()
-        out = [r for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in labels.items())]
-        return sorted((o for r in out if (o := self.opened(r)) is not None), key=lambda r: (r.ts, r.id))
+        clear = {k: v for k, v in labels.items() if k in CLEAR_LABELS}  # (never sealed: no opening needed)
+        out = [o for r in best.values() if not r.deleted and all(r.labels.get(k) == v for k, v in clear.items())
+               and (o := self.opened(r)) is not None and all(o.labels.get(k) == v for k, v in labels.items())]
+        return sorted(out, key=lambda r: (r.ts, r.id))
 
     def compact(self, now: float, settle: float, min_blobs: int = 16, tombstone_rule: bool = True,
                 delete=None) -> int:

@@ -42,7 +42,7 @@ from kdist.gc.run import MaintenanceOptions, run_maintenance  # noqa: E402
 from kdist.keys import add_key, remove_key  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
 from kdist.retention import RetentionPolicy  # noqa: E402
-from kdist.snapshot import SNAPSHOT_LABEL, list_snapshots, plan_forget  # noqa: E402
+from kdist.snapshot import SNAPSHOT_LABEL, Source, edit_tags, list_snapshots, plan_forget, previous_root  # noqa: E402
 from kdist.uploader import BackupOptions, Uploader  # noqa: E402
 
 SAFETY = SAFETY_FULL.scaled(1 / 3600)  # margins of seconds: GC cycles pass in virtual time
@@ -809,6 +809,43 @@ def test_format_3_a_host_cannot_reach_another_hosts_files(tmp_path, ticking_time
     else:
         with pytest.raises(AssertionError):
             _alice_reaches_no_file_of_bobs(fleet)
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["defended", "mutation-labels-in-the-clear"])
+def test_format_3_source_paths_and_tags_are_sealed(tmp_path, ticking_time, monkeypatch, sealed):
+    """Format 3 seals every label but type, host and checkpoint with the payload (SPEC.md
+    section 8a), tag edits included: nothing alice's host key decrypts names bob's source path
+    or a tag an admin gave his snapshot, while bob's key and the admin's still list, filter and
+    tag by them. With the labels left in the clear, alice's manifest blobs name his path."""
+    from repo_format import manifest
+
+    if not sealed:
+        monkeypatch.setattr(manifest, "CLEAR_LABELS", manifest.CLEAR_LABELS + ("user", "path", "snapshot"))
+    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
+    fleet3 = Fleet(tmp_path, ticking_time, version=3)
+    path = str(fleet3.src["bob"])
+    snap = fleet3.backup("bob")
+    admin = fleet3.admin
+    edit_tags(admin.manifests, [s for s in list_snapshots(admin.manifests) if s.id == snap.id],
+              add=["bobs-secret-tag"])
+    both = [fleet3.bob_snap.id, snap.id]
+    assert [s.id for s in list_snapshots(admin.manifests, host="bob", path=path)] == both
+    bob = fleet3.open("bob")
+    try:  # bob filters by his sealed path and sees his tag (opened)
+        mine = list_snapshots(bob.manifests, host="bob", path=path)
+        assert [(s.id, s.source.path, s.tags) for s in mine] == [(both[0], path, []),
+                                                                (snap.id, path, ["bobs-secret-tag"])]
+        assert previous_root(bob.manifests, Source("bob", snap.source.user, path)) == snap.root
+    finally:
+        bob.close()
+    alice = fleet3.open("alice")
+    try:
+        seen = b"".join(msgpack.packb(alice.manifests._read_doc(m.name))
+                        for m in fleet3.storage.list(C.MANIFEST_PREFIX))
+        assert (path.encode() in seen or b"bobs-secret-tag" in seen) != sealed
+        assert snap.id.encode() in seen  # (what she reads: the records themselves)
+    finally:
+        alice.close()
 
 
 @pytest.mark.parametrize("to_readers", [True, False], ids=["rule", "mutation-sealed-to-the-host-only"])
