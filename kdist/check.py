@@ -164,9 +164,11 @@ class Checker:
         # format 3: the references the walk met, by content id, so that reading data opens each
         # record with them (certifying a record does not show that a reference's seed opens it)
         self._refs: dict[bytes, set[bytes]] | None = {} if self.contents.records.ref_size != C.CONTENT_ID_SIZE else None
+        self.hosts: list[str] = []  # the hosts of the snapshots ``run`` read
 
     def run(self, read_data: float | None = None, seed: int | None = None) -> CheckReport:
         snapshots = self.read_snapshots()
+        self.hosts = sorted({s.source.host for s in snapshots})  # (repair: format 3's tree keys)
         self.load_index()
         self.packs = {m.name: m.length for prefix in C.PACK_PREFIXES for m in self.storage.list(prefix)}
         self.report.counts["packs"] = len(self.packs)

@@ -155,7 +155,7 @@ class SnapshotCopier(Uploader):
 
     def _copy_file(self, e: Entry) -> Entry:
         try:
-            oid, length = self.repo.objects.copy_from(self.source.objects, e.oid, on_chunk=self._count_read)
+            oid, length = self._objects.copy_from(self.source.objects, e.oid, on_chunk=self._count_read)
         except KdistError as exc:
             if is_outage(exc):
                 raise

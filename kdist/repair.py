@@ -73,20 +73,27 @@ class _SourceSink:
     wanted ones to ``store``, or, without a store, only notes that the file holds them.
     ``identify``: data -> its reference, whose first bytes are the content id."""
 
-    def __init__(self, identify, wanted: set[bytes], store: ContentStore | None):
+    def __init__(self, identify, wanted: set[bytes], store: ContentStore | None, trees=(), level: int = 0):
         self._identify = identify
+        self._level = level  # (zstd: the record, hence a tree codec's id, depends on it)
         self._wanted = wanted
         self._store = store
+        self._trees = trees  # format 3: each host's tree codec (chunk lists converge per host)
         self.found: set[bytes] = set()
         self.bytes = 0
 
-    def write(self, data, metadata: bool = False, known=None) -> bytes:
-        ref = self._identify(data)
+    def write(self, data, metadata: bool = False, known=None, records=None) -> bytes:
+        ref, records = self._identify(data), None
+        for codec in self._trees if metadata else ():  # the host whose chunk list is wanted, if any
+            tree_ref = codec.identify(data, self._level)[0]
+            if tree_ref[:C.CONTENT_ID_SIZE] in self._wanted:
+                ref, records = tree_ref, codec
+                break
         cid = ref[:C.CONTENT_ID_SIZE]
         if cid in self._wanted and cid not in self.found:
             self.found.add(cid)
             if self._store is not None:
-                self._store.write(data, metadata=metadata)
+                self._store.write(data, metadata=metadata, records=records)
                 self.bytes += len(data)
         return ref
 
@@ -212,7 +219,10 @@ class Repairer:
         def identify(data) -> bytes:
             return records.identify(data, level)[0]
 
-        finder = _SourceSink(identify, wanted, None)
+        keys = self.fmt.payload_keys  # format 3: chunk lists converge under their host's tree key
+        tree_keys = [keys.tree_key(h) for h in checker.hosts] if keys is not None else []
+        trees = [records.for_trees(k) for k in tree_keys if k is not None]
+        finder = _SourceSink(identify, wanted, None, trees, level)
         holders = []
         for path in _source_files(source):
             report.source_files += 1
@@ -229,7 +239,7 @@ class Repairer:
         self._write_index(marks)
         checker.index.add_entries(marks)
         store = Repository(self.storage, self.fmt, self.session, committed=checker.index).contents
-        writer = _SourceSink(identify, finder.found, store)
+        writer = _SourceSink(identify, finder.found, store, trees, level)
         try:
             for path in holders:
                 _chunk(path, ObjectStore(writer, splitter), report)

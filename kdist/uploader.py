@@ -496,7 +496,9 @@ class Uploader:
         self._checkpoint_ids = []
         self._batch = _Batch()
         self._reuse: list[_Reuse] = []
-        self._small = self.repo.objects.splitter.min_size
+        # (format 3: this host's trees converge under its tree key; a key without it is refused)
+        self._objects = self.repo.objects_for(source.host)
+        self._small = self._objects.splitter.min_size
 
     def _run(self, walk: Callable[[], None]) -> None:
         """Walk in this thread while the pool reads files; checkpoint while waiting for them."""
@@ -549,7 +551,7 @@ class Uploader:
 
     def _read_stream(self, stream, entry: Entry) -> Entry:
         try:
-            entry.oid, entry.size = self.repo.objects.write_stream(stream, on_chunk=self._count_read)
+            entry.oid, entry.size = self._objects.write_stream(stream, on_chunk=self._count_read)
         except OSError as exc:
             raise SourceError(f"error while reading standard input: {exc.strerror or exc}") from None
         with self._lock:
@@ -656,7 +658,7 @@ class Uploader:
         if not prev_oid:
             return None
         try:
-            return read_listing(self.repo.objects, prev_oid)
+            return read_listing(self._objects, prev_oid)
         except KdistError as exc:  # a damaged previous snapshot only costs re-reading
             if is_outage(exc):  # the storage failing is not damage: stop with its error
                 raise
@@ -679,7 +681,7 @@ class Uploader:
         if (old is not None and old.type == TYPE_FILE and old.oid != ""
                 and (old.size, old.mtime_ns, old.ctime_ns, old.inode) == (entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode)):
             try:
-                cid = self.repo.objects.parse(old.oid)[1]
+                cid = self._objects.parse(old.oid)[1]
             except KdistError:
                 return self._read(path, entry)
             slot = _Reuse(path, entry, old.oid, cid)
@@ -755,7 +757,7 @@ class Uploader:
         if got is None:
             return self._read_file(path, entry)
         data, st = got
-        return self._finish_small(path, entry, self.repo.objects.write_bytes(data), len(data), st.st_mtime_ns, st.st_size)
+        return self._finish_small(path, entry, self._objects.write_bytes(data), len(data), st.st_mtime_ns, st.st_size)
 
     def _finish_small(self, path: str, entry: Entry, oid: str, length: int, mtime_ns: int, size: int) -> Entry:
         """A small file is stored: compare its stat after the read with the walk's (a change
@@ -771,7 +773,7 @@ class Uploader:
         return entry
 
     def _read_file(self, path: str, entry: Entry, previous: str = "") -> Entry | None:
-        known = self.repo.objects.known_chunks(previous) if previous else None
+        known = self._objects.known_chunks(previous) if previous else None
         try:
             fd = open_source(path, entry.uid)
         except ReadFailed as exc:
@@ -780,7 +782,7 @@ class Uploader:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
-                oid, length = self.repo.objects.write_file(f, on_chunk=self._count_read, known=known)
+                oid, length = self._objects.write_file(f, on_chunk=self._count_read, known=known)
                 after = os.fstat(f.fileno())
         except OSError as exc:
             self._error(path, f"error while reading file: {exc.strerror}")
@@ -829,7 +831,7 @@ class Uploader:
         if reuse and self._still_stored(node.prev_oid):
             entry.oid, node.reused = node.prev_oid, True  # the same entries encode to the same object
         else:
-            entry.oid = self.repo.objects.write_bytes(
+            entry.oid = self._objects.write_bytes(
                 encode_directory(entries, node.entry if node.top else None, node.complete), metadata=True)
         entry.summary = summary
         return entry
@@ -838,7 +840,7 @@ class Uploader:
         """Whether a previous directory object can be referred to as it is: one chunk whose content
         the index holds live (noted as referenced: revalidated before publishing)."""
         try:
-            indirect, cid = self.repo.objects.parse(oid)
+            indirect, cid = self._objects.parse(oid)
         except KdistError:
             return False
         if indirect or not self.repo.contents.contains(cid):

@@ -137,8 +137,8 @@ class ContentStore:
         """Whether ``data`` is the plaintext ``ref`` names."""
         return self.records.matches(ref, data)
 
-    def write(self, data, metadata: bool = False, known: dict[bytes, bytes] | None = None) -> bytes:
-        return self.writer.write(data, metadata, known)
+    def write(self, data, metadata: bool = False, known: dict[bytes, bytes] | None = None, records=None) -> bytes:
+        return self.writer.write(data, metadata, known, records)
 
     def rewrite(self, entries: list[IndexEntry]) -> tuple[int, int]:
         return self.writer.rewrite(entries)

@@ -122,24 +122,28 @@ class ContentWriter:
         """The reference writing ``data`` would return (format 3 seals it to know)."""
         return self._records.identify(data, self._zstd_level)[0]
 
-    def write(self, data, metadata: bool = False, known: dict[bytes, bytes] | None = None) -> bytes:
+    def write(self, data, metadata: bool = False, known: dict[bytes, bytes] | None = None,
+              records=None) -> bytes:
         """Store ``data`` once; its reference (``repo_format.records``: the content id, and in
         format 3 the seed that opens it). ``known`` (format 3): references by seed, those of the
         previous version of the file being written: a content among them is deduplicated by its
-        seed, a keyed hash, without the seal its id otherwise needs (SPEC.md section 4a)."""
+        seed, a keyed hash, without the seal its id otherwise needs (SPEC.md section 4a).
+        ``records``: the codec to seal with instead of the repository's (format 3: a host's tree
+        records, ``ObjectStore.for_host``)."""
         if not self._session.started:
             self._session.ensure()
-        if known and self._records.ref_size > C.CONTENT_ID_SIZE:
-            ref = known.get(self._records.seed(data))
+        records = records or self._records
+        if known and records.ref_size > C.CONTENT_ID_SIZE:
+            ref = known.get(records.seed(data))
             if ref is not None and self._deduplicated(ref[:C.CONTENT_ID_SIZE])[0]:
                 return ref
-        ref, sealed = self._records.identify(data, self._zstd_level)
+        ref, sealed = records.identify(data, self._zstd_level)
         cid = ref[:C.CONTENT_ID_SIZE]
         done, old = self._deduplicated(cid)
         if done:
             return ref
         if sealed is None:
-            sealed = self._records.seal(data, self._zstd_level, ref)
+            sealed = records.seal(data, self._zstd_level, ref)
         # newer than a deletion marker of the same content: a rewrite must win over it whatever
         # this client's clock says (the conflict rule orders by timestamp)
         stamp = int(clock.now() * 1e6)

@@ -43,6 +43,8 @@ SEED_SIZE = 32
 REF_SIZE = C.CONTENT_ID_SIZE + SEED_SIZE
 RECORD_KEY_INFO = b"kdist/v3/record-key"
 RECORD_AAD = b"kdist/v3/record"
+TREE_RECORD_AAD = b"kdist/v3/tree-record"  # a directory object's or chunk list's (a host's tree key)
+TREE_KEY_INFO = b"kdist/v3/tree-key\x00"
 ID_DOMAIN = b"kdist/v3/record-id\x00"
 SIV_OVERHEAD = 16
 MAX_ORIGINAL_LENGTH = 2**63 - 1
@@ -75,20 +77,37 @@ def _header(compression: int, original_length: int) -> bytes:
     return bytes([compression]) + original_length.to_bytes(8, "big")
 
 
+def tree_key(master_key: bytes, host: str) -> bytes:
+    """``host``'s tree key: the convergence key of its directory objects and chunk lists (admins
+    derive it; a host key's slot holds its own). Another host cannot derive it, so it cannot
+    confirm a guess of this host's directories by sealing the guess (SPEC.md section 4a)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=TREE_KEY_INFO + host.encode("utf-8", "surrogateescape")).derive(master_key)
+
+
 class ConvergentRecords:
     """Seal, certify and open format 3 content records (the interface of
     ``repo_format.records.KeyedRecords``). ``record_id_key`` and
-    ``convergence_key``: the two 32-byte keys (``RepositoryKeys``); thread-safe."""
+    ``convergence_key``: the two 32-byte keys (``RepositoryKeys``); thread-safe. With ``tree``,
+    it seals tree records: under a host's tree key, with their own associated data. Every
+    instance opens both kinds; a tree record's seed is not checked against its plaintext (a
+    reader may not hold the host's tree key): its reference, certified id and AES-SIV bind it."""
 
     ref_size = REF_SIZE
 
-    def __init__(self, record_id_key: bytes, convergence_key: bytes):
+    def __init__(self, record_id_key: bytes, convergence_key: bytes, tree: bool = False):
         if len(record_id_key) != 32 or len(convergence_key) != 32:
             raise ValueError("record keys must be 32 bytes")
         if record_id_key == convergence_key:
             raise ValueError("the record-id and convergence keys must differ")
         self._id_key = record_id_key
         self._convergence_key = convergence_key
+        self.tree = tree
+        self._aad = TREE_RECORD_AAD if tree else RECORD_AAD
+
+    def for_trees(self, tree_convergence_key: bytes) -> "ConvergentRecords":
+        """The codec sealing a host's tree records under its tree key (``tree_key``)."""
+        return ConvergentRecords(self._id_key, tree_convergence_key, tree=True)
 
     def seed(self, data) -> bytes:
         """The plaintext's seed: its keyed hash under the convergence key."""
@@ -113,7 +132,7 @@ class ConvergentRecords:
         compression, payload = compress(data, level)
         # the compression byte leads the plaintext: AES-SIV refuses an empty one (the empty content)
         record = self._cipher(seed).encrypt(bytes([compression]) + payload,
-                                            [RECORD_AAD, _header(compression, len(data))])
+                                            [self._aad, _header(compression, len(data))])
         cid = self.record_id(compression, len(data), record)
         return Sealed(cid + seed, compression, record, len(data))
 
@@ -143,14 +162,20 @@ class ConvergentRecords:
             raise CorruptionError(f"content {cid.hex()} is not the one its entry names")
         self.certify(entry, record)
         compression, original_length = entry.compression, entry.original_length
-        try:
-            inner = self._cipher(seed).decrypt(bytes(record), [RECORD_AAD, _header(compression, original_length)])
-        except InvalidTag:
-            raise CorruptionError(f"content {cid.hex()} does not open with its reference's seed") from None
+        header, cipher = _header(compression, original_length), self._cipher(seed)
+        inner = tree = None
+        for aad in (RECORD_AAD, TREE_RECORD_AAD):  # a data record, else a tree record
+            try:
+                inner, tree = cipher.decrypt(bytes(record), [aad, header]), aad == TREE_RECORD_AAD
+                break
+            except InvalidTag:
+                continue
+        if inner is None:
+            raise CorruptionError(f"content {cid.hex()} does not open with its reference's seed")
         if not inner or inner[0] != compression:
             raise CorruptionError(f"content {cid.hex()} has a record of another compression")
         data = decompress(compression, memoryview(inner)[1:], original_length)
-        if self.seed(data) != seed:
+        if not tree and self.seed(data) != seed:  # (a data record's seed: the one key every role holds)
             raise CorruptionError(f"content {cid.hex()} does not match its reference's seed")
         return data
 

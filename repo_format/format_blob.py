@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import msgpack
 
 from repo_format import constants as C
+from repo_format.convergent import tree_key
 from repo_format.crypto import (Aead, KdfParams, RepositoryKeys, normalise_password, open_with_password,
                                 unkeyed_checksum)
 from repo_format.errors import (
@@ -113,7 +114,7 @@ def _aad(unique_id: bytes, version: int = 1) -> bytes:
 def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN, host: str = "") -> dict:
     """The secrets a format blob or key slot seals: in format 3 (a fleet secret) only an admin's
     hold the master key; a maintenance key holds the readers' payload key, a host key its
-    host's and the readers' public key (SPEC.md section 8a)."""
+    host's, the readers' public key (SPEC.md section 8a) and its host's tree key (section 4a)."""
     if keys.fleet_secret is None:
         return {"master_key": keys.master_key, "hash_secret": keys.hash_secret, "parameters": parameters.to_dict()}
     held = keys if role == ADMIN else keys.without_master_key()
@@ -125,6 +126,7 @@ def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str =
     else:
         out["host_key"] = host_private(keys.master_key, host)
         out["readers_public"] = public_of(readers_private(keys.master_key))
+        out["tree_key"] = tree_key(keys.master_key, host)
     return out
 
 
@@ -138,10 +140,10 @@ def _payload_keys(keys: RepositoryKeys, p: dict, identity: Identity | None) -> P
         if type(private) is not bytes or len(private) != 32:
             raise ValueError("payload key")
         return PayloadKeys(public_of(private), (private,))
-    private, readers = p["host_key"], p["readers_public"]
-    if not (type(private) is bytes and len(private) == 32 and type(readers) is bytes and len(readers) == 32):
+    private, readers, trees = p["host_key"], p["readers_public"], p["tree_key"]
+    if not all(type(k) is bytes and len(k) == 32 for k in (private, readers, trees)):
         raise ValueError("payload key")
-    return PayloadKeys(readers, (private,), identity.host if identity is not None else "")
+    return PayloadKeys(readers, (private,), identity.host if identity is not None else "", host_tree_key=trees)
 
 
 def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys,

@@ -166,9 +166,18 @@ class _Range(io.RawIOBase):
 
 
 class ObjectStore:
-    def __init__(self, contents: ContentStore, splitter: Splitter):
+    """Objects (files, directory objects) as contents: one content, or a chunk list of them.
+    ``trees``: the codec of the metadata contents it writes (directory objects, chunk lists);
+    None, the repository's own. Format 3 writes a host's with its tree key (``for_host``)."""
+
+    def __init__(self, contents: ContentStore, splitter: Splitter, trees=None):
         self.contents = contents
         self.splitter = splitter
+        self.trees = trees
+
+    def for_host(self, trees) -> "ObjectStore":
+        """The same objects, writing metadata contents with ``trees`` (a host's tree codec)."""
+        return ObjectStore(self.contents, self.splitter, trees)
 
     def write_stream(self, stream: BinaryIO, metadata: bool = False, on_chunk=None,
                      known: dict[bytes, bytes] | None = None) -> tuple[str, int]:
@@ -176,7 +185,7 @@ class ObjectStore:
         size; ``known``: references by seed to deduplicate against first (``known_chunks``)."""
         chunks: list[tuple[bytes, int]] = []
         for data in self.splitter.split(stream):
-            chunks.append((self.contents.write(data, metadata=metadata, known=known), len(data)))
+            chunks.append((self._write(data, metadata, known), len(data)))
             if on_chunk is not None:
                 on_chunk(len(data))
         return self._finish(chunks, metadata), sum(n for _, n in chunks)
@@ -245,20 +254,23 @@ class ObjectStore:
                     on_chunk(len(data))
         return self._finish(chunks, False), sum(n for _, n in chunks)
 
+    def _write(self, data, metadata: bool, known=None) -> bytes:
+        return self.contents.write(data, metadata=metadata, known=known, records=self.trees if metadata else None)
+
     def write_bytes(self, data: bytes, metadata: bool = False) -> str:
         if len(data) <= self.splitter.min_size:  # one chunk, uncut: no need to run the chunker
-            return self.contents.write(data, metadata=metadata).hex()
+            return self._write(data, metadata).hex()
         return self.write_stream(io.BytesIO(data), metadata)[0]
 
     def _finish(self, chunks: list[tuple[bytes | None, int]], metadata: bool) -> str:
         if not chunks:
-            return self.contents.write(b"", metadata=metadata).hex()
+            return self._write(b"", metadata).hex()
         if len(chunks) == 1 and chunks[0][0] is not None:
             return chunks[0][0].hex()
         holes = any(c is None for c, _n in chunks)
         listing = msgpack.packb({"v": C.OBJECT_LIST_VERSION_HOLES if holes else C.OBJECT_LIST_VERSION,
                                  "chunks": [[c, n] for c, n in chunks]})
-        return C.INDIRECT_OBJECT_PREFIX + self.contents.write(listing, metadata=True).hex()
+        return C.INDIRECT_OBJECT_PREFIX + self._write(listing, True).hex()
 
     def same_content(self, oid: str, fd: int) -> bool:
         """Whether the file open at ``fd`` holds exactly object ``oid``'s bytes: read piece by

@@ -14,7 +14,7 @@ from repo_format.content import ContentStore, start_signed_epochs
 from repo_format.crypto import KdfParams
 from repo_format.format_blob import FormatBlob, RepositoryParameters
 from repo_format.index import MergedIndex
-from repo_format.keyslots import ADMIN, ROOT_KEY_ID, Identity
+from repo_format.keyslots import ADMIN, ROOT_KEY_ID, Identity, PermissionRefused
 from repo_format.local_cache import CacheSettings, LocalCache
 from repo_format.manifest import ManifestStore
 from repo_format.objects import ObjectStore, Splitter
@@ -62,6 +62,18 @@ class Repository:
     def open(cls, storage: BlobStorage, password: str, key_id: str | None = None, **kwargs) -> "Repository":
         """Open with the admin's password or a key slot's (``key_id`` names the slot)."""
         return cls(storage, format_blob.read(storage, password, key_id), **kwargs)
+
+    def objects_for(self, host: str) -> ObjectStore:
+        """The object store a backup of ``host`` writes through: in format 3 its directory
+        objects and chunk lists converge under the host's tree key (SPEC.md section 4a), which
+        admins derive and a host key holds for its own host only."""
+        keys = self.format.payload_keys
+        if keys is None:
+            return self.objects
+        key = keys.tree_key(host)
+        if key is None:
+            raise PermissionRefused(f"this {self.identity.role} key cannot write the trees of host {host!r}")
+        return self.objects.for_host(self.contents.records.for_trees(key))
 
     @property
     def parameters(self) -> RepositoryParameters:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from repo_format.convergent import tree_key
 from repo_format.errors import CorruptionError
 
 HOST_KEY_INFO = b"kdist/v3/host-key\x00"
@@ -116,12 +117,14 @@ def payload_aad(unique_id: bytes, record_id: str) -> bytes:
 class PayloadKeys:
     """What one key seals and opens payloads with (format 3): the readers' public key; the
     private keys it opens with (the readers' for admins and maintenance, its host's for a host
-    key); and, for admins, the master key, from which any host's key derives."""
+    key); and, for admins, the master key, from which any host's key derives. Also the one other
+    per-host secret, the tree key a host's trees converge under (``tree_key``)."""
 
     readers_public: bytes
     privates: tuple[bytes, ...] = ()
     host: str = ""
     master_key: bytes | None = field(default=None, repr=False)
+    host_tree_key: bytes | None = field(default=None, repr=False)  # a host key's own (SPEC.md section 4a)
 
     def __repr__(self) -> str:  # never show key bytes
         return f"PayloadKeys(host={self.host!r}, opens={len(self.privates)})"
@@ -137,6 +140,13 @@ class PayloadKeys:
         if self.host and host == self.host and self.privates:
             return public_of(self.privates[0])
         return None
+
+    def tree_key(self, host: str) -> bytes | None:
+        """The key ``host``'s directory objects and chunk lists converge under, if this key
+        may write them: admins derive any host's, a host key holds its own; None otherwise."""
+        if self.master_key is not None:
+            return tree_key(self.master_key, host)
+        return self.host_tree_key if self.host and host == self.host else None
 
     def seal(self, payload: bytes, host: str, aad: bytes) -> bytes:
         """For ``host`` (if this key knows its public key: admins, and the host's own keys) and

@@ -63,7 +63,11 @@ def test_two_hosts_back_up_deduplicate_and_restore(format3, tmp_path):
     assert repo.format.version == 3 and repo.contents.records.ref_size == 64
     entries = {e.name: e for e in read_directory(repo.objects, a.root)}
     assert len(entries["marker"].oid.lstrip("I")) == 128  # id and seed
-    assert entries["shared"].oid == {e.name: e for e in read_directory(repo.objects, b.root)}["shared"].oid
+    bobs = {e.name: e for e in read_directory(repo.objects, b.root)}
+    # the shared file's chunks are one set of records; its chunk lists are each host's own
+    # (SPEC.md section 4a: trees converge under their host's tree key)
+    assert repo.objects.chunks(entries["shared"].oid) == repo.objects.chunks(bobs["shared"].oid)
+    assert entries["shared"].oid != bobs["shared"].oid
     for host, snap in (("alice", a), ("bob", b)):
         stats = Restorer(repo).restore(snap, str(tmp_path / f"{host}-restored"))
         assert stats.errors == 0
@@ -120,6 +124,38 @@ def test_repair_stores_lost_contents_again_from_the_source(format3, tmp_path):
     assert Restorer(repo).restore(snap, str(tmp_path / "restored")).errors == 0
     assert tree_state(str(tmp_path / "restored")) == tree_state(str(src))
     repo.close()
+
+
+@pytest.mark.parametrize("by_tree_key", [True, False], ids=["host-tree-keys", "mutation-fleet-key-only"])
+def test_repair_finds_a_lost_chunk_list_under_its_hosts_tree_key(format3, tmp_path, monkeypatch, by_tree_key):
+    """A chunk list converges under its host's tree key (SPEC.md section 4a): repair, looking
+    for lost contents in a source, seals the source's chunk lists under each snapshot host's
+    key. Under the fleet's convergence key alone it would never find it."""
+    from kdist.repair import repair_repository
+    from repo_format.sealed_payloads import PayloadKeys
+
+    storage = format3
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(300_000))  # many chunks: a chunk list
+    _backup(storage, src, "alice")
+    (src / "new").write_bytes(b"a new root directory, in a pack of its own")
+    snap, _stats = _backup(storage, src, "alice")
+    repo = Repository.open(storage, PASSWORD)
+    big = {e.name: e for e in read_directory(repo.objects, snap.root)}["big"]
+    indirect, ref = repo.objects.parse(big.oid)
+    cid = ref[:C.CONTENT_ID_SIZE]
+    lost = repo.contents.index.lookup(cid).pack
+    assert indirect and repo.contents.index.lookup(repo.objects.parse(snap.root)[1][:C.CONTENT_ID_SIZE]).pack != lost
+    storage.delete(lost)
+    repo.close()
+    if not by_tree_key:
+        monkeypatch.setattr(PayloadKeys, "tree_key", lambda self, host: None)
+    repo = Repository.open(storage, PASSWORD)
+    report = repair_repository(storage, repo.format, source=str(src))
+    repo.close()
+    assert cid in report.before.missing
+    assert (cid in report.after.missing) != by_tree_key
 
 
 @pytest.mark.parametrize("bad", ["wrong-seed", "format-2-size", "format-3-size-in-format-2"])

@@ -146,3 +146,29 @@ def test_the_keys_are_the_hash_secrets_and_differ():
 def test_golden_record_id():
     s = KEYS.convergent_records().seal(b"kdist golden record" * 8, 3)
     assert s.content_id.hex() == GOLDEN_ID
+
+
+def test_tree_records_converge_per_host_and_every_reader_opens_them():
+    """A host's directory objects and chunk lists are sealed under its tree key (HKDF of the
+    master key and the host name, SPEC.md section 4a) with the tree associated data: the same
+    plaintext gives each host its own record, no other host's key or the fleet's convergence key
+    gives it, and a reader holding neither key opens it with the reference alone."""
+    from repo_format.convergent import tree_key
+
+    master = os.urandom(32)
+    data = b"a directory object of alice's " * 20
+    fleet = _records()
+    alice = fleet.for_trees(tree_key(master, "alice"))
+    bob = fleet.for_trees(tree_key(master, "bob"))
+    ref = alice.seal(data, 3).ref
+    assert alice.seal(data, 3).ref == ref  # alice's next snapshot deduplicates it
+    assert ref not in {bob.seal(data, 3).ref, fleet.seal(data, 3).ref}
+    # the tree associated data: the same key as a data record's still gives another record
+    assert fleet.for_trees(fleet._convergence_key).seal(data, 3).ref != fleet.seal(data, 3).ref
+    want = HKDF(hashes.SHA256(), 32, None, b"kdist/v3/tree-key\x00alice").derive(master)
+    assert tree_key(master, "alice") == want
+    s = alice.seal(data, 3)
+    for reader in (fleet, bob):  # a reader with no tree key, and another host's
+        assert reader.open(ref, _of(s), s.record) == data
+    with pytest.raises(CorruptionError, match="does not open"):
+        fleet.open(ref[:C.CONTENT_ID_SIZE] + fleet.seed(data), _of(s), s.record)

@@ -30,6 +30,7 @@ from repo_format.format_blob import RepositoryParameters  # noqa: E402
 from repo_format.index import IndexEntry, encode_index, seal_index  # noqa: E402
 from repo_format.keyslots import COMPACTED_DOMAIN, HOST, MAINTENANCE, sign  # noqa: E402
 from repo_format.manifest import ManifestRecord  # noqa: E402
+from repo_format.objects import ObjectStore  # noqa: E402
 from repo_format.repository import Repository  # noqa: E402
 from repo_format.safety import SAFETY_FULL  # noqa: E402
 from repo_format.storage.memory import MemoryStorage  # noqa: E402
@@ -844,6 +845,39 @@ def test_format_3_source_paths_and_tags_are_sealed(tmp_path, ticking_time, monke
                         for m in fleet3.storage.list(C.MANIFEST_PREFIX))
         assert (path.encode() in seen or b"bobs-secret-tag" in seen) != sealed
         assert snap.id.encode() in seen  # (what she reads: the records themselves)
+    finally:
+        alice.close()
+
+
+@pytest.mark.parametrize("per_host", [True, False], ids=["defended", "mutation-trees-under-the-fleet-key"])
+def test_format_3_a_host_cannot_confirm_a_guess_of_another_hosts_directory(tmp_path, ticking_time, monkeypatch,
+                                                                         per_host):
+    """Format 3 seals directory objects and chunk lists under their host's tree key (SPEC.md
+    section 4a), which alice's key neither holds nor derives for bob: sealing a perfect guess of
+    bob's root directory (names, sizes, nanosecond times) with any codec her key has names
+    another object than his root, and her key is refused bob's tree codec. Were trees sealed
+    under the fleet's convergence key, her guess would name his root: confirmed."""
+    if not per_host:
+        monkeypatch.setattr(Repository, "objects_for", lambda self, host: self.objects)
+    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
+    fleet3 = Fleet(tmp_path, ticking_time, version=3)
+    root = fleet3.bob_snap.root
+    guess = fleet3.admin.objects.read_all(root)  # (a perfect guess: the directory's very bytes)
+    alice = fleet3.open("alice")
+    try:
+        level = alice.parameters.zstd_level
+
+        class Sealer:  # what storing the guess would name it, without storing it
+            def write(self, data, metadata=False, known=None, records=None):
+                return (records or alice.contents.records).identify(data, level)[0]
+
+        codecs = [None, alice.objects_for("alice").trees]  # the fleet's data codec, her own trees'
+        guessed = {ObjectStore(Sealer(), alice.objects.splitter, trees).write_bytes(guess, metadata=True)
+                   for trees in codecs}
+        assert (root in guessed) != per_host
+        if per_host:
+            with pytest.raises(keyslots.PermissionRefused, match="cannot write the trees of host 'bob'"):
+                alice.objects_for("bob")
     finally:
         alice.close()
 
