@@ -1,5 +1,5 @@
 """``python -m benchmarks.format3_records [--files N] [--mib M] [--rounds R]``: what format 3's
-convergent content records (SPEC.md section 4a, being built) cost against format 2's, on
+convergent content records (SPEC.md section 4a) cost against format 2's, on
 filesystem repositories in a temporary directory, the two formats alternately.
 
 1. Sealing alone, per content: 1 KiB and 1 MiB of random bytes (what a new content costs), and
@@ -21,7 +21,6 @@ import tempfile
 import time
 
 os.environ.setdefault("KDIST_ALLOW_WEAK_KDF_FOR_TESTS", "1")
-os.environ["KDIST_EXPERIMENTAL_FORMAT_3"] = "1"
 
 from repo_format.crypto import KdfParams, RepositoryKeys  # noqa: E402
 from repo_format.local_cache import CacheSettings  # noqa: E402

@@ -67,19 +67,21 @@ class CopyReport:
 
 class CopyMemo:
     """Source object id -> destination object id, for the files and directories of the
-    snapshots copied in one run (shared by the copier's threads)."""
+    snapshots copied in one run (shared by the copier's threads). Keyed by the host too where
+    the destination seals each host's trees under its own key (format 3): another host's
+    copy of an object would carry that host's chunk lists and directory objects."""
 
     def __init__(self):
-        self._map: dict[str, str] = {}
+        self._map: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
-    def get(self, oid: str) -> str | None:
+    def get(self, host: str, oid: str) -> str | None:
         with self._lock:
-            return self._map.get(oid)
+            return self._map.get((host, oid))
 
-    def put(self, oid: str, copy: str) -> None:
+    def put(self, host: str, oid: str, copy: str) -> None:
         with self._lock:
-            self._map[oid] = copy
+            self._map[(host, oid)] = copy
 
 
 class SnapshotCopier(Uploader):
@@ -93,6 +95,7 @@ class SnapshotCopier(Uploader):
 
     def copy(self, snap: Snapshot) -> Snapshot:
         self._begin(snap.source, 0)  # (a host key copies only its own host's snapshots)
+        self._memo_host = snap.source.host if self.repo.format.payload_keys is not None else ""
         self._start = snap.start
         listing = read_listing(self.source.objects, snap.root)
         top = listing.top
@@ -144,7 +147,7 @@ class SnapshotCopier(Uploader):
         is still there. Noted as referenced: revalidated before publishing, as a backup's
         unchanged files are, which is what keeps a copy from naming a content the destination's
         maintenance collected meanwhile; the look-up only spares a copy that would then fail."""
-        copy = self.memo.get(oid)
+        copy = self.memo.get(self._memo_host, oid)
         if copy is None:
             return None
         cid = parse_object_id(copy)[1]
@@ -162,7 +165,7 @@ class SnapshotCopier(Uploader):
             raise CorruptionError(f"cannot copy file {e.name!r}: {exc}") from None
         if length != e.size:
             raise CorruptionError(f"file {e.name!r} has {length} bytes in the source, its entry says {e.size}")
-        self.memo.put(e.oid, oid)
+        self.memo.put(self._memo_host, e.oid, oid)
         with self._lock:
             self.stats.files_read += 1
         return replace(e, oid=oid)
@@ -173,7 +176,7 @@ class SnapshotCopier(Uploader):
         while stack:
             node = stack.pop()
             if node is not root:
-                self.memo.put(self._source_oid[id(node)], node.entry.oid)
+                self.memo.put(self._memo_host, self._source_oid[id(node)], node.entry.oid)
             stack.extend(c for c in node.children if isinstance(c, DirNode))
 
 

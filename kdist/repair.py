@@ -56,6 +56,7 @@ class RepairReport:
     # raw index blobs that do not open (a host's junk, or damage), deleted once their entries
     # were rebuilt from the packs: until then they stop maintenance
     unreadable_index_blobs_deleted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what this repair could not try, and why
 
     @property
     def healthy(self) -> bool:
@@ -222,6 +223,9 @@ class Repairer:
         keys = self.fmt.payload_keys  # format 3: chunk lists converge under their host's tree key
         tree_keys = [keys.tree_key(h) for h in checker.hosts] if keys is not None else []
         trees = [records.for_trees(k) for k in tree_keys if k is not None]
+        if len(trees) < len(tree_keys):
+            report.notes.append("this key holds no tree key of the snapshots' hosts: a lost chunk list of a large "
+                                "file cannot be rebuilt from the source (repair with an admin key)")
         finder = _SourceSink(identify, wanted, None, trees, level)
         holders = []
         for path in _source_files(source):

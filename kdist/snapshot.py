@@ -377,10 +377,14 @@ class Snapshot:
             raise CorruptionError(f"snapshot manifest {rec.id} is malformed ({bad})")
         snap.id, snap.ts, snap.stored, snap.signer = rec.id, rec.ts, rec.stored, rec.signer
         # the labels are what readers verified (a host key's host label is its own host): where
-        # a payload says otherwise, the labels win, so retention groups it with its writer's
+        # a payload says otherwise, each label there wins, so retention groups the snapshot with
+        # its writer's. One by one: a record of a host key that left out its user and path
+        # labels must not get its host from its payload (another host's, to push it out of
+        # that host's retention)
         lab = rec.labels
-        if all(type(lab.get(k)) is str for k in ("host", "user", "path", "checkpoint")):
-            snap.source = Source(lab["host"], lab["user"], lab["path"])
+        src = snap.source
+        snap.source = Source(*(lab[k] if type(lab.get(k)) is str else getattr(src, k) for k in ("host", "user", "path")))
+        if type(lab.get("checkpoint")) is str:
             snap.checkpoint = lab["checkpoint"] == "1"
         return snap
 

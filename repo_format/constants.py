@@ -9,11 +9,12 @@ import struct
 # --- the format blob -----------------------------------------------------------------------
 FORMAT_BLOB_NAME = "kdist.repository"
 FORMAT_MAGIC = b"KDISTREP"
-FORMAT_VERSION = 2  # what this kdist writes: 2 adds the root signing key and key slots
-FORMAT_VERSIONS_READ = (1, 2)  # 1: one password, unsigned manifests (kdist repo upgrade makes it 2)
-FORMAT_VERSION_CONVERGENT = 3  # being built (SPEC.md section 4a): content records of repo_format.convergent
+FORMAT_VERSION = 2  # what `repo create` writes by default: 2 adds the root signing key and key slots
+# 1: one password, unsigned manifests (kdist repo upgrade makes it 2); 3: hosts kept apart
+FORMAT_VERSIONS_READ = (1, 2, 3)
+FORMAT_VERSION_CONVERGENT = 3  # `repo create --format-version 3` (SPEC.md sections 4a, 8a): per-host confidentiality
+FORMAT_VERSIONS_CREATED = (2, 3)  # what `repo create --format-version` offers
 REFERENCE_SIZES = (32, 64)  # a content reference: its id (formats 1, 2), or its id and seed (format 3)
-EXPERIMENTAL_FORMAT_3_ENV = "KDIST_EXPERIMENTAL_FORMAT_3"  # format 3 opens only where this is "1"
 # magic(8) | version u16 | header length u32 ; then header (msgpack), then checksum (32)
 FORMAT_PREAMBLE = struct.Struct(">8sHI")
 FORMAT_CHECKSUM_SIZE = 32  # BLAKE3 (unkeyed) of everything before it: tells damage from a wrong password

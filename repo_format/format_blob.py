@@ -174,10 +174,10 @@ def _decode_header(blob: bytes) -> tuple[bytes, KdfParams, bytes, int]:
     magic, version, header_len = C.FORMAT_PREAMBLE.unpack_from(blob)
     if magic != C.FORMAT_MAGIC:
         raise CorruptionError("this is not a kdist format blob (bad magic)")
-    if version not in versions_read():
+    if version not in C.FORMAT_VERSIONS_READ:
         raise UnsupportedVersion(
             f"repository format version {version} is not supported by this kdist "
-            f"(it reads versions {', '.join(map(str, versions_read()))}); upgrade kdist"
+            f"(it reads versions {', '.join(map(str, C.FORMAT_VERSIONS_READ))}); upgrade kdist"
         )
     body_end = pre + header_len
     if body_end + C.FORMAT_CHECKSUM_SIZE != len(blob):
@@ -238,20 +238,12 @@ def decode(blob: bytes, password: str) -> FormatBlob:
     return _opened(unique_id, kdf, p, version, identity, "the format blob")
 
 
-def versions_read() -> tuple[int, ...]:
-    """The format versions this kdist opens: format 3 is being built (SPEC.md section 4a), so
-    only where ``KDIST_EXPERIMENTAL_FORMAT_3`` is exactly ``1`` (its tests): a repository of a
-    later kdist's format 3 is never opened as this one's."""
-    experimental = os.environ.get(C.EXPERIMENTAL_FORMAT_3_ENV) == "1"
-    return C.FORMAT_VERSIONS_READ + ((C.FORMAT_VERSION_CONVERGENT,) if experimental else ())
-
-
 def create(storage: BlobStorage, password: str, parameters: RepositoryParameters | None = None,
            kdf: KdfParams | None = None, version: int = C.FORMAT_VERSION) -> FormatBlob:
     """Write a new format blob (the admin's password and the root key); refuses to touch an
-    existing repository. ``version=1`` only for tests of older repositories, 3 only for format
-    3's (``versions_read``)."""
-    if version not in versions_read():
+    existing repository. ``version=1`` only for tests of older repositories; 3 keeps hosts
+    apart (SPEC.md sections 4a and 8a)."""
+    if version not in C.FORMAT_VERSIONS_READ:
         raise UnsupportedVersion(f"this kdist does not write repository format version {version}")
     parameters = parameters or RepositoryParameters()
     parameters.validate()

@@ -22,7 +22,7 @@ from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
 from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST_RECORD_TYPES, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID,
                                   Trust, sign)
-from repo_format.sealed_payloads import payload_aad
+from repo_format.sealed_payloads import payload_aad, recipients_of
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage, delete_unless_locked
 
@@ -126,7 +126,8 @@ class ManifestStore:
         # readers (repo_format.sealed_payloads); ``find`` opens them, and leaves out what this
         # key cannot open (another host's)
         self.payload_keys = payload_keys
-        self._opened: dict[tuple[str, bytes], bytes | None] = {}  # (id, sealed payload) -> what it opened to
+        self._opened: dict[tuple[str, bytes], tuple | None] = {}  # (id, sealed payload) -> what it opened to
+        self._recipients: dict[str, list[bytes]] = {}  # id -> the recipients of a record this key opened
         self._aead = aead
         self.session = session
         self.cache = cache  # copies of manifest blobs (immutable; authenticated when read)
@@ -184,8 +185,12 @@ class ManifestStore:
             clear = {k: v for k, v in labels.items() if k in CLEAR_LABELS}
             hidden = {k: v for k, v in labels.items() if k not in CLEAR_LABELS}
             host = labels.get("host")
+            # a tag edit goes to whoever its snapshot's record went to: a maintenance key, which
+            # cannot derive a host's public key, so still reaches the host
+            also = self._recipients.get(labels["snapshot"], []) if type(labels.get("snapshot")) is str else []
             stored = self.payload_keys.seal(msgpack.packb({"labels": hidden, "payload": payload}),
-                                            host if type(host) is str else "", payload_aad(self.unique_id, record_id))
+                                            host if type(host) is str else "", payload_aad(self.unique_id, record_id),
+                                            also)
         rec = self._signed(ManifestRecord(record_id, clear, int(clock.now() * 1e6), stored))
         self.write_records([rec])
         return replace(rec, labels=dict(labels), payload=payload)
@@ -202,6 +207,8 @@ class ManifestStore:
             try:
                 plain = self.payload_keys.open(rec.payload, payload_aad(self.unique_id, rec.id))
                 self._opened[key] = None if plain is None else _sealed_part(plain)
+                if plain is not None:
+                    self._recipients[rec.id] = [r for r, _wrapped in recipients_of(rec.payload)[1]]
             except CorruptionError:
                 self._opened[key] = ({}, b"")
         part = self._opened[key]

@@ -1,6 +1,6 @@
-"""Format 3's sealed snapshot payloads, the construction (SPEC.md section 8a; being built, not yet
-used by any record): a payload readable by its host and by the readers (admins, maintenance),
-and by no other key.
+"""Format 3's sealed snapshot payloads, the construction (SPEC.md section 8a; ``ManifestStore``
+uses it for snapshot, failure and tag edit records): a payload readable by its host and by the
+readers (admins, maintenance), and by no other key.
 
 A payload is encrypted once under a random key (AES-256-GCM), and that key is wrapped for each
 recipient under a key agreed with an ephemeral X25519 key (HKDF-SHA256 of the shared secret,
@@ -148,11 +148,13 @@ class PayloadKeys:
             return tree_key(self.master_key, host)
         return self.host_tree_key if self.host and host == self.host else None
 
-    def seal(self, payload: bytes, host: str, aad: bytes) -> bytes:
-        """For ``host`` (if this key knows its public key: admins, and the host's own keys) and
-        the readers."""
+    def seal(self, payload: bytes, host: str, aad: bytes, also: list[bytes] | tuple = ()) -> bytes:
+        """For ``host`` (if this key knows its public key: admins, and the host's own keys), the
+        readers, and ``also`` (the recipients of the snapshot a tag edit is of: how a
+        maintenance key reaches the host), at most ``MAX_RECIPIENTS`` in all."""
         mine = self.host_public(host)
-        return seal(payload, [self.readers_public] + ([mine] if mine is not None else []), aad)
+        first = [self.readers_public] + ([mine] if mine is not None else [])
+        return seal(payload, list(dict.fromkeys(first + list(also)))[:MAX_RECIPIENTS], aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes | None:
         return open_sealed(sealed, list(self.privates), aad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+from repo_format import constants as C
 from repo_format.keyslots import ADMIN, HOST, ROLES
 
 from kdist.cli.context import new_password_option, read_new_password, with_repository
@@ -30,6 +31,10 @@ def add(repo, role, host, new_password_file, as_json):
     if role == HOST and not host:
         raise click.UsageError("a host key needs --host NAME")
     identity = add_key(repo, read_new_password(new_password_file, "Password of the new key"), role, host)
+    if role != ADMIN and repo.format.version < C.FORMAT_VERSION_CONVERGENT:
+        click.echo(f"note: in this format {repo.format.version} repository every key can read every host's "
+                   "backups; a repository made with `kdist repo create --format-version 3` keeps hosts apart "
+                   "(SECURITY.md; `kdist repo copy` moves snapshots into one)", err=True)
     if as_json:
         click.echo(json.dumps({"key_id": identity.slot, "role": role, "host": host}))
         return

@@ -1,4 +1,4 @@
-"""A format 3 repository (being built: SPEC.md section 4a) backs up, deduplicates across hosts,
+"""A format 3 repository (SPEC.md section 4a) backs up, deduplicates across hosts,
 restores, checks and reads back with convergent content records: references carry the seed
 that opens each record, no plaintext is stored, and check certifies records it cannot open.
 The simulator runs maintenance on it (tests/simulation, ``format_version=3``)."""
@@ -28,8 +28,7 @@ SMALL = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024,
 
 
 @pytest.fixture
-def format3(monkeypatch):
-    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
+def format3():
     storage = MemoryStorage()
     Repository.create(storage, PASSWORD, SMALL, KdfParams.weak_for_tests(), version=3).close()
     return storage
@@ -97,14 +96,6 @@ def test_check_names_a_damaged_record_it_cannot_open(format3, tmp_path):
     repo.close()
 
 
-def test_format_3_opens_only_where_it_is_enabled(format3, monkeypatch):
-    monkeypatch.delenv(C.EXPERIMENTAL_FORMAT_3_ENV)
-    with pytest.raises(UnsupportedVersion, match="format version 3"):
-        Repository.open(format3, PASSWORD)
-    with pytest.raises(UnsupportedVersion, match="does not write repository format version 3"):
-        Repository.create(MemoryStorage(), PASSWORD, SMALL, KdfParams.weak_for_tests(), version=3)
-
-
 def test_repair_stores_lost_contents_again_from_the_source(format3, tmp_path):
     """Repair finds a lost content in the source by its id, which format 3 gets by sealing."""
     from kdist.repair import repair_repository
@@ -156,6 +147,7 @@ def test_repair_finds_a_lost_chunk_list_under_its_hosts_tree_key(format3, tmp_pa
     repo.close()
     assert cid in report.before.missing
     assert (cid in report.after.missing) != by_tree_key
+    assert any("no tree key" in n for n in report.notes) != by_tree_key  # (as a maintenance key's repair says)
 
 
 @pytest.mark.parametrize("bad", ["wrong-seed", "format-2-size", "format-3-size-in-format-2"])
@@ -266,10 +258,11 @@ def test_check_names_a_snapshot_sealed_to_none_of_the_readers(format3, tmp_path)
 
 
 def test_no_blob_holds_a_format_3_secret_in_the_clear(format3, tmp_path):
-    """The fleet secret, the master key, the hash secret, their subkeys and the payload keys are
+    """The fleet secret, the master key, the hash secret, their subkeys, the payload and tree keys are
     stored sealed only (the format blob, key slots): no blob holds one in the clear."""
     from kdist.keys import add_key
     from repo_format.crypto import derive_subkey
+    from repo_format.convergent import tree_key
     from repo_format.sealed_payloads import host_private, readers_private
 
     admin = Repository.open(format3, PASSWORD)
@@ -282,7 +275,8 @@ def test_no_blob_holds_a_format_3_secret_in_the_clear(format3, tmp_path):
     alice.close()
     found = {"master key": k.master_key, "fleet secret": k.fleet_secret, "hash secret": k.hash_secret,
              "readers' payload key": readers_private(k.master_key),
-             "alice's payload key": host_private(k.master_key, "alice")}
+             "alice's payload key": host_private(k.master_key, "alice"),
+             "alice's tree key": tree_key(k.master_key, "alice")}
     for info in (C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME, C.HKDF_INFO_RECORD_ID,
                  C.HKDF_INFO_CONVERGENCE):
         found[info.decode()] = derive_subkey(k.hash_secret if b"v3" in info else k.fleet_secret, info)

@@ -41,14 +41,19 @@ def as_destination(args: list[str]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("kinds", [("fs", "s3"), ("s3", "fs")])
+@pytest.mark.parametrize("kinds", [("fs", "s3", "2"), ("s3", "fs", "2"), ("fs", "fs", "3")],
+                         ids=["fs-to-s3", "s3-to-fs", "format-2-to-format-3"])
 def test_copies_restore_bit_for_bit_and_a_second_run_copies_only_what_is_new(request, monkeypatch, tmp_path,
                                                                                kinds):
+    """Also the way from format 2 to format 3 (SPEC.md section 4a: every record differs)."""
     cli_env(monkeypatch)
     monkeypatch.setenv("KDIST_TO_PASSWORD", "the other repository's password")
     source, dest = repo_at(request, kinds[0], tmp_path, "source"), repo_at(request, kinds[1], tmp_path, "offsite")
     run_cli("repo", "create", *source)
-    run_cli("repo", "create", dest[0], dest[1], *dest[2:], "--password-file", _password_file(tmp_path))
+    run_cli("repo", "create", dest[0], dest[1], *dest[2:], "--password-file", _password_file(tmp_path),
+            "--format-version", kinds[2])
+    status = run_cli("repo", "status", *dest, "--json", env={"KDIST_PASSWORD": "the other repository's password"})
+    assert json.loads(status.stdout)["format_version"] == int(kinds[2])
     src = tmp_path / "src"
     rich_tree(src)
     with open(src / "disk.img", "wb") as f:  # a sparse file: its holes are copied as holes
@@ -114,6 +119,30 @@ def test_a_copy_deduplicates_against_the_destination_s_own_backups(tmp_path):
     assert {r.labels.get(ORIGINAL_LABEL, "").split(":")[-1] for r in labels} >= {snap.id}
     Restorer(destination).restore(copy, str(tmp_path / "out"))
     assert all((tmp_path / "out" / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes() for i in range(8))
+
+
+def test_a_copy_into_format_3_gives_each_host_its_own_trees(tmp_path):
+    """Two hosts' snapshots of one tree, copied in one run into a format 3 repository: each
+    copy's directory objects and chunk lists are its host's own (SPEC.md section 4a), not the
+    first host's copies reused, and both restore."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(300_000))  # a chunk list
+    (src / "small").write_bytes(b"small")
+    source = _memory_repo()
+    storage = MemoryStorage()
+    Repository.create(storage, PASSWORD, PARAMS, KdfParams.weak_for_tests(), version=3).close()  # (small chunks)
+    destination = Repository.open(storage, PASSWORD, heartbeat_thread=False)
+    snaps = [Uploader(source, BackupOptions(host=h)).backup(str(src)) for h in ("web1", "web2")]
+    assert snaps[0].root == snaps[1].root  # format 2: one tree for both
+    report = copy_snapshots(source, destination, snaps)
+    copies = {s.source.host: s for s in list_snapshots(destination.manifests)}
+    assert len(report.copied) == 2 and copies["web1"].root != copies["web2"].root
+    bigs = [{e.name: e for e in read_directory(destination.objects, copies[h].root)}["big"].oid for h in copies]
+    assert bigs[0] != bigs[1]  # the chunk lists too
+    for h, copy in copies.items():
+        Restorer(destination).restore(copy, str(tmp_path / h))
+        assert (tmp_path / h / "big").read_bytes() == (src / "big").read_bytes()
 
 
 SAFETY = SAFETY_FULL.scaled(1 / 3600)

@@ -3,7 +3,8 @@
 Every node of this cluster (a head without CPUs and two 1-CPU nodes) holds the host policy of
 cluster/policies (no s3:DeleteObject, no retention changes) and nothing else: whatever a fleet
 or sharded backup needs from the storage, those credentials must be enough, and no request of
-theirs may be a delete. The driver runs here under the same credentials.
+theirs may be a delete. The driver runs here under the same credentials. The repository is a
+format 3 one, the format for fleets whose hosts are kept apart.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def test_fleet_and_shard_backups_need_no_delete_right(host_cluster, iam_s3, monk
     location, endpoint = f"s3://{iam_s3.bucket}/ray", iam_s3.endpoint
     monkeypatch.setenv("KDIST_PASSWORD", PASSWORD)
     iam_s3.env(monkeypatch, "admin")
+    # format 3 (the fleet's: per-host trees and sealed records; test_ray_backup.py runs format 2)
     Repository.create(open_storage(location, endpoint_url=endpoint, create=True), PASSWORD, PARAMS,
-                      KdfParams.weak_for_tests()).close()
+                      KdfParams.weak_for_tests(), version=3).close()
     roots = {}
     for host in HOSTS:
         roots[host] = tmp_path / f"src-{host}"
@@ -88,7 +90,7 @@ def test_fleet_and_shard_backups_need_no_delete_right(host_cluster, iam_s3, monk
     repo = Repository.open(open_storage(location, endpoint_url=endpoint), PASSWORD, heartbeat_thread=False)
     assert not unended_sessions(repo.storage)  # every session ended with an end blob, none deleted
     snaps = {s.source.host: s for s in list_snapshots(repo.manifests)}
-    assert set(snaps) == {*HOSTS, "shared-host"}
+    assert set(snaps) == {*HOSTS, "shared-host"} and repo.format.version == 3
     for host, root in [*roots.items(), ("shared-host", shared)]:
         Restorer(repo).restore(snaps[host], str(tmp_path / f"out-{host}"))
         assert tree_state(tmp_path / f"out-{host}") == tree_state(root)

@@ -94,12 +94,12 @@ def test_unknown_format_version_is_refused_clearly(repo, password):
     blob = repo.storage.get(C.FORMAT_BLOB_NAME)
     end = len(blob) - C.FORMAT_CHECKSUM_SIZE
     body = bytearray(blob[:end])
-    body[8:10] = (C.FORMAT_VERSION + 1).to_bytes(2, "big")
+    body[8:10] = (max(C.FORMAT_VERSIONS_READ) + 1).to_bytes(2, "big")
     repo.storage.put(C.FORMAT_BLOB_NAME, bytes(body) + unkeyed_checksum(bytes(body)))
     with pytest.raises(UnsupportedVersion) as info:
         Repository.open(repo.storage, password)
     message = str(info.value)
-    assert f"version {C.FORMAT_VERSION + 1}" in message and "versions 1, 2" in message and "upgrade" in message
+    assert f"version {max(C.FORMAT_VERSIONS_READ) + 1}" in message and "versions 1, 2, 3" in message and "upgrade" in message
 
 
 @pytest.mark.parametrize("change", [

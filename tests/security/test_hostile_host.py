@@ -575,6 +575,27 @@ def test_dated_and_mass_snapshots_change_no_other_hosts_retention(fleet, policy)
     assert bob(kept_after) == bob(kept_before) and bob(kept_before)
 
 
+@pytest.mark.parametrize("version", [C.FORMAT_VERSION, C.FORMAT_VERSION_CONVERGENT], ids=["format-2", "format-3"])
+def test_a_record_without_user_and_path_labels_takes_no_host_from_its_payload(tmp_path, ticking_time, version):
+    """alice publishes, as herself, a newer snapshot whose payload names bob's source and whose
+    labels leave out user and path (in format 3 they are sealed, so nothing but her own code
+    makes them): readers group it by its labels, which say alice, so it is neither bob's
+    `latest` nor counted in bob's retention. (Before each label won on its own, the payload's
+    source took over and keep-last 1 forgot bob's real snapshot.)"""
+    from kdist.snapshot import SnapshotFilter, resolve_snapshot
+
+    fleet = Fleet(tmp_path, ticking_time, version=version)
+    alice = fleet.open("alice")
+    payload = msgpack.unpackb(fleet.bob_snap.payload(), raw=False)
+    payload["end"] += DAY
+    alice.manifests.put({"type": SNAPSHOT_LABEL, "host": "alice", "checkpoint": "0"}, msgpack.packb(payload))
+    maint = fleet.open("maint")
+    assert resolve_snapshot(maint.manifests, "latest", host="bob").id == fleet.bob_snap.id
+    assert resolve_snapshot(maint.manifests, "latest", where=SnapshotFilter.of(hosts=["bob"])).id == fleet.bob_snap.id
+    plan = plan_forget(maint.manifests, RetentionPolicy(keep_last=1))
+    assert fleet.bob_snap.id in {s.id for s in plan.keep}
+
+
 def test_past_and_future_dating_cannot_reach_a_hosts_older_daily_snapshots(fleet):
     """keep-daily on storage-bounded times: alice's forgeries all land within the last
     MAX_BACKUP_SPAN (future ones at their storage time, past ones at most the span earlier), so
@@ -745,7 +766,6 @@ def test_each_forged_entry_rule_is_needed(fleet, monkeypatch, switch_off, cycles
 @pytest.fixture
 def fleet3(tmp_path, ticking_time, monkeypatch):
     """The fleet in a format 3 repository (SPEC.md section 4a: ids that hash the stored record)."""
-    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
     return Fleet(tmp_path, ticking_time, version=3)
 
 
@@ -793,7 +813,6 @@ def test_format_3_a_host_cannot_reach_another_hosts_files(tmp_path, ticking_time
     none of bob's snapshots, and nothing it decrypts (every manifest blob, every index blob)
     holds the seed of bob's root reference, without which no record of his tree opens. With
     payloads not sealed, her key lists his snapshot and reads his root reference."""
-    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
     if not sealed:
         from repo_format.manifest import ManifestStore
 
@@ -822,7 +841,6 @@ def test_format_3_source_paths_and_tags_are_sealed(tmp_path, ticking_time, monke
 
     if not sealed:
         monkeypatch.setattr(manifest, "CLEAR_LABELS", manifest.CLEAR_LABELS + ("user", "path", "snapshot"))
-    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
     fleet3 = Fleet(tmp_path, ticking_time, version=3)
     path = str(fleet3.src["bob"])
     snap = fleet3.backup("bob")
@@ -849,6 +867,32 @@ def test_format_3_source_paths_and_tags_are_sealed(tmp_path, ticking_time, monke
         alice.close()
 
 
+@pytest.mark.parametrize("to_its_recipients", [True, False], ids=["rule", "mutation-readers-only"])
+def test_format_3_a_maintenance_key_tags_a_snapshot_for_its_host(fleet3, monkeypatch, to_its_recipients):
+    """A maintenance key cannot derive a host's public key: its tag edit is sealed to the
+    recipients of the snapshot's own record, so bob sees the tag it gave his snapshot. Sealed
+    to the readers only, the edit (which also withdraws the earlier ones) hides bob's tags
+    from him."""
+    from repo_format.sealed_payloads import PayloadKeys
+
+    if not to_its_recipients:
+        real = PayloadKeys.seal
+        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(): real(
+            self, payload, host, aad))
+    maint = fleet3.open("maint")
+    try:
+        snaps = [s for s in list_snapshots(maint.manifests) if s.id == fleet3.bob_snap.id]
+        edit_tags(maint.manifests, snaps, add=["audited"])
+    finally:
+        maint.close()
+    bob = fleet3.open("bob")
+    try:
+        tags = {s.id: s.tags for s in list_snapshots(bob.manifests)}
+    finally:
+        bob.close()
+    assert (tags[fleet3.bob_snap.id] == ["audited"]) == to_its_recipients
+
+
 @pytest.mark.parametrize("per_host", [True, False], ids=["defended", "mutation-trees-under-the-fleet-key"])
 def test_format_3_a_host_cannot_confirm_a_guess_of_another_hosts_directory(tmp_path, ticking_time, monkeypatch,
                                                                          per_host):
@@ -859,7 +903,6 @@ def test_format_3_a_host_cannot_confirm_a_guess_of_another_hosts_directory(tmp_p
     under the fleet's convergence key, her guess would name his root: confirmed."""
     if not per_host:
         monkeypatch.setattr(Repository, "objects_for", lambda self, host: self.objects)
-    monkeypatch.setenv(C.EXPERIMENTAL_FORMAT_3_ENV, "1")
     fleet3 = Fleet(tmp_path, ticking_time, version=3)
     root = fleet3.bob_snap.root
     guess = fleet3.admin.objects.read_all(root)  # (a perfect guess: the directory's very bytes)
@@ -891,7 +934,7 @@ def test_format_3_writers_seal_every_snapshot_to_the_readers(fleet3, monkeypatch
     from repo_format.sealed_payloads import PayloadKeys, seal
 
     if not to_readers:
-        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad: seal(
+        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(): seal(
             payload, [self.host_public(host) or self.readers_public], aad))
     (fleet3.src["bob"] / "bob-only.bin").write_bytes(os.urandom(30_000))
     snap = fleet3.backup("bob")

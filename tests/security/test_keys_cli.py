@@ -44,7 +44,10 @@ def add_key(repo, monkeypatch, role: str, password: str, host: str = "") -> str:
 def test_roles_through_the_cli(env, monkeypatch, tmp_path, src):
     repo = ["--repo", tmp_path / "repo"]
     run_cli("repo", "create", *repo)
-    web1 = add_key(repo, monkeypatch, "host", "web1-pw", "web1")
+    monkeypatch.setenv("KDIST_NEW_PASSWORD", "web1-pw")
+    added = run_cli("key", "add", *repo, "--role", "host", "--host", "web1", "--json")
+    web1 = json.loads(added.stdout)["key_id"]
+    assert "every key can read every host's backups" in added.stderr  # format 2: said when it matters
     maint = add_key(repo, monkeypatch, "maintenance", "maint-pw")
     listed = json.loads(run_cli("key", "list", *repo, "--json").stdout)
     assert {(k["key_id"], k["role"], k["host"], k["state"]) for k in listed} == {
@@ -180,3 +183,38 @@ def test_a_hosts_unreadable_raw_index_blob_stops_no_restore_or_backup(env, monke
     assert name not in {m.name for m in storage.list(C.INDEX_PREFIX)}
     run_cli("maintenance", "run", *repo)
     run_cli("repo", "check", *repo)
+
+
+def test_a_format_3_fleet_through_the_cli(env, monkeypatch, tmp_path, src):
+    """`repo create --format-version 3`: each host key backs up, lists and restores its own
+    host's snapshots only, and cannot restore another's by id; maintenance sees and keeps both;
+    the admin's check finds the repository healthy."""
+    repo = ["--repo", tmp_path / "repo"]
+    assert "(format 3)" in run_cli("repo", "create", *repo, "--format-version", "3").stdout
+    assert json.loads(run_cli("repo", "status", *repo, "--json").stdout)["format_version"] == 3
+    added = run_cli("key", "add", *repo, "--role", "host", "--host", "web1", "--json",
+                    env={"KDIST_NEW_PASSWORD": "web1-pw"})
+    assert "every key can read" not in added.stderr
+    web1 = json.loads(added.stdout)["key_id"]
+    db1 = add_key(repo, monkeypatch, "host", "db1-pw", "db1")
+    maint = add_key(repo, monkeypatch, "maintenance", "maint-pw")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "db-only").write_bytes(b"db1's own file")
+
+    made = {}
+    for key, password, host, source in ((web1, "web1-pw", "web1", src), (db1, "db1-pw", "db1", other)):
+        as_key(monkeypatch, password, key)
+        made[host] = json.loads(run_cli("snapshot", "create", *repo, source, "--json").stdout)[0]["id"]
+        assert [s["id"] for s in json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)] == [made[host]]
+    run_cli("snapshot", "restore", *repo, made["web1"], tmp_path / "stolen", code=exit_codes.NOT_FOUND)
+    run_cli("snapshot", "restore", *repo, made["db1"], tmp_path / "db1-restored")
+    assert tree_state(str(tmp_path / "db1-restored")) == tree_state(str(other))
+
+    as_key(monkeypatch, "maint-pw", maint)
+    run_cli("maintenance", "run", *repo)
+    assert {s["id"] for s in json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)} == set(made.values())
+    as_key(monkeypatch, PASSWORD, None)
+    run_cli("repo", "check", *repo)
+    run_cli("snapshot", "restore", *repo, made["web1"], tmp_path / "web1-restored")
+    assert tree_state(str(tmp_path / "web1-restored")) == tree_state(str(src))

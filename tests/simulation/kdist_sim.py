@@ -496,7 +496,7 @@ class World:
             expected[name] = digest
         if idle:
             _heartbeat(repo, marker)
-            croot = repo.objects.write_bytes(encode_directory(entries), metadata=True)
+            croot = repo.objects_for(source.host).write_bytes(encode_directory(entries), metadata=True)
             repo.flush()
             repo.contents.revalidate()
             cp = Snapshot(source=source, root=croot, start=0, end=self.t, checkpoint=True, run="r" if part else "")
@@ -509,7 +509,7 @@ class World:
                 _heartbeat(repo, marker)
                 yield "idle"
         _heartbeat(repo, marker)
-        root = repo.objects.write_bytes(encode_directory(entries), metadata=True)
+        root = repo.objects_for(source.host).write_bytes(encode_directory(entries), metadata=True)
         repo.flush()
         yield "flushed tree"
         _heartbeat(repo, marker)
@@ -1335,10 +1335,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log", action="store_true", help="print every schedule's log, not only a failing one's")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), help="run one directed scenario instead")
     ap.add_argument("--format-version", type=int, choices=(C.FORMAT_VERSION, C.FORMAT_VERSION_CONVERGENT),
-                    default=C.FORMAT_VERSION, help="3: format 3's content records (being built)")
+                    default=C.FORMAT_VERSION, help="3: format 3 (convergent content records, sealed snapshot records)")
     args = ap.parse_args(argv)
-    if args.format_version == C.FORMAT_VERSION_CONVERGENT:
-        os.environ[C.EXPERIMENTAL_FORMAT_3_ENV] = "1"
     if args.scenario:
         world = World(args.seed, args.mutation)
         try:

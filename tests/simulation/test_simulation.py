@@ -62,11 +62,10 @@ def test_schedules_without_violation():
 
 
 @pytest.mark.slow
-def test_format_3_schedules_without_violation(monkeypatch):
+def test_format_3_schedules_without_violation():
     """Format 3's content records (SPEC.md section 4a: convergent, ids that hash the record)
     under every writer and maintenance rule: merges, pack rewrite and the dedup guard certify
     records they do not open; snapshots restore through the references' seeds."""
-    monkeypatch.setenv(kdist_sim.C.EXPERIMENTAL_FORMAT_3_ENV, "1")  # (the spawned workers inherit it)
     n = max(SCHEDULES // 25, 8)
     failures = (_run_parallel(n // 2, 0.0, "mixed", 500_000, 3) + _run_parallel(n // 4, 0.05, "mixed", 600_000, 3)
                 + _run_parallel(n - n // 2 - n // 4, 0.0, "churn", 700_000, 3))
