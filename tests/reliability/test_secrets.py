@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 import traceback
@@ -72,6 +73,18 @@ def secrets_of(storage, password: str) -> dict[str, bytes]:
     for info in (C.HKDF_INFO_CONTENT, C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME, C.HKDF_INFO_LOCAL_CACHE):
         out[info.decode()] = derive_subkey(k.master_key, info)
     out[C.HKDF_INFO_HASH.decode()] = derive_subkey(k.hash_secret, C.HKDF_INFO_HASH)
+    if k.fleet_secret is not None:  # format 3: the fleet secret's subkeys, the records' and payloads' keys
+        from repo_format.convergent import tree_key
+        from repo_format.sealed_payloads import host_private, readers_private
+
+        out["fleet secret"] = k.fleet_secret
+        for info in (C.HKDF_INFO_INDEX, C.HKDF_INFO_MANIFEST, C.HKDF_INFO_NAME, C.HKDF_INFO_LOCAL_CACHE):
+            out["fleet " + info.decode()] = derive_subkey(k.fleet_secret, info)
+        for info in (C.HKDF_INFO_RECORD_ID, C.HKDF_INFO_CONVERGENCE):
+            out[info.decode()] = derive_subkey(k.hash_secret, info)
+        host = socket.gethostname()  # (the backups below are this machine's)
+        out.update({"readers' payload key": readers_private(k.master_key),
+                    "host payload key": host_private(k.master_key, host), "host tree key": tree_key(k.master_key, host)})
     for name, value in list(out.items()):
         if "password" not in name:
             out[name + " (hex)"] = value.hex().encode()
@@ -129,7 +142,8 @@ def test_ray_workers_are_told_where_the_password_is_not_what_it_is(monkeypatch):
 
 # ---- logs, output and exception messages ---------------------------------------------------
 
-def test_password_and_keys_never_in_logs_or_output_of_any_command(env, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_password_and_keys_never_in_logs_or_output_of_any_command(env, tmp_path, monkeypatch, caplog, version):
     caplog.set_level(logging.DEBUG)
     repo, src = tmp_path / "repo", tmp_path / "src"
     src.mkdir()
@@ -137,7 +151,7 @@ def test_password_and_keys_never_in_logs_or_output_of_any_command(env, tmp_path,
         (src / f"f{i}").write_bytes(os.urandom(30_000))
     (src / "sub").mkdir()
     (src / "sub" / "notes.txt").write_text("nothing secret here\n" * 100)
-    out = [kdist("repo", "create", "--repo", repo)]
+    out = [kdist("repo", "create", "--repo", repo, "--format-version", version)]
     r = ["--repo", repo]
     out.append(kdist("snapshot", "create", *r, src))
     out.append(kdist("snapshot", "create", *r, src, "--json"))
@@ -215,7 +229,8 @@ def _run_process(*args, env_extra: dict, code: int = 0) -> str:
     return p.stdout + p.stderr
 
 
-def test_repository_files_hold_neither_the_password_nor_any_key(env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_repository_files_hold_neither_the_password_nor_any_key(env, tmp_path, monkeypatch, version):
     """Every file under a filesystem repository, after backups, forget, maintenance and a
     password change: no password, no key, no subkey, raw or as hex."""
     repo, src = tmp_path / "repo", tmp_path / "src"
@@ -223,7 +238,7 @@ def test_repository_files_hold_neither_the_password_nor_any_key(env, tmp_path, m
     for i in range(20):  # several packs, chunks and index blobs
         (src / f"f{i}").write_bytes(os.urandom(50_000) + b"compressible " * 2000)
     r = ["--repo", repo]
-    kdist("repo", "create", *r)
+    kdist("repo", "create", *r, "--format-version", version)
     kdist("snapshot", "create", *r, src)
     (src / "f0").write_bytes(b"changed")
     kdist("snapshot", "create", *r, src)
