@@ -58,8 +58,13 @@ def add_key(repo: Repository, password: str, role: str, host: str = "", kdf: Kdf
         raise KeyManagementError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     if (role == HOST) != bool(host):
         raise KeyManagementError("a host key needs --host NAME (the host it backs up), and only a host key has one")
+    if "\x00" in host:
+        raise KeyManagementError("a host name cannot hold a NUL character")
     registered = {r.labels.get("key") for r in repo.manifests.find(type=KEY_RECORD_TYPE)}
-    identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf, registered)
+    # format 3: a host key added after one of its host's was removed gets the next generation of
+    # the host's payload and tree keys, which the removed one cannot derive (SPEC.md section 8a)
+    generation = repo.manifests.host_generation(host) if role == HOST else 0
+    identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf, registered, generation)
     repo.manifests.put(key_record_labels(identity.slot, role, host),
                        key_record_payload(public_key(identity.signing_key)), manifest_id=KEY_RECORD_PREFIX + identity.slot)
     return identity

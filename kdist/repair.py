@@ -221,7 +221,9 @@ class Repairer:
             return records.identify(data, level)[0]
 
         keys = self.fmt.payload_keys  # format 3: chunk lists converge under their host's tree key
-        tree_keys = [keys.tree_key(h) for h in checker.hosts] if keys is not None else []
+        # (every generation: chunk lists written before a host's key was replaced too)
+        tree_keys = [keys.tree_key(h, g) for h in checker.hosts
+                     for g in range(checker.repo.manifests.host_generation(h) + 1)] if keys is not None else []
         trees = [records.for_trees(k) for k in tree_keys if k is not None]
         if len(trees) < len(tree_keys):
             report.notes.append("this key holds no tree key of the snapshots' hosts: a lost chunk list of a large "

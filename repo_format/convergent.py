@@ -77,12 +77,26 @@ def _header(compression: int, original_length: int) -> bytes:
     return bytes([compression]) + original_length.to_bytes(8, "big")
 
 
-def tree_key(master_key: bytes, host: str) -> bytes:
-    """``host``'s tree key: the convergence key of its directory objects and chunk lists (admins
-    derive it; a host key's slot holds its own). Another host cannot derive it, so it cannot
-    confirm a guess of this host's directories by sealing the guess (SPEC.md section 4a)."""
+def generation_info(info: bytes, host: str, generation: int) -> bytes:
+    """The HKDF info of a per-host key: ``info`` and the host name for generation 0, else
+    ``info`` followed by ``gen`` NUL, the generation (u32) and the host name (SPEC.md sections 4a, 8a)."""
+    name = host.encode("utf-8", "surrogateescape")
+    if b"\x00" in name:  # (so no host name of generation 0 reads as another's of a later one)
+        raise ValueError("a host name cannot hold a NUL character")
+    if generation == 0:
+        return info + name
+    if not 0 < generation < 2**32:
+        raise ValueError("key generation out of range")
+    return info + b"gen\x00" + generation.to_bytes(4, "big") + name
+
+
+def tree_key(master_key: bytes, host: str, generation: int = 0) -> bytes:
+    """``host``'s tree key at ``generation`` (``sealed_payloads.host_private``): the convergence
+    key of its directory objects and chunk lists (admins derive it; a host key's slot holds its
+    own). Another host cannot derive it, so it cannot confirm a guess of this host's directories
+    by sealing the guess (SPEC.md section 4a)."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=TREE_KEY_INFO + host.encode("utf-8", "surrogateescape")).derive(master_key)
+                info=generation_info(TREE_KEY_INFO, host, generation)).derive(master_key)
 
 
 class ConvergentRecords:

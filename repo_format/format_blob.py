@@ -34,6 +34,7 @@ from repo_format.sealed_payloads import PayloadKeys, host_private, public_of, re
 from repo_format.storage.base import BlobStorage
 
 MAX_FORMAT_BLOB_SIZE = 64 * 1024
+MAX_GENERATIONS = 256  # format 3: a host key slot holds at most this many generations of its host's payload key
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def _aad(unique_id: bytes, version: int = 1) -> bytes:
     return C.FORMAT_MAGIC + version.to_bytes(2, "big") + unique_id
 
 
-def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN, host: str = "") -> dict:
+def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str = ADMIN, host: str = "",
+             generation: int = 0) -> dict:
     """The secrets a format blob or key slot seals: in format 3 (a fleet secret) only an admin's
     hold the master key; a maintenance key holds the readers' payload key, a host key its
     host's, the readers' public key (SPEC.md section 8a) and its host's tree key (section 4a)."""
@@ -124,9 +126,11 @@ def _secrets(keys: RepositoryKeys, parameters: RepositoryParameters, role: str =
     elif role == MAINTENANCE:
         out["readers_key"] = readers_private(keys.master_key)
     else:
-        out["host_key"] = host_private(keys.master_key, host)
+        # its host's payload keys of this generation and every earlier one (newest first: a key
+        # added for a replaced machine opens the host's older snapshots), the newest tree key
+        out["host_keys"] = [host_private(keys.master_key, host, g) for g in range(generation, -1, -1)]
         out["readers_public"] = public_of(readers_private(keys.master_key))
-        out["tree_key"] = tree_key(keys.master_key, host)
+        out["tree_key"] = tree_key(keys.master_key, host, generation)
     return out
 
 
@@ -140,10 +144,11 @@ def _payload_keys(keys: RepositoryKeys, p: dict, identity: Identity | None) -> P
         if type(private) is not bytes or len(private) != 32:
             raise ValueError("payload key")
         return PayloadKeys(public_of(private), (private,))
-    private, readers, trees = p["host_key"], p["readers_public"], p["tree_key"]
-    if not all(type(k) is bytes and len(k) == 32 for k in (private, readers, trees)):
+    privates, readers, trees = p["host_keys"], p["readers_public"], p["tree_key"]
+    if not (type(privates) is list and 1 <= len(privates) <= MAX_GENERATIONS
+            and all(type(k) is bytes and len(k) == 32 for k in (*privates, readers, trees))):
         raise ValueError("payload key")
-    return PayloadKeys(readers, (private,), identity.host if identity is not None else "", host_tree_key=trees)
+    return PayloadKeys(readers, tuple(privates), identity.host if identity is not None else "", host_tree_key=trees)
 
 
 def encode(unique_id: bytes, kdf: KdfParams, password: str, keys: RepositoryKeys,
@@ -284,7 +289,7 @@ def read(storage: BlobStorage, password: str, key_id: str | None = None) -> Form
 
 
 def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, host: str = "",
-             kdf: KdfParams | None = None, registered: set = frozenset()) -> Identity:
+             kdf: KdfParams | None = None, registered: set = frozenset(), generation: int = 0) -> Identity:
     """Add a key slot for ``password`` with ``role`` (a host key names its host); returns its
     identity (the caller registers it with a root-signed key record)."""
     if admin.identity is None or admin.identity.role != ADMIN:
@@ -298,7 +303,9 @@ def add_slot(storage: BlobStorage, admin: FormatBlob, password: str, role: str, 
         cert, cert_sig = certify(root, admin.unique_id, key_id, role, host, public_key(signing_key))
         identity = Identity(role, key_id, signing_key, root.root_public, host, key_id, cert, cert_sig)
     kdf = kdf or KdfParams(admin.kdf.n, admin.kdf.r, admin.kdf.p, os.urandom(16))
-    secret = _secrets(admin.keys, admin.parameters, role, host)
+    if not 0 <= generation < MAX_GENERATIONS:
+        raise KdistError(f"host {host!r} has had {generation} keys removed: no more than {MAX_GENERATIONS - 1}")
+    secret = _secrets(admin.keys, admin.parameters, role, host, generation)
     name, blob = encode_slot(admin.unique_id, kdf, password, identity, secret)
     if not storage.put_if_absent(name, blob):
         raise KdistError(f"key slot {name} already exists; try again")

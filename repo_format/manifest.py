@@ -20,8 +20,8 @@ from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
-from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST_RECORD_TYPES, MAINTENANCE, RECORD_DOMAIN, ROOT_KEY_ID,
-                                  Trust, sign)
+from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST, HOST_RECORD_TYPES, MAINTENANCE, RECORD_DOMAIN,
+                                  ROOT_KEY_ID, Trust, sign)
 from repo_format.sealed_payloads import payload_aad, recipients_of
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage, delete_unless_locked
@@ -136,6 +136,7 @@ class ManifestStore:
         self.trust = Trust(unique_id, identity.root_public) if identity is not None else None
         self.refused: list[tuple[ManifestRecord, str]] = []  # what the last full read did not honour
         self.keys: dict = {}  # the registry of keys the last full read found
+        self._registry_read = False
         self.covered: list[str] = []  # the blobs the last compaction found covered (deleted, or kept by a lock)
         # Clients that decide nothing from what is missing (listing, restoring, backing up) pass
         # over a blob that does not open or decode, and name it in ``unreadable``: any client
@@ -188,12 +189,24 @@ class ManifestStore:
             # a tag edit goes to whoever its snapshot's record went to: a maintenance key, which
             # cannot derive a host's public key, so still reaches the host
             also = self._recipients.get(labels["snapshot"], []) if type(labels.get("snapshot")) is str else []
-            stored = self.payload_keys.seal(msgpack.packb({"labels": hidden, "payload": payload}),
-                                            host if type(host) is str else "", payload_aad(self.unique_id, record_id),
-                                            also)
+            host = host if type(host) is str else ""
+            generation = self.host_generation(host) if self.payload_keys.master_key is not None else 0
+            stored = self.payload_keys.seal(msgpack.packb({"labels": hidden, "payload": payload}), host,
+                                            payload_aad(self.unique_id, record_id), also, generation)
         rec = self._signed(ManifestRecord(record_id, clear, int(clock.now() * 1e6), stored))
         self.write_records([rec])
         return replace(rec, labels=dict(labels), payload=payload)
+
+    def host_generation(self, host: str) -> int:
+        """Format 3: the generation of ``host``'s payload and tree keys, how many of its host
+        keys the registry says were removed (root-signed records only: a host cannot forge
+        one). What an admin seals and writes for the host uses it; a key added for the host gets
+        it (``kdist.keys.add_key``); the removed keys hold only earlier ones."""
+        if self.trust is None or not host:
+            return 0
+        if not self._registry_read:
+            self._current()
+        return sum(1 for k in self.keys.values() if k.role == HOST and k.host == host and k.revoked)
 
     def opened(self, rec: ManifestRecord) -> ManifestRecord | None:
         """``rec`` as its readers see it: in format 3 a snapshot, failure or tag edit record with
@@ -362,6 +375,7 @@ class ManifestStore:
             if self.trust is not None:
                 records, self.refused = self.trust.judge(records)
             self.keys = keys or {}
+            self._registry_read = True
             best: dict[str, ManifestRecord] = {}
             for r in records:
                 cur = best.get(r.id)

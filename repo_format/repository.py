@@ -70,7 +70,8 @@ class Repository:
         keys = self.format.payload_keys
         if keys is None:
             return self.objects
-        key = keys.tree_key(host)
+        generation = self.manifests.host_generation(host) if keys.master_key is not None else 0
+        key = keys.tree_key(host, generation)
         if key is None:
             raise PermissionRefused(f"this {self.identity.role} key cannot write the trees of host {host!r}")
         return self.objects.for_host(self.contents.records.for_trees(key))

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from repo_format.convergent import tree_key
+from repo_format.convergent import generation_info, tree_key
 from repo_format.errors import CorruptionError
 
 HOST_KEY_INFO = b"kdist/v3/host-key\x00"
@@ -37,9 +37,11 @@ def _derive(ikm: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=_KEY, salt=None, info=info).derive(ikm)
 
 
-def host_private(master_key: bytes, host: str) -> bytes:
-    """The X25519 private key of ``host``'s snapshots (admins derive it; a host key holds its own)."""
-    return _derive(master_key, HOST_KEY_INFO + host.encode("utf-8", "surrogateescape"))
+def host_private(master_key: bytes, host: str, generation: int = 0) -> bytes:
+    """The X25519 private key of ``host``'s snapshots at ``generation`` (how many of the host's
+    keys were removed before: ``ManifestStore.host_generation``); admins derive it, a host
+    key's slot holds those of its generation and every earlier one."""
+    return _derive(master_key, generation_info(HOST_KEY_INFO, host, generation))
 
 
 def readers_private(master_key: bytes) -> bytes:
@@ -134,25 +136,29 @@ class PayloadKeys:
         readers = readers_private(master_key)
         return cls(public_of(readers), (readers,), "", master_key)
 
-    def host_public(self, host: str) -> bytes | None:
+    def host_public(self, host: str, generation: int = 0) -> bytes | None:
+        """``host``'s public key: at ``generation`` for admins, its newest for a host key's own
+        host (``privates[0]``), None for any other."""
         if self.master_key is not None:
-            return public_of(host_private(self.master_key, host))
+            return public_of(host_private(self.master_key, host, generation))
         if self.host and host == self.host and self.privates:
             return public_of(self.privates[0])
         return None
 
-    def tree_key(self, host: str) -> bytes | None:
+    def tree_key(self, host: str, generation: int = 0) -> bytes | None:
         """The key ``host``'s directory objects and chunk lists converge under, if this key
-        may write them: admins derive any host's, a host key holds its own; None otherwise."""
+        may write them: admins derive any host's (at ``generation``), a host key holds its own
+        host's newest; None otherwise."""
         if self.master_key is not None:
-            return tree_key(self.master_key, host)
+            return tree_key(self.master_key, host, generation)
         return self.host_tree_key if self.host and host == self.host else None
 
-    def seal(self, payload: bytes, host: str, aad: bytes, also: list[bytes] | tuple = ()) -> bytes:
-        """For ``host`` (if this key knows its public key: admins, and the host's own keys), the
-        readers, and ``also`` (the recipients of the snapshot a tag edit is of: how a
-        maintenance key reaches the host), at most ``MAX_RECIPIENTS`` in all."""
-        mine = self.host_public(host)
+    def seal(self, payload: bytes, host: str, aad: bytes, also: list[bytes] | tuple = (),
+             generation: int = 0) -> bytes:
+        """For ``host`` (if this key knows its public key: admins, at ``generation``, and the
+        host's own keys), the readers, and ``also`` (the recipients of the snapshot a tag edit
+        is of: how a maintenance key reaches the host), at most ``MAX_RECIPIENTS`` in all."""
+        mine = self.host_public(host, generation)
         first = [self.readers_public] + ([mine] if mine is not None else [])
         return seal(payload, list(dict.fromkeys(first + list(also)))[:MAX_RECIPIENTS], aad)
 

@@ -141,7 +141,7 @@ def test_repair_finds_a_lost_chunk_list_under_its_hosts_tree_key(format3, tmp_pa
     storage.delete(lost)
     repo.close()
     if not by_tree_key:
-        monkeypatch.setattr(PayloadKeys, "tree_key", lambda self, host: None)
+        monkeypatch.setattr(PayloadKeys, "tree_key", lambda self, host, generation=0: None)
     repo = Repository.open(storage, PASSWORD)
     report = repair_repository(storage, repo.format, source=str(src))
     repo.close()

@@ -172,3 +172,20 @@ def test_tree_records_converge_per_host_and_every_reader_opens_them():
         assert reader.open(ref, _of(s), s.record) == data
     with pytest.raises(CorruptionError, match="does not open"):
         fleet.open(ref[:C.CONTENT_ID_SIZE] + fleet.seed(data), _of(s), s.record)
+
+
+def test_per_host_keys_have_generations_as_the_spec_says():
+    """SPEC.md sections 3a and 8a: generation 0 is the host name alone; a later generation
+    puts ``gen`` NUL and the u32 generation first, so no host name reads as another's
+    generation (and a host name holding NUL is refused)."""
+    from repo_format.convergent import tree_key
+    from repo_format.sealed_payloads import host_private
+
+    master = os.urandom(32)
+    derive = lambda info: HKDF(hashes.SHA256(), 32, None, info).derive(master)  # noqa: E731
+    assert host_private(master, "web1", 2) == derive(b"kdist/v3/host-key\x00gen\x00\x00\x00\x00\x02web1")
+    assert tree_key(master, "web1", 1) == derive(b"kdist/v3/tree-key\x00gen\x00\x00\x00\x00\x01web1")
+    keys = {host_private(master, h, g) for h in ("web1", "web2") for g in range(3)}
+    assert len(keys) == 6
+    with pytest.raises(ValueError, match="NUL"):
+        host_private(master, "gen\x00\x00\x00\x00\x01web1")

@@ -877,8 +877,8 @@ def test_format_3_a_maintenance_key_tags_a_snapshot_for_its_host(fleet3, monkeyp
 
     if not to_its_recipients:
         real = PayloadKeys.seal
-        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(): real(
-            self, payload, host, aad))
+        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(), generation=0: real(
+            self, payload, host, aad, (), generation))
     maint = fleet3.open("maint")
     try:
         snaps = [s for s in list_snapshots(maint.manifests) if s.id == fleet3.bob_snap.id]
@@ -891,6 +891,42 @@ def test_format_3_a_maintenance_key_tags_a_snapshot_for_its_host(fleet3, monkeyp
     finally:
         bob.close()
     assert (tags[fleet3.bob_snap.id] == ["audited"]) == to_its_recipients
+
+
+@pytest.mark.parametrize("rotated", [True, False], ids=["defended", "mutation-one-generation"])
+def test_format_3_a_removed_host_key_reads_none_of_its_hosts_later_snapshots(fleet3, monkeypatch, rotated):
+    """alice's machine is lost with its key: the admin removes the key and adds one for the new
+    machine, which gets the next generation of alice's payload and tree keys (SPEC.md section
+    8a). The old key, secrets in hand, opens none of the snapshots written for alice after that
+    (the new key's, an admin's as alice) and cannot seal a guess of their trees; the new key
+    lists and restores alice's old snapshot too. With one generation, the old key opens them."""
+    from repo_format.manifest import ManifestStore
+
+    if not rotated:
+        monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host: 0)
+    stolen = fleet3.open("alice")  # what the thief keeps
+    remove_key(fleet3.admin, fleet3.keys["alice"])
+    fleet3.keys["alice2"] = add_key(fleet3.admin, "alice2-pw", HOST, "alice", kdf=WEAK()).slot
+    new = fleet3.open("alice2")
+    try:
+        later = [Uploader(new, BackupOptions(host="alice")).backup(str(fleet3.src["alice"]))]
+        later.append(Uploader(fleet3.admin, BackupOptions(host="alice")).backup(str(fleet3.src["alice"])))
+        mine = {s.id for s in list_snapshots(new.manifests)}
+        assert {fleet3.alice_snap.id, *(s.id for s in later)} <= mine
+        target = fleet3.tmp / "alice-old-restored"
+        assert Restorer(new).restore(fleet3.alice_snap, str(target)).errors == 0
+        assert tree_state(str(target)) == tree_state(str(fleet3.src["alice"]))
+    finally:
+        new.close()
+    try:
+        seen = {s.id: s for s in list_snapshots(stolen.manifests)}
+        assert fleet3.alice_snap.id in seen  # (what it could read before, it still reads)
+        assert not {s.id for s in later} & set(seen) == rotated
+        guess = fleet3.admin.objects.read_all(later[0].root)
+        mine_now = stolen.objects_for("alice").write_bytes  # (the old tree key: names another tree)
+        assert (mine_now(guess, metadata=True) == later[0].root) != rotated
+    finally:
+        stolen.close()
 
 
 @pytest.mark.parametrize("per_host", [True, False], ids=["defended", "mutation-trees-under-the-fleet-key"])
@@ -934,8 +970,8 @@ def test_format_3_writers_seal_every_snapshot_to_the_readers(fleet3, monkeypatch
     from repo_format.sealed_payloads import PayloadKeys, seal
 
     if not to_readers:
-        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(): seal(
-            payload, [self.host_public(host) or self.readers_public], aad))
+        monkeypatch.setattr(PayloadKeys, "seal", lambda self, payload, host, aad, also=(), generation=0: seal(
+            payload, [self.host_public(host, generation) or self.readers_public], aad))
     (fleet3.src["bob"] / "bob-only.bin").write_bytes(os.urandom(30_000))
     snap = fleet3.backup("bob")
     fleet3.gc_cycles()
