@@ -18,8 +18,9 @@ from repo_format import format_blob
 from repo_format.content import make_epoch_manager
 from repo_format.crypto import KdfParams
 from repo_format.errors import KdistError
-from repo_format.keyslots import (ADMIN, HOST, KEY_RECORD_TYPE, ROLES, ROOT_KEY_ID, Identity, key_record_labels,
-                                  key_record_payload, new_root_identity, public_key, record_digest, slot_name)
+from repo_format.keyslots import (ADMIN, HOST, KEY_RECORD_ID_PREFIX, KEY_RECORD_TYPE, ROLES, ROOT_KEY_ID, Identity,
+                                  key_record_labels, key_record_payload, new_root_identity, public_key, record_digest,
+                                  slot_name)
 from repo_format.manifest import ManifestStore
 from repo_format.repository import Repository
 from repo_format.session import live_sessions
@@ -27,7 +28,7 @@ from repo_format.storage.base import BlobStorage, delete_unless_locked
 
 log = logging.getLogger(__name__)
 
-KEY_RECORD_PREFIX = "key-"
+KEY_RECORD_PREFIX = KEY_RECORD_ID_PREFIX
 
 
 class KeyManagementError(KdistError):

@@ -222,7 +222,7 @@ class Repairer:
 
         keys = self.fmt.payload_keys  # format 3: chunk lists converge under their host's tree key
         # (every generation: chunk lists written before a host's key was replaced too)
-        tree_keys = [keys.tree_key(h, g) for h in checker.hosts
+        tree_keys = [keys.tree_key(h, g) for h in checker.hosts if "\x00" not in h  # (format 3 has no keys for one)
                      for g in range(checker.repo.manifests.host_generation(h) + 1)] if keys is not None else []
         trees = [records.for_trees(k) for k in tree_keys if k is not None]
         if len(trees) < len(tree_keys):

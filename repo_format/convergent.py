@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from repo_format import constants as C
 from repo_format.compression import compress, decompress
-from repo_format.errors import CorruptionError
+from repo_format.errors import CorruptionError, KdistError
 
 SEED_SIZE = 32
 REF_SIZE = C.CONTENT_ID_SIZE + SEED_SIZE
@@ -82,7 +82,7 @@ def generation_info(info: bytes, host: str, generation: int) -> bytes:
     ``info`` followed by ``gen`` NUL, the generation (u32) and the host name (SPEC.md sections 4a, 8a)."""
     name = host.encode("utf-8", "surrogateescape")
     if b"\x00" in name:  # (so no host name of generation 0 reads as another's of a later one)
-        raise ValueError("a host name cannot hold a NUL character")
+        raise KdistError(f"host name {host!r} holds a NUL character: format 3 has no keys for it")
     if generation == 0:
         return info + name
     if not 0 < generation < 2**32:

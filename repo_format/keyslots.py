@@ -40,6 +40,7 @@ KEY_RECORD_TYPE = "key"
 # from its own runs (history: watermarks, pack candidates, set merges) must never come from one.
 # A failure record (kdist.failures) refers to nothing and decides nothing maintenance does.
 HOST_RECORD_TYPES = ("snapshot", "failure")
+KEY_RECORD_ID_PREFIX = "key-"  # a key record's id: this and the key id
 WITHDRAW_WINDOW = 3600.0  # seconds (storage clock): how long after publishing a host may withdraw a snapshot
 MAX_RECORD_TS = 2**62  # microseconds: a later record time is implausible (and its tombstone's would overflow)
 _HEX = re.compile(r"[0-9a-f]+")
@@ -364,6 +365,8 @@ class Trust:
                         "(hosts write snapshots and failure records)")
             if not r.deleted and r.labels.get("host") != key.host:
                 return f"host key {r.signer} ({key.host}) wrote a record for host {r.labels.get('host')!r}"
+        if r.deleted and r.id.startswith(KEY_RECORD_ID_PREFIX):  # (a removal must never be undone)
+            return f"tombstone of key record {r.id} signed by {key.role} key {r.signer} (only the root may)"
         return None
 
 

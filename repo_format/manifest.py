@@ -20,8 +20,8 @@ from repo_format import changing, clock
 from repo_format import constants as C
 from repo_format.crypto import Aead
 from repo_format.io_pool import parallel_map
-from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST, HOST_RECORD_TYPES, MAINTENANCE, RECORD_DOMAIN,
-                                  ROOT_KEY_ID, Trust, sign)
+from repo_format.keyslots import (ADMIN, COMPACTED_DOMAIN, HOST, HOST_RECORD_TYPES, KEY_RECORD_TYPE, MAINTENANCE,
+                                  RECORD_DOMAIN, ROOT_KEY_ID, Trust, sign)
 from repo_format.sealed_payloads import payload_aad, recipients_of
 from repo_format.errors import BlobNotFound, CorruptionError, KdistError
 from repo_format.storage.base import BlobStorage, delete_unless_locked
@@ -195,16 +195,20 @@ class ManifestStore:
                                             payload_aad(self.unique_id, record_id), also, generation)
         rec = self._signed(ManifestRecord(record_id, clear, int(clock.now() * 1e6), stored))
         self.write_records([rec])
+        if labels.get("type") == KEY_RECORD_TYPE:
+            self._registry_read = False  # (host_generation reads the registry again)
         return replace(rec, labels=dict(labels), payload=payload)
 
-    def host_generation(self, host: str) -> int:
+    def host_generation(self, host: str, fresh: bool = False) -> int:
         """Format 3: the generation of ``host``'s payload and tree keys, how many of its host
         keys the registry says were removed (root-signed records only: a host cannot forge
         one). What an admin seals and writes for the host uses it; a key added for the host gets
-        it (``kdist.keys.add_key``); the removed keys hold only earlier ones."""
+        it (``kdist.keys.add_key``); the removed keys hold only earlier ones. ``fresh``: list
+        again rather than trust the last listing's registry (another process may have removed a
+        key since)."""
         if self.trust is None or not host:
             return 0
-        if not self._registry_read:
+        if fresh or not self._registry_read:
             self._current()
         return sum(1 for k in self.keys.values() if k.role == HOST and k.host == host and k.revoked)
 

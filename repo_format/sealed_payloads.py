@@ -53,6 +53,15 @@ def public_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
+def _agrees(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 key an agreement works with (not of low order)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
 def _wrap_key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
     return _derive(shared, WRAP_INFO + ephemeral + recipient)
 
@@ -156,11 +165,14 @@ class PayloadKeys:
     def seal(self, payload: bytes, host: str, aad: bytes, also: list[bytes] | tuple = (),
              generation: int = 0) -> bytes:
         """For ``host`` (if this key knows its public key: admins, at ``generation``, and the
-        host's own keys), the readers, and ``also`` (the recipients of the snapshot a tag edit
-        is of: how a maintenance key reaches the host), at most ``MAX_RECIPIENTS`` in all."""
+        host's own keys), the readers, and, only when this key does not know the host's public
+        key, ``also`` (the recipients of the snapshot a tag edit is of: how a maintenance key
+        reaches the host), at most ``MAX_RECIPIENTS`` in all."""
         mine = self.host_public(host, generation)
         first = [self.readers_public] + ([mine] if mine is not None else [])
-        return seal(payload, list(dict.fromkeys(first + list(also)))[:MAX_RECIPIENTS], aad)
+        # ``also`` comes from a record a host wrote: only well-formed keys an agreement works with
+        usable = [r for r in also if mine is None and _agrees(r)]
+        return seal(payload, list(dict.fromkeys(first + usable))[:MAX_RECIPIENTS], aad)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes | None:
         return open_sealed(sealed, list(self.privates), aad)

@@ -78,7 +78,9 @@ def create(repo_location, endpoint_url, password_file, encryption, gc_margin_sca
         start_signed_epochs(storage, fmt)
     except KdistError as exc:
         fail(exc)
-    click.echo(f"created repository {fmt.unique_id.hex()[:16]} (format {fmt.version}) at {storage.describe()}")
+    click.echo(f"created repository {fmt.unique_id.hex()[:16]} at {storage.describe()}")
+    if fmt.version >= C.FORMAT_VERSION_CONVERGENT:
+        click.echo(f"format {fmt.version}: each host key reads only its own host's snapshots")
     click.echo("keep the password safe: without it the backups cannot be read by anyone")
     if object_lock_days is not None:
         click.echo(f"every blob is locked for {object_lock_days} days ({object_lock_mode}); run "

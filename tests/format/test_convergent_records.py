@@ -16,7 +16,7 @@ from repo_format import constants as C
 from repo_format.compression import compress
 from repo_format.convergent import REF_SIZE, ConvergentRecords, split_ref
 from repo_format.crypto import RepositoryKeys
-from repo_format.errors import CorruptionError
+from repo_format.errors import CorruptionError, KdistError
 from repo_format.index import IndexEntry
 
 KEYS = RepositoryKeys(master_key=bytes(range(32)), hash_secret=bytes(range(32, 64)),
@@ -187,5 +187,5 @@ def test_per_host_keys_have_generations_as_the_spec_says():
     assert tree_key(master, "web1", 1) == derive(b"kdist/v3/tree-key\x00gen\x00\x00\x00\x00\x01web1")
     keys = {host_private(master, h, g) for h in ("web1", "web2") for g in range(3)}
     assert len(keys) == 6
-    with pytest.raises(ValueError, match="NUL"):
+    with pytest.raises(KdistError, match="NUL"):
         host_private(master, "gen\x00\x00\x00\x00\x01web1")

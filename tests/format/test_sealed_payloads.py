@@ -101,3 +101,19 @@ def test_recipients_are_counted_once_and_bounded():
         seal(b"x", [], AAD)
     with pytest.raises(ValueError):
         seal(b"x", [public_of(os.urandom(32)) for _ in range(9)], AAD)
+
+
+def test_extra_recipients_reach_a_host_only_for_a_key_that_cannot_derive_it_and_only_usable_ones():
+    """A tag edit's ``also`` (the recipients of its snapshot's record, which a host wrote) counts
+    only for a key that does not know the host's public key (maintenance), and only its
+    well-formed, not low-order keys: a host cannot make another host's tagging raise."""
+    from repo_format.sealed_payloads import PayloadKeys
+
+    maintenance = PayloadKeys(public_of(READERS), (READERS,))
+    low_order = bytes(32)
+    sealed = maintenance.seal(b"tags", "alice", b"aad", also=[low_order, public_of(ALICE), public_of(READERS)])
+    assert [r for r, _w in recipients_of(sealed)[1]] == [public_of(READERS), public_of(ALICE)]
+    assert open_sealed(sealed, [ALICE], b"aad") == b"tags"
+    admin = PayloadKeys.of_admin(MASTER)  # knows alice's key: another record's recipients do not count
+    sealed = admin.seal(b"tags", "alice", b"aad", also=[public_of(BOB)])
+    assert [r for r, _w in recipients_of(sealed)[1]] == [public_of(READERS), public_of(ALICE)]

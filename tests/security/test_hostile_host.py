@@ -903,7 +903,7 @@ def test_format_3_a_removed_host_key_reads_none_of_its_hosts_later_snapshots(fle
     from repo_format.manifest import ManifestStore
 
     if not rotated:
-        monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host: 0)
+        monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host, fresh=False: 0)
     stolen = fleet3.open("alice")  # what the thief keeps
     remove_key(fleet3.admin, fleet3.keys["alice"])
     fleet3.keys["alice2"] = add_key(fleet3.admin, "alice2-pw", HOST, "alice", kdf=WEAK()).slot
@@ -921,10 +921,11 @@ def test_format_3_a_removed_host_key_reads_none_of_its_hosts_later_snapshots(fle
     try:
         seen = {s.id: s for s in list_snapshots(stolen.manifests)}
         assert fleet3.alice_snap.id in seen  # (what it could read before, it still reads)
-        assert not {s.id for s in later} & set(seen) == rotated
-        guess = fleet3.admin.objects.read_all(later[0].root)
-        mine_now = stolen.objects_for("alice").write_bytes  # (the old tree key: names another tree)
-        assert (mine_now(guess, metadata=True) == later[0].root) != rotated
+        for snap in later:  # the new key's, the admin's
+            assert (snap.id in seen) != rotated
+            guess = fleet3.admin.objects.read_all(snap.root)
+            old_trees = stolen.objects_for("alice")  # (the old tree key: names another tree)
+            assert (old_trees.write_bytes(guess, metadata=True) == snap.root) != rotated
     finally:
         stolen.close()
 
@@ -985,6 +986,31 @@ def test_format_3_writers_seal_every_snapshot_to_the_readers(fleet3, monkeypatch
     finally:
         bob.close()
     assert ok == to_readers
+
+
+@pytest.mark.parametrize("defended", [True, False], ids=["defended", "mutation-key-tombstones-count"])
+def test_a_removed_key_stays_removed_whoever_tombstones_its_record(fleet, monkeypatch, defended):
+    """Only the root writes key records, and only the root's tombstone of one counts: a
+    maintenance key's tombstone of alice's removal record, kept through manifest compaction,
+    would bring her removed key back (her later snapshots would count, and in format 3 her
+    host's key generation would fall back). `repo check` names it (compaction then drops it)."""
+    stolen = fleet.open("alice")
+    remove_key(fleet.admin, fleet.keys["alice"])
+    maint = fleet.open("maint")
+    maint.manifests.delete(["key-" + fleet.keys["alice"]])
+    maint.close()
+    fleet.check_names("tombstone of key record")
+    if not defended:
+        _ignoring("tombstone of key record")(monkeypatch)
+    for _ in range(3):  # manifest compaction as maintenance runs it once enough blobs pile up
+        fleet.t[0] += 2 * SAFETY.listing_settle + 1
+        maint = fleet.open("maint")
+        maint.manifests.compact(fleet.t[0], SAFETY.listing_settle, min_blobs=1)
+        maint.close()
+    late = Uploader(stolen, BackupOptions(host="alice")).backup(str(fleet.src["alice"]))
+    stolen.close()
+    maint = fleet.open("maint")
+    assert (late.id in {s.id for s in list_snapshots(maint.manifests)}) != defended
 
 
 def test_maintenance_reads_no_history_a_host_wrote(fleet, monkeypatch):

@@ -13,6 +13,8 @@ from repo_format.crypto import KdfParams
 from repo_format.repository import Repository
 from repo_format.storage import open_storage
 
+from kdist.snapshot import list_snapshots
+
 
 @pytest.fixture
 def env(monkeypatch):
@@ -190,7 +192,7 @@ def test_a_format_3_fleet_through_the_cli(env, monkeypatch, tmp_path, src):
     host's snapshots only, and cannot restore another's by id; maintenance sees and keeps both;
     the admin's check finds the repository healthy."""
     repo = ["--repo", tmp_path / "repo"]
-    assert "(format 3)" in run_cli("repo", "create", *repo, "--format-version", "3").stdout
+    assert "format 3: each host key" in run_cli("repo", "create", *repo, "--format-version", "3").stdout
     assert json.loads(run_cli("repo", "status", *repo, "--json").stdout)["format_version"] == 3
     added = run_cli("key", "add", *repo, "--role", "host", "--host", "web1", "--json",
                     env={"KDIST_NEW_PASSWORD": "web1-pw"})
@@ -208,6 +210,10 @@ def test_a_format_3_fleet_through_the_cli(env, monkeypatch, tmp_path, src):
         made[host] = json.loads(run_cli("snapshot", "create", *repo, source, "--json").stdout)[0]["id"]
         assert [s["id"] for s in json.loads(run_cli("snapshot", "list", *repo, "--json").stdout)] == [made[host]]
     run_cli("snapshot", "restore", *repo, made["web1"], tmp_path / "stolen", code=exit_codes.NOT_FOUND)
+    # below kdist's own filter by host (all format 2 has): db1's key opens none of web1's records
+    db1_repo = Repository.open(open_storage(str(tmp_path / "repo")), "db1-pw", key_id=db1)
+    assert {s.id for s in list_snapshots(db1_repo.manifests)} == {made["db1"]}
+    db1_repo.close()
     run_cli("snapshot", "restore", *repo, made["db1"], tmp_path / "db1-restored")
     assert tree_state(str(tmp_path / "db1-restored")) == tree_state(str(other))
 
