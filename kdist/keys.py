@@ -42,6 +42,9 @@ class KeyRow:
     host: str
     state: str  # "active", "removed", "no slot" (its password opens nothing)
     current: bool = False
+    # format 3: an active host key of an older generation than its host's (a key of the host was
+    # removed after it was added): it does not see what admins write for the host; replace it
+    older_generation: bool = False
 
 
 def _need_admin(repo: Repository, what: str) -> Identity:
@@ -67,18 +70,33 @@ def add_key(repo: Repository, password: str, role: str, host: str = "", kdf: Kdf
     generation = repo.manifests.host_generation(host) if role == HOST else 0
     identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf, registered, generation)
     repo.manifests.put(key_record_labels(identity.slot, role, host),
-                       key_record_payload(public_key(identity.signing_key)), manifest_id=KEY_RECORD_PREFIX + identity.slot)
+                       key_record_payload(public_key(identity.signing_key), generation=generation),
+                       manifest_id=KEY_RECORD_PREFIX + identity.slot)
     return identity
 
 
 def list_keys(repo: Repository) -> list[KeyRow]:
     slots = {m.name for m in repo.storage.list(C.KEY_SLOT_PREFIX)}
     rows = []
-    for r in repo.manifests.find(type=KEY_RECORD_TYPE):
+    records = repo.manifests.find(type=KEY_RECORD_TYPE)
+    per_host = repo.format.version >= C.FORMAT_VERSION_CONVERGENT  # (generations: format 3's)
+    for r in records:
         key_id = r.labels["key"]
         state = "removed" if r.labels.get("revoked") == "1" else ("active" if slot_name(key_id) in slots else "no slot")
-        rows.append(KeyRow(key_id, r.labels["role"], r.labels.get("host", ""), state, key_id == repo.identity.slot))
+        host = r.labels.get("host", "")
+        older = False
+        if per_host and state == "active" and r.labels["role"] == HOST:
+            older = _generation_of(r) < repo.manifests.host_generation(host)
+        rows.append(KeyRow(key_id, r.labels["role"], host, state, key_id == repo.identity.slot, older))
     return sorted(rows, key=lambda k: (k.state != "active", k.role, k.host, k.key_id))
+
+
+def _generation_of(rec) -> int:
+    try:
+        generation = msgpack.unpackb(rec.payload, raw=False).get("gen", 0)
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    return generation if type(generation) is int else 0
 
 
 def remove_key(repo: Repository, key_id: str) -> int:
@@ -98,8 +116,8 @@ def remove_key(repo: Repository, key_id: str) -> int:
     best, _ = repo.manifests._current()
     keep = sorted(record_digest(r.raw) for r in best.values() if r.signer == signer) if role != ADMIN else []
     public = msgpack.unpackb(rec.payload, raw=False)["public"]
-    repo.manifests.put(key_record_labels(key_id, role, host, revoked=True), key_record_payload(public, keep),
-                       manifest_id=KEY_RECORD_PREFIX + key_id)
+    repo.manifests.put(key_record_labels(key_id, role, host, revoked=True),
+                       key_record_payload(public, keep, _generation_of(rec)), manifest_id=KEY_RECORD_PREFIX + key_id)
     if not delete_unless_locked(repo.storage, slot_name(key_id)):
         log.warning("Object Lock keeps the slot of key %s for now: its password still opens it until the "
                     "lock ends, then maintenance deletes it; what it signs from now on does not count", key_id)

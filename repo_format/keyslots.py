@@ -168,8 +168,9 @@ def key_record_labels(key_id: str, role: str, host: str, revoked: bool = False) 
     return labels
 
 
-def key_record_payload(public: bytes, keep: list | None = None) -> bytes:
-    return msgpack.packb({"public": public, "keep": keep or []})
+def key_record_payload(public: bytes, keep: list | None = None, generation: int = 0) -> bytes:
+    """``generation``: format 3, a host key's (SPEC.md section 3a), recorded for `key list`."""
+    return msgpack.packb({"public": public, "keep": keep or [], **({"gen": generation} if generation else {})})
 
 
 class Trust:

@@ -57,7 +57,9 @@ def list_(repo, as_json):
     click.echo(f"{'*' if not repo.identity.slot else ' '} {'(format)':<10}{'admin':<13}{'active':<10}"
                "the repository's own password")
     for r in rows:
-        click.echo(f"{'*' if r.current else ' '} {r.key_id:<10}{r.role:<13}{r.state:<10}{r.host}")
+        older = "  (older generation: it does not see what admins write for its host; replace it)" \
+            if r.older_generation else ""
+        click.echo(f"{'*' if r.current else ' '} {r.key_id:<10}{r.role:<13}{r.state:<10}{r.host}{older}")
 
 
 @key_group.command("remove")

@@ -40,7 +40,7 @@ from kdist import retention  # noqa: E402
 from kdist.check import check_repository  # noqa: E402
 from kdist.gc import history  # noqa: E402
 from kdist.gc.run import MaintenanceOptions, run_maintenance  # noqa: E402
-from kdist.keys import add_key, remove_key  # noqa: E402
+from kdist.keys import add_key, list_keys, remove_key  # noqa: E402
 from kdist.restore import Restorer  # noqa: E402
 from kdist.retention import RetentionPolicy  # noqa: E402
 from kdist.snapshot import SNAPSHOT_LABEL, Source, edit_tags, list_snapshots, plan_forget, previous_root  # noqa: E402
@@ -905,8 +905,11 @@ def test_format_3_a_removed_host_key_reads_none_of_its_hosts_later_snapshots(fle
     if not rotated:
         monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host, fresh=False: 0)
     stolen = fleet3.open("alice")  # what the thief keeps
+    spare = add_key(fleet3.admin, "spare-pw", HOST, "alice", kdf=WEAK()).slot  # (added before: generation 0)
     remove_key(fleet3.admin, fleet3.keys["alice"])
     fleet3.keys["alice2"] = add_key(fleet3.admin, "alice2-pw", HOST, "alice", kdf=WEAK()).slot
+    older = {k.key_id for k in list_keys(fleet3.admin) if k.older_generation}
+    assert older == ({spare} if rotated else set())  # `key list` says which keys to replace
     new = fleet3.open("alice2")
     try:
         later = [Uploader(new, BackupOptions(host="alice")).backup(str(fleet3.src["alice"]))]
