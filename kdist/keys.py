@@ -67,7 +67,8 @@ def add_key(repo: Repository, password: str, role: str, host: str = "", kdf: Kdf
     registered = {r.labels.get("key") for r in repo.manifests.find(type=KEY_RECORD_TYPE)}
     # format 3: a host key added after one of its host's was removed gets the next generation of
     # the host's payload and tree keys, which the removed one cannot derive (SPEC.md section 8a)
-    generation = repo.manifests.host_generation(host) if role == HOST else 0
+    per_host = role == HOST and repo.format.version >= C.FORMAT_VERSION_CONVERGENT
+    generation = repo.manifests.host_generation(host) if per_host else 0
     identity = format_blob.add_slot(repo.storage, repo.format, password, role, host, kdf, registered, generation)
     repo.manifests.put(key_record_labels(identity.slot, role, host),
                        key_record_payload(public_key(identity.signing_key), generation=generation),

@@ -136,7 +136,7 @@ class ManifestStore:
         self.trust = Trust(unique_id, identity.root_public) if identity is not None else None
         self.refused: list[tuple[ManifestRecord, str]] = []  # what the last full read did not honour
         self.keys: dict = {}  # the registry of keys the last full read found
-        self._registry_read = False
+        self._registry_read: float | None = None  # when the registry (``keys``) was last read (monotonic)
         self.covered: list[str] = []  # the blobs the last compaction found covered (deleted, or kept by a lock)
         # Clients that decide nothing from what is missing (listing, restoring, backing up) pass
         # over a blob that does not open or decode, and name it in ``unreadable``: any client
@@ -196,19 +196,19 @@ class ManifestStore:
         rec = self._signed(ManifestRecord(record_id, clear, int(clock.now() * 1e6), stored))
         self.write_records([rec])
         if labels.get("type") == KEY_RECORD_TYPE:
-            self._registry_read = False  # (host_generation reads the registry again)
+            self._registry_read = None  # (host_generation reads the registry again)
         return replace(rec, labels=dict(labels), payload=payload)
 
-    def host_generation(self, host: str, fresh: bool = False) -> int:
+    def host_generation(self, host: str, max_age: float | None = None) -> int:
         """Format 3: the generation of ``host``'s payload and tree keys, how many of its host
         keys the registry says were removed (root-signed records only: a host cannot forge
         one). What an admin seals and writes for the host uses it; a key added for the host gets
-        it (``kdist.keys.add_key``); the removed keys hold only earlier ones. ``fresh``: list
-        again rather than trust the last listing's registry (another process may have removed a
-        key since)."""
+        it (``kdist.keys.add_key``); the removed keys hold only earlier ones. ``max_age``
+        (seconds): list again if the last listing's registry is older (another process may have
+        removed a key since)."""
         if self.trust is None or not host:
             return 0
-        if fresh or not self._registry_read:
+        if self._registry_read is None or max_age is not None and clock.monotonic() - self._registry_read > max_age:
             self._current()
         return sum(1 for k in self.keys.values() if k.role == HOST and k.host == host and k.revoked)
 
@@ -379,7 +379,7 @@ class ManifestStore:
             if self.trust is not None:
                 records, self.refused = self.trust.judge(records)
             self.keys = keys or {}
-            self._registry_read = True
+            self._registry_read = clock.monotonic()
             best: dict[str, ManifestRecord] = {}
             for r in records:
                 cur = best.get(r.id)

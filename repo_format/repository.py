@@ -70,7 +70,8 @@ class Repository:
         keys = self.format.payload_keys
         if keys is None:
             return self.objects
-        generation = self.manifests.host_generation(host, fresh=True) if keys.master_key is not None else 0
+        # (a registry read within the last minute: a sharded backup's many parts list once)
+        generation = self.manifests.host_generation(host, max_age=60.0) if keys.master_key is not None else 0
         key = keys.tree_key(host, generation)
         if key is None:
             raise PermissionRefused(f"this {self.identity.role} key cannot write the trees of host {host!r}")

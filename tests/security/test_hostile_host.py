@@ -903,7 +903,7 @@ def test_format_3_a_removed_host_key_reads_none_of_its_hosts_later_snapshots(fle
     from repo_format.manifest import ManifestStore
 
     if not rotated:
-        monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host, fresh=False: 0)
+        monkeypatch.setattr(ManifestStore, "host_generation", lambda self, host, max_age=None: 0)
     stolen = fleet3.open("alice")  # what the thief keeps
     spare = add_key(fleet3.admin, "spare-pw", HOST, "alice", kdf=WEAK()).slot  # (added before: generation 0)
     remove_key(fleet3.admin, fleet3.keys["alice"])
