@@ -122,9 +122,9 @@ class ManifestStore:
     def __init__(self, storage: BlobStorage, aead: Aead, session: str, cache: "LocalCache | None" = None,
                  identity: "Identity | None" = None, unique_id: bytes = b"", payload_keys=None):
         self.storage = storage
-        # format 3: the payloads of snapshot and failure records are sealed to their host and the
-        # readers (repo_format.sealed_payloads); ``find`` opens them, and leaves out what this
-        # key cannot open (another host's)
+        # format 3: the payloads and most labels of snapshot, failure and tag edit records are
+        # sealed to their host and the readers (repo_format.sealed_payloads); ``find`` opens
+        # them, and leaves out what this key cannot open (another host's)
         self.payload_keys = payload_keys
         self._opened: dict[tuple[str, bytes], tuple | None] = {}  # (id, sealed payload) -> what it opened to
         self._recipients: dict[str, list[bytes]] = {}  # id -> the recipients of a record this key opened

@@ -5,8 +5,10 @@ readers (admins, maintenance), and by no other key.
 A payload is encrypted once under a random key (AES-256-GCM), and that key is wrapped for each
 recipient under a key agreed with an ephemeral X25519 key (HKDF-SHA256 of the shared secret,
 bound to both public keys). Both kinds of recipient key derive from the master key, which only
-admins hold: a host's from its name (so a key added later for the same host, say on the machine
-that replaced it, opens that host's earlier snapshots), the readers' from a fixed label.
+admins hold: a host's from its name and generation (so a key added later for the same host, say
+on the machine that replaced it, holds the host's earlier generations and opens its earlier
+snapshots, while the removed key derives none of the later ones), the readers' from a fixed
+label.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def list_(repo, as_json):
     click.echo(f"{'*' if not repo.identity.slot else ' '} {'(format)':<10}{'admin':<13}{'active':<10}"
                "the repository's own password")
     for r in rows:
-        older = "  (older generation: it does not see what admins write for its host; replace it)" \
+        older = "  (older generation: the removed key reads what it backs up; replace it)" \
             if r.older_generation else ""
         click.echo(f"{'*' if r.current else ' '} {r.key_id:<10}{r.role:<13}{r.state:<10}{r.host}{older}")
 
