@@ -26,7 +26,7 @@ from repo_format.objects import parse_object_id
 from repo_format.repository import Repository
 
 from kdist.snapshot import (
-    MAX_TREE_DEPTH, SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Entry, Snapshot, read_listing,
+    MAX_TREE_DEPTH, PARTIAL_LABEL, SNAPSHOT_LABEL, TYPE_DIR, TYPE_FILE, Entry, Snapshot, read_listing,
 )
 from kdist.uploader import BackupOptions, DirNode, Uploader
 
@@ -105,8 +105,8 @@ class SnapshotCopier(Uploader):
         self._run(lambda: self._copy_tree(self._root, listing.entries))
         root_entry = self._write_tree(self._root, final=True)
         self._remember(self._root)
-        copy = self._publish(root_entry, checkpoint=False, original=snap,
-                             extra_labels={ORIGINAL_LABEL: original_key(self.source, snap)})
+        labels = {ORIGINAL_LABEL: original_key(self.source, snap), **({PARTIAL_LABEL: "1"} if snap.partial else {})}
+        copy = self._publish(root_entry, checkpoint=False, original=snap, extra_labels=labels)
         if self._checkpoint_ids:
             self.repo.manifests.delete(self._checkpoint_ids)  # the copy supersedes them
         return copy

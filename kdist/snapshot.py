@@ -345,6 +345,7 @@ class Snapshot:
     ts: int = 0
     stored: float = 0.0  # when its manifest was first stored, on the storage's clock (0: unknown)
     signer: str = ""  # the key id that signed its manifest ("" in a version-1 repository)
+    partial: bool = False  # of only the paths a list named (its record's PARTIAL_LABEL; not in the payload)
 
     def labels(self) -> dict:
         return {
@@ -362,6 +363,7 @@ class Snapshot:
         d.pop("ts")
         d.pop("stored")
         d.pop("signer")
+        d.pop("partial")
         return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
@@ -386,6 +388,7 @@ class Snapshot:
         snap.source = Source(*(lab[k] if type(lab.get(k)) is str else getattr(src, k) for k in ("host", "user", "path")))
         if type(lab.get("checkpoint")) is str:
             snap.checkpoint = lab["checkpoint"] == "1"
+        snap.partial = lab.get(PARTIAL_LABEL) == "1"
         return snap
 
     @property
@@ -553,10 +556,14 @@ DEFAULT_GROUP_BY = ("host", "user", "path")
 
 
 def group_key(snap: Snapshot, group_by: tuple[str, ...]) -> tuple:
-    """The group a snapshot's retention is decided in: its values of ``group_by``."""
+    """The group a snapshot's retention is decided in: its values of ``group_by``, and whether
+    it is partial. A snapshot of only the paths a list named (``--files-from``) is kept apart
+    from its source's whole snapshots, as restic's are (their paths differ): counted with them,
+    a few partial ones would push the last whole snapshot out of keep-last, and with it every
+    file the lists did not name."""
     values = {"host": snap.source.host, "user": snap.source.user, "path": snap.source.path,
               "tags": ",".join(sorted(snap.tags))}
-    return tuple(values[f] for f in group_by)
+    return tuple(values[f] for f in group_by) + (("partial",) if snap.partial else ())
 
 
 @dataclass

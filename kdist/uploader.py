@@ -888,7 +888,7 @@ class Uploader:
             if self._driver:  # a part: its backup lives as long as the session that will publish it
                 labels[DRIVER_LABEL] = self._driver
         rec = self.repo.manifests.put(labels, snap.payload())
-        snap.id, snap.ts = rec.id, rec.ts
+        snap.id, snap.ts, snap.partial = rec.id, rec.ts, labels.get(PARTIAL_LABEL) == "1"
         try:
             self.repo.contents.confirm_published()
         except ContentLost:

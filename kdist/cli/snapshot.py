@@ -48,7 +48,7 @@ def _snapshot_json(s: Snapshot) -> dict:
     return {
         "id": s.id, "source": {"host": s.source.host, "user": s.source.user, "path": s.source.path},
         "start": s.start, "end": s.end, "root": s.root, "totals": s.totals, "tags": s.tags,
-        "description": s.description, "checkpoint": s.checkpoint, "errors": s.errors,
+        "description": s.description, "checkpoint": s.checkpoint, "partial": s.partial, "errors": s.errors,
     }
 
 

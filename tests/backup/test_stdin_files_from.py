@@ -8,6 +8,7 @@ import io
 import json
 import os
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -129,6 +130,32 @@ def test_files_from_backs_up_only_the_listed_paths(repo_args, tmp_path, monkeypa
     run_cli("snapshot", "create", *repo_args, src, "--files-from0", tmp_path / "list0")
     assert paths_of(repo_args) == ["etc", "etc/hosts", "etc/ssh", "etc/ssh/sshd_config", "home", "home/bob",
                                    "home/bob/notes"]
+
+
+@pytest.mark.parametrize("apart", [True, False], ids=["grouped-apart", "mutation-counted-with-the-whole"])
+def test_partial_snapshots_do_not_push_the_whole_one_out_of_retention(repo_args, tmp_path, monkeypatch, apart):
+    """Snapshots of only the listed paths are kept apart from their source's whole snapshots:
+    after two of them, `forget --keep-last 1` keeps the whole snapshot (its files the lists did
+    not name exist nowhere else) and one partial one. Counted together (the mutation),
+    the whole snapshot is forgotten."""
+    from kdist import snapshot
+
+    if not apart:
+        real = snapshot.group_key
+        monkeypatch.setattr(snapshot, "group_key", lambda s, group_by: real(replace(s, partial=False), group_by))
+    src = tmp_path / "src"
+    tree(src)
+    whole = created(run_cli("snapshot", "create", *repo_args, src, "--json"))
+    assert whole["partial"] is False
+    (tmp_path / "list").write_text(f"{src}/etc/hosts\n")
+    parts = [created(run_cli("snapshot", "create", *repo_args, src, "--files-from", tmp_path / "list", "--json"))
+             for _ in range(2)]
+    assert [p["partial"] for p in parts] == [True, True]
+    run_cli("snapshot", "forget", *repo_args, "--keep-last", "1")
+    kept = [s["id"] for s in json.loads(run_cli("snapshot", "list", *repo_args, "--json").stdout)]
+    # (which partial one: the newest by storage time, which S3 gives to the second only)
+    assert (whole["id"] in kept) == apart and len(kept) == (2 if apart else 1)
+    assert set(kept) - {whole["id"]} <= {p["id"] for p in parts}
 
 
 def test_files_from_reports_what_it_could_not_back_up_and_refuses_paths_outside(repo_args, tmp_path):
