@@ -145,6 +145,21 @@ def test_a_copy_into_format_3_gives_each_host_its_own_trees(tmp_path):
         assert (tmp_path / h / "big").read_bytes() == (src / "big").read_bytes()
 
 
+def test_a_partial_snapshot_is_copied_as_partial(tmp_path):
+    """A snapshot of only listed paths stays one in the copy: retention keeps it apart from
+    the whole ones there too, and a whole backup does not compare with it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "listed").write_bytes(b"listed")
+    (src / "other").write_bytes(b"other")
+    source, destination = _memory_repo(), _memory_repo()
+    whole = Uploader(source, BackupOptions()).backup(str(src))
+    part = Uploader(source, BackupOptions(files=[str(src / "listed")])).backup(str(src))
+    assert part.partial and not whole.partial
+    copy_snapshots(source, destination, [whole, part])
+    assert [s.partial for s in list_snapshots(destination.manifests)] == [False, True]
+
+
 SAFETY = SAFETY_FULL.scaled(1 / 3600)
 PARAMS = RepositoryParameters(pack_size=256 * 1024, metadata_pack_size=64 * 1024, chunk_avg=16 * 1024,
                               chunk_min=4 * 1024, chunk_max=64 * 1024, extra={"safety": SAFETY.to_dict()})
