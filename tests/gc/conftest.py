@@ -18,9 +18,10 @@ from repo_format.storage.memory import MemoryStorage  # noqa: E402
 def memory_repository(virtual_time):
     """``make(params)``: a new repository in memory whose blob timestamps are the virtual time."""
 
-    def make(params, password: str = "pw") -> MemoryStorage:
+    def make(params, password: str = "pw", version: int | None = None) -> MemoryStorage:
         storage = MemoryStorage(clock=lambda: virtual_time[0])
-        Repository.create(storage, password, params, KdfParams.weak_for_tests()).close()
+        Repository.create(storage, password, params, KdfParams.weak_for_tests(),
+                          **({"version": version} if version else {})).close()
         return storage
 
     return make

@@ -134,12 +134,24 @@ def test_another_sources_snapshot_does_not_supersede_and_parts_are_left_to_their
     assert "not superseded" in report.plans[-1] and len(_checkpoints(storage)) == len(cps) + 1
 
 
-def test_a_part_lives_as_long_as_its_driver(world):
+@pytest.mark.parametrize("variant", ["format-2", "format-3", "format-3-mutation-labels-not-opened"])
+def test_a_part_lives_as_long_as_its_driver(world, memory_repository, monkeypatch, variant):
     """A sharded backup's parts retire their sessions when they finish; the driver that will
     publish them runs on. Its parts' checkpoints (label ``driver``) are kept while its session is
     live, even once a later snapshot of the tree supersedes them, and forgotten once it is dead;
-    a part without the label (older kdist) is kept."""
+    a part without the label (older kdist) is kept. In format 3 the ``run``, ``session`` and
+    ``driver`` labels are sealed (SPEC.md section 8a): maintenance reads them in the records it
+    opens (gc/README.md, "Format 3"); were they not merged back, the live driver's part would
+    be forgotten."""
     storage, t, src = world
+    if variant != "format-2":
+        storage = memory_repository(PARAMS, version=3)
+    if variant.endswith("mutation-labels-not-opened"):
+        from repo_format import manifest
+
+        real = manifest._sealed_part
+        monkeypatch.setattr(manifest, "_sealed_part", lambda plain: ({}, real(plain)[1]))
+    mutated = variant.endswith("mutation-labels-not-opened")
     _killed_backup(storage, src)
     cp = _checkpoints(storage)[-1]
     driver = _open(storage)
@@ -155,7 +167,10 @@ def test_a_part_lives_as_long_as_its_driver(world):
         driver.contents.marker.refresh()
         run_maintenance(_open(storage), MaintenanceOptions(full=False))
         left = {r.id for r in _open(storage).manifests.find(type="snapshot", checkpoint="1")}
+        if mutated and part.id not in left:
+            return  # (the mutation: maintenance forgot the live driver's part)
         assert {part.id, old.id} <= left  # the driver is live: its part stays
+    assert not mutated, "without the sealed labels, maintenance kept the live driver's part"
     t[0] += SAFETY.session_expiry + SAFETY.listing_settle + 1  # the driver died
     report = run_maintenance(_open(storage), MaintenanceOptions(full=False))
     left = {r.id for r in _open(storage).manifests.find(type="snapshot", checkpoint="1")}
