@@ -85,7 +85,7 @@ class ContentStore:
                                 cache.vouched_places() if cache is not None else None,
                                 enabled=fmt.identity is not None)
         self.writer = ContentWriter(storage, fmt, self._session, self.epochs, self.index, lock, pending, cache,
-                                    self.guard)
+                                    self.guard, self.records)
         self.reader = ContentReader(storage, self.records, self.index,
                                     self.writer.unflushed_record, lock, cache)
         # a writer stalled on a slow read still refreshes its view, undeleting what it refers to

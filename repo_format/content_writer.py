@@ -90,9 +90,10 @@ class WriterSession:
 class ContentWriter:
     def __init__(self, storage: BlobStorage, fmt: FormatBlob, session: WriterSession, epochs: EpochManager,
                  view: IndexView, lock: threading.Lock, pending: dict[bytes, IndexEntry],
-                 cache: LocalCache | None = None, guard: DedupGuard | None = None):
+                 cache: LocalCache | None = None, guard: DedupGuard | None = None, records=None):
         """``lock`` and ``pending`` are shared with ``view``: see the module docstring.
-        ``guard`` says which committed entries may be deduplicated against (None: all)."""
+        ``guard`` says which committed entries may be deduplicated against (None: all).
+        ``records``: the repository's record codec (``ContentStore.records``; None: made here)."""
         self.storage = storage
         self._session = session
         self.epochs = epochs
@@ -108,7 +109,7 @@ class ContentWriter:
         p = fmt.parameters
         self._zstd_level = p.zstd_level
         self._pack_size = {False: p.pack_size, True: p.metadata_pack_size}
-        self._records = records_for(fmt.keys, fmt.version)
+        self._records = records if records is not None else records_for(fmt.keys, fmt.version)
         self._index_aead = fmt.keys.index_aead()
         self._writers: dict[bool, PackWriter] = {}
         self._unflushed: dict[str, PackWriter] = {}  # packs not yet confirmed stored

@@ -185,11 +185,10 @@ class ManifestStore:
         if self.payload_keys is not None and labels.get("type") in SEALED_RECORD_TYPES:
             clear = {k: v for k, v in labels.items() if k in CLEAR_LABELS}
             hidden = {k: v for k, v in labels.items() if k not in CLEAR_LABELS}
-            host = labels.get("host")
+            host = labels["host"] if type(labels.get("host")) is str else ""
             # a tag edit goes to whoever its snapshot's record went to: a maintenance key, which
             # cannot derive a host's public key, so still reaches the host
             also = self._recipients.get(labels["snapshot"], []) if type(labels.get("snapshot")) is str else []
-            host = host if type(host) is str else ""
             generation = self.host_generation(host) if self.payload_keys.master_key is not None else 0
             stored = self.payload_keys.seal(msgpack.packb({"labels": hidden, "payload": payload}), host,
                                             payload_aad(self.unique_id, record_id), also, generation)

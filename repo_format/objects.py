@@ -249,7 +249,7 @@ class ObjectStore:
                 chunks.append((None, length))
                 continue
             for data in self.splitter.split(open_run(offset, length)):
-                chunks.append((self.contents.write(data, known=known), len(data)))
+                chunks.append((self._write(data, False, known), len(data)))
                 if on_chunk is not None:
                     on_chunk(len(data))
         return self._finish(chunks, False), sum(n for _, n in chunks)
