@@ -180,15 +180,20 @@ def test_the_pool_takes_the_files_while_creating_them_is_slow_and_hands_them_bac
     snap = _backup(repo, src)
     monkeypatch.setattr(restore_module, "SLOW_FILE_SECONDS", 0.001)
     monkeypatch.setattr(restore_module, "POOL_SECONDS", (0.05, 0.05))
+    # how far the walker may queue ahead of the pool, bounded (1 batch of 48 per worker, 2
+    # workers): else, as fast as the threads happen to run, it could queue 32 batches (1536
+    # files) before the pool's 500 writes end its period, and keep fewer than 2000 itself
+    monkeypatch.setattr(restore_module, "TASKS_PER_WORKER", 1)
     clock = _WriteClock(slow=200)
     monkeypatch.setattr(restore_module, "time", clock)
     monkeypatch.setattr(restore_module.os, "write", clock.write)
-    stats = Restorer(repo).restore(snap, str(tmp_path / "dst"))
+    stats = Restorer(repo, workers=2).restore(snap, str(tmp_path / "dst"))
     assert stats.errors == 0 and stats.files == 3000
     assert tree_state(str(tmp_path / "dst")) == tree_state(str(src))
     writers = clock.writers
     assert any(w.startswith("kdist-restore") for w in writers[:200])
-    # a pool period at fast writes ends within 500 of them; the walker then keeps the rest
+    # a pool period at fast writes ends within 500 of them (plus what is queued and running, at
+    # most 4 batches); the walker then keeps the rest
     assert writers[200:].count(threading.current_thread().name) >= 2000
 
 

@@ -136,8 +136,8 @@ def test_files_from_backs_up_only_the_listed_paths(repo_args, tmp_path, monkeypa
 def test_partial_snapshots_do_not_push_the_whole_one_out_of_retention(repo_args, tmp_path, monkeypatch, apart):
     """Snapshots of only the listed paths are kept apart from their source's whole snapshots:
     after two of them, `forget --keep-last 1` keeps the whole snapshot (its files the lists did
-    not name exist nowhere else) and one partial one. Counted together (the mutation),
-    the whole snapshot is forgotten."""
+    not name exist nowhere else) and one partial one. Counted together (the mutation), only
+    one of the three is kept."""
     from kdist import snapshot
 
     if not apart:
@@ -153,9 +153,11 @@ def test_partial_snapshots_do_not_push_the_whole_one_out_of_retention(repo_args,
     assert [p["partial"] for p in parts] == [True, True]
     run_cli("snapshot", "forget", *repo_args, "--keep-last", "1")
     kept = [s["id"] for s in json.loads(run_cli("snapshot", "list", *repo_args, "--json").stdout)]
-    # (which partial one: the newest by storage time, which S3 gives to the second only)
-    assert (whole["id"] in kept) == apart and len(kept) == (2 if apart else 1)
-    assert set(kept) - {whole["id"]} <= {p["id"] for p in parts}
+    # (which one of a group keep-last takes when storage times tie, S3's to the second, is not
+    # fixed: counted with the whole one, keep-last 1 keeps one of the three)
+    assert len(kept) == (2 if apart else 1)
+    if apart:
+        assert whole["id"] in kept and set(kept) - {whole["id"]} <= {p["id"] for p in parts}
 
 
 def test_files_from_reports_what_it_could_not_back_up_and_refuses_paths_outside(repo_args, tmp_path):
